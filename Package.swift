@@ -1,0 +1,42 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+// Layers (see Docs/architecture.md): RemusCore is pure, deterministic Swift (plus one pure C compute
+// kernel for CRC32C); backends and outputs import Core; the runtime wires them to threads and sockets;
+// the remusd executable only parses the command line.
+let package = Package(
+    name: "remusd",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "remusd", targets: ["remusd"]),
+        .library(name: "RemusCore", targets: ["RemusCore"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        // CRC32C with the SSE4.2 instruction where the CPU has it; a table fallback elsewhere.
+        .target(name: "CCRC32C", cSettings: [.unsafeFlags(["-O3"])]),
+        .target(name: "RemusCore", dependencies: ["CCRC32C"]),
+        .target(name: "RemusSim", dependencies: ["RemusCore"]),
+        .systemLibrary(
+            name: "CNetlink",
+            pkgConfig: "libnl-route-3.0",
+            providers: [.apt(["libnl-3-dev", "libnl-route-3-dev"])]
+        ),
+        .target(name: "RemusNetbuf", dependencies: ["RemusCore", "CNetlink"]),
+        .target(name: "RemusRuntime", dependencies: ["RemusCore", "RemusSim", "RemusNetbuf"]),
+        .executableTarget(
+            name: "remusd",
+            dependencies: [
+                "RemusRuntime",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "RemusCoreTests", dependencies: ["RemusCore"], resources: [.copy("Golden")]),
+        .testTarget(name: "RemusSimTests", dependencies: ["RemusSim", "RemusCore"]),
+        .testTarget(name: "RemusNetbufTests", dependencies: ["RemusNetbuf", "RemusCore"]),
+        .testTarget(name: "RemusRuntimeTests", dependencies: ["RemusRuntime", "RemusSim", "RemusCore"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,13 @@
+#ifndef CCRC32C_H
+#define CCRC32C_H
+#include <stddef.h>
+#include <stdint.h>
+
+/// Extends a CRC32C (Castagnoli) over `length` bytes at `data`. Start with crc = 0.
+/// Uses the SSE4.2 crc32 instruction when the CPU has it, a table otherwise.
+uint32_t remus_crc32c_extend(uint32_t crc, const void *data, size_t length);
+
+/// 1 when the hardware path is in use, 0 for the table fallback.
+int remus_crc32c_hardware(void);
+
+#endif

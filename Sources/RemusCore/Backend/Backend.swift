@@ -1,0 +1,81 @@
+// The contract between the engine's shell and a hypervisor backend. The engine never knows which
+// hypervisor it drives; a backend never knows about sockets or epochs beyond the numbers it is given.
+
+/// A guest as the replicator sees it.
+public struct GuestDescriptor: Equatable, Sendable {
+    public var name: String
+    public var uuid: GuestUUID
+    public var backend: BackendKind
+    /// Page size in bytes.
+    public var pageSize: Int
+    /// Number of guest-physical page frames (highest PFN + 1) the guest may ever populate.
+    public var pageCount: UInt64
+    public init(name: String, uuid: GuestUUID, backend: BackendKind, pageSize: Int, pageCount: UInt64) {
+        self.name = name
+        self.uuid = uuid
+        self.backend = backend
+        self.pageSize = pageSize
+        self.pageCount = pageCount
+    }
+}
+
+/// Readings of the host's clocks, injected so that Core never reads a clock itself.
+public protocol HostClock: Sendable {
+    /// Monotonic time in nanoseconds (CLOCK_MONOTONIC on Linux).
+    func monotonicNs() -> UInt64
+    /// Wall time in nanoseconds since the Unix epoch.
+    func wallNs() -> Int64
+}
+
+/// Everything about a guest except its memory, captured while it is suspended.
+public struct GuestState: Equatable, Sendable {
+    public var vcpus: [VCPUState]
+    public var devices: [DeviceState]
+    public var clock: ClockState
+    public var layout: MemoryLayout
+    public init(vcpus: [VCPUState], devices: [DeviceState], clock: ClockState, layout: MemoryLayout) {
+        self.vcpus = vcpus
+        self.devices = devices
+        self.clock = clock
+        self.layout = layout
+    }
+}
+
+/// The primary side of a backend: a running guest that can be suspended and captured.
+///
+/// Calls come from one thread at a time (the runtime's capture thread); the guest's own vCPUs run
+/// on threads of the backend's.
+public protocol PrimaryGuest: AnyObject {
+    var descriptor: GuestDescriptor { get }
+    /// How to build this guest on the backup; sent before the first checkpoint.
+    func domainConfig() throws -> DomainConfig
+    /// Starts dirty logging. Every populated page counts as dirty at the first harvest.
+    func startDirtyLogging() throws
+    /// Stops every vCPU at a safe point and returns once all have stopped.
+    func suspend() throws
+    /// Lets the vCPUs run again.
+    func resume() throws
+    /// ORs the pages dirtied since the last harvest into `bitmap` and clears the backend's log.
+    func harvestDirty(into bitmap: inout DirtyBitmap) throws
+    /// Copies every page set in `bitmap` into `arena` (raw, or absent when not populated), in
+    /// ascending PFN order. Allocates nothing per page.
+    func capturePages(_ bitmap: borrowing DirtyBitmap, into arena: StagingArena) throws
+    /// vCPU, device, clock and layout state. The guest must be suspended.
+    func captureState(clock: any HostClock) throws -> GuestState
+}
+
+/// The backup side of a backend: receives committed checkpoints and can resume the guest.
+public protocol ReplicaTarget: AnyObject {
+    /// Builds (or checks) the replica from the primary's DOMAIN_CONFIG and stream header.
+    func configure(header: StreamHeader, config: DomainConfig) throws
+    /// The current content of a page, the base for delta-encoded pages. Nil when not populated.
+    func committedPage(_ pfn: PFN) -> UnsafeRawBufferPointer?
+    /// Applies a verified, complete checkpoint (pages decoded to raw, zero or absent). Atomic with
+    /// respect to `activate`: the replica is either at the previous checkpoint or at this one.
+    /// `state` is nil for pre-copy rounds, which carry pages only.
+    func commit(_ pages: StagingArena, state: GuestState?) throws
+    /// Resumes the guest from the last committed checkpoint.
+    func activate(clock: any HostClock) throws
+    /// Throws the replica away (planned stop).
+    func discard()
+}

@@ -1,0 +1,1 @@
+// RemusSim: the simulated guest backend (see Docs/architecture.md).
