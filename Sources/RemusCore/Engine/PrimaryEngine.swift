@@ -1,0 +1,287 @@
+/// The primary's epoch loop as a sans-I/O state machine.
+///
+/// Each input is a `mutating func on…` that returns directives for the shell (the runtime) to
+/// carry out in order. The engine never reads a clock, sleeps or does I/O: `now` (monotonic
+/// nanoseconds) comes in with every event, so a test can drive it event by event.
+///
+/// Invariants it keeps:
+/// - I1: output of epoch N is released only by `.releaseOutput(through: N)`, emitted only for an ACK
+///   of N (or `.releaseAllOutput` once protection is given up, when nothing protects it anyway).
+/// - I6: a checkpoint is started only when a staging arena is free; the guest is never held
+///   suspended waiting for the network.
+public struct PrimaryEngine: Sendable {
+    /// Where the loop stands.
+    public enum State: Equatable, Sendable {
+        /// Not started.
+        case idle
+        /// Connecting to the backup (attempt number, from 1).
+        case connecting(attempt: Int)
+        /// Live pre-copy of the initial synchronisation: round number, from 1.
+        case synchronizing(round: Int)
+        /// Taking and shipping checkpoints.
+        case protecting
+        /// The backup is lost: output flows unprotected, the guest runs on; a reconnection is due at `retryAt`.
+        case degraded(reason: String, retryAt: UInt64)
+        /// A planned end: STREAM_END sent, waiting for the writer to drain.
+        case stopping(StreamEndReason)
+        /// Done.
+        case stopped
+    }
+
+    /// What the shell must do.
+    public enum Directive: Equatable, Sendable {
+        /// Open a connection to the backup; report `onConnected` or `onConnectionLost`.
+        case connect
+        /// Start the backend's dirty logging (every populated page counts as dirty first).
+        case startDirtyLogging
+        /// Harvest and copy the dirty set while the guest runs, ship it as a pre-copy round; report
+        /// `onPrecopyRoundShipped`.
+        case precopyRound(Int)
+        /// Suspend the guest, harvest, capture pages and state into a free arena, close output epoch
+        /// `epoch`, resume; report `onCheckpointCaptured` (or `onCaptureFailed`).
+        case checkpoint(Epoch, CheckpointKind)
+        /// Write the captured checkpoint to the backup; report `onCheckpointShipped`.
+        case ship(Epoch)
+        /// Let out held output of every epoch up to and including this one.
+        case releaseOutput(through: Epoch)
+        /// Let out everything and stop holding output back.
+        case releaseAllOutput
+        /// Start holding output back again.
+        case holdOutput
+        /// Send a heartbeat with this sequence number.
+        case sendHeartbeat(UInt64)
+        /// Send STREAM_END and close the connection once written.
+        case sendStreamEnd(StreamEndReason, lastEpoch: Epoch)
+        /// Drop the connection (and any checkpoint not yet written).
+        case closeConnection
+        /// Call `onTick` no later than this monotonic time.
+        case scheduleTick(at: UInt64)
+        /// Tell the operator (log and status).
+        case report(Report)
+    }
+
+    /// Things the operator must hear about.
+    public enum Report: Equatable, Sendable {
+        case protecting(firstEpoch: Epoch)
+        case degraded(String)
+        case stopped(StreamEndReason)
+    }
+
+    public let settings: ProtectionSettings
+    public private(set) var state: State = .idle
+    /// Highest epoch captured.
+    public private(set) var capturedEpoch: Epoch = 0
+    /// Highest epoch written to the connection.
+    public private(set) var shippedEpoch: Epoch = 0
+    /// Highest epoch the backup acknowledged as committed.
+    public private(set) var acknowledgedEpoch: Epoch = 0
+    /// Checkpoints captured and not yet written.
+    public private(set) var shipping: Int = 0
+    /// When the last checkpoint was taken (monotonic ns).
+    public private(set) var lastCheckpointAt: UInt64 = 0
+    /// When anything was last heard from the backup (monotonic ns).
+    public private(set) var lastHeardAt: UInt64 = 0
+    /// When a heartbeat was last sent.
+    private var lastHeartbeatAt: UInt64 = 0
+    private var heartbeatSequence: UInt64 = 0
+    /// The first epoch of the current connection; ACKs below it belong to an old stream.
+    private var streamFirstEpoch: Epoch = 1
+    /// Current reconnection delay.
+    private var retryDelay: UInt64
+
+    public init(settings: ProtectionSettings) {
+        self.settings = settings
+        retryDelay = settings.retryNs
+    }
+
+    /// Checkpoints captured and not acknowledged.
+    public var unacknowledged: Int { Int(capturedEpoch - min(acknowledgedEpoch, capturedEpoch)) }
+
+    // MARK: - Events
+
+    /// Begin protecting: connect to the backup.
+    public mutating func start(now: UInt64) -> [Directive] {
+        guard case .idle = state else { preconditionFailure("start in state \(state)") }
+        state = .connecting(attempt: 1)
+        return [.connect]
+    }
+
+    /// The connection is up and the backup's stream header was accepted.
+    public mutating func onConnected(now: UInt64) -> [Directive] {
+        guard case .connecting = state else { return [] }
+        lastHeardAt = now
+        lastHeartbeatAt = now
+        retryDelay = settings.retryNs
+        shipping = 0
+        // A new stream restarts the backup's image: its first checkpoint is the next epoch.
+        streamFirstEpoch = capturedEpoch + 1
+        acknowledgedEpoch = capturedEpoch
+        shippedEpoch = capturedEpoch
+        state = .synchronizing(round: 1)
+        return [.startDirtyLogging, .precopyRound(1), .scheduleTick(at: now + settings.heartbeatNs)]
+    }
+
+    /// A pre-copy round was written; `remainingDirty` pages were dirtied meanwhile.
+    public mutating func onPrecopyRoundShipped(round: Int, remainingDirty: Int, now: UInt64) -> [Directive] {
+        guard case .synchronizing(let current) = state, current == round else { return [] }
+        if remainingDirty > settings.precopyTargetPages && round < settings.maxPrecopyRounds {
+            state = .synchronizing(round: round + 1)
+            return [.precopyRound(round + 1)]
+        }
+        // Converged, or out of rounds: the first consistent checkpoint bounds the pause itself (I6),
+        // so a busy guest never keeps the synchronisation going forever.
+        state = .protecting
+        // Output emitted from now on belongs to the first checkpoint of this stream.
+        return [.holdOutput] + takeCheckpoint(now: now) + [.report(.protecting(firstEpoch: capturedEpoch))]
+    }
+
+    /// Checkpoint `epoch` is in a staging arena and the guest runs again.
+    public mutating func onCheckpointCaptured(_ epoch: Epoch, now: UInt64) -> [Directive] {
+        guard isConnectedState else { return [] }
+        precondition(epoch == capturedEpoch, "captured epoch \(epoch) but expected \(capturedEpoch) in state \(state)")
+        return [.ship(epoch)]
+    }
+
+    /// Capturing checkpoint `epoch` failed (the backend threw). The guest was resumed by the shell.
+    public mutating func onCaptureFailed(_ epoch: Epoch, reason: String, now: UInt64) -> [Directive] {
+        shipping = max(shipping - 1, 0)
+        return giveUpProtection(reason: "capturing checkpoint \(epoch) failed: \(reason)", now: now)
+    }
+
+    /// Checkpoint `epoch` was written to the connection; its arena is free again.
+    public mutating func onCheckpointShipped(_ epoch: Epoch, now: UInt64) -> [Directive] {
+        guard isConnectedState else { return [] }
+        precondition(epoch > shippedEpoch && epoch <= capturedEpoch, "shipped \(epoch) out of order in state \(state)")
+        shippedEpoch = epoch
+        shipping -= 1
+        return dueCheckpoint(now: now)
+    }
+
+    /// The backup committed `epoch` and everything before it.
+    public mutating func onAck(_ epoch: Epoch, now: UInt64) -> [Directive] {
+        lastHeardAt = now
+        guard isConnectedState else { return [] }
+        guard epoch >= streamFirstEpoch, epoch <= shippedEpoch else {
+            return giveUpProtection(
+                reason: "the backup acknowledged epoch \(epoch), which was never sent (sent up to \(shippedEpoch)); it is not following this stream",
+                now: now)
+        }
+        guard epoch > acknowledgedEpoch else { return [] }
+        acknowledgedEpoch = epoch
+        return [.releaseOutput(through: epoch)] + dueCheckpoint(now: now)
+    }
+
+    /// Anything at all arrived from the backup (a heartbeat, bytes of a record).
+    public mutating func onPeerActivity(now: UInt64) -> [Directive] {
+        lastHeardAt = max(lastHeardAt, now)
+        return []
+    }
+
+    /// The connection closed, failed, or could not be opened.
+    public mutating func onConnectionLost(reason: String, now: UInt64) -> [Directive] {
+        switch state {
+        case .connecting(let attempt):
+            let retryAt = now + retryDelay
+            retryDelay = min(retryDelay * 2, settings.maxRetryNs)
+            if attempt == 1 && capturedEpoch == 0 {
+                // Never protected yet: keep trying, but say the guest runs unprotected meanwhile.
+                state = .degraded(reason: reason, retryAt: retryAt)
+                return [.releaseAllOutput, .report(.degraded("cannot reach the backup (\(reason)); the guest runs unprotected; retrying")), .scheduleTick(at: retryAt)]
+            }
+            state = .degraded(reason: reason, retryAt: retryAt)
+            return [.scheduleTick(at: retryAt)]
+        case .synchronizing, .protecting:
+            return giveUpProtection(reason: "connection to the backup lost: \(reason)", now: now)
+        case .stopping:
+            state = .stopped
+            return []
+        case .idle, .degraded, .stopped:
+            return []
+        }
+    }
+
+    /// Time passed; the shell calls this at scheduled ticks (and may call it more often).
+    public mutating func onTick(now: UInt64) -> [Directive] {
+        switch state {
+        case .synchronizing, .protecting:
+            if now >= lastHeardAt + settings.timeoutNs {
+                let ms = (now - lastHeardAt) / 1_000_000
+                return giveUpProtection(
+                    reason: "backup stopped answering after epoch \(acknowledgedEpoch) (nothing heard for \(ms) ms)", now: now)
+            }
+            var out: [Directive] = []
+            if now >= lastHeartbeatAt + settings.heartbeatNs {
+                heartbeatSequence += 1
+                lastHeartbeatAt = now
+                out.append(.sendHeartbeat(heartbeatSequence))
+            }
+            out += dueCheckpoint(now: now)
+            out.append(.scheduleTick(at: nextTick()))
+            return out
+        case .degraded(_, let retryAt):
+            guard now >= retryAt else { return [.scheduleTick(at: retryAt)] }
+            state = .connecting(attempt: 2)
+            return [.connect]
+        case .idle, .connecting, .stopping, .stopped:
+            return []
+        }
+    }
+
+    /// The operator ends protection on purpose (planned stop: the backup discards its image).
+    public mutating func stop(reason: StreamEndReason, now: UInt64) -> [Directive] {
+        switch state {
+        case .synchronizing, .protecting:
+            state = .stopping(reason)
+            return [.sendStreamEnd(reason, lastEpoch: acknowledgedEpoch), .releaseAllOutput, .report(.stopped(reason))]
+        case .idle, .connecting, .degraded:
+            state = .stopped
+            return [.releaseAllOutput, .closeConnection, .report(.stopped(reason))]
+        case .stopping, .stopped:
+            return []
+        }
+    }
+
+    // MARK: - Helpers
+
+    private var isConnectedState: Bool {
+        switch state {
+        case .synchronizing, .protecting: return true
+        default: return false
+        }
+    }
+
+    private func nextTick() -> UInt64 {
+        let heartbeatDue = lastHeartbeatAt + settings.heartbeatNs
+        let checkpointDue = lastCheckpointAt + settings.intervalNs
+        let timeoutDue = lastHeardAt + settings.timeoutNs
+        if case .protecting = state { return min(heartbeatDue, checkpointDue, timeoutDue) }
+        return min(heartbeatDue, timeoutDue)
+    }
+
+    /// A checkpoint if one is due and allowed.
+    private mutating func dueCheckpoint(now: UInt64) -> [Directive] {
+        guard case .protecting = state, now >= lastCheckpointAt + settings.intervalNs else { return [] }
+        guard shipping < settings.maxShipping, unacknowledged < settings.maxUnacknowledged else { return [] }
+        return takeCheckpoint(now: now)
+    }
+
+    private mutating func takeCheckpoint(now: UInt64) -> [Directive] {
+        capturedEpoch += 1
+        shipping += 1
+        lastCheckpointAt = now
+        return [.checkpoint(capturedEpoch, .checkpoint)]
+    }
+
+    private mutating func giveUpProtection(reason: String, now: UInt64) -> [Directive] {
+        let retryAt = now + retryDelay
+        retryDelay = min(retryDelay * 2, settings.maxRetryNs)
+        state = .degraded(reason: reason, retryAt: retryAt)
+        shipping = 0
+        // Nothing protects held output any more: holding it would only freeze the guest's clients.
+        return [
+            .closeConnection, .releaseAllOutput,
+            .report(.degraded("\(reason); the guest keeps running on this host, its output is released, protection is DEGRADED; reconnecting")),
+            .scheduleTick(at: retryAt),
+        ]
+    }
+}

@@ -1,0 +1,50 @@
+/// Tunables of a protected guest's epoch loop. All durations in nanoseconds.
+public struct ProtectionSettings: Equatable, Sendable {
+    /// Time between checkpoints (`--interval`, default 100 ms).
+    public var intervalNs: UInt64
+    /// Time between heartbeats in each direction (`--heartbeat`, default 100 ms).
+    public var heartbeatNs: UInt64
+    /// Silence after which the peer counts as lost (`--timeout`, default 600 ms).
+    public var timeoutNs: UInt64
+    /// Most live pre-copy rounds before the first checkpoint is taken anyway.
+    public var maxPrecopyRounds: Int
+    /// Pre-copy stops once a round leaves at most this many dirty pages.
+    public var precopyTargetPages: Int
+    /// Most checkpoints captured but not yet acknowledged. When reached, the next checkpoint waits
+    /// (the guest runs on, its output stays held) until an ACK arrives or the timeout fires.
+    public var maxUnacknowledged: Int
+    /// Most checkpoints captured but not yet written to the connection (staging arenas in use).
+    public var maxShipping: Int
+    /// First delay before reconnecting to a lost backup; doubles up to `maxRetryNs`.
+    public var retryNs: UInt64
+    /// Longest delay between reconnection attempts.
+    public var maxRetryNs: UInt64
+
+    public init(
+        intervalNs: UInt64 = 100_000_000, heartbeatNs: UInt64 = 100_000_000, timeoutNs: UInt64 = 600_000_000,
+        maxPrecopyRounds: Int = 5, precopyTargetPages: Int = 50, maxUnacknowledged: Int = 8, maxShipping: Int = 2,
+        retryNs: UInt64 = 500_000_000, maxRetryNs: UInt64 = 10_000_000_000
+    ) {
+        self.intervalNs = intervalNs
+        self.heartbeatNs = heartbeatNs
+        self.timeoutNs = timeoutNs
+        self.maxPrecopyRounds = maxPrecopyRounds
+        self.precopyTargetPages = precopyTargetPages
+        self.maxUnacknowledged = maxUnacknowledged
+        self.maxShipping = maxShipping
+        self.retryNs = retryNs
+        self.maxRetryNs = maxRetryNs
+    }
+
+    /// Checks the settings hang together; returns a sentence naming the first problem.
+    public func problem() -> String? {
+        if intervalNs == 0 { return "the checkpoint interval must be above 0 ms" }
+        if heartbeatNs == 0 { return "the heartbeat interval must be above 0 ms" }
+        if timeoutNs < 2 * heartbeatNs {
+            return "the timeout (\(timeoutNs / 1_000_000) ms) must be at least two heartbeat intervals (\(2 * heartbeatNs / 1_000_000) ms), or every late heartbeat looks like a lost peer"
+        }
+        if maxPrecopyRounds < 1 { return "at least one pre-copy round is needed" }
+        if maxUnacknowledged < 1 || maxShipping < 1 { return "at least one checkpoint must be allowed in flight" }
+        return nil
+    }
+}

@@ -1,0 +1,146 @@
+import RemusCore
+import Testing
+
+private let ms: UInt64 = 1_000_000
+private let settings = ProtectionSettings(intervalNs: 100 * ms, heartbeatNs: 50 * ms, timeoutNs: 300 * ms)
+
+private func receiving(_ policy: BackupCommitter.FencePolicy = .fence, committed: Epoch = 0) -> BackupCommitter {
+    var c = BackupCommitter(settings: settings, fencePolicy: policy)
+    _ = c.onPrimaryConnected(now: 0)
+    if committed > 0 {
+        for epoch in 1...committed { commit(&c, epoch, now: 0) }
+    }
+    return c
+}
+
+private func commit(_ c: inout BackupCommitter, _ epoch: Epoch, kind: CheckpointKind = .checkpoint, now: UInt64) {
+    _ = c.onCheckpointBegan(CheckpointBegin(epoch: epoch, kind: kind), now: now)
+    let d = c.onCheckpointComplete(CheckpointEnd(epoch: epoch, recordCount: 0, digest: 0, payloadBytes: 0), now: now)
+    #expect(d == [.commit(epoch)])
+    _ = c.onCommitted(epoch, now: now)
+}
+
+@Suite("Backup committer")
+struct BackupCommitterTests {
+    @Test func ackComesOnlyAfterTheCommit() {
+        var c = receiving()
+        _ = c.onCheckpointBegan(CheckpointBegin(epoch: 1, kind: .checkpoint), now: 1)
+        let complete = c.onCheckpointComplete(CheckpointEnd(epoch: 1, recordCount: 3, digest: 7, payloadBytes: 9), now: 2)
+        #expect(complete == [.commit(1)], "no ACK before the replica applied the checkpoint (I1)")
+        #expect(c.onCommitted(1, now: 3) == [.sendAck(1)])
+        #expect(c.committedEpoch == 1)
+    }
+
+    @Test func precopyRoundsAreAppliedButNeverAcknowledged() {
+        var c = receiving()
+        _ = c.onCheckpointBegan(CheckpointBegin(epoch: 0, kind: .precopy), now: 1)
+        #expect(c.onCheckpointComplete(CheckpointEnd(epoch: 0, recordCount: 1, digest: 0, payloadBytes: 0), now: 1) == [.commit(0)])
+        #expect(c.onCommitted(0, now: 1) == [])
+        #expect(c.committedEpoch == 0)
+    }
+
+    @Test func endWithoutMatchingBeginDiscardsInsteadOfCommitting() {
+        var c = receiving()
+        _ = c.onCheckpointBegan(CheckpointBegin(epoch: 4, kind: .checkpoint), now: 1)
+        #expect(c.onCheckpointComplete(CheckpointEnd(epoch: 5, recordCount: 0, digest: 0, payloadBytes: 0), now: 1) == [.discardStaged])
+    }
+
+    @Test func connectionLostMidCheckpointKeepsThePreviousOneAndFences() {
+        var c = receiving(committed: 2)
+        _ = c.onCheckpointBegan(CheckpointBegin(epoch: 3, kind: .checkpoint), now: 10)
+        let d = c.onConnectionLost(reason: "EOF", now: 11)
+        #expect(d.first == .discardStaged, "the half-received checkpoint 3 is dropped (I2)")
+        #expect(d.contains(.fencePrimary))
+        #expect(!d.contains { if case .activate = $0 { true } else { false } }, "no activation before fencing (I7)")
+        #expect(c.state == .fencing(committed: 2, attempt: 1))
+        #expect(c.onFenced(success: true, detail: "primary process gone", now: 12).contains(.activate(2)))
+        _ = c.onActivated(now: 13)
+        #expect(c.state == .active(from: 2))
+    }
+
+    @Test func failedFenceIsRetriedAndNeverActivates() {
+        var c = receiving(committed: 1)
+        _ = c.onConnectionLost(reason: "EOF", now: 0)
+        let d = c.onFenced(success: false, detail: "fence agent exit 1", now: 1)
+        #expect(!d.contains { if case .activate = $0 { true } else { false } })
+        #expect(c.onTick(now: 1 + 50 * ms) == [.fencePrimary])
+        #expect(c.state == .fencing(committed: 1, attempt: 2))
+    }
+
+    @Test func silenceIsDetectedByTimeoutWithoutAClosedConnection() {
+        var c = receiving(committed: 1)
+        _ = c.onPeerActivity(now: 100 * ms)
+        #expect(!c.onTick(now: 399 * ms).contains(.fencePrimary))
+        let d = c.onTick(now: 400 * ms)
+        #expect(d.contains(.closeConnection))
+        #expect(d.contains(.fencePrimary))
+        #expect(c.lossDetectedAt == 400 * ms)
+    }
+
+    @Test func withoutFenceTheBackupWaitsForTheOperator() {
+        var c = receiving(.operatorOnly, committed: 3)
+        let d = c.onConnectionLost(reason: "EOF", now: 0)
+        #expect(!d.contains { if case .activate = $0 { true } else { false } })
+        #expect(c.state == .awaitingOperator(committed: 3))
+        #expect(c.onOperatorActivate(now: 1).contains(.activate(3)))
+    }
+
+    @Test func unsafeNoFenceActivatesAtOnce() {
+        var c = receiving(.unsafeNoFence, committed: 3)
+        #expect(c.onConnectionLost(reason: "EOF", now: 0).contains(.activate(3)))
+    }
+
+    @Test func primaryLostBeforeAnyCheckpointHasNothingToActivate() {
+        var c = receiving()
+        let d = c.onConnectionLost(reason: "EOF", now: 0)
+        #expect(d.contains(.discardReplica))
+        guard case .stopped = c.state else { Issue.record("state \(c.state)"); return }
+    }
+
+    @Test func plannedStopDiscardsAndNeverActivates() {
+        var c = receiving(committed: 5)
+        let d = c.onStreamEnd(StreamEnd(reason: .plannedStop, lastEpoch: 5, message: ""), now: 0)
+        #expect(d.contains(.discardReplica))
+        #expect(!d.contains { if case .activate = $0 { true } else { false } })
+        // Silence afterwards must not wake it up.
+        #expect(c.onTick(now: 10_000 * ms) == [])
+        #expect(c.onConnectionLost(reason: "EOF", now: 10_000 * ms) == [])
+    }
+
+    @Test func switchoverActivatesTheLastCommittedCheckpoint() {
+        var c = receiving(committed: 7)
+        #expect(c.onStreamEnd(StreamEnd(reason: .switchover, lastEpoch: 7, message: ""), now: 0).contains(.activate(7)))
+    }
+
+    @Test func finalCheckpointIsAcknowledgedThenActivated() {
+        var c = receiving(committed: 1)
+        _ = c.onCheckpointBegan(CheckpointBegin(epoch: 2, kind: .final), now: 0)
+        _ = c.onCheckpointComplete(CheckpointEnd(epoch: 2, recordCount: 0, digest: 0, payloadBytes: 0), now: 0)
+        let d = c.onCommitted(2, now: 0)
+        #expect(d.first == .sendAck(2))
+        #expect(d.contains(.activate(2)))
+    }
+
+    @Test func rejectedStreamKeepsTheImageAndWaitsForAReconnect() {
+        var c = receiving(committed: 4)
+        let d = c.onStreamRejected("PAGE_BATCH at offset 9000: CRC32C mismatch", now: 10 * ms)
+        #expect(d.contains(.closeConnection))
+        #expect(!d.contains(.fencePrimary))
+        #expect(c.committedEpoch == 4)
+        #expect(c.acceptsPrimary)
+        // No reconnection within the timeout: the primary counts as lost.
+        #expect(c.onTick(now: 310 * ms).contains(.fencePrimary))
+    }
+
+    @Test func heartbeatsFlowBackWhileConnected() {
+        var c = receiving()
+        #expect(c.onTick(now: 50 * ms).contains(.sendHeartbeat(1)))
+    }
+
+    @Test func activeBackupRefusesANewPrimary() {
+        var c = receiving(.unsafeNoFence, committed: 1)
+        _ = c.onConnectionLost(reason: "EOF", now: 0)
+        _ = c.onActivated(now: 1)
+        #expect(!c.acceptsPrimary)
+    }
+}

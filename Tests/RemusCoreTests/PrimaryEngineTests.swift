@@ -1,0 +1,220 @@
+import RemusCore
+import Testing
+
+private let ms: UInt64 = 1_000_000
+private let settings = ProtectionSettings(
+    intervalNs: 100 * ms, heartbeatNs: 50 * ms, timeoutNs: 300 * ms,
+    maxPrecopyRounds: 3, precopyTargetPages: 10, maxUnacknowledged: 3, maxShipping: 2)
+
+/// Drives an engine to `.protecting` with checkpoint 1 captured and shipped at t = 1 s.
+private func protectingEngine() -> (PrimaryEngine, UInt64) {
+    var e = PrimaryEngine(settings: settings)
+    var t: UInt64 = 1_000 * ms
+    _ = e.start(now: t)
+    _ = e.onConnected(now: t)
+    let d = e.onPrecopyRoundShipped(round: 1, remainingDirty: 0, now: t)
+    #expect(d.contains(.checkpoint(1, .checkpoint)))
+    _ = e.onCheckpointCaptured(1, now: t)
+    t += 1 * ms
+    _ = e.onCheckpointShipped(1, now: t)
+    return (e, t)
+}
+
+@Suite("Primary engine")
+struct PrimaryEngineTests {
+    @Test func startConnectsThenPrecopiesWithDirtyLogging() {
+        var e = PrimaryEngine(settings: settings)
+        #expect(e.start(now: 0) == [.connect])
+        let d = e.onConnected(now: 5)
+        #expect(d.starts(with: [.startDirtyLogging, .precopyRound(1)]))
+        #expect(e.state == .synchronizing(round: 1))
+    }
+
+    @Test func precopyContinuesWhileDirtySetIsLargeAndStopsAtRoundLimit() {
+        var e = PrimaryEngine(settings: settings)
+        _ = e.start(now: 0)
+        _ = e.onConnected(now: 0)
+        #expect(e.onPrecopyRoundShipped(round: 1, remainingDirty: 500, now: 1) == [.precopyRound(2)])
+        #expect(e.onPrecopyRoundShipped(round: 2, remainingDirty: 500, now: 2) == [.precopyRound(3)])
+        // Round 3 is the last one allowed: a guest that never converges still gets protected.
+        let d = e.onPrecopyRoundShipped(round: 3, remainingDirty: 500, now: 3)
+        #expect(d.contains(.checkpoint(1, .checkpoint)))
+        #expect(d.first == .holdOutput, "output must be held before the first checkpoint closes its epoch")
+        #expect(e.state == .protecting)
+    }
+
+    @Test func precopyStopsEarlyWhenConverged() {
+        var e = PrimaryEngine(settings: settings)
+        _ = e.start(now: 0)
+        _ = e.onConnected(now: 0)
+        let d = e.onPrecopyRoundShipped(round: 1, remainingDirty: 10, now: 1)
+        #expect(d.contains(.checkpoint(1, .checkpoint)))
+    }
+
+    @Test func staleRoundReportIsIgnored() {
+        var e = PrimaryEngine(settings: settings)
+        _ = e.start(now: 0)
+        _ = e.onConnected(now: 0)
+        #expect(e.onPrecopyRoundShipped(round: 7, remainingDirty: 0, now: 1) == [])
+        #expect(e.state == .synchronizing(round: 1))
+    }
+
+    @Test func capturedCheckpointIsShipped() {
+        var e = PrimaryEngine(settings: settings)
+        _ = e.start(now: 0)
+        _ = e.onConnected(now: 0)
+        _ = e.onPrecopyRoundShipped(round: 1, remainingDirty: 0, now: 0)
+        #expect(e.onCheckpointCaptured(1, now: 0) == [.ship(1)])
+    }
+
+    @Test func checkpointsFollowTheInterval() {
+        var (e, t) = protectingEngine()
+        // Not yet due.
+        #expect(!e.onTick(now: t + 10 * ms).contains(.checkpoint(2, .checkpoint)))
+        t = 1_000 * ms + 100 * ms
+        #expect(e.onTick(now: t).contains(.checkpoint(2, .checkpoint)))
+    }
+
+    @Test func outputIsReleasedOnlyByAckAndInOrder() {
+        var (e, t) = protectingEngine()
+        t += 100 * ms
+        _ = e.onTick(now: t)
+        _ = e.onCheckpointCaptured(2, now: t)
+        _ = e.onCheckpointShipped(2, now: t)
+        // Heartbeats, ticks and shipping never release output (I1).
+        for step in 1...5 {
+            let d = e.onTick(now: t + UInt64(step) * ms)
+            #expect(!d.contains { if case .releaseOutput = $0 { true } else { false } })
+        }
+        #expect(e.onAck(1, now: t + 6 * ms).first == .releaseOutput(through: 1))
+        // A coalesced ACK covers both epochs; a repeated or older ACK releases nothing more.
+        #expect(e.onAck(2, now: t + 7 * ms).first == .releaseOutput(through: 2))
+        #expect(e.onAck(2, now: t + 8 * ms) == [])
+        #expect(e.onAck(1, now: t + 9 * ms) == [])
+        #expect(e.acknowledgedEpoch == 2)
+    }
+
+    @Test func ackOfAnUnsentEpochGivesUpProtection() {
+        var (e, t) = protectingEngine()
+        t += 1 * ms
+        let d = e.onAck(5, now: t)
+        #expect(d.contains(.releaseAllOutput))
+        #expect(d.contains(.closeConnection))
+        guard case .degraded = e.state else { Issue.record("state \(e.state)"); return }
+    }
+
+    @Test func checkpointsWaitWhileTooManyAreUnacknowledged() {
+        var (e, t) = protectingEngine()
+        // maxUnacknowledged = 3: epochs 2 and 3 go out, then the engine waits for an ACK.
+        for epoch: Epoch in 2...3 {
+            t += 100 * ms
+            _ = e.onPeerActivity(now: t)  // the backup is alive but acknowledges nothing new
+            #expect(e.onTick(now: t).contains(.checkpoint(epoch, .checkpoint)))
+            _ = e.onCheckpointCaptured(epoch, now: t)
+            _ = e.onCheckpointShipped(epoch, now: t)
+        }
+        t += 100 * ms
+        _ = e.onPeerActivity(now: t)
+        #expect(!e.onTick(now: t).contains(.checkpoint(4, .checkpoint)))
+        // The ACK frees a slot and the overdue checkpoint is taken at once.
+        let d = e.onAck(2, now: t + 1 * ms)
+        #expect(d.contains(.releaseOutput(through: 2)))
+        #expect(d.contains(.checkpoint(4, .checkpoint)))
+    }
+
+    @Test func checkpointsWaitForAFreeStagingArena() {
+        var (e, t) = protectingEngine()
+        _ = e.onAck(1, now: t)
+        t += 100 * ms
+        _ = e.onPeerActivity(now: t)
+        _ = e.onTick(now: t)  // checkpoint 2 captured, not shipped
+        _ = e.onCheckpointCaptured(2, now: t)
+        t += 100 * ms
+        _ = e.onPeerActivity(now: t)
+        _ = e.onTick(now: t)  // checkpoint 3: second arena
+        _ = e.onCheckpointCaptured(3, now: t)
+        t += 100 * ms
+        _ = e.onPeerActivity(now: t)
+        #expect(!e.onTick(now: t).contains(.checkpoint(4, .checkpoint)), "both arenas are busy shipping")
+        #expect(e.onCheckpointShipped(2, now: t).contains(.checkpoint(4, .checkpoint)))
+    }
+
+    @Test func heartbeatsGoOutAtTheHeartbeatInterval() {
+        var (e, t) = protectingEngine()
+        t = 1_000 * ms + 50 * ms
+        _ = e.onPeerActivity(now: t)
+        #expect(e.onTick(now: t).contains(.sendHeartbeat(1)))
+        #expect(!e.onTick(now: t + 10 * ms).contains(.sendHeartbeat(2)))
+        #expect(e.onTick(now: t + 50 * ms).contains(.sendHeartbeat(2)))
+    }
+
+    @Test func silenceBeyondTheTimeoutDegradesAndReleasesOutput() {
+        var (e, _) = protectingEngine()
+        let lastHeard = e.lastHeardAt
+        #expect(!e.onTick(now: lastHeard + 299 * ms).contains(.releaseAllOutput))
+        let d = e.onTick(now: lastHeard + 300 * ms)
+        #expect(d.contains(.releaseAllOutput))
+        #expect(d.contains(.closeConnection))
+        guard case .degraded(let reason, _) = e.state else { Issue.record("state \(e.state)"); return }
+        #expect(reason.contains("300 ms"))
+    }
+
+    @Test func closedConnectionDegradesAtOnceAndRetriesWithBackoff() {
+        var (e, t) = protectingEngine()
+        let d = e.onConnectionLost(reason: "reset by peer", now: t)
+        #expect(d.contains(.releaseAllOutput))
+        guard case .degraded(_, let retryAt) = e.state else { Issue.record("state \(e.state)"); return }
+        #expect(retryAt == t + settings.retryNs)
+        #expect(e.onTick(now: retryAt - 1) == [.scheduleTick(at: retryAt)])
+        #expect(e.onTick(now: retryAt) == [.connect])
+        // The second failure doubles the delay.
+        t = retryAt
+        _ = e.onConnectionLost(reason: "refused", now: t)
+        guard case .degraded(_, let retry2) = e.state else { Issue.record("state \(e.state)"); return }
+        #expect(retry2 == t + 2 * settings.retryNs)
+    }
+
+    @Test func reconnectionResynchronisesAndContinuesEpochNumbers() {
+        var (e, t) = protectingEngine()
+        _ = e.onConnectionLost(reason: "reset", now: t)
+        t += settings.retryNs
+        _ = e.onTick(now: t)
+        let d = e.onConnected(now: t)
+        #expect(d.contains(.precopyRound(1)))
+        let first = e.onPrecopyRoundShipped(round: 1, remainingDirty: 0, now: t)
+        #expect(first.contains(.holdOutput))
+        #expect(first.contains(.checkpoint(2, .checkpoint)), "epochs keep increasing across connections")
+        // An ACK from the old stream's numbering is not accepted as covering the new stream.
+        #expect(e.onAck(1, now: t).contains(.closeConnection))
+    }
+
+    @Test func captureFailureDegrades() {
+        var (e, t) = protectingEngine()
+        t += 100 * ms
+        _ = e.onPeerActivity(now: t)
+        _ = e.onTick(now: t)
+        let d = e.onCaptureFailed(2, reason: "guest vanished", now: t)
+        #expect(d.contains(.releaseAllOutput))
+    }
+
+    @Test func plannedStopSendsStreamEndWithTheLastAcknowledgedEpoch() {
+        var (e, t) = protectingEngine()
+        _ = e.onAck(1, now: t)
+        t += 1
+        let d = e.stop(reason: .plannedStop, now: t)
+        #expect(d.first == .sendStreamEnd(.plannedStop, lastEpoch: 1))
+        #expect(e.state == .stopping(.plannedStop))
+        _ = e.onConnectionLost(reason: "closed", now: t)
+        #expect(e.state == .stopped)
+    }
+
+    @Test func eventsAfterStopChangeNothing() {
+        var (e, t) = protectingEngine()
+        _ = e.stop(reason: .plannedStop, now: t)
+        _ = e.onConnectionLost(reason: "closed", now: t)
+        t += 10_000 * ms
+        #expect(e.onTick(now: t) == [])
+        #expect(e.onAck(1, now: t) == [])
+        #expect(e.state == .stopped)
+    }
+}
