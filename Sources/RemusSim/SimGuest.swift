@@ -1,1 +1,416 @@
-// RemusSim: the simulated guest backend (see Docs/architecture.md).
+// RemusSim: the simulated guest backend. `SimGuest` is the primary side: a running guest with vCPU
+// threads, a software dirty log, a virtual NIC, a balloon and a virtual clock.
+
+import RemusCore
+import Synchronization
+
+/// One vCPU's register file and throttle state.
+///
+/// `@unchecked Sendable`: while the vCPU runs only its thread touches `registers`; the controller
+/// reads or writes them only while the vCPU is parked or stopped, and the control lock's
+/// handshake orders those accesses.
+final class VCPUSlot: @unchecked Sendable {
+    let index: UInt32
+    var registers: SimRegisters
+    /// The op count, published every `GuestMachine.progressInterval` ops for progress waiters.
+    let progress: Atomic<UInt64>
+
+    init(index: UInt32, registers: SimRegisters) {
+        self.index = index
+        self.registers = registers
+        progress = Atomic(registers.opCount)
+    }
+}
+
+/// The packet path of the vCPU threads: straight into the output buffer (or nowhere).
+struct NICEmitter: PacketEmitter {
+    let nic: SimOutputBuffer?
+    @inline(__always) mutating func emit(_ packet: SimPacket) { nic?.emit(packet) }
+}
+
+/// The machine the vCPU threads run on; shared by them and the controller (`SimGuest`).
+///
+/// `@unchecked Sendable`: the mutable fields below `control` are only touched with `control`
+/// held; `pauseRequested` is an atomic; everything else is immutable or documented on its type.
+final class GuestMachine: @unchecked Sendable {
+    let config: SimConfig
+    let shape: WorkloadShape
+    let memory: GuestMemory
+    let slots: [VCPUSlot]
+    let nic: SimOutputBuffer?
+    let clock: any HostClock
+    let guestClock: GuestClock
+    let autoRun: Bool
+    /// Nanoseconds of host time that earn one vCPU one newly dirtied page (0 = unthrottled).
+    let nsPerPage: UInt64
+    /// Most pages a vCPU may dirty back to back (10 ms worth of its rate).
+    let burstPages: UInt64
+
+    /// Set when the vCPUs must stop at their next safe point (suspend or halt); checked every op.
+    let pauseRequested = Atomic<Bool>(false)
+    /// Threads in `waitForProgress`; vCPUs wake them only when there are any.
+    let progressWaiters = Atomic<Int>(0)
+    /// Ops between two publications of a vCPU's op count (a power of two).
+    static let progressInterval: UInt64 = 1024
+    let control = ConditionLock()
+    // Guarded by `control`:
+    var suspendRequested = false
+    var halting = false
+    var parked = 0
+    var running = 0
+    var threads: [JoinableThread] = []
+
+    init(
+        config: SimConfig, memory: GuestMemory, registers: [SimRegisters], guestClock: GuestClock,
+        clock: any HostClock, nic: SimOutputBuffer?, autoRun: Bool
+    ) {
+        self.config = config
+        shape = WorkloadShape(config)
+        self.memory = memory
+        slots = registers.enumerated().map { VCPUSlot(index: UInt32($0.offset), registers: $0.element) }
+        self.nic = nic
+        self.clock = clock
+        self.guestClock = guestClock
+        self.autoRun = autoRun
+        if config.dirtyRateLimit == 0 {
+            nsPerPage = 0
+            burstPages = 0
+        } else {
+            nsPerPage = max(1, 1_000_000_000 * UInt64(config.vcpus) / config.dirtyRateLimit)
+            burstPages = max(1, config.dirtyRateLimit / UInt64(config.vcpus) / 100)
+        }
+    }
+
+    /// Starts one thread per vCPU.
+    func start(name: String) throws(SimError) {
+        control.lock()
+        defer { control.unlock() }
+        for slot in slots {
+            running += 1
+            do {
+                threads.append(try JoinableThread(name: "vcpu\(slot.index)-\(name)") { [self] in runVCPU(slot) })
+            } catch {
+                running -= 1
+                throw error
+            }
+        }
+    }
+
+    /// The body of a vCPU thread: ops until halted, parking whenever a pause is requested.
+    private func runVCPU(_ slot: VCPUSlot) {
+        var registers = slot.registers
+        var emitter = NICEmitter(nic: nic)
+        let throttled = nsPerPage != 0
+        var tokens = burstPages
+        var lastRefillNs = throttled ? clock.monotonicNs() : 0
+        while true {
+            if pauseRequested.load(ordering: .acquiring) {
+                slot.registers = registers
+                publishProgress(slot, registers.opCount)
+                guard park() else { break }
+                continue
+            }
+            if throttled && tokens == 0 {
+                tokens = refill(lastRefillNs: &lastRefillNs)
+                continue
+            }
+            let effect = executeOp(&registers, vcpu: slot.index, shape: shape, memory: memory, emitter: &emitter)
+            if throttled && effect.newlyDirtied { tokens -= 1 }
+            if registers.opCount & (Self.progressInterval - 1) == 0 { publishProgress(slot, registers.opCount) }
+        }
+        publishProgress(slot, registers.opCount)
+        control.withLock {
+            running -= 1
+            control.broadcast()
+        }
+    }
+
+    private func publishProgress(_ slot: VCPUSlot, _ opCount: UInt64) {
+        slot.progress.store(opCount, ordering: .relaxed)
+        if progressWaiters.load(ordering: .relaxed) != 0 { control.withLock { control.broadcast() } }
+    }
+
+    /// Waits until every vCPU has completed at least `ops` ops, or `timeoutNs` of real time passed.
+    func waitForProgress(ops: UInt64, timeoutNs: UInt64) -> Bool {
+        if !autoRun { return slots.allSatisfy { $0.registers.opCount >= ops } }
+        let realClock = SystemHostClock()
+        let deadline = realClock.monotonicNs() &+ timeoutNs
+        progressWaiters.add(1, ordering: .relaxed)
+        defer { progressWaiters.subtract(1, ordering: .relaxed) }
+        return control.withLock {
+            while !slots.allSatisfy({ $0.progress.load(ordering: .relaxed) >= ops }) {
+                let now = realClock.monotonicNs()
+                if now >= deadline || (halting && running == 0) { return false }
+                // Bounded so that a vCPU publishing just before this thread started waiting is seen.
+                control.wait(nanoseconds: min(deadline - now, 5_000_000))
+            }
+            return true
+        }
+    }
+
+    /// Parks the calling vCPU until resumed; false when the machine halts instead.
+    private func park() -> Bool {
+        control.lock()
+        defer { control.unlock() }
+        parked += 1
+        control.broadcast()
+        while suspendRequested && !halting { control.wait() }
+        parked -= 1
+        return !halting
+    }
+
+    /// Earns tokens from elapsed host time; when none are due yet, waits for the next one (woken
+    /// early by suspend or halt). The wait is capped at 10 ms so that an injected clock that moves
+    /// in steps is re-read.
+    private func refill(lastRefillNs: inout UInt64) -> UInt64 {
+        let now = clock.monotonicNs()
+        let earned = now > lastRefillNs ? (now - lastRefillNs) / nsPerPage : 0
+        if earned >= burstPages {
+            lastRefillNs = now
+            return burstPages
+        }
+        if earned > 0 {
+            lastRefillNs += earned * nsPerPage
+            return earned
+        }
+        let due = lastRefillNs + nsPerPage - now
+        control.withLock {
+            if !suspendRequested && !halting { control.wait(nanoseconds: min(due, 10_000_000)) }
+        }
+        return 0
+    }
+
+    /// Stops every vCPU at a safe point; returns once all are parked.
+    func suspend() {
+        control.lock()
+        defer { control.unlock() }
+        suspendRequested = true
+        pauseRequested.store(true, ordering: .releasing)
+        while parked < running { control.wait() }
+    }
+
+    /// Lets the vCPUs run again.
+    func resume() {
+        control.lock()
+        defer { control.unlock() }
+        suspendRequested = false
+        if !halting { pauseRequested.store(false, ordering: .releasing) }
+        control.broadcast()
+    }
+
+    /// Whether no vCPU can run an op right now (suspended, halted, or stepped by the caller).
+    var isStopped: Bool {
+        control.withLock { !autoRun || (parked == running && (suspendRequested || halting)) }
+    }
+
+    var isSuspended: Bool { control.withLock { suspendRequested && parked == running } }
+
+    /// Stops the vCPU threads for good and joins them.
+    func halt() {
+        let joining: [JoinableThread] = control.withLock {
+            halting = true
+            pauseRequested.store(true, ordering: .releasing)
+            control.broadcast()
+            let all = threads
+            threads = []
+            return all
+        }
+        for thread in joining { thread.join() }
+    }
+}
+
+/// A simulated guest on the primary: memory, vCPU threads running the workload, a dirty log, a
+/// virtual NIC feeding a `SimOutputBuffer`, a balloon and a virtual clock.
+///
+/// The controller calls (`PrimaryGuest`, `step`, accessors) come from one thread at a time, as the
+/// `PrimaryGuest` contract says.
+///
+/// `@unchecked Sendable`: the runtime may hand the guest from thread to thread; all shared state
+/// lives in `GuestMachine`, whose synchronisation is documented there.
+public final class SimGuest: PrimaryGuest, @unchecked Sendable {
+    public let descriptor: GuestDescriptor
+    /// The config the guest was built from.
+    public let config: SimConfig
+    let machine: GuestMachine
+
+    /// Boots a fresh guest: memory all populated and zero, registers at their boot values, guest
+    /// monotonic clock at 0.
+    /// - Parameters:
+    ///   - config: size and workload; validated.
+    ///   - clock: the host's clocks (guest clock, dirty-rate throttle).
+    ///   - nic: where emitted packets go (nil: they are counted in the registers and dropped).
+    ///   - name: guest name for the descriptor.
+    ///   - uuid: guest identity (default derived from the seed).
+    ///   - autoRun: start the vCPU threads now (default); false for a guest driven by `step`.
+    public convenience init(
+        config: SimConfig, clock: any HostClock, nic: SimOutputBuffer?, name: String = "sim",
+        uuid: GuestUUID? = nil, autoRun: Bool = true
+    ) throws {
+        try config.validate()
+        let memory = try GuestMemory(pageSize: config.pageSize, pageCount: config.pageCount)
+        let registers = (0..<config.vcpus).map { SimRegisters(seed: config.seed, vcpu: UInt32($0)) }
+        try self.init(
+            config: config, memory: memory, registers: registers, guestClock: .boot(host: clock), clock: clock,
+            nic: nic, name: name, uuid: uuid ?? SimGuest.defaultUUID(config), autoRun: autoRun)
+    }
+
+    /// A guest built from existing memory and registers (a replica being activated).
+    init(
+        config: SimConfig, memory: GuestMemory, registers: [SimRegisters], guestClock: GuestClock,
+        clock: any HostClock, nic: SimOutputBuffer?, name: String, uuid: GuestUUID, autoRun: Bool
+    ) throws(SimError) {
+        self.config = config
+        descriptor = GuestDescriptor(
+            name: name, uuid: uuid, backend: .simulated, pageSize: config.pageSize, pageCount: config.pageCount)
+        machine = GuestMachine(
+            config: config, memory: memory, registers: registers, guestClock: guestClock, clock: clock, nic: nic,
+            autoRun: autoRun)
+        if autoRun {
+            do { try machine.start(name: name) } catch {
+                machine.halt()
+                throw error
+            }
+        }
+    }
+
+    deinit { machine.halt() }
+
+    /// The identity a guest gets when none is given: a function of the seed.
+    public static func defaultUUID(_ config: SimConfig) -> GuestUUID {
+        GuestUUID(high: mix64(config.seed ^ 0x5EED_5EED), low: mix64(~config.seed))
+    }
+
+    var memory: GuestMemory { machine.memory }
+
+    /// Where the guest's packets go.
+    public var nic: SimOutputBuffer? { machine.nic }
+
+    // MARK: PrimaryGuest
+
+    public func domainConfig() throws -> DomainConfig { config.encode() }
+
+    public func startDirtyLogging() throws {
+        // Every page, populated or not: the backup starts from "all populated, all zero" and must
+        // learn about pages given back before protection started.
+        machine.memory.dirty.setAll()
+    }
+
+    public func suspend() throws {
+        if machine.autoRun {
+            machine.suspend()
+        } else {
+            machine.control.withLock { machine.suspendRequested = true }
+        }
+    }
+
+    public func resume() throws { machine.resume() }
+
+    /// Takes the dirty log word by word (an atomic exchange each), so it is also correct while the
+    /// vCPUs run: a store's dirty bit is set after its data, so a page dirtied concurrently is
+    /// either in this harvest (with its data visible to the capture that follows) or in the next.
+    public func harvestDirty(into bitmap: inout DirtyBitmap) throws {
+        let log = machine.memory.dirty
+        guard bitmap.pageCount == log.bitCount else { throw SimError.bitmapSize(expected: log.bitCount, found: bitmap.pageCount) }
+        for index in 0..<log.wordCount {
+            let bits = log.takeWord(index)
+            if bits != 0 { bitmap.or(word: index, bits) }
+        }
+    }
+
+    /// Appends every page set in `bitmap` in ascending PFN order: `.absent` when given back,
+    /// `.zero` when not written since it was populated, else `.raw` with a copy of its bytes.
+    /// Checks the arena's room first and then appends without allocating.
+    public func capturePages(_ bitmap: borrowing DirtyBitmap, into arena: StagingArena) throws {
+        let memory = machine.memory
+        guard bitmap.pageCount == memory.pageCount else {
+            throw SimError.bitmapSize(expected: memory.pageCount, found: bitmap.pageCount)
+        }
+        guard arena.pageSize == memory.pageSize else {
+            throw SimError.inconsistentCheckpoint("staging arena pages are \(arena.pageSize) bytes, guest pages \(memory.pageSize)")
+        }
+        let needed = bitmap.count
+        guard arena.hasRoom(for: needed) else {
+            throw SimError.arenaFull(needed: needed, free: arena.capacityPages - arena.count)
+        }
+        for index in 0..<bitmap.wordCountValue {
+            var bits = bitmap.word(index)
+            while bits != 0 {
+                let pfn = UInt64(index) << 6 | UInt64(bits.trailingZeroBitCount)
+                bits &= bits &- 1
+                if memory.absent.test(pfn) {
+                    arena.append(pfn: pfn, encoding: .absent)
+                } else if !memory.written.test(pfn) {
+                    arena.append(pfn: pfn, encoding: .zero)
+                } else {
+                    memory.copyPage(pfn, to: arena.append(pfn: pfn, encoding: .raw)!)
+                }
+            }
+        }
+    }
+
+    public func captureState(clock: any HostClock) throws -> GuestState {
+        let registers = try registers(for: "captureState")
+        return GuestState(
+            vcpus: registers.enumerated().map { $0.element.encode(vcpu: UInt32($0.offset)) },
+            devices: [NICState.encode(registers)],
+            clock: machine.guestClock.reading(clock),
+            layout: layoutFromRegisters(registers, pageCount: config.pageCount))
+    }
+
+    // MARK: Test and verification access
+
+    /// Runs exactly `ops` ops of vCPU `vcpu` on the calling thread. Only for a guest created with
+    /// `autoRun: false` that is not suspended.
+    public func step(vcpu: Int, ops: UInt64) {
+        precondition(!machine.autoRun, "step(vcpu:ops:) needs a guest created with autoRun: false")
+        precondition(!machine.control.withLock { machine.suspendRequested }, "step(vcpu:ops:) on a suspended guest")
+        let slot = machine.slots[vcpu]
+        var registers = slot.registers
+        var emitter = NICEmitter(nic: machine.nic)
+        for _ in 0..<ops {
+            _ = executeOp(&registers, vcpu: slot.index, shape: machine.shape, memory: machine.memory, emitter: &emitter)
+        }
+        slot.registers = registers
+    }
+
+    /// Runs `ops` ops on every vCPU in turn (see `step(vcpu:ops:)`).
+    public func stepAll(ops: UInt64) {
+        for vcpu in 0..<config.vcpus { step(vcpu: vcpu, ops: ops) }
+    }
+
+    /// Whether every vCPU is parked by `suspend()`.
+    public var isSuspended: Bool {
+        machine.autoRun ? machine.isSuspended : machine.control.withLock { machine.suspendRequested }
+    }
+
+    /// The vCPUs' registers. Throws unless the guest is suspended, shut down or stepped.
+    public func registers() throws -> [SimRegisters] { try registers(for: "registers()") }
+
+    private func registers(for operation: String) throws(SimError) -> [SimRegisters] {
+        guard machine.isStopped else { throw .notSuspended(operation: operation) }
+        return machine.slots.map(\.registers)
+    }
+
+    /// The memory digest (`PageHash`): reads every populated page. Throws unless stopped.
+    public func memoryDigest() throws -> UInt64 {
+        guard machine.isStopped else { throw SimError.notSuspended(operation: "memoryDigest()") }
+        return machine.memory.digest()
+    }
+
+    /// The guest's clocks now, read through the guest's host clock.
+    public func clockNow() -> ClockState { machine.guestClock.reading(machine.clock) }
+
+    /// Waits until every vCPU has completed at least `ops` ops since boot, or `timeoutNs` of real
+    /// time passed; returns whether they got there. For tests and the drill ("the guest still runs").
+    public func waitForProgress(ops: UInt64, timeoutNs: UInt64) -> Bool {
+        machine.waitForProgress(ops: ops, timeoutNs: timeoutNs)
+    }
+
+    /// Each vCPU's op count as last published (every 1024 ops, and when it parks); readable while
+    /// the guest runs.
+    public var publishedOpCounts: [UInt64] { machine.slots.map { $0.progress.load(ordering: .relaxed) } }
+
+    /// Stops the vCPU threads for good and waits for them (also done on deinit). The guest can
+    /// still be captured and verified afterwards.
+    public func shutdown() { machine.halt() }
+}

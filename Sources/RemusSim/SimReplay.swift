@@ -1,0 +1,104 @@
+// Replays the workload single-threaded from the seed: the expected memory, registers, layout and
+// packets of a guest at given op counts.
+
+import RemusCore
+
+/// The packet path of a replay: every packet is recorded per vCPU.
+struct RecordingEmitter: PacketEmitter {
+    var packets: [SimPacket] = []
+    mutating func emit(_ packet: SimPacket) { packets.append(packet) }
+}
+
+/// The workload replayed from the seed, vCPU by vCPU, forward only.
+///
+/// Because each vCPU touches only its own region, vCPUs replay independently and the result does
+/// not depend on how the real guest's threads interleaved. Memory is a sparse mapping of the
+/// guest's size; only the working set is ever touched.
+public final class SimReplay {
+    /// The config replayed.
+    public let config: SimConfig
+    let shape: WorkloadShape
+    let memory: GuestMemory
+    private var state: [SimRegisters]
+    private var emitters: [RecordingEmitter]
+
+    /// A replay at boot (every vCPU at op 0).
+    public init(config: SimConfig) throws {
+        try config.validate()
+        self.config = config
+        shape = WorkloadShape(config)
+        memory = try GuestMemory(pageSize: config.pageSize, pageCount: config.pageCount)
+        state = (0..<config.vcpus).map { SimRegisters(seed: config.seed, vcpu: UInt32($0)) }
+        emitters = Array(repeating: RecordingEmitter(), count: config.vcpus)
+    }
+
+    /// Runs vCPU `vcpu` forward until it has completed `opCount` ops. Never goes backwards.
+    public func advance(vcpu: Int, to opCount: UInt64) {
+        precondition(opCount >= state[vcpu].opCount,
+                     "replay of vCPU \(vcpu) is at op \(state[vcpu].opCount), cannot go back to \(opCount)")
+        var registers = state[vcpu]
+        let index = UInt32(vcpu)
+        while registers.opCount < opCount {
+            _ = executeOp(&registers, vcpu: index, shape: shape, memory: memory, emitter: &emitters[vcpu])
+        }
+        state[vcpu] = registers
+    }
+
+    /// Runs every vCPU forward to its op count in `opCounts`.
+    public func advance(to opCounts: [UInt64]) {
+        precondition(opCounts.count == config.vcpus, "\(opCounts.count) op counts for \(config.vcpus) vCPUs")
+        for (vcpu, ops) in opCounts.enumerated() { advance(vcpu: vcpu, to: ops) }
+    }
+
+    /// Runs vCPU `vcpu` until it has emitted packet `seq`, or until `opLimit` ops. Returns whether
+    /// the packet exists.
+    @discardableResult
+    public func advance(vcpu: Int, untilPacket seq: UInt64, opLimit: UInt64) -> Bool {
+        var registers = state[vcpu]
+        let index = UInt32(vcpu)
+        while UInt64(emitters[vcpu].packets.count) <= seq && registers.opCount < opLimit {
+            _ = executeOp(&registers, vcpu: index, shape: shape, memory: memory, emitter: &emitters[vcpu])
+        }
+        state[vcpu] = registers
+        return UInt64(emitters[vcpu].packets.count) > seq
+    }
+
+    /// The registers every vCPU has now.
+    public var registers: [SimRegisters] { state }
+
+    /// Each vCPU's op count now.
+    public var opCounts: [UInt64] { state.map(\.opCount) }
+
+    /// The populated layout now.
+    public var layout: MemoryLayout { layoutFromRegisters(state, pageCount: config.pageCount) }
+
+    /// The packet vCPU `vcpu` emitted with sequence `seq`, if the replay has got that far.
+    public func expectedPacket(vcpu: Int, seq: UInt64) -> SimPacket? {
+        guard vcpu >= 0, vcpu < config.vcpus, seq < UInt64(emitters[vcpu].packets.count) else { return nil }
+        return emitters[vcpu].packets[Int(seq)]
+    }
+
+    /// The expected content of page `pfn` now; nil when the page is given back.
+    public func expectedPage(_ pfn: PFN) -> UnsafeRawBufferPointer? {
+        precondition(pfn < memory.pageCount)
+        return memory.absent.test(pfn) ? nil : memory.pageBytes(pfn)
+    }
+
+    /// The expected memory digest now (`PageHash`). Only the working set can hold non-zero pages,
+    /// so only it is read.
+    public func memoryDigest() -> UInt64 {
+        var digest = PageHash.memorySeed
+        for pfn in shape.workingSet where !memory.absent.test(pfn) && memory.written.test(pfn) {
+            let bytes = memory.pageBytes(pfn)
+            if !PageHash.isZero(bytes) { digest = PageHash.fold(digest, pageHash: PageHash.page(bytes, pfn: pfn)) }
+        }
+        return digest
+    }
+
+    /// The expected committed state at the current op counts, without the clock (the verifier
+    /// compares vCPUs, devices and layout).
+    public var expectedVCPUs: [VCPUState] { state.enumerated().map { $0.element.encode(vcpu: UInt32($0.offset)) } }
+
+    /// The "nic0" device state expected now.
+    public var expectedNIC: DeviceState { NICState.encode(state) }
+}
