@@ -1,4 +1,6 @@
 import ArgumentParser
+import RemusCore
+import RemusRuntime
 
 /// `remusd`: continuous-checkpointing replication for virtual machines.
 @main
@@ -6,6 +8,56 @@ struct Remusd: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "remusd",
         abstract: "Keep a running VM alive through the loss of its host by continuous checkpointing.",
-        subcommands: [Netbuf.self]
+        discussion: """
+            The primary checkpoints the guest many times a second, ships each checkpoint to the backup
+            and holds back the guest's output until the backup acknowledges that checkpoint as
+            committed. When the primary dies the backup fences it and resumes the guest from the last
+            committed checkpoint. 'remusd drill' shows all this on a simulated guest.
+            """,
+        subcommands: [Protect.self, Receive.self, Status.self, Stop.self, Failover.self, Drill.self, Netbuf.self]
     )
+}
+
+/// Timing options shared by `protect` and `receive`.
+struct TimingOptions: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp("Time between checkpoints.", valueName: "ms"))
+    var interval: UInt64 = 100
+
+    @Option(name: .long, help: ArgumentHelp("Time between heartbeats, both directions.", valueName: "ms"))
+    var heartbeat: UInt64 = 100
+
+    @Option(name: .long, help: ArgumentHelp("Silence after which the peer counts as lost (at least 2 heartbeats).", valueName: "ms"))
+    var timeout: UInt64 = 600
+
+    func settings() -> ProtectionSettings {
+        ProtectionSettings(intervalNs: interval * 1_000_000, heartbeatNs: heartbeat * 1_000_000, timeoutNs: timeout * 1_000_000)
+    }
+
+    func validate() throws {
+        if let problem = settings().problem() { throw ValidationError(problem) }
+    }
+}
+
+/// Options of the simulated guest.
+struct SimulatedGuestOptions: ParsableArguments {
+    @Option(name: .customLong("sim-memory"), help: ArgumentHelp("Simulated guest memory.", valueName: "MiB"))
+    var memoryMiB: UInt64 = 1024
+
+    @Option(name: .customLong("sim-vcpus"), help: ArgumentHelp("Simulated guest vCPUs.", valueName: "n"))
+    var vcpus: Int = 2
+
+    @Option(name: .customLong("sim-dirty-rate"), help: ArgumentHelp("Pages the simulated guest dirties per second (0: as fast as it can).", valueName: "pages/s"))
+    var dirtyRate: UInt64 = 20_000
+
+    @Option(name: .customLong("sim-seed"), help: ArgumentHelp("Seed of the simulated guest's workload.", valueName: "n"))
+    var seed: UInt64 = 1
+
+    @Option(name: .customLong("nic-sink"), help: ArgumentHelp("Where the simulated NIC's released packets go (the outside world), host:port over TCP; none by default.", valueName: "host:port"))
+    var nicSink: String?
+
+    func validate() throws {
+        if memoryMiB < 4 || memoryMiB > 1 << 20 { throw ValidationError("--sim-memory must be between 4 MiB and 1 TiB, got \(memoryMiB)") }
+        if vcpus < 1 || vcpus > 64 { throw ValidationError("--sim-vcpus must be between 1 and 64, got \(vcpus)") }
+        if let nicSink, Endpoint(parsing: nicSink, defaultPort: 0) == nil { throw ValidationError("--nic-sink: '\(nicSink)' is not host:port") }
+    }
 }

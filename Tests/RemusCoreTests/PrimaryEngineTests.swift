@@ -197,7 +197,7 @@ struct PrimaryEngineTests {
         #expect(d.contains(.releaseAllOutput))
     }
 
-    @Test func plannedStopSendsStreamEndWithTheLastAcknowledgedEpoch() {
+    @Test func plannedStopSendsStreamEndWithTheLastCapturedEpoch() {
         var (e, t) = protectingEngine()
         _ = e.onAck(1, now: t)
         t += 1

@@ -67,6 +67,8 @@ public struct BackupCommitter: Sendable {
     public private(set) var lastHeardAt: UInt64 = 0
     /// When the primary was found lost (monotonic ns), for detection and activation times.
     public private(set) var lossDetectedAt: UInt64?
+    /// Whether a checkpoint was partly received when the primary was found lost (it was dropped).
+    public private(set) var lostWhileStaging = false
     private var lastHeartbeatAt: UInt64 = 0
     private var heartbeatSequence: UInt64 = 0
     /// The checkpoint being staged, if any.
@@ -199,10 +201,11 @@ public struct BackupCommitter: Sendable {
 
     /// The connection closed or failed.
     public mutating func onConnectionLost(reason: String, now: UInt64) -> [Directive] {
+        let wasStaging = staging != nil
         staging = nil
         guard case .receiving(let committed) = state, connected else { return [] }
         connected = false
-        return [.discardStaged, .closeConnection] + primaryLost(committed: committed, reason: "connection lost: \(reason)", now: now)
+        return [.discardStaged, .closeConnection] + primaryLost(committed: committed, reason: "connection lost: \(reason)", now: now, wasStaging: wasStaging)
     }
 
     /// Time passed.
@@ -210,11 +213,12 @@ public struct BackupCommitter: Sendable {
         switch state {
         case .receiving(let committed):
             if now >= lastHeardAt + settings.timeoutNs {
+                let wasStaging = staging != nil
                 staging = nil
                 connected = false
                 let ms = (now - lastHeardAt) / 1_000_000
                 return [.discardStaged, .closeConnection]
-                    + primaryLost(committed: committed, reason: "nothing heard for \(ms) ms", now: now)
+                    + primaryLost(committed: committed, reason: "nothing heard for \(ms) ms", now: now, wasStaging: wasStaging)
             }
             var out: [Directive] = []
             if connected && now >= lastHeartbeatAt + settings.heartbeatNs {
@@ -264,8 +268,9 @@ public struct BackupCommitter: Sendable {
 
     // MARK: - Helpers
 
-    private mutating func primaryLost(committed: Epoch, reason: String, now: UInt64) -> [Directive] {
+    private mutating func primaryLost(committed: Epoch, reason: String, now: UInt64, wasStaging: Bool = false) -> [Directive] {
         lossDetectedAt = now
+        lostWhileStaging = wasStaging
         guard committed > 0 else {
             state = .stopped("primary lost before the first checkpoint was committed")
             return [.discardReplica, .report("primary lost (\(reason)) before any checkpoint was committed: nothing to take over; the replica was discarded")]

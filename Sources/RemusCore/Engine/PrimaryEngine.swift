@@ -232,7 +232,9 @@ public struct PrimaryEngine: Sendable {
         switch state {
         case .synchronizing, .protecting:
             state = .stopping(reason)
-            return [.sendStreamEnd(reason, lastEpoch: acknowledgedEpoch), .releaseAllOutput, .report(.stopped(reason))]
+            // Every captured checkpoint is queued ahead of STREAM_END, so the last one sent is the last captured.
+            let last = capturedEpoch >= streamFirstEpoch ? capturedEpoch : 0
+            return [.sendStreamEnd(reason, lastEpoch: last), .releaseAllOutput, .report(.stopped(reason))]
         case .idle, .connecting, .degraded:
             state = .stopped
             return [.releaseAllOutput, .closeConnection, .report(.stopped(reason))]

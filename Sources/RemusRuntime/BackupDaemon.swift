@@ -1,0 +1,400 @@
+import Glibc
+import RemusCore
+
+/// `remusd receive`: the backup's shell around a `BackupCommitter`.
+///
+/// Threads: the loop thread (committer, commit, activation), the listener thread, one reader
+/// thread per connection (decode, validate, stage into arenas; waits for each commit), the writer
+/// thread of the connection (ACKs, heartbeats), a fence thread while fencing.
+///
+/// `@unchecked Sendable`: mutable state is touched on the loop thread only; cross-thread hand-offs
+/// go through the event loop or a `Gate`.
+public final class BackupDaemon: @unchecked Sendable {
+    enum Event: Sendable {
+        case hello(generation: Int, channel: any ByteChannel, header: StreamHeader, config: DomainConfig, answer: Gate<String?>)
+        case began(generation: Int, CheckpointBegin)
+        case complete(generation: Int, CheckpointEnd, StagedCheckpoint, done: Gate<Bool>)
+        case streamEnd(generation: Int, StreamEnd)
+        case rejected(generation: Int, String)
+        case lost(generation: Int, String)
+        case activity(generation: Int)
+        case fenced(Bool, String)
+        case operatorActivate
+        case terminate
+        case protectionFinished
+    }
+
+    let config: ReceiveConfiguration
+    let clock: any HostClock = SystemClock()
+    let loop: EventLoop<Event>
+    private var committer: BackupCommitter
+    private var replica: (any ReplicaTarget)?
+    private var replicaHeader: StreamHeader?
+    private var generation = 0
+    private var channel: (any ByteChannel)?
+    private var writer: CheckpointShipper?
+    private var pendingCommit: (StagedCheckpoint, Gate<Bool>)?
+    private var exitCode: Int32 = 0
+    private var protection: PrimaryProtection?
+    private var activationTiming: (lostAt: UInt64, activatedAt: UInt64)?
+    private let statsLock = MonitorLock()
+    private var statusLines: [String: String] = [:]
+
+    public init(_ config: ReceiveConfiguration) {
+        self.config = config
+        loop = EventLoop(clock: clock)
+        let policy: BackupCommitter.FencePolicy
+        switch config.fence {
+        case .command: policy = .fence
+        case .operatorOnly: policy = .operatorOnly
+        case .unsafeNoFence: policy = .unsafeNoFence
+        }
+        committer = BackupCommitter(settings: config.settings, fencePolicy: policy)
+    }
+
+    /// Runs until the daemon is told to terminate (or, with `exitAfterProtection`, until the guest
+    /// it took over stops). Returns the process exit code.
+    public func run() throws -> Int32 {
+        SignalWatcher.blockTerminationSignals()
+        Log.setRole("backup")
+        SignalWatcher.start { [loop] in loop.post(.terminate) }
+        let listener: TCPListener
+        do {
+            listener = try TCPListener(endpoint: config.listen)
+        } catch {
+            throw ProtocolError("cannot listen on \(config.listen): \(error); nothing was started — is another 'remusd receive' using this port?")
+        }
+        let status = try StatusSocket(
+            path: config.statusSocket,
+            snapshot: { [self] in statsLock.withLock { renderStatus() } },
+            command: { [self] line in
+                switch line {
+                case "activate":
+                    loop.post(.operatorActivate)
+                    return "activation requested\n"
+                default:
+                    return "unknown command '\(line)' (this is a backup: it knows 'activate')\n"
+                }
+            })
+        Log.info("listening on \(listener.endpoint) (fence: \(describe(config.fence)))")
+        setStatus("listen", "\(listener.endpoint)")
+        startThread(name: "listener") { [self] in accept(listener) }
+        loop.run(handle: handle, tick: { [self] now in execute(committer.onTick(now: now)) })
+        listener.shutdown()
+        status.remove()
+        return exitCode
+    }
+
+    // MARK: - Connections
+
+    private func accept(_ listener: TCPListener) {
+        var gen = 0
+        while true {
+            guard let ch = try? listener.accept() else { return }
+            gen += 1
+            let thisGeneration = gen
+            startThread(name: "backup-reader") { [self] in serve(ch, generation: thisGeneration) }
+        }
+    }
+
+    /// Handshake, then decode → validate → stage until the stream ends.
+    private func serve(_ ch: any ByteChannel, generation gen: Int) {
+        let ourHeader = StreamHeader(
+            features: [], pageSize: 4096, backend: .simulated, role: .backup,
+            guestUUID: .zero, guestName: "", senderVersion: remusdVersion)
+        let receiver: CheckpointReceiver
+        do {
+            try RecordWriter.writeHeader(ourHeader, to: ch)
+            receiver = CheckpointReceiver(channel: ch)
+            let (header, config) = try receiver.readHello()
+            let answer = Gate<String?>()
+            loop.post(.hello(generation: gen, channel: ch, header: header, config: config, answer: answer))
+            if let refusal = answer.wait() {
+                Log.warning("refused a primary from \(ch.peer): \(refusal)")
+                try? RecordWriter(channel: ch, pageSize: 4096).write(PeerError(code: 1, message: refusal))
+                ch.shutdown()
+                return
+            }
+        } catch {
+            Log.warning("handshake with \(ch.peer) failed: \(error); nothing changed here")
+            ch.shutdown()
+            return
+        }
+        do {
+            try receiver.receive(
+                replica: { [self] in replicaForReader() },
+                began: { [loop] begin in loop.post(.began(generation: gen, begin)) },
+                complete: { [loop] end, staged in
+                    let done = Gate<Bool>()
+                    loop.post(.complete(generation: gen, end, staged, done: done))
+                    return done.wait()
+                },
+                activity: { [loop] in loop.post(.activity(generation: gen)) },
+                streamEnd: { [loop] end in loop.post(.streamEnd(generation: gen, end)) })
+            loop.post(.lost(generation: gen, "the primary closed the connection"))
+        } catch let error as StreamDecodeError {
+            loop.post(.rejected(generation: gen, error.description))
+        } catch {
+            loop.post(.lost(generation: gen, "\(error)"))
+        }
+    }
+
+    private let replicaLock = MonitorLock()
+    private var replicaForReaders: (any ReplicaTarget)?
+
+    /// The replica the reader decodes deltas against (set on the loop thread before the reader starts staging).
+    private func replicaForReader() -> (any ReplicaTarget)? { replicaLock.withLock { replicaForReaders } }
+
+    // MARK: - Events
+
+    private func handle(_ event: Event) {
+        let now = clock.monotonicNs()
+        switch event {
+        case .hello(let gen, let ch, let header, let domainConfig, let answer):
+            guard committer.acceptsPrimary else {
+                answer.open(with: "this backup is \(describe(committer.state)); it accepts no primary now")
+                return
+            }
+            do {
+                let target = try makeReplica(for: header)
+                try target.configure(header: header, config: domainConfig)
+                replica?.discard()
+                replica = target
+                replicaHeader = header
+                replicaLock.withLock { replicaForReaders = target }
+            } catch {
+                answer.open(with: "cannot build the replica: \(error)")
+                return
+            }
+            generation = gen
+            channel = ch
+            writer = CheckpointShipper(channel: ch, generation: gen, header: header, blackhole: false) { _ in }
+            Log.info("primary \(ch.peer) connected: guest '\(header.guestName)' \(header.guestUUID), \(header.backend), \(header.senderVersion)")
+            setStatus("primary", "\(ch.peer) guest '\(header.guestName)'")
+            answer.open(with: nil)
+            execute(committer.onPrimaryConnected(now: now))
+        case .began(let gen, let begin):
+            guard gen == generation else { return }
+            execute(committer.onCheckpointBegan(begin, now: now))
+        case .complete(let gen, let end, let staged, let done):
+            guard gen == generation else { done.open(with: false); return }
+            pendingCommit = (staged, done)
+            execute(committer.onCheckpointComplete(end, now: now))
+            if let (_, gate) = pendingCommit {
+                pendingCommit = nil
+                gate.open(with: false)
+            }
+        case .streamEnd(let gen, let end):
+            guard gen == generation else { return }
+            execute(committer.onStreamEnd(end, now: now))
+        case .rejected(let gen, let description):
+            guard gen == generation else { return }
+            execute(committer.onStreamRejected(description, now: now))
+        case .lost(let gen, let reason):
+            guard gen == generation else { return }
+            execute(committer.onConnectionLost(reason: reason, now: now))
+        case .activity(let gen):
+            guard gen == generation else { return }
+            execute(committer.onPeerActivity(now: now))
+        case .fenced(let ok, let detail):
+            execute(committer.onFenced(success: ok, detail: detail, now: now))
+        case .operatorActivate:
+            execute(committer.onOperatorActivate(now: now))
+        case .terminate:
+            Log.info("terminating on signal")
+            protection?.stop(.shutdown)
+            loop.stop()
+        case .protectionFinished:
+            if config.exitAfterProtection { loop.stop() }
+        }
+    }
+
+    private func execute(_ directives: [BackupCommitter.Directive]) {
+        for d in directives { execute(d) }
+        setStatus("state", describe(committer.state))
+        setStatus("committed", "\(committer.committedEpoch)")
+    }
+
+    private func execute(_ directive: BackupCommitter.Directive) {
+        let now = clock.monotonicNs()
+        switch directive {
+        case .discardStaged:
+            if let (_, gate) = pendingCommit {
+                pendingCommit = nil
+                gate.open(with: false)
+            }
+        case .commit(let epoch):
+            guard let (staged, gate) = pendingCommit, let replica else { return }
+            pendingCommit = nil
+            do {
+                try staged.commit(to: replica)
+                gate.open(with: true)
+                execute(committer.onCommitted(epoch, now: clock.monotonicNs()))
+            } catch {
+                gate.open(with: false)
+                execute(committer.onCommitFailed(epoch, reason: "\(error)", now: clock.monotonicNs()))
+            }
+        case .sendAck(let epoch):
+            writer?.enqueue(.ack(Ack(epoch: epoch, backupMonotonicNs: now)))
+        case .sendHeartbeat(let sequence):
+            writer?.enqueue(.heartbeat(Heartbeat(sequence: sequence, senderMonotonicNs: now)))
+        case .closeConnection:
+            writer?.abandon()
+            channel?.shutdown()
+            channel = nil
+            writer = nil
+            generation += 1_000_000  // ignore the old reader's events
+        case .fencePrimary:
+            guard case .command(let command) = config.fence else {
+                loop.post(.fenced(true, "no fence needed"))
+                return
+            }
+            let loop = self.loop
+            startThread(name: "fence") {
+                do {
+                    let (status, output) = try runShell(command)
+                    let text = output.trimmingWhitespace()
+                    if !text.isEmpty { Log.info("fence output: \(text)") }
+                    loop.post(.fenced(status == 0, "'\(command)' exited \(status)"))
+                } catch {
+                    loop.post(.fenced(false, "'\(command)' could not run: \(error)"))
+                }
+            }
+        case .activate(let epoch):
+            activate(epoch: epoch, now: now)
+        case .discardReplica:
+            replica?.discard()
+            replica = nil
+            replicaLock.withLock { replicaForReaders = nil }
+        case .scheduleTick(let at):
+            loop.scheduleTick(at: at)
+        case .report(let text):
+            Log.info(text)
+            setStatus("last event", text)
+        }
+    }
+
+    private func activate(epoch: Epoch, now: UInt64) {
+        guard let replica, let replicaHeader else { preconditionFailure("activation without a replica") }
+        let lostAt = committer.lossDetectedAt ?? now
+        do {
+            let report = ActivationReport.before(
+                replica: replica, epoch: epoch, lastHeardAt: committer.lastHeardAt, lossDetectedAt: lostAt,
+                lostWhileStaging: committer.lostWhileStaging, fencedAt: now)
+            try replica.activate(clock: clock)
+            let activatedAt = clock.monotonicNs()
+            activationTiming = (lostAt, activatedAt)
+            execute(committer.onActivated(now: activatedAt))
+            Log.info("ACTIVATED checkpoint \(epoch): detection-to-running \((activatedAt - lostAt) / 1_000_000) ms")
+            if let path = config.activationReport {
+                try report.completed(replica: replica, activatedAt: activatedAt, clock: clock).write(to: path)
+            }
+            try continueAsPrimary(replica: replica, header: replicaHeader)
+        } catch {
+            Log.error("activation of checkpoint \(epoch) failed: \(error); the replica is kept; fix the cause and run 'remusd failover --activate'")
+            exitCode = 4
+        }
+    }
+
+    /// After taking over: the guest runs here; protect it towards the next backup if asked.
+    private func continueAsPrimary(replica: any ReplicaTarget, header: StreamHeader) throws {
+        guard let running = SimulatedBackend.runningGuest(from: replica) else { return }
+        guard let next = config.reprotectTo else {
+            Log.info("the guest runs here unprotected (no --reprotect-to)")
+            return
+        }
+        let loop = self.loop
+        let p = try PrimaryProtection(
+            guest: running.guest, output: running.output, backup: next, settings: config.settings,
+            maxCheckpointPages: 65536, clock: clock,
+            onFinished: { _ in loop.post(.protectionFinished) })
+        protection = p
+        Log.setRole("backup→primary")
+        Log.info("protecting the guest towards \(next)")
+        p.start()
+    }
+
+    private func makeReplica(for header: StreamHeader) throws -> any ReplicaTarget {
+        switch header.backend {
+        case .simulated: return SimulatedBackend.makeReplica(nicSink: config.nicSink, clock: clock)
+        case .xen: throw ProtocolError("this build of remusd cannot receive Xen guests yet")
+        }
+    }
+
+    // MARK: - Status
+
+    private func setStatus(_ key: String, _ value: String) { statsLock.withLock { statusLines[key] = value } }
+
+    private func renderStatus() -> String {
+        var lines = ["role: backup"]
+        for key in ["listen", "state", "committed", "primary", "last event"] {
+            if let v = statusLines[key] { lines.append("\(key): \(v)") }
+        }
+        if let protection { lines.append("--- taken-over guest, protected onwards ---"); lines.append(protection.statusText()) }
+        return lines.joined(separator: "\n") + "\n"
+    }
+
+    private func describe(_ state: BackupCommitter.State) -> String {
+        switch state {
+        case .listening: return "LISTENING"
+        case .receiving(let c): return c == 0 ? "SYNCHRONIZING" : "RECEIVING (committed \(c))"
+        case .fencing(let c, let attempt): return "FENCING the primary (attempt \(attempt)), holding checkpoint \(c)"
+        case .awaitingOperator(let c): return "PRIMARY LOST, waiting for 'remusd failover --activate' (holding checkpoint \(c))"
+        case .activating(let c): return "ACTIVATING checkpoint \(c)"
+        case .active(let c): return "ACTIVE (guest resumed from checkpoint \(c))"
+        case .stopped(let why): return "STOPPED: \(why)"
+        }
+    }
+
+    private func describe(_ fence: FenceConfiguration) -> String {
+        switch fence {
+        case .command(let c): return "command '\(c)'"
+        case .operatorOnly: return "none; waits for the operator"
+        case .unsafeNoFence: return "NONE (--unsafe-no-fence)"
+        }
+    }
+}
+
+/// A one-shot hand-over of a value between threads.
+final class Gate<Value: Sendable>: @unchecked Sendable {  // value guarded by monitor
+    private let monitor = MonitorLock()
+    private var value: Value?
+    func open(with v: Value) { monitor.withLock { value = v; monitor.broadcast() } }
+    func wait() -> Value {
+        monitor.withLock {
+            while value == nil { monitor.wait(untilMonotonic: nil) }
+            return value!
+        }
+    }
+}
+
+/// Turns SIGINT and SIGTERM into a callback on a thread of its own.
+enum SignalWatcher {
+    private static var terminationSignals: sigset_t {
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, SIGINT)
+        sigaddset(&set, SIGTERM)
+        return set
+    }
+
+    /// Blocks SIGINT and SIGTERM in the calling thread; call before any other thread starts, so
+    /// they all inherit the mask and only the watcher's sigwait sees the signals.
+    static func blockTerminationSignals() {
+        var set = terminationSignals
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        signal(SIGPIPE, SIG_IGN)
+    }
+
+    static func start(_ body: @escaping @Sendable () -> Void) {
+        blockTerminationSignals()
+        let captured = terminationSignals
+        startThread(name: "signals") {
+            var s = captured
+            var sig: Int32 = 0
+            while sigwait(&s, &sig) == 0 {
+                body()
+            }
+        }
+    }
+}

@@ -1,0 +1,25 @@
+/// The drill's table: one row per failover, then a summary.
+public enum DrillTable {
+    public static func render(_ results: [FailoverResult]) -> String {
+        var rows = [["#", "epoch", "cut mid-ckpt", "detect ms", "activate ms", "uncommitted out", "lost w/ primary", "verified"]]
+        for r in results {
+            rows.append(["\(r.index)", "\(r.epoch)", r.cutMidCheckpoint ? "yes" : "no", format(r.detectionMs), format(r.activationMs),
+                         "\(r.releasedUncommitted)", "\(r.discardedWithPrimary)", r.verified ? "yes" : "NO"])
+        }
+        let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max() ?? 0 }
+        var out = rows.map { row in
+            row.enumerated().map { i, cell in String(repeating: " ", count: widths[i] - cell.count) + cell }.joined(separator: "  ")
+        }.joined(separator: "\n")
+        if !results.isEmpty {
+            let detect = results.map(\.detectionMs).sorted()
+            let activate = results.map(\.activationMs).sorted()
+            func pct(_ a: [Double], _ p: Double) -> String { format(a[min(Int(Double(a.count - 1) * p), a.count - 1)]) }
+            out += "\n\ndetection ms: median \(pct(detect, 0.5)), p90 \(pct(detect, 0.9)), max \(pct(detect, 1))"
+            out += "\nactivation ms: median \(pct(activate, 0.5)), p90 \(pct(activate, 0.9)), max \(pct(activate, 1))"
+            out += "\ncut mid-checkpoint: \(results.filter(\.cutMidCheckpoint).count) of \(results.count)"
+            out += "\noutput from uncommitted state seen outside (I1 violations): \(results.map(\.releasedUncommitted).reduce(0, +))"
+            for r in results where !r.problems.isEmpty { out += "\nfailover \(r.index): " + r.problems.joined(separator: "; ") }
+        }
+        return out
+    }
+}

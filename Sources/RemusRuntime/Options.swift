@@ -1,0 +1,94 @@
+import RemusCore
+
+/// Parameters of the simulated guest chosen on the command line.
+public struct SimulatedGuestParameters: Equatable, Sendable {
+    /// Guest memory in bytes.
+    public var memoryBytes: UInt64
+    public var vcpus: Int
+    /// Pages dirtied per second across the guest (0: unthrottled).
+    public var dirtyRate: UInt64
+    public var seed: UInt64
+    public init(memoryBytes: UInt64, vcpus: Int, dirtyRate: UInt64, seed: UInt64) {
+        self.memoryBytes = memoryBytes
+        self.vcpus = vcpus
+        self.dirtyRate = dirtyRate
+        self.seed = seed
+    }
+}
+
+/// Everything `remusd protect` needs.
+public struct ProtectConfiguration: Sendable {
+    /// The guest's name (a Xen domain name, or the simulated guest's name).
+    public var domain: String
+    public var backup: Endpoint
+    public var backend: BackendKind
+    public var settings: ProtectionSettings
+    public var simulated: SimulatedGuestParameters
+    /// Where released simulated-NIC packets go.
+    public var nicSink: Endpoint?
+    /// Most pages one checkpoint may hold (staging arena size).
+    public var maxCheckpointPages: Int
+    /// Output is not held back at all (`--unsafe --no-netbuf`).
+    public var unsafeNoNetbuf: Bool
+    /// Nothing is sent to a backup; checkpoints are taken and dropped (`--unsafe --blackhole`).
+    public var blackhole: Bool
+    /// Status socket path.
+    public var statusSocket: String
+
+    public init(domain: String, backup: Endpoint, backend: BackendKind, settings: ProtectionSettings,
+                simulated: SimulatedGuestParameters, nicSink: Endpoint?, maxCheckpointPages: Int,
+                unsafeNoNetbuf: Bool, blackhole: Bool, statusSocket: String) {
+        self.domain = domain
+        self.backup = backup
+        self.backend = backend
+        self.settings = settings
+        self.simulated = simulated
+        self.nicSink = nicSink
+        self.maxCheckpointPages = maxCheckpointPages
+        self.unsafeNoNetbuf = unsafeNoNetbuf
+        self.blackhole = blackhole
+        self.statusSocket = statusSocket
+    }
+}
+
+/// How the backup makes sure the primary is off before it takes over.
+public enum FenceConfiguration: Equatable, Sendable {
+    /// Run this shell command; exit status 0 means the primary is off.
+    case command(String)
+    /// Wait for `remusd failover --activate`.
+    case operatorOnly
+    /// Take over without fencing.
+    case unsafeNoFence
+}
+
+/// Everything `remusd receive` needs.
+public struct ReceiveConfiguration: Sendable {
+    public var listen: Endpoint
+    public var settings: ProtectionSettings
+    public var fence: FenceConfiguration
+    /// After taking over, protect the guest towards this backup.
+    public var reprotectTo: Endpoint?
+    /// Where released simulated-NIC packets go once the guest runs here.
+    public var nicSink: Endpoint?
+    /// Write an activation report (for the drill's verifier) to this file.
+    public var activationReport: String?
+    /// Exit after the guest was activated and (if asked) protection towards `reprotectTo` ended.
+    public var exitAfterProtection: Bool
+    /// Status socket path.
+    public var statusSocket: String
+
+    public init(listen: Endpoint, settings: ProtectionSettings, fence: FenceConfiguration, reprotectTo: Endpoint?,
+                nicSink: Endpoint?, activationReport: String?, exitAfterProtection: Bool, statusSocket: String) {
+        self.listen = listen
+        self.settings = settings
+        self.fence = fence
+        self.reprotectTo = reprotectTo
+        self.nicSink = nicSink
+        self.activationReport = activationReport
+        self.exitAfterProtection = exitAfterProtection
+        self.statusSocket = statusSocket
+    }
+}
+
+/// The default port of `remusd receive`.
+public let defaultPort: UInt16 = 7788

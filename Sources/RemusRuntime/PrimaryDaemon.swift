@@ -1,0 +1,52 @@
+import Glibc
+import RemusCore
+
+/// `remusd protect`: creates (simulated backend) or opens the guest and protects it until stopped.
+public final class PrimaryDaemon: @unchecked Sendable {  // configured once, then driven by PrimaryProtection's threads
+    let config: ProtectConfiguration
+
+    public init(_ config: ProtectConfiguration) { self.config = config }
+
+    /// Returns the process exit code once protection has stopped.
+    public func run() throws -> Int32 {
+        SignalWatcher.blockTerminationSignals()
+        Log.setRole("primary")
+        let clock = SystemClock()
+        let running = try SimulatedBackend.startGuest(name: config.domain, parameters: config.simulated, nicSink: config.nicSink, clock: clock)
+        let output: any OutputBuffer = config.unsafeNoNetbuf ? PassThroughOutput(running.output) : running.output
+        let finished = Gate<Bool>()
+        let protection = try PrimaryProtection(
+            guest: running.guest, output: output, backup: config.backup, settings: config.settings,
+            maxCheckpointPages: config.maxCheckpointPages, blackhole: config.blackhole, clock: clock,
+            onFinished: { _ in finished.open(with: true) })
+        SignalWatcher.start { protection.stop(.plannedStop) }
+        let status = try StatusSocket(
+            path: config.statusSocket,
+            snapshot: { "guest: \(self.config.domain) (\(self.config.backend)), backup \(self.config.backup)\n" + protection.statusText() },
+            command: { line in
+                switch line {
+                case "stop":
+                    protection.stop(.plannedStop)
+                    return "stopping protection of '\(self.config.domain)': the backup discards its image; the guest keeps running here\n"
+                default:
+                    return "unknown command '\(line)' (a primary knows 'stop')\n"
+                }
+            })
+        Log.info("protecting '\(config.domain)' (\(running.guest.descriptor.pageCount) pages) towards \(config.backup), checkpoint every \(config.settings.intervalNs / 1_000_000) ms")
+        protection.start()
+        _ = finished.wait()
+        status.remove()
+        return 0
+    }
+}
+
+/// `--unsafe --no-netbuf`: output is never held back.
+final class PassThroughOutput: OutputBuffer {
+    private let inner: any OutputBuffer
+    init(_ inner: any OutputBuffer) { self.inner = inner }
+    func closeEpoch(_ epoch: Epoch) throws {}
+    func release(through epoch: Epoch) throws {}
+    func releaseAll() throws { try inner.releaseAll() }
+    func hold() throws {}
+    func statistics() throws -> OutputStatistics { try inner.statistics() }
+}

@@ -1,0 +1,347 @@
+import Glibc
+import RemusCore
+
+/// The primary's shell: runs a `PrimaryEngine` on its own thread and carries out its directives
+/// against a guest, an output buffer and a connection to the backup.
+///
+/// Threads: the loop thread (engine, capture: suspend → harvest → copy → resume), the writer
+/// thread (encodes and writes checkpoints from staging arenas while the guest runs), a reader
+/// thread per connection (ACKs and heartbeats), a connect thread while connecting.
+///
+/// `@unchecked Sendable`: everything mutable is touched only on the loop thread, except what the
+/// writer and reader queues guard with their own locks.
+public final class PrimaryProtection: @unchecked Sendable {
+    enum Event: Sendable {
+        case connected(generation: Int, channel: any ByteChannel, reader: StreamReaderBox)
+        case connectFailed(generation: Int, reason: String)
+        case precopyShipped(generation: Int, round: Int, remainingDirty: Int, pages: Int)
+        case shipped(generation: Int, epoch: Epoch, bytes: Int)
+        case ack(generation: Int, Ack)
+        case activity(generation: Int)
+        case connectionLost(generation: Int, reason: String)
+        case stop(StreamEndReason)
+    }
+
+    public let guest: any PrimaryGuest
+    public let output: any OutputBuffer
+    let backup: Endpoint
+    let clock: any HostClock
+    let loop: EventLoop<Event>
+    private var engine: PrimaryEngine
+    private let dirty: DirtyLog
+    private var freeArenas: [StagingArena]
+    private var capturedArenas: [Epoch: (StagingArena, GuestState)] = [:]
+    private var generation = 0
+    private var channel: (any ByteChannel)?
+    private var writer: CheckpointShipper?
+    private let header: StreamHeader
+    private let domainConfig: DomainConfig
+    private let blackhole: Bool
+    /// Statistics for `remusd status`, guarded by `statsLock`.
+    private let statsLock = MonitorLock()
+    private var stats = PrimaryStatistics()
+    /// Called once when protection has ended (stopped), on the loop thread.
+    private let onFinished: @Sendable (PrimaryEngine.State) -> Void
+
+    public init(
+        guest: any PrimaryGuest, output: any OutputBuffer, backup: Endpoint, settings: ProtectionSettings,
+        maxCheckpointPages: Int, blackhole: Bool = false, clock: any HostClock,
+        onFinished: @escaping @Sendable (PrimaryEngine.State) -> Void = { _ in }
+    ) throws {
+        self.guest = guest
+        self.output = output
+        self.backup = backup
+        self.clock = clock
+        self.blackhole = blackhole
+        self.onFinished = onFinished
+        loop = EventLoop(clock: clock)
+        engine = PrimaryEngine(settings: settings)
+        let d = guest.descriptor
+        dirty = DirtyLog(pageCount: d.pageCount)
+        let capacity = max(1, min(maxCheckpointPages, Int(d.pageCount)))
+        freeArenas = (0..<settings.maxShipping).map { _ in StagingArena(pageSize: d.pageSize, capacityPages: capacity) }
+        header = StreamHeader(
+            features: [], pageSize: UInt32(d.pageSize), backend: d.backend, role: .primary,
+            guestUUID: d.uuid, guestName: d.name, senderVersion: remusdVersion)
+        domainConfig = try guest.domainConfig()
+    }
+
+    /// Starts protecting on a new thread; returns at once.
+    public func start() {
+        startThread(name: "primary-loop") { [self] in
+            // Until the first checkpoint nothing protects the output: let it flow.
+            do { try output.releaseAll() } catch { Log.error("could not open the output buffer: \(error)") }
+            execute(engine.start(now: clock.monotonicNs()))
+            loop.run(handle: handle, tick: { [self] now in execute(engine.onTick(now: now)) })
+        }
+    }
+
+    /// Asks for a planned end of protection.
+    public func stop(_ reason: StreamEndReason = .plannedStop) { loop.post(.stop(reason)) }
+
+    /// A snapshot for `remusd status`.
+    public func statusText() -> String {
+        statsLock.withLock { stats.render() }
+    }
+
+    // MARK: - Events
+
+    private func handle(_ event: Event) {
+        let now = clock.monotonicNs()
+        switch event {
+        case .connected(let gen, let ch, let reader):
+            guard gen == generation else { ch.shutdown(); return }
+            channel = ch
+            writer = CheckpointShipper(channel: ch, generation: gen, header: header, blackhole: blackhole) { [loop] in loop.post($0) }
+            startReader(reader.reader, generation: gen)
+            Log.info("connected to the backup \(backup); initial synchronisation")
+            execute(engine.onConnected(now: now))
+        case .connectFailed(let gen, let reason):
+            guard gen == generation else { return }
+            execute(engine.onConnectionLost(reason: reason, now: now))
+        case .precopyShipped(let gen, let round, let remaining, let pages):
+            guard gen == generation else { return }
+            updateStats { $0.precopyPages += UInt64(pages) }
+            execute(engine.onPrecopyRoundShipped(round: round, remainingDirty: remaining, now: now))
+        case .shipped(let gen, let epoch, let bytes):
+            guard gen == generation else { return }
+            if let (arena, _) = capturedArenas.removeValue(forKey: epoch) { freeArenas.append(arena) }
+            updateStats { $0.shippedBytes += UInt64(bytes); $0.lastCheckpointBytes = UInt64(bytes) }
+            execute(engine.onCheckpointShipped(epoch, now: now))
+        case .ack(let gen, let ack):
+            guard gen == generation else { return }
+            execute(engine.onAck(ack.epoch, now: now))
+            updateStats { $0.acknowledged = self.engine.acknowledgedEpoch; $0.lastAckAt = now }
+        case .activity(let gen):
+            guard gen == generation else { return }
+            execute(engine.onPeerActivity(now: now))
+        case .connectionLost(let gen, let reason):
+            guard gen == generation else { return }
+            execute(engine.onConnectionLost(reason: reason, now: now))
+        case .stop(let reason):
+            execute(engine.stop(reason: reason, now: now))
+        }
+        if case .stopped = engine.state {
+            loop.stop()
+            onFinished(engine.state)
+        }
+    }
+
+    // MARK: - Directives
+
+    private func execute(_ directives: [PrimaryEngine.Directive]) {
+        for directive in directives { execute(directive) }
+        let state = engine.state
+        updateStats { $0.state = state; $0.captured = self.engine.capturedEpoch; $0.unacknowledged = self.engine.unacknowledged }
+    }
+
+    private func execute(_ directive: PrimaryEngine.Directive) {
+        let now = clock.monotonicNs()
+        switch directive {
+        case .connect:
+            generation += 1
+            let gen = generation
+            let endpoint = backup
+            let loop = self.loop
+            let header = self.header
+            let config = domainConfig
+            startThread(name: "connect") {
+                do {
+                    let ch = try TCPChannel.connect(to: endpoint)
+                    let reader = StreamReader(channel: ch, direction: .backupToPrimary)
+                    let peerHeader = try reader.readHeader()
+                    try Self.check(peerHeader: peerHeader, against: header)
+                    try RecordWriter.writePreamble(header: header, config: config, to: ch)
+                    loop.post(.connected(generation: gen, channel: ch, reader: StreamReaderBox(reader)))
+                } catch {
+                    loop.post(.connectFailed(generation: gen, reason: "\(error)"))
+                }
+            }
+        case .startDirtyLogging:
+            do {
+                try guest.startDirtyLogging()
+                dirty.clear()
+            } catch {
+                execute(engine.onCaptureFailed(engine.capturedEpoch, reason: "\(error)", now: now))
+            }
+        case .precopyRound(let round):
+            collectReturnedArenas()
+            guard let writer, let arena = freeArenas.popLast() else { preconditionFailure("pre-copy without a connection or arena") }
+            writer.enqueue(.precopy(round: round, guest: guest, dirty: dirty, arena: arena) { [self] arena in returnArena(arena) })
+        case .checkpoint(let epoch, let kind):
+            capture(epoch: epoch, kind: kind)
+        case .ship(let epoch):
+            guard let writer, let (arena, state) = capturedArenas[epoch] else { return }
+            writer.enqueue(.checkpoint(arena: arena, state: state))
+        case .releaseOutput(let epoch):
+            do { try output.release(through: epoch) } catch { Log.error("releasing output of epoch \(epoch) failed: \(error)") }
+        case .releaseAllOutput:
+            do { try output.releaseAll() } catch { Log.error("releasing all output failed: \(error)") }
+        case .holdOutput:
+            do { try output.hold() } catch { Log.error("holding output failed: \(error)") }
+        case .sendHeartbeat(let sequence):
+            writer?.enqueue(.heartbeat(Heartbeat(sequence: sequence, senderMonotonicNs: now)))
+        case .sendStreamEnd(let reason, let lastEpoch):
+            writer?.enqueue(.streamEnd(StreamEnd(reason: reason, lastEpoch: lastEpoch, message: "protection ended by the operator")))
+            writer?.enqueue(.close)
+        case .closeConnection:
+            writer?.abandon()
+            channel?.shutdown()
+            channel = nil
+            writer = nil
+            generation += 1  // events of the old connection are ignored from now on
+            for (_, (arena, _)) in capturedArenas { freeArenas.append(arena) }
+            capturedArenas.removeAll()
+        case .scheduleTick(let at):
+            loop.scheduleTick(at: at)
+        case .report(let report):
+            switch report {
+            case .protecting(let first): Log.info("protecting: first checkpoint \(first) taken")
+            case .degraded(let text): Log.warning(text)
+            case .stopped(let reason): Log.info("protection stopped (\(reason))")
+            }
+            updateStats { $0.lastReport = "\(report)" }
+        }
+    }
+
+    private let arenaLock = MonitorLock()
+    private var returnedArenas: [StagingArena] = []
+
+    /// Pre-copy arenas come back from the writer thread; they are collected on the loop thread.
+    private func returnArena(_ arena: StagingArena) {
+        arenaLock.withLock { returnedArenas.append(arena) }
+    }
+
+    private func collectReturnedArenas() {
+        arenaLock.withLock {
+            freeArenas += returnedArenas
+            returnedArenas.removeAll()
+        }
+    }
+
+    /// The pause: suspend, harvest, copy, state, close the output epoch, resume.
+    private func capture(epoch: Epoch, kind: CheckpointKind) {
+        collectReturnedArenas()
+        guard let arena = freeArenas.popLast() else { preconditionFailure("checkpoint \(epoch) without a free arena") }
+        let start = clock.monotonicNs()
+        var failure: String?
+        var state: GuestState?
+        do {
+            try guest.suspend()
+            defer {
+                do { try guest.resume() } catch { failure = failure ?? "resume failed: \(error)" }
+            }
+            try dirty.harvest(from: guest)
+            let pages = dirty.count
+            if arena.capacityPages < pages {
+                failure = "checkpoint \(epoch) needs \(pages) pages but the staging area holds \(arena.capacityPages) (--max-checkpoint)"
+            } else {
+                arena.reset(epoch: epoch, kind: kind)
+                try dirty.capture(from: guest, into: arena)
+                state = try guest.captureState(clock: clock)
+                try output.closeEpoch(epoch)
+                dirty.clear()
+            }
+        } catch {
+            failure = "\(error)"
+        }
+        let pause = clock.monotonicNs() - start
+        guard failure == nil, let state else {
+            freeArenas.append(arena)
+            execute(engine.onCaptureFailed(epoch, reason: failure ?? "no state", now: clock.monotonicNs()))
+            return
+        }
+        capturedArenas[epoch] = (arena, state)
+        updateStats {
+            $0.pauses.add(pause)
+            $0.dirtyPages.add(UInt64(arena.count))
+            $0.checkpointTimes.add(start)
+        }
+        execute(engine.onCheckpointCaptured(epoch, now: clock.monotonicNs()))
+    }
+
+    private func startReader(_ reader: StreamReader, generation gen: Int) {
+        let loop = self.loop
+        let box = StreamReaderBox(reader)
+        startThread(name: "primary-reader") {
+            let reader = box.reader
+            do {
+                while let event = try reader.next() {
+                    switch event {
+                    case .ack(let ack): loop.post(.ack(generation: gen, ack))
+                    case .heartbeat: loop.post(.activity(generation: gen))
+                    case .streamEnded(let end):
+                        loop.post(.connectionLost(generation: gen, reason: "the backup ended the stream (\(end.reason)): \(end.message)"))
+                        return
+                    case .peerError(let e):
+                        loop.post(.connectionLost(generation: gen, reason: "the backup refused or failed (error \(e.code)): \(e.message)"))
+                        return
+                    case .skipped, .streamOpened:
+                        continue
+                    default:
+                        loop.post(.connectionLost(generation: gen, reason: "the backup sent a record it must not send: \(event)"))
+                        return
+                    }
+                }
+                loop.post(.connectionLost(generation: gen, reason: "the backup closed the connection"))
+            } catch {
+                loop.post(.connectionLost(generation: gen, reason: "\(error)"))
+            }
+        }
+    }
+
+    private func updateStats(_ body: (inout PrimaryStatistics) -> Void) {
+        statsLock.withLock { body(&stats) }
+    }
+
+    static func check(peerHeader: StreamHeader, against ours: StreamHeader) throws {
+        guard peerHeader.role == .backup else {
+            throw ProtocolError("the peer at the backup address is not a remusd backup (it announced role \(peerHeader.role))")
+        }
+    }
+}
+
+/// The dirty set between harvests, shared by the writer thread (pre-copy) and the loop thread
+/// (checkpoints), never at the same time: the engine takes the first checkpoint only after the
+/// last pre-copy round reported back.
+final class DirtyLog: @unchecked Sendable {
+    private var bitmap: DirtyBitmap
+    init(pageCount: UInt64) { bitmap = DirtyBitmap(pageCount: pageCount) }
+    func harvest(from guest: any PrimaryGuest) throws { try guest.harvestDirty(into: &bitmap) }
+    func capture(from guest: any PrimaryGuest, into arena: StagingArena) throws { try guest.capturePages(bitmap, into: arena) }
+    var count: Int { bitmap.count }
+    func clear() { bitmap.clearAll() }
+
+    /// Moves up to `limit` set pages (lowest first) into `chunk`, clearing them here.
+    func take(upTo limit: Int, into chunk: inout DirtyBitmap) -> Int {
+        var taken = 0
+        var pending: [PFN] = []
+        pending.reserveCapacity(min(limit, 4096))
+        bitmap.forEachSet { pfn in
+            if taken < limit {
+                pending.append(pfn)
+                taken += 1
+            }
+        }
+        for pfn in pending {
+            chunk.set(pfn)
+            bitmap.clear(pfn)
+        }
+        return taken
+    }
+}
+
+/// Hands a reader to another thread (it is used by one thread at a time).
+final class StreamReaderBox: @unchecked Sendable {
+    let reader: StreamReader
+    init(_ reader: StreamReader) { self.reader = reader }
+}
+
+/// A peer that does not follow the protocol.
+public struct ProtocolError: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// The software version in stream headers and `--version`.
+public let remusdVersion = "remusd 0.1.0"

@@ -1,0 +1,269 @@
+import Glibc
+import RemusCore
+
+/// Writes stream records to a channel with the codec; page data goes out by writev straight from
+/// the staging arena (no copy). Used by one thread at a time (a connection's writer thread).
+final class RecordWriter {
+    private let channel: any ByteChannel
+    private var encoder: StreamEncoder
+    private var buffer: [UInt8] = []
+    /// Reused iovec array: the small-record buffer plus one batch's segments.
+    private let iov: UnsafeMutablePointer<iovec>
+    private let iovCapacity: Int
+
+    init(channel: any ByteChannel, pageSize: Int, features: StreamFeatures = []) {
+        self.channel = channel
+        encoder = StreamEncoder(pageSize: pageSize, features: features)
+        buffer.reserveCapacity(64 << 10)
+        iovCapacity = 2 + 2 * StreamLimits.maxPagesPerBatch
+        iov = .allocate(capacity: iovCapacity)
+    }
+
+    deinit { iov.deallocate() }
+
+    static func writeHeader(_ header: StreamHeader, to channel: any ByteChannel) throws {
+        var out: [UInt8] = []
+        try StreamEncoder.appendHeader(header, into: &out)
+        try channel.write(out)
+    }
+
+    /// The primary's first bytes: its stream header and DOMAIN_CONFIG.
+    static func writePreamble(header: StreamHeader, config: DomainConfig, to channel: any ByteChannel) throws {
+        var out: [UInt8] = []
+        try StreamEncoder.appendHeader(header, into: &out)
+        var encoder = StreamEncoder(pageSize: Int(header.pageSize), features: [])
+        try encoder.append(.domainConfig(config), into: &out)
+        try channel.write(out)
+    }
+
+    func write(_ heartbeat: Heartbeat) throws { try writeRecord(.heartbeat(heartbeat)) }
+    func write(_ ack: Ack) throws { try writeRecord(.ack(ack)) }
+    func write(_ end: StreamEnd) throws { try writeRecord(.streamEnd(end)) }
+    func write(_ error: PeerError) throws { try writeRecord(.error(error)) }
+
+    private func writeRecord(_ record: StreamRecord) throws {
+        buffer.removeAll(keepingCapacity: true)
+        try encoder.append(record, into: &buffer)
+        try channel.write(buffer)
+    }
+
+    /// Writes one checkpoint (or pre-copy round when `state` is nil) from `arena`; returns bytes written.
+    @discardableResult
+    func writeCheckpoint(_ arena: StagingArena, state: GuestState?) throws -> Int {
+        var total = 0
+        buffer.removeAll(keepingCapacity: true)
+        try encoder.append(.checkpointBegin(CheckpointBegin(epoch: arena.epoch, kind: arena.kind)), into: &buffer)
+        var index = 0
+        while index < arena.count {
+            let end = min(index + encoder.maxPagesPerBatch, arena.count)
+            let batch = encoder.encodePageBatch(arena, entries: index..<end)
+            total += try writeBufferAnd(batch.segments)
+            index = end
+        }
+        if let state {
+            for v in state.vcpus { try encoder.append(.vcpuState(v), into: &buffer) }
+            for d in state.devices { try encoder.append(.deviceState(d), into: &buffer) }
+            try encoder.append(.clock(state.clock), into: &buffer)
+            try encoder.append(.memoryLayout(state.layout), into: &buffer)
+        }
+        _ = try encoder.endCheckpoint(into: &buffer)
+        total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
+        return total
+    }
+
+    /// Writes the small-record buffer followed by `segments` in one writev sequence; empties the buffer.
+    private func writeBufferAnd(_ segments: UnsafeBufferPointer<StreamSegment>) throws -> Int {
+        var bytes = 0
+        try buffer.withUnsafeBytes { raw in
+            var n = 0
+            if raw.count > 0 {
+                iov[n] = iovec(iov_base: UnsafeMutableRawPointer(mutating: raw.baseAddress), iov_len: raw.count)
+                bytes += raw.count
+                n += 1
+            }
+            precondition(segments.count + n <= iovCapacity, "page batch with \(segments.count) segments")
+            for s in segments {
+                iov[n] = iovec(iov_base: UnsafeMutableRawPointer(mutating: s.base), iov_len: s.count)
+                bytes += s.count
+                n += 1
+            }
+            if n > 0 { try channel.write(segments: UnsafeMutableBufferPointer(start: iov, count: n)) }
+        }
+        buffer.removeAll(keepingCapacity: true)
+        return bytes
+    }
+}
+
+/// Reads one direction of a stream: decoder plus validator over a channel.
+final class StreamReader {
+    private let channel: any ByteChannel
+    private var decoder = StreamDecoder()
+    private var validator: CheckpointValidator
+    /// Called after every read that returned bytes (liveness while a long checkpoint arrives).
+    var onBytes: (() -> Void)?
+
+    init(channel: any ByteChannel, direction: CheckpointValidator.Direction) {
+        self.channel = channel
+        validator = CheckpointValidator(direction: direction, offeredFeatures: [])
+    }
+
+    /// The next validated event, or nil when the peer closed the connection at a record boundary.
+    /// Views inside the event stay valid until the next call.
+    func next() throws -> CheckpointEvent? {
+        while true {
+            if let item = try decoder.next() { return try validator.validate(item) }
+            let space = decoder.writableSpace()
+            let n = try channel.read(into: space)
+            if n == 0 {
+                try decoder.finish()
+                return nil
+            }
+            decoder.commit(n)
+            onBytes?()
+        }
+    }
+
+    /// Reads up to the peer's stream header.
+    func readHeader() throws -> StreamHeader {
+        guard let event = try next() else { throw ProtocolError("the peer closed the connection before sending its stream header") }
+        guard case .streamOpened(let header) = event else { throw ProtocolError("the peer's stream did not start with a header") }
+        return header
+    }
+}
+
+/// One checkpoint as staged on the backup: pages decoded into arenas (a chain, since the backup
+/// cannot know the primary's checkpoint size in advance), plus the state records.
+///
+/// `@unchecked Sendable`: filled by the reader thread, then handed whole to the loop thread,
+/// which commits it while the reader waits.
+final class StagedCheckpoint: @unchecked Sendable {
+    static let chunkPages = 16384
+    let pageSize: Int
+    /// Arenas 0…current hold this checkpoint's pages; later ones are kept for reuse.
+    private var arenas: [StagingArena]
+    private var current = 0
+    private(set) var begin = CheckpointBegin(epoch: 0, kind: .precopy)
+    var vcpus: [VCPUState] = []
+    var devices: [DeviceState] = []
+    var clock: ClockState?
+    var layout: MemoryLayout?
+
+    init(pageSize: Int) {
+        self.pageSize = pageSize
+        arenas = [StagingArena(pageSize: pageSize, capacityPages: Self.chunkPages)]
+    }
+
+    func reset(_ begin: CheckpointBegin) {
+        self.begin = begin
+        current = 0
+        arenas[0].reset(epoch: begin.epoch, kind: begin.kind)
+        vcpus.removeAll(keepingCapacity: true)
+        devices.removeAll(keepingCapacity: true)
+        clock = nil
+        layout = nil
+    }
+
+    /// The arena the next page goes into.
+    func arenaWithRoom() -> StagingArena {
+        if !arenas[current].hasRoom(for: 1) {
+            current += 1
+            if current == arenas.count { arenas.append(StagingArena(pageSize: pageSize, capacityPages: Self.chunkPages)) }
+            arenas[current].reset(epoch: begin.epoch, kind: begin.kind)
+        }
+        return arenas[current]
+    }
+
+    /// Pages staged.
+    var pageCount: Int { arenas[0...current].reduce(0) { $0 + $1.count } }
+
+    /// The state, for checkpoints (nil for pre-copy rounds).
+    var state: GuestState? {
+        guard let clock, let layout else { return nil }
+        return GuestState(vcpus: vcpus, devices: devices, clock: clock, layout: layout)
+    }
+
+    /// Applies the staged checkpoint to the replica: every arena of pages, the state with the last.
+    func commit(to replica: any ReplicaTarget) throws {
+        for i in 0...current {
+            try replica.commit(arenas[i], state: i == current ? state : nil)
+        }
+    }
+}
+
+/// The backup's reader: handshake, then decode → validate → stage, handing each complete
+/// checkpoint to the loop and waiting until it was committed.
+final class CheckpointReceiver {
+    private let reader: StreamReader
+    private var staged: StagedCheckpoint?
+
+    init(channel: any ByteChannel) {
+        reader = StreamReader(channel: channel, direction: .primaryToBackup)
+    }
+
+    /// The primary's stream header and DOMAIN_CONFIG.
+    func readHello() throws -> (StreamHeader, DomainConfig) {
+        let header = try reader.readHeader()
+        guard let event = try reader.next() else { throw ProtocolError("the primary closed the connection before sending DOMAIN_CONFIG") }
+        guard case .domainConfig(let config) = event else { throw ProtocolError("the primary's stream has no DOMAIN_CONFIG after its header") }
+        staged = StagedCheckpoint(pageSize: Int(header.pageSize))
+        return (header, config)
+    }
+
+    /// Receives until the stream ends. Throws StreamDecodeError for a rejected stream.
+    func receive(
+        replica: () -> (any ReplicaTarget)?,
+        began: (CheckpointBegin) -> Void,
+        complete: (CheckpointEnd, StagedCheckpoint) -> Bool,
+        activity: @escaping () -> Void,
+        streamEnd: (StreamEnd) -> Void
+    ) throws {
+        guard let staged else { preconditionFailure("receive before readHello") }
+        reader.onBytes = activity
+        while let event = try reader.next() {
+            switch event {
+            case .checkpointBegan(let begin):
+                staged.reset(begin)
+                began(begin)
+            case .content(let content):
+                switch content {
+                case .pageBatch(let batch):
+                    for entry in batch {
+                        let arena = staged.arenaWithRoom()
+                        switch entry.encoding {
+                        case .raw:
+                            let dst = arena.append(pfn: entry.pfn, encoding: .raw)!
+                            // SAFETY: the decoder checked a raw entry holds exactly one page.
+                            dst.copyMemory(from: entry.data)
+                        case .zero, .absent:
+                            arena.append(pfn: entry.pfn, encoding: entry.encoding)
+                        case .delta:
+                            guard let base = replica()?.committedPage(entry.pfn) else {
+                                throw StreamDecodeError(.malformedBody, typeCode: RecordType.pageBatch.rawValue, offset: 0,
+                                                        "delta page \(entry.pfn) has no base in the replica")
+                            }
+                            let dst = arena.append(pfn: entry.pfn, encoding: .raw)!
+                            dst.copyMemory(from: base)
+                            try PageDelta.apply(entry.data, to: dst)
+                        }
+                    }
+                case .vcpuState(let v): staged.vcpus.append(v)
+                case .deviceState(let d): staged.devices.append(d)
+                case .clock(let c): staged.clock = c
+                case .memoryLayout(let l): staged.layout = l
+                default: break
+                }
+            case .checkpointComplete(let end):
+                _ = complete(end, staged)
+            case .heartbeat:
+                activity()
+            case .streamEnded(let end):
+                streamEnd(end)
+                return
+            case .peerError(let e):
+                throw ProtocolError("the primary reported error \(e.code): \(e.message)")
+            case .streamOpened, .domainConfig, .ack, .skipped:
+                break
+            }
+        }
+    }
+}

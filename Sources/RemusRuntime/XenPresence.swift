@@ -1,0 +1,57 @@
+import Glibc
+
+/// Whether this host runs on a Xen hypervisor, and where we looked.
+public struct XenPresence: Sendable {
+    public var present: Bool
+    public var lookedAt: String
+
+    public static func detect() -> XenPresence {
+        let typeFile = "/sys/hypervisor/type"
+        let capabilities = "/proc/xen/capabilities"
+        let type = readSmallFile(typeFile)?.trimmingWhitespace()
+        let present = type == "xen" || access(capabilities, F_OK) == 0
+        return XenPresence(present: present, lookedAt: "\(typeFile) = \"xen\" (found: \(type.map { "\"\($0)\"" } ?? "no such file")) and \(capabilities)")
+    }
+}
+
+func readSmallFile(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+    return n >= 0 ? String(decoding: buffer[0..<n], as: UTF8.self) : nil
+}
+
+/// Reads a whole file (reports, configs), nil if it cannot be read.
+func readWholeFile(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var out: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n > 0 { out += buffer[0..<n] } else if n == 0 { break } else if errno != EINTR { return nil }
+    }
+    return String(decoding: out, as: UTF8.self)
+}
+
+func writeFile(_ path: String, _ bytes: [UInt8]) throws {
+    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    guard fd >= 0 else { throw SystemError(call: "open(\(path))", errno: errno) }
+    defer { close(fd) }
+    var offset = 0
+    while offset < bytes.count {
+        let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + offset, $0.count - offset) }
+        if n < 0 {
+            if errno == EINTR { continue }
+            throw SystemError(call: "write(\(path))", errno: errno)
+        }
+        offset += n
+    }
+}
+
+func renameFile(_ from: String, _ to: String) throws {
+    if rename(from, to) != 0 { throw SystemError(call: "rename(\(from), \(to))", errno: errno) }
+}

@@ -1,0 +1,77 @@
+import ArgumentParser
+import RemusCore
+import RemusRuntime
+
+/// `remusd drill`
+struct Drill: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Prove failover on demand: kill the primary at random moments and verify what the backup resumed.",
+        discussion: """
+            Starts a backup and a primary running the simulated guest on loopback, lets them run,
+            SIGKILLs the primary at random moments (about half of them right after a checkpoint was
+            captured, so it is often in flight), lets the backup fence it and take over, and verifies
+            memory byte for byte against a replay of the workload, the vCPU registers, the memory
+            layout, every packet the outside world saw (I1: none from uncommitted state, none
+            twice), and the guest clock (I4). The survivor then protects the guest towards a new
+            backup, and again. Exits 0 when every failover verified, 1 otherwise.
+            """)
+
+    @Option(help: ArgumentHelp("Number of failovers.", valueName: "n"))
+    var failovers: Int = 20
+
+    @Option(help: ArgumentHelp("Seed of the kill moments and the guest's workload (default: random).", valueName: "n"))
+    var seed: UInt64?
+
+    @Option(name: .long, help: ArgumentHelp("Time between checkpoints.", valueName: "ms"))
+    var interval: UInt64 = 50
+
+    @Option(name: .long, help: ArgumentHelp("Time between heartbeats.", valueName: "ms"))
+    var heartbeat: UInt64 = 50
+
+    @Option(name: .long, help: ArgumentHelp("Silence after which a peer counts as lost.", valueName: "ms"))
+    var timeout: UInt64 = 300
+
+    @Option(name: .customLong("sim-memory"), help: ArgumentHelp("Simulated guest memory.", valueName: "MiB"))
+    var memoryMiB: UInt64 = 1024
+
+    @Option(name: .customLong("sim-vcpus"), help: ArgumentHelp("Simulated guest vCPUs.", valueName: "n"))
+    var vcpus: Int = 2
+
+    @Option(name: .customLong("sim-dirty-rate"), help: ArgumentHelp("Pages the guest dirties per second.", valueName: "pages/s"))
+    var dirtyRate: UInt64 = 20_000
+
+    @Option(help: ArgumentHelp("Work directory for logs and activation reports (default: a new one under /tmp, removed when every failover verified).", valueName: "path"))
+    var directory: String?
+
+    @Flag(help: "Keep the work directory even when every failover verified.")
+    var keep = false
+
+    @Flag(help: "No progress lines, only the table.")
+    var quiet = false
+
+    func validate() throws {
+        if failovers < 1 || failovers > 100_000 { throw ValidationError("--failovers must be between 1 and 100000") }
+        let settings = ProtectionSettings(intervalNs: interval * 1_000_000, heartbeatNs: heartbeat * 1_000_000, timeoutNs: timeout * 1_000_000)
+        if let problem = settings.problem() { throw ValidationError(problem) }
+        if vcpus < 1 || vcpus > 64 { throw ValidationError("--sim-vcpus must be between 1 and 64") }
+        if memoryMiB < 4 { throw ValidationError("--sim-memory must be at least 4 MiB") }
+    }
+
+    func run() throws {
+        let seed = self.seed ?? UInt64.random(in: 1...999_999)
+        let config = DrillConfiguration(
+            failovers: failovers, seed: seed,
+            settings: ProtectionSettings(intervalNs: interval * 1_000_000, heartbeatNs: heartbeat * 1_000_000, timeoutNs: timeout * 1_000_000),
+            simulated: SimulatedGuestParameters(memoryBytes: memoryMiB << 20, vcpus: vcpus, dirtyRate: dirtyRate, seed: seed),
+            directory: directory, keep: keep, progress: !quiet)
+        print("remusd drill: \(failovers) failovers, seed \(seed), checkpoint every \(interval) ms, timeout \(timeout) ms, guest \(memoryMiB) MiB × \(vcpus) vCPUs dirtying \(dirtyRate) pages/s")
+        let results = try RemusRuntime.Drill(config).run()
+        print(DrillTable.render(results))
+        let failed = results.filter { !$0.verified }.count
+        if failed > 0 || results.count < failovers {
+            print("DRILL FAILED: \(results.count - failed) of \(failovers) failovers verified (seed \(seed))")
+            throw ExitCode(1)
+        }
+        print("drill: \(results.count) passed, 0 failed")
+    }
+}

@@ -1,0 +1,197 @@
+import ArgumentParser
+import RemusCore
+import RemusRuntime
+
+extension BackendKind: ExpressibleByArgument {
+    public init?(argument: String) {
+        switch argument {
+        case "sim", "simulated": self = .simulated
+        case "xen": self = .xen
+        default: return nil
+        }
+    }
+    public static var allValueStrings: [String] { ["sim", "xen"] }
+}
+
+/// `remusd protect <domain> <backup-host[:port]>`
+struct Protect: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Protect a running guest by checkpointing it to a backup host.",
+        discussion: """
+            Runs until stopped (SIGINT/SIGTERM or 'remusd stop'). With the simulated backend the
+            guest is created here and runs inside this process.
+            """)
+
+    @Argument(help: "The guest to protect (a Xen domain name, or a name for the simulated guest).")
+    var domain: String
+
+    @Argument(help: ArgumentHelp("The backup running 'remusd receive' (default port \(defaultPort)).", valueName: "backup-host[:port]"))
+    var backup: String
+
+    @Option(help: ArgumentHelp("Hypervisor backend: sim or xen (default: xen when a Xen hypervisor is present, else sim).", valueName: "backend"))
+    var backend: BackendKind?
+
+    @OptionGroup var timing: TimingOptions
+    @OptionGroup var sim: SimulatedGuestOptions
+
+    @Option(name: .customLong("max-checkpoint"), help: ArgumentHelp("Largest checkpoint the staging area holds.", valueName: "MiB"))
+    var maxCheckpointMiB: Int = 256
+
+    @Flag(help: "Allow the unsafe switches below (as xl remus's -F).")
+    var unsafe = false
+
+    @Flag(name: .customLong("no-netbuf"), help: "Do not hold back the guest's output (needs --unsafe: breaks output commit).")
+    var noNetbuf = false
+
+    @Flag(help: "Take checkpoints but send them nowhere (needs --unsafe: no protection at all; for measuring overhead).")
+    var blackhole = false
+
+    @Option(name: .customLong("status-socket"), help: ArgumentHelp("Status socket (default: <run dir>/<domain>.sock).", valueName: "path"))
+    var statusSocket: String?
+
+    func validate() throws {
+        if (noNetbuf || blackhole) && !unsafe {
+            throw ValidationError("--no-netbuf and --blackhole give up protection; they need --unsafe as well")
+        }
+        guard Endpoint(parsing: backup, defaultPort: defaultPort) != nil else {
+            throw ValidationError("backup '\(backup)' is not host[:port] (IPv6 as [addr]:port)")
+        }
+        if maxCheckpointMiB < 1 { throw ValidationError("--max-checkpoint must be at least 1 MiB") }
+    }
+
+    func run() throws {
+        let kind = backend ?? (XenPresence.detect().present ? .xen : .simulated)
+        if kind == .xen {
+            let presence = XenPresence.detect()
+            throw ValidationError(presence.present
+                ? "this build of remusd cannot drive Xen yet (the Xen backend is not built in); nothing was changed on domain '\(domain)'"
+                : "no Xen hypervisor is present (looked for \(presence.lookedAt)); nothing was changed; use --backend sim for the simulated guest")
+        }
+        let config = ProtectConfiguration(
+            domain: domain,
+            backup: Endpoint(parsing: backup, defaultPort: defaultPort)!,
+            backend: kind,
+            settings: timing.settings(),
+            simulated: SimulatedGuestParameters(memoryBytes: sim.memoryMiB << 20, vcpus: sim.vcpus, dirtyRate: sim.dirtyRate, seed: sim.seed),
+            nicSink: sim.nicSink.flatMap { Endpoint(parsing: $0, defaultPort: 0) },
+            maxCheckpointPages: maxCheckpointMiB * 256,
+            unsafeNoNetbuf: noNetbuf,
+            blackhole: blackhole,
+            statusSocket: statusSocket ?? RunDirectory.socketPath(for: domain))
+        let code = try PrimaryDaemon(config).run()
+        if code != 0 { throw ExitCode(code) }
+    }
+}
+
+/// `remusd receive`
+struct Receive: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the backup daemon: receive checkpoints, acknowledge committed ones, take over when the primary is lost.")
+
+    @Option(help: ArgumentHelp("Address to listen on.", valueName: "host:port"))
+    var listen: String = "0.0.0.0:\(defaultPort)"
+
+    @OptionGroup var timing: TimingOptions
+
+    @Option(help: ArgumentHelp("Command that makes sure the primary is off (exit 0: it is). Retried every heartbeat until it succeeds.", valueName: "command"))
+    var fence: String?
+
+    @Flag(name: .customLong("unsafe-no-fence"), help: "Take over as soon as the primary is lost, without fencing it (xl remus's behaviour; risks two running copies).")
+    var unsafeNoFence = false
+
+    @Option(name: .customLong("reprotect-to"), help: ArgumentHelp("After taking over, protect the guest towards this backup.", valueName: "host:port"))
+    var reprotectTo: String?
+
+    @Option(name: .customLong("nic-sink"), help: ArgumentHelp("Where the simulated NIC's released packets go once the guest runs here.", valueName: "host:port"))
+    var nicSink: String?
+
+    @Option(name: .customLong("activation-report"), help: ArgumentHelp("Write what was activated (epoch, state, memory hash, timings) to this file, for 'remusd drill'.", valueName: "path"))
+    var activationReport: String?
+
+    @Flag(name: .customLong("exit-after-protection"), help: "Exit once the guest, after taking over here, is no longer running (used by the drill).")
+    var exitAfterProtection = false
+
+    @Option(name: .customLong("status-socket"), help: ArgumentHelp("Status socket (default: <run dir>/receive-<port>.sock).", valueName: "path"))
+    var statusSocket: String?
+
+    func validate() throws {
+        guard Endpoint(parsing: listen, defaultPort: defaultPort) != nil else { throw ValidationError("--listen '\(listen)' is not host:port") }
+        if fence != nil && unsafeNoFence { throw ValidationError("--fence and --unsafe-no-fence exclude each other") }
+        for (flag, value) in [("--reprotect-to", reprotectTo), ("--nic-sink", nicSink)] {
+            if let value, Endpoint(parsing: value, defaultPort: defaultPort) == nil { throw ValidationError("\(flag) '\(value)' is not host:port") }
+        }
+    }
+
+    func run() throws {
+        let endpoint = Endpoint(parsing: listen, defaultPort: defaultPort)!
+        let fenceConfig: FenceConfiguration = fence.map { .command($0) } ?? (unsafeNoFence ? .unsafeNoFence : .operatorOnly)
+        let config = ReceiveConfiguration(
+            listen: endpoint, settings: timing.settings(), fence: fenceConfig,
+            reprotectTo: reprotectTo.flatMap { Endpoint(parsing: $0, defaultPort: defaultPort) },
+            nicSink: nicSink.flatMap { Endpoint(parsing: $0, defaultPort: defaultPort) },
+            activationReport: activationReport, exitAfterProtection: exitAfterProtection,
+            statusSocket: statusSocket ?? RunDirectory.socketPath(for: "receive-\(endpoint.port)"))
+        let code = try BackupDaemon(config).run()
+        if code != 0 { throw ExitCode(code) }
+    }
+}
+
+/// `remusd status`
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show the state of running remusd daemons on this host.")
+
+    @Option(help: ArgumentHelp("One daemon's status socket (default: every socket in the run directory).", valueName: "path"))
+    var socket: String?
+
+    func run() throws {
+        let sockets = socket.map { [$0] } ?? RunDirectory.sockets()
+        if sockets.isEmpty {
+            print("no remusd daemon is running here (no status socket in \(RunDirectory.path))")
+            throw ExitCode(3)
+        }
+        for path in sockets {
+            do {
+                print(try StatusSocket.query(path), terminator: "")
+            } catch {
+                print("\(path): no answer (\(error)); the daemon may have exited")
+            }
+        }
+    }
+}
+
+/// `remusd stop`
+struct Stop: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "End protection cleanly: the backup discards its image and does not take over; the guest keeps running here.")
+
+    @Argument(help: "The protected guest.")
+    var domain: String
+
+    func run() throws {
+        print(try StatusSocket.query(RunDirectory.socketPath(for: domain), command: "stop"), terminator: "")
+    }
+}
+
+/// `remusd failover`
+struct Failover: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Confirm on a backup that the primary is off and take over (--activate).")
+
+    @Flag(help: "On a backup waiting for the operator: the primary is off, activate the guest here.")
+    var activate = false
+
+    @Option(help: ArgumentHelp("The backup's status socket (default: the only receive-*.sock in the run directory).", valueName: "path"))
+    var socket: String?
+
+    func validate() throws {
+        if !activate { throw ValidationError("a planned switchover is not available yet; use --activate on a backup waiting for the operator") }
+    }
+
+    func run() throws {
+        let candidates = socket.map { [$0] } ?? RunDirectory.sockets().filter { $0.contains("/receive-") }
+        guard candidates.count == 1 else {
+            throw ValidationError(candidates.isEmpty ? "no backup daemon found in \(RunDirectory.path)" : "several backups run here; name one with --socket: \(candidates.joined(separator: ", "))")
+        }
+        print(try StatusSocket.query(candidates[0], command: "activate"), terminator: "")
+    }
+}
