@@ -78,6 +78,7 @@ public final class BackupDaemon: @unchecked Sendable {
             })
         Log.info("listening on \(listener.endpoint) (fence: \(describe(config.fence)))")
         setStatus("listen", "\(listener.endpoint)")
+        setStatus("state", describe(committer.state))
         startThread(name: "listener") { [self] in accept(listener) }
         loop.run(handle: handle, tick: { [self] now in execute(committer.onTick(now: now)) })
         listener.shutdown()
@@ -132,6 +133,9 @@ public final class BackupDaemon: @unchecked Sendable {
                 activity: { [loop] in loop.post(.activity(generation: gen)) },
                 streamEnd: { [loop] end in loop.post(.streamEnd(generation: gen, end)) })
             loop.post(.lost(generation: gen, "the primary closed the connection"))
+        } catch let error as StreamDecodeError where error.kind == .truncated {
+            // Cut off mid-record: a lost connection (the partial checkpoint is dropped), not garbage.
+            loop.post(.lost(generation: gen, error.description))
         } catch let error as StreamDecodeError {
             loop.post(.rejected(generation: gen, error.description))
         } catch {

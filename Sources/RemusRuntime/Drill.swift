@@ -12,6 +12,9 @@ public struct DrillConfiguration: Sendable {
     public var keep: Bool
     /// Print a progress line per failover.
     public var progress: Bool
+    /// Fault injected on purpose to prove the verifier catches it: the first primary releases
+    /// output at once instead of on ACK (`--unsafe --no-netbuf`).
+    public var injectEarlyRelease = false
     public init(failovers: Int, seed: UInt64, settings: ProtectionSettings, simulated: SimulatedGuestParameters,
                 directory: String?, keep: Bool, progress: Bool) {
         self.failovers = failovers
@@ -91,7 +94,8 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
         var primary = try ChildProcess(
             arguments: [exe, "protect", "drill-guest", "127.0.0.1:\(ports[0])", "--backend", "sim",
                         "--sim-memory", "\(p.memoryBytes >> 20)", "--sim-vcpus", "\(p.vcpus)", "--sim-dirty-rate", "\(p.dirtyRate)",
-                        "--sim-seed", "\(p.seed)", "--nic-sink", "\(observer.endpoint)", "--status-socket", "\(dir)/primary-0.sock"] + timing,
+                        "--sim-seed", "\(p.seed)", "--nic-sink", "\(observer.endpoint)", "--status-socket", "\(dir)/primary-0.sock"] + timing
+                + (config.injectEarlyRelease ? ["--unsafe", "--no-netbuf"] : []),
             outputFile: "\(dir)/primary-0.log", environment: env)
         children.append(primary)
         var primarySocket = "\(dir)/primary-0.sock"

@@ -49,12 +49,16 @@ struct Drill: ParsableCommand {
     @Flag(help: "No progress lines, only the table.")
     var quiet = false
 
+    @Option(help: .hidden)
+    var inject: String?
+
     func validate() throws {
         if failovers < 1 || failovers > 100_000 { throw ValidationError("--failovers must be between 1 and 100000") }
         let settings = ProtectionSettings(intervalNs: interval * 1_000_000, heartbeatNs: heartbeat * 1_000_000, timeoutNs: timeout * 1_000_000)
         if let problem = settings.problem() { throw ValidationError(problem) }
         if vcpus < 1 || vcpus > 64 { throw ValidationError("--sim-vcpus must be between 1 and 64") }
         if memoryMiB < 4 { throw ValidationError("--sim-memory must be at least 4 MiB") }
+        if let inject, inject != "early-release" { throw ValidationError("--inject knows only 'early-release'") }
     }
 
     func run() throws {
@@ -64,8 +68,10 @@ struct Drill: ParsableCommand {
             settings: ProtectionSettings(intervalNs: interval * 1_000_000, heartbeatNs: heartbeat * 1_000_000, timeoutNs: timeout * 1_000_000),
             simulated: SimulatedGuestParameters(memoryBytes: memoryMiB << 20, vcpus: vcpus, dirtyRate: dirtyRate, seed: seed),
             directory: directory, keep: keep, progress: !quiet)
+        var drill = config
+        drill.injectEarlyRelease = inject == "early-release"
         print("remusd drill: \(failovers) failovers, seed \(seed), checkpoint every \(interval) ms, timeout \(timeout) ms, guest \(memoryMiB) MiB × \(vcpus) vCPUs dirtying \(dirtyRate) pages/s")
-        let results = try RemusRuntime.Drill(config).run()
+        let results = try RemusRuntime.Drill(drill).run()
         print(DrillTable.render(results))
         let failed = results.filter { !$0.verified }.count
         if failed > 0 || results.count < failovers {

@@ -38,8 +38,8 @@ public enum CheckpointEvent {
 ///
 /// Primary → backup: header; DOMAIN_CONFIG at most once before the first BEGIN; pre-copy rounds
 /// (epoch 0, kind `.precopy`, only PAGE_BATCH and OPAQUE_PAYLOAD inside) until the first checkpoint;
-/// checkpoints with epochs 1, 2, 3, … each holding exactly one CLOCK and one MEMORY_LAYOUT,
-/// VCPU_STATE in strictly increasing vCPU order, DEVICE_STATE names distinct, PAGE_BATCH PFNs
+/// checkpoints with consecutive epochs (the first ≥ 1, normally 1: a primary that reconnects
+/// continues its count), each holding exactly one CLOCK and one MEMORY_LAYOUT, VCPU_STATE in strictly increasing vCPU order, DEVICE_STATE names distinct, PAGE_BATCH PFNs
 /// strictly increasing across the whole checkpoint (so a page appears at most once: I3), and
 /// OPAQUE_PAYLOAD chunks numbered 0, 1, 2, … per foreign stream over the connection; nothing but
 /// STREAM_END (or ERROR) after a `.final` checkpoint; nothing at all after STREAM_END or ERROR.
@@ -180,7 +180,11 @@ public struct CheckpointValidator: Sendable {
                 guard !checkpointSeen else { throw fail(.outOfOrder, "pre-copy round after checkpoint \(lastCompletedEpoch)") }
                 guard begin.epoch == 0 else { throw fail(.epochMismatch, "pre-copy round with epoch \(begin.epoch); pre-copy rounds use epoch 0") }
             case .checkpoint, .final:
-                guard begin.epoch == lastCompletedEpoch &+ 1 else {
+                // The first checkpoint of a connection may have any epoch ≥ 1: a primary that
+                // reconnects after losing its backup keeps counting (its output epochs go on).
+                if !checkpointSeen {
+                    guard begin.epoch >= 1 else { throw fail(.epochMismatch, "checkpoint with epoch 0; epoch 0 is for pre-copy rounds") }
+                } else if begin.epoch != lastCompletedEpoch &+ 1 {
                     throw fail(.epochMismatch, "CHECKPOINT_BEGIN(\(begin.epoch)) after checkpoint \(lastCompletedEpoch); expected epoch \(lastCompletedEpoch &+ 1)")
                 }
             }

@@ -1,0 +1,191 @@
+import Foundation
+import RemusCore
+@testable import RemusRuntime
+import RemusSim
+import Testing
+
+/// The built `remusd` next to the test bundle.
+private var remusdPath: String {
+    let bundle = URL(fileURLWithPath: ProcessEnvironment.executablePath).deletingLastPathComponent()
+    return bundle.appendingPathComponent("remusd").path
+}
+
+private func temporaryDirectory() throws -> String {
+    let path = NSTemporaryDirectory() + "remusd-test-\(UUID().uuidString.prefix(8))"
+    try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    return path
+}
+
+/// Runs remusd to completion; returns exit code and combined output.
+private func runRemusd(_ arguments: [String]) throws -> (Int32, String) {
+    let quoted = ([remusdPath] + arguments).map { "'\($0)'" }.joined(separator: " ")
+    return try runShell(quoted + " 2>&1")
+}
+
+/// A byte channel that keeps what is written (to cut or corrupt a checkpoint before sending it).
+private final class RecordingChannel: ByteChannel, @unchecked Sendable {
+    var bytes: [UInt8] = []
+    let peer = "memory"
+    func read(into buffer: UnsafeMutableRawBufferPointer) throws -> Int { 0 }
+    func write(segments: UnsafeMutableBufferPointer<iovec>) throws {
+        for s in segments where s.iov_len > 0 {
+            bytes += UnsafeRawBufferPointer(start: s.iov_base, count: s.iov_len)
+        }
+    }
+    func shutdown() {}
+}
+
+/// A primary written by hand: a stepped simulated guest whose checkpoints the test encodes and
+/// sends itself, so it can cut or corrupt one on purpose.
+private final class HandDrivenPrimary {
+    let guest: SimGuest
+    let channel: TCPChannel
+    let reader: StreamReader
+    let header: StreamHeader
+    var dirty: DirtyBitmap
+    let arena: StagingArena
+
+    init(backup port: UInt16) throws {
+        var config = SimConfig(memoryBytes: 16 << 20, vcpus: 1, seed: 99)
+        config.workingSetFraction = 0.5
+        guest = try SimGuest(config: config, clock: SystemClock(), nic: nil, name: "hand", autoRun: false)
+        channel = try TCPChannel.connect(to: Endpoint(host: "127.0.0.1", port: port))
+        reader = StreamReader(channel: channel, direction: .backupToPrimary)
+        _ = try reader.readHeader()
+        let d = guest.descriptor
+        header = StreamHeader(features: [], pageSize: UInt32(d.pageSize), backend: .simulated, role: .primary,
+                              guestUUID: d.uuid, guestName: d.name, senderVersion: "test")
+        try RecordWriter.writePreamble(header: header, config: try guest.domainConfig(), to: channel)
+        dirty = DirtyBitmap(pageCount: d.pageCount)
+        arena = StagingArena(pageSize: d.pageSize, capacityPages: Int(d.pageCount))
+        try guest.startDirtyLogging()
+    }
+
+    /// Runs the workload, then captures checkpoint `epoch` and returns its encoded bytes.
+    func checkpoint(_ epoch: Epoch, ops: UInt64) throws -> [UInt8] {
+        guest.stepAll(ops: ops)
+        try guest.harvestDirty(into: &dirty)
+        arena.reset(epoch: epoch, kind: .checkpoint)
+        try guest.capturePages(dirty, into: arena)
+        let state = try guest.captureState(clock: SystemClock())
+        dirty.clearAll()
+        let recording = RecordingChannel()
+        try RecordWriter(channel: recording, pageSize: Int(header.pageSize)).writeCheckpoint(arena, state: state)
+        return recording.bytes
+    }
+
+    /// Waits for the ACK of `epoch` (the backup's answer on the same connection).
+    func awaitAck(_ epoch: Epoch) throws -> Bool {
+        while let event = try reader.next() {
+            if case .ack(let ack) = event, ack.epoch >= epoch { return true }
+        }
+        return false
+    }
+}
+
+private struct Backup {
+    let process: ChildProcess
+    let port: UInt16
+    let directory: String
+    var log: String { (try? String(contentsOfFile: directory + "/backup.log", encoding: .utf8)) ?? "" }
+    var reportPath: String { directory + "/activation" }
+
+    static func start(timeoutMs: Int = 300) throws -> Backup {
+        let dir = try temporaryDirectory()
+        let port = try freePorts(1)[0]
+        let process = try ChildProcess(
+            arguments: [remusdPath, "receive", "--listen", "127.0.0.1:\(port)", "--unsafe-no-fence",
+                        "--heartbeat", "50", "--timeout", "\(timeoutMs)", "--activation-report", dir + "/activation",
+                        "--status-socket", dir + "/backup.sock"],
+            outputFile: dir + "/backup.log", environment: ["REMUSD_RUN_DIR": dir])
+        try waitForFile(dir + "/backup.sock", what: "the backup to listen", deadlineMs: 10_000)
+        return Backup(process: process, port: port, directory: dir)
+    }
+
+    func stop() {
+        process.signal(SIGKILL)
+        process.wait()
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+}
+
+@Suite("Processes on loopback", .serialized)
+struct ProcessTests {
+    @Test func drillVerifiesEveryFailover() throws {
+        let (status, output) = try runRemusd(["drill", "--failovers", "4", "--seed", "11", "--quiet", "--sim-memory", "128"])
+        #expect(status == 0, "drill output:\n\(output)")
+        #expect(output.contains("drill: 4 passed, 0 failed"))
+        #expect(output.contains("(I1 violations): 0"))
+    }
+
+    @Test func drillCatchesOutputReleasedBeforeItsCheckpointWasCommitted() throws {
+        // The first primary runs with output buffering switched off: the verifier must notice.
+        let (status, output) = try runRemusd(["drill", "--failovers", "2", "--seed", "5", "--quiet", "--sim-memory", "128", "--inject", "early-release"])
+        #expect(status == 1)
+        #expect(output.contains("DRILL FAILED"))
+        #expect(output.contains("output left before its epoch was committed"), "\(output)")
+    }
+
+    @Test func checkpointCutOffMidFlightLeavesThePreviousOneToActivate() throws {
+        let backup = try Backup.start()
+        defer { backup.stop() }
+        let primary = try HandDrivenPrimary(backup: backup.port)
+        try primary.channel.write(try primary.checkpoint(1, ops: 5_000))
+        #expect(try primary.awaitAck(1))
+        let second = try primary.checkpoint(2, ops: 5_000)
+        // Half of checkpoint 2 reaches the backup, then the primary vanishes.
+        try primary.channel.write(Array(second.prefix(second.count / 2)))
+        primary.channel.shutdown()
+        try waitForFile(backup.reportPath, what: "the backup to take over", deadlineMs: 10_000)
+        let report = try ActivationReport.read(from: backup.reportPath)
+        #expect(report.fields["epoch"] == "1", "the partial checkpoint 2 must never be applied (I2)")
+        #expect(report.fields["lost_while_staging"] == "1")
+        #expect(report.fields["memory_verified"] == "yes", "\(report.fields["memory_report"] ?? "")")
+    }
+
+    @Test func corruptedBytesAreRejectedAndTheCommittedImageIsKept() throws {
+        let backup = try Backup.start()
+        defer { backup.stop() }
+        let primary = try HandDrivenPrimary(backup: backup.port)
+        try primary.channel.write(try primary.checkpoint(1, ops: 5_000))
+        #expect(try primary.awaitAck(1))
+        var second = try primary.checkpoint(2, ops: 5_000)
+        second[second.count / 2] ^= 0x40  // one bit inside checkpoint 2's page data
+        try primary.channel.write(second)
+        // The backup rejects the stream and drops the connection; no ACK for epoch 2 arrives.
+        #expect(try primary.awaitAck(2) == false)
+        try waitForFile(backup.reportPath, what: "the backup to take over after the timeout", deadlineMs: 10_000)
+        let report = try ActivationReport.read(from: backup.reportPath)
+        #expect(report.fields["epoch"] == "1")
+        #expect(report.fields["memory_verified"] == "yes", "\(report.fields["memory_report"] ?? "")")
+        let log = backup.log
+        #expect(log.contains("rejected the primary's stream"), "\(log)")
+        #expect(log.contains("CRC32C"), "the error names what was wrong: \(log)")
+        #expect(log.contains("keeps checkpoint 1"))
+    }
+
+    @Test func garbageInsteadOfAStreamIsRefusedWithAClearError() throws {
+        let backup = try Backup.start()
+        defer { backup.stop() }
+        let channel = try TCPChannel.connect(to: Endpoint(host: "127.0.0.1", port: backup.port))
+        try channel.write(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8) + [UInt8](repeating: 0, count: 64))
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        // The backup answers with its header, then closes on us.
+        while try buffer.withUnsafeMutableBytes({ try channel.read(into: $0) }) > 0 {}
+        let deadline = SystemClock().monotonicNs() + 5_000_000_000
+        while !backup.log.contains("handshake") && SystemClock().monotonicNs() < deadline { pauseBriefly(ms: 10) }
+        #expect(backup.log.contains("not a remusd stream") || backup.log.contains("magic"), "\(backup.log)")
+        #expect(backup.log.contains("nothing changed here"))
+        let status = try StatusSocket.query(backup.directory + "/backup.sock")
+        #expect(status.contains("LISTENING"), "a bad client must not change the backup's state: \(status)")
+    }
+
+    @Test func wrongFlagsGetAClearError() throws {
+        let (status, output) = try runRemusd(["protect", "vm1", "backup", "--no-netbuf"])
+        #expect(status != 0)
+        #expect(output.contains("need --unsafe"))
+        let (status2, output2) = try runRemusd(["protect", "vm1", "backup", "--backend", "xen"])
+        #expect(status2 != 0)
+        #expect(output2.contains("no Xen hypervisor is present") || output2.contains("cannot drive Xen"))
+    }
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The README's test command (and CI's): unit and property tests, 200+ verified failovers,
+# a bounded fuzz run, and the kernel testbed for the plug qdisc.
+# REMUSD_SKIP_TESTBED=1 skips the QEMU testbed; REMUSD_FUZZ_SECONDS sets the fuzz time (default 60).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh release
+[ -x /opt/swift/usr/bin/swift ] && export PATH="/opt/swift/usr/bin:$PATH"
+
+start=$(date +%s)
+step() { echo; echo "=== $1 ($(( $(date +%s) - start )) s)"; }
+
+step "unit and property tests (swift test)"
+swift test --parallel 2>&1 | grep -Ev "^\[[0-9]+/[0-9]+\]|^Compiling|^Building|^Write|^Emitting|passed after|started\.$" 
+
+step "drills: 200 failovers at random kill points, each verified"
+.build/release/remusd drill --failovers 200 --quiet
+
+if [ -f Fuzz/run.sh ]; then
+    step "fuzzing the stream decoder (${REMUSD_FUZZ_SECONDS:-60} s)"
+    bash Fuzz/run.sh "${REMUSD_FUZZ_SECONDS:-60}"
+fi
+
+if [ -f Tests/Testbed/run.sh ] && [ "${REMUSD_SKIP_TESTBED:-0}" != 1 ]; then
+    step "kernel testbed: plug qdisc under QEMU"
+    bash Tests/Testbed/run.sh
+fi
+
+step "all green"
