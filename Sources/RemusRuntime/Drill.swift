@@ -72,9 +72,14 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
         let ports = try freePorts(config.failovers + 1)
         var results: [FailoverResult] = []
         var children: [ChildProcess] = []
+        var finished = false
         defer {
             for c in children { c.signal(SIGKILL); c.wait() }
-            if !config.keep && results.allSatisfy(\.verified) { removeTree(dir) }
+            if finished && !config.keep && results.allSatisfy(\.verified) {
+                removeTree(dir)
+            } else {
+                Log.info("logs and activation reports kept in \(dir)")
+            }
         }
 
         func startBackup(_ g: Int) throws -> ChildProcess {
@@ -131,6 +136,7 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
             primarySocket = "\(dir)/backup-\(g).sock"
             if let nextBackup { backup = nextBackup }
         }
+        finished = true
         return results
     }
 

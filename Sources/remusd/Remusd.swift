@@ -29,8 +29,12 @@ struct TimingOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Silence after which the peer counts as lost (at least 2 heartbeats).", valueName: "ms"))
     var timeout: UInt64 = 600
 
+    @Option(name: .customLong("fence-grace"), help: ArgumentHelp("How long a primary that lost its backup keeps the guest's output held while reconnecting, before it flows unprotected (the backup may be fencing it meanwhile).", valueName: "ms"))
+    var fenceGrace: UInt64 = 2000
+
     func settings() -> ProtectionSettings {
-        ProtectionSettings(intervalNs: interval * 1_000_000, heartbeatNs: heartbeat * 1_000_000, timeoutNs: timeout * 1_000_000)
+        ProtectionSettings(intervalNs: interval * 1_000_000, heartbeatNs: heartbeat * 1_000_000, timeoutNs: timeout * 1_000_000,
+                           fenceGraceNs: fenceGrace * 1_000_000)
     }
 
     func validate() throws {

@@ -58,6 +58,18 @@ struct BackupCommitterTests {
         #expect(c.state == .active(from: 2))
     }
 
+    @Test func aPrimaryThatComesBackBeforeItIsFencedIsTakenBack() {
+        var c = receiving(committed: 3)
+        _ = c.onTick(now: 400 * ms)  // silence: fencing starts
+        #expect(!c.acceptsPrimary, "not while the fence is running: it may be switching the primary off")
+        _ = c.onFenced(success: false, detail: "primary still up", now: 401 * ms)
+        #expect(c.acceptsPrimary)
+        let d = c.onPrimaryConnected(now: 402 * ms)
+        #expect(d.contains { if case .report(let r) = $0 { r.contains("fencing called off") } else { false } })
+        #expect(c.state == .receiving(committed: 0))
+        #expect(c.onFenced(success: true, detail: "late", now: 403 * ms) == [], "a late fence result changes nothing")
+    }
+
     @Test func failedFenceIsRetriedAndNeverActivates() {
         var c = receiving(committed: 1)
         _ = c.onConnectionLost(reason: "EOF", now: 0)

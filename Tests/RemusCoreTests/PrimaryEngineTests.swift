@@ -98,7 +98,6 @@ struct PrimaryEngineTests {
         var (e, t) = protectingEngine()
         t += 1 * ms
         let d = e.onAck(5, now: t)
-        #expect(d.contains(.releaseAllOutput))
         #expect(d.contains(.closeConnection))
         guard case .degraded = e.state else { Issue.record("state \(e.state)"); return }
     }
@@ -148,25 +147,53 @@ struct PrimaryEngineTests {
         #expect(e.onTick(now: t + 50 * ms).contains(.sendHeartbeat(2)))
     }
 
-    @Test func silenceBeyondTheTimeoutDegradesAndReleasesOutput() {
+    @Test func silenceBeyondTheTimeoutDegradesButHoldsOutputForTheFenceGrace() {
         var (e, _) = protectingEngine()
         let lastHeard = e.lastHeardAt
-        #expect(!e.onTick(now: lastHeard + 299 * ms).contains(.releaseAllOutput))
-        let d = e.onTick(now: lastHeard + 300 * ms)
-        #expect(d.contains(.releaseAllOutput))
+        #expect(!e.onTick(now: lastHeard + 299 * ms).contains(.closeConnection))
+        let lost = lastHeard + 300 * ms
+        let d = e.onTick(now: lost)
         #expect(d.contains(.closeConnection))
+        #expect(!d.contains(.releaseAllOutput), "the backup may be fencing us: unacknowledged output stays held")
         guard case .degraded(let reason, _) = e.state else { Issue.record("state \(e.state)"); return }
         #expect(reason.contains("300 ms"))
+        // Reconnection attempts fail; once the grace is over the output flows unprotected.
+        var t = lost
+        var released = false
+        while t < lost + settings.fenceGraceNs + 1_000 * ms && !released {
+            t += 10 * ms
+            let out = e.onTick(now: t)
+            if out.contains(.connect) { _ = e.onConnectionLost(reason: "refused", now: t) }
+            if out.contains(.releaseAllOutput) {
+                released = true
+                #expect(t >= lost + settings.fenceGraceNs)
+            }
+        }
+        #expect(released)
+    }
+
+    @Test func aBackupThatTakesUsBackCoversTheHeldOutput() {
+        var (e, t) = protectingEngine()
+        _ = e.onConnectionLost(reason: "reset by peer", now: t)
+        t += settings.retryNs
+        #expect(e.onTick(now: t).contains(.connect))
+        _ = e.onConnected(now: t)
+        let first = e.onPrecopyRoundShipped(round: 1, remainingDirty: 0, now: t)
+        #expect(!first.contains(.releaseAllOutput))
+        _ = e.onCheckpointCaptured(2, now: t)
+        _ = e.onCheckpointShipped(2, now: t)
+        #expect(e.onAck(2, now: t).first == .releaseOutput(through: 2), "the new stream's first ACK releases what was held")
+        #expect(e.outputHeldSince == nil)
     }
 
     @Test func closedConnectionDegradesAtOnceAndRetriesWithBackoff() {
         var (e, t) = protectingEngine()
         let d = e.onConnectionLost(reason: "reset by peer", now: t)
-        #expect(d.contains(.releaseAllOutput))
+        #expect(d.contains(.closeConnection))
         guard case .degraded(_, let retryAt) = e.state else { Issue.record("state \(e.state)"); return }
         #expect(retryAt == t + settings.retryNs)
         #expect(e.onTick(now: retryAt - 1) == [.scheduleTick(at: retryAt)])
-        #expect(e.onTick(now: retryAt) == [.connect])
+        #expect(e.onTick(now: retryAt).contains(.connect))
         // The second failure doubles the delay.
         t = retryAt
         _ = e.onConnectionLost(reason: "refused", now: t)
@@ -194,7 +221,8 @@ struct PrimaryEngineTests {
         _ = e.onPeerActivity(now: t)
         _ = e.onTick(now: t)
         let d = e.onCaptureFailed(2, reason: "guest vanished", now: t)
-        #expect(d.contains(.releaseAllOutput))
+        #expect(d.contains(.closeConnection))
+        guard case .degraded = e.state else { Issue.record("state \(e.state)"); return }
     }
 
     @Test func plannedStopSendsStreamEndWithTheLastCapturedEpoch() {

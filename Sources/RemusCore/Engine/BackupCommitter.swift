@@ -75,6 +75,8 @@ public struct BackupCommitter: Sendable {
     private var staging: CheckpointBegin?
     /// Whether a primary's connection is open.
     public private(set) var connected = false
+    /// Whether a fence is running now (its outcome is not known yet).
+    public private(set) var fenceInFlight = false
 
     public init(settings: ProtectionSettings, fencePolicy: FencePolicy) {
         self.settings = settings
@@ -97,7 +99,10 @@ public struct BackupCommitter: Sendable {
         switch state {
         case .listening, .stopped: return true
         case .receiving: return !connected
-        case .fencing, .awaitingOperator, .activating, .active: return false
+        // A primary that reconnects while we fence it is alive: take it back (it held its output),
+        // unless a fence is running right now and may be switching it off.
+        case .fencing: return !fenceInFlight
+        case .awaitingOperator, .activating, .active: return false
         }
     }
 
@@ -105,12 +110,18 @@ public struct BackupCommitter: Sendable {
     /// a new stream starts from a full synchronisation, so the old image no longer counts).
     public mutating func onPrimaryConnected(now: UInt64) -> [Directive] {
         precondition(acceptsPrimary, "primary connected in state \(state)")
+        var out: [Directive] = []
+        if case .fencing(let committed, _) = state {
+            out.append(.report("the primary came back before it was fenced: fencing called off, checkpoint \(committed) superseded, resynchronising"))
+        }
+        lossDetectedAt = nil
+        lostWhileStaging = false
         state = .receiving(committed: 0)
         connected = true
         staging = nil
         lastHeardAt = now
         lastHeartbeatAt = now
-        return [.scheduleTick(at: now + settings.heartbeatNs)]
+        return out + [.scheduleTick(at: now + settings.heartbeatNs)]
     }
 
     /// Bytes arrived from the primary.
@@ -230,7 +241,9 @@ public struct BackupCommitter: Sendable {
             return out
         case .fencing(let committed, let attempt):
             // A failed fence is retried every heartbeat interval; the guest stays down meanwhile.
+            guard !fenceInFlight else { return [] }
             state = .fencing(committed: committed, attempt: attempt + 1)
+            fenceInFlight = true
             return [.fencePrimary]
         case .listening, .awaitingOperator, .activating, .active, .stopped:
             return []
@@ -240,6 +253,7 @@ public struct BackupCommitter: Sendable {
     /// The fence finished.
     public mutating func onFenced(success: Bool, detail: String, now: UInt64) -> [Directive] {
         guard case .fencing(let committed, let attempt) = state else { return [] }
+        fenceInFlight = false
         guard success else {
             return [.report("fencing the primary failed (attempt \(attempt)): \(detail); the guest stays down here until fencing succeeds; retrying"),
                     .scheduleTick(at: now + settings.heartbeatNs)]
@@ -278,6 +292,7 @@ public struct BackupCommitter: Sendable {
         switch fencePolicy {
         case .fence:
             state = .fencing(committed: committed, attempt: 1)
+            fenceInFlight = true
             return [.report("primary lost (\(reason)); fencing it before taking over checkpoint \(committed)"), .fencePrimary]
         case .unsafeNoFence:
             state = .activating(committed: committed)

@@ -88,6 +88,8 @@ public struct PrimaryEngine: Sendable {
     private var streamFirstEpoch: Epoch = 1
     /// Current reconnection delay.
     private var retryDelay: UInt64
+    /// Since when output has been held although no backup acknowledges it (backup lost, fence grace running).
+    public private(set) var outputHeldSince: UInt64?
 
     public init(settings: ProtectionSettings) {
         self.settings = settings
@@ -168,6 +170,8 @@ public struct PrimaryEngine: Sendable {
         }
         guard epoch > acknowledgedEpoch else { return [] }
         acknowledgedEpoch = epoch
+        // Output held since the backup was lost belongs to epochs up to this one: it is covered now.
+        outputHeldSince = nil
         return [.releaseOutput(through: epoch)] + dueCheckpoint(now: now)
     }
 
@@ -189,7 +193,7 @@ public struct PrimaryEngine: Sendable {
                 return [.releaseAllOutput, .report(.degraded("cannot reach the backup (\(reason)); the guest runs unprotected; retrying")), .scheduleTick(at: retryAt)]
             }
             state = .degraded(reason: reason, retryAt: retryAt)
-            return [.scheduleTick(at: retryAt)]
+            return [.scheduleTick(at: min(retryAt, outputHeldSince.map { $0 + settings.fenceGraceNs } ?? .max))]
         case .synchronizing, .protecting:
             return giveUpProtection(reason: "connection to the backup lost: \(reason)", now: now)
         case .stopping:
@@ -204,6 +208,8 @@ public struct PrimaryEngine: Sendable {
     public mutating func onTick(now: UInt64) -> [Directive] {
         switch state {
         case .synchronizing, .protecting:
+            let released = graceExpired(now: now)
+            if !released.isEmpty { return released + [.scheduleTick(at: nextTick())] }
             if now >= lastHeardAt + settings.timeoutNs {
                 let ms = (now - lastHeardAt) / 1_000_000
                 return giveUpProtection(
@@ -219,10 +225,16 @@ public struct PrimaryEngine: Sendable {
             out.append(.scheduleTick(at: nextTick()))
             return out
         case .degraded(_, let retryAt):
-            guard now >= retryAt else { return [.scheduleTick(at: retryAt)] }
+            let released = graceExpired(now: now)
+            guard now >= retryAt else {
+                let graceEnds = outputHeldSince.map { $0 + settings.fenceGraceNs } ?? retryAt
+                return released + [.scheduleTick(at: min(retryAt, graceEnds))]
+            }
             state = .connecting(attempt: 2)
-            return [.connect]
-        case .idle, .connecting, .stopping, .stopped:
+            return released + [.connect] + (outputHeldSince.map { [.scheduleTick(at: $0 + settings.fenceGraceNs)] } ?? [])
+        case .connecting:
+            return graceExpired(now: now)
+        case .idle, .stopping, .stopped:
             return []
         }
     }
@@ -232,11 +244,13 @@ public struct PrimaryEngine: Sendable {
         switch state {
         case .synchronizing, .protecting:
             state = .stopping(reason)
+            outputHeldSince = nil
             // Every captured checkpoint is queued ahead of STREAM_END, so the last one sent is the last captured.
             let last = capturedEpoch >= streamFirstEpoch ? capturedEpoch : 0
             return [.sendStreamEnd(reason, lastEpoch: last), .releaseAllOutput, .report(.stopped(reason))]
         case .idle, .connecting, .degraded:
             state = .stopped
+            outputHeldSince = nil
             return [.releaseAllOutput, .closeConnection, .report(.stopped(reason))]
         case .stopping, .stopped:
             return []
@@ -256,8 +270,9 @@ public struct PrimaryEngine: Sendable {
         let heartbeatDue = lastHeartbeatAt + settings.heartbeatNs
         let checkpointDue = lastCheckpointAt + settings.intervalNs
         let timeoutDue = lastHeardAt + settings.timeoutNs
-        if case .protecting = state { return min(heartbeatDue, checkpointDue, timeoutDue) }
-        return min(heartbeatDue, timeoutDue)
+        let graceDue = outputHeldSince.map { $0 + settings.fenceGraceNs } ?? .max
+        if case .protecting = state { return min(heartbeatDue, checkpointDue, timeoutDue, graceDue) }
+        return min(heartbeatDue, timeoutDue, graceDue)
     }
 
     /// A checkpoint if one is due and allowed.
@@ -279,11 +294,21 @@ public struct PrimaryEngine: Sendable {
         retryDelay = min(retryDelay * 2, settings.maxRetryNs)
         state = .degraded(reason: reason, retryAt: retryAt)
         shipping = 0
-        // Nothing protects held output any more: holding it would only freeze the guest's clients.
+        // The backup may be fencing us right now: keep what it never committed held for the fence
+        // grace while reconnecting; a backup that takes us back resynchronises and then covers it.
+        if outputHeldSince == nil { outputHeldSince = now }
+        let graceEnds = outputHeldSince! + settings.fenceGraceNs
         return [
-            .closeConnection, .releaseAllOutput,
-            .report(.degraded("\(reason); the guest keeps running on this host, its output is released, protection is DEGRADED; reconnecting")),
-            .scheduleTick(at: retryAt),
+            .closeConnection,
+            .report(.degraded("\(reason); the guest keeps running on this host; its output stays held for up to \(settings.fenceGraceNs / 1_000_000) ms while reconnecting, then flows unprotected (DEGRADED)")),
+            .scheduleTick(at: min(retryAt, graceEnds)),
         ]
+    }
+
+    /// Releases held output once the fence grace is over.
+    private mutating func graceExpired(now: UInt64) -> [Directive] {
+        guard let since = outputHeldSince, now >= since + settings.fenceGraceNs else { return [] }
+        outputHeldSince = nil
+        return [.releaseAllOutput, .report(.degraded("no backup took this guest back within the fence grace (\(settings.fenceGraceNs / 1_000_000) ms): its output now flows unprotected; protection is DEGRADED; still reconnecting"))]
     }
 }

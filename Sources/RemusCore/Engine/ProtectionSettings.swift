@@ -19,12 +19,19 @@ public struct ProtectionSettings: Equatable, Sendable {
     public var retryNs: UInt64
     /// Longest delay between reconnection attempts.
     public var maxRetryNs: UInt64
+    /// How long a primary that lost its backup keeps the guest's output held while it reconnects
+    /// (`--fence-grace`, default 2 s). The backup may be fencing this primary right now (its
+    /// silence detection can fire while this host is merely slow); releasing output it never
+    /// committed before the backup could have fenced would let clients see state that a takeover
+    /// rolls back. After the grace the output flows unprotected (DEGRADED).
+    public var fenceGraceNs: UInt64
 
     public init(
         intervalNs: UInt64 = 100_000_000, heartbeatNs: UInt64 = 100_000_000, timeoutNs: UInt64 = 600_000_000,
         maxPrecopyRounds: Int = 5, precopyTargetPages: Int = 50, maxUnacknowledged: Int = 8, maxShipping: Int = 2,
-        retryNs: UInt64 = 500_000_000, maxRetryNs: UInt64 = 10_000_000_000
+        retryNs: UInt64 = 500_000_000, maxRetryNs: UInt64 = 10_000_000_000, fenceGraceNs: UInt64 = 2_000_000_000
     ) {
+        self.fenceGraceNs = fenceGraceNs
         self.intervalNs = intervalNs
         self.heartbeatNs = heartbeatNs
         self.timeoutNs = timeoutNs
