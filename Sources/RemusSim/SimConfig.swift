@@ -28,6 +28,10 @@ public struct SimConfig: Sendable, Equatable {
     public var hotProbability: Double = 0.9
     /// Share of ops that are stores, 0…1 (default 0.75, the rest are loads).
     public var storeRatio: Double = 0.75
+    /// Most ops per second each vCPU runs (default 1 000 000; 0 = unthrottled). Bounds the op
+    /// counts a verifier must replay (a replay runs about 50 million ops per second), so a drill
+    /// stays light however long it runs; unthrottled, a vCPU runs tens of millions of ops per second.
+    public var opRateLimit: UInt64 = 1_000_000
     /// Most pages per second the whole guest may newly dirty (default 0 = unthrottled). Split
     /// evenly across vCPUs; enforced with the injected host clock.
     public var dirtyRateLimit: UInt64 = 0
@@ -64,6 +68,9 @@ public struct SimConfig: Sendable, Equatable {
         }
         guard memoryBytes <= 1 << 44 else { throw bad("memory \(memoryBytes) bytes is above the 16 TiB limit") }
         guard (1...1024).contains(vcpus) else { throw bad("vcpus \(vcpus) is outside 1…1024") }
+        guard opRateLimit <= 1 << 40, dirtyRateLimit <= 1 << 40 else {
+            throw bad("rate limits \(opRateLimit) ops/s and \(dirtyRateLimit) pages/s are beyond 2^40")
+        }
         guard workingSetFraction > 0, workingSetFraction <= 1 else {
             throw bad("working-set fraction \(workingSetFraction) is outside (0, 1]")
         }
@@ -98,6 +105,7 @@ public struct SimConfig: Sendable, Equatable {
             ("hot-set-fraction", String(hotSetFraction)),
             ("hot-probability", String(hotProbability)),
             ("store-ratio", String(storeRatio)),
+            ("op-rate-limit", String(opRateLimit)),
             ("dirty-rate-limit", String(dirtyRateLimit)),
             ("packet-every-stores", String(packetEveryStores)),
             ("balloon-period", String(balloonPeriod)),
@@ -155,6 +163,7 @@ public struct SimConfig: Sendable, Equatable {
         config.hotSetFraction = try take("hot-set-fraction", Double.self)
         config.hotProbability = try take("hot-probability", Double.self)
         config.storeRatio = try take("store-ratio", Double.self)
+        config.opRateLimit = try take("op-rate-limit", UInt64.self)
         config.dirtyRateLimit = try take("dirty-rate-limit", UInt64.self)
         config.packetEveryStores = try take("packet-every-stores", UInt64.self)
         config.balloonPeriod = try take("balloon-period", UInt64.self)

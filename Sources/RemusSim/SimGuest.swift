@@ -22,6 +22,47 @@ final class VCPUSlot: @unchecked Sendable {
     }
 }
 
+/// A vCPU's allowance of something per unit of host time (ops, newly dirtied pages).
+struct TokenBucket {
+    /// Host nanoseconds that earn one token (0 = unlimited).
+    let nsPerToken: UInt64
+    /// Most tokens held at once: 10 ms worth of the rate, at least 1.
+    let burst: UInt64
+    var tokens: UInt64
+    var lastRefillNs: UInt64 = 0
+
+    /// A bucket for `perSecond` tokens per second shared by `sharers` vCPUs (0 = unlimited).
+    init(perSecond: UInt64, sharers: Int) {
+        if perSecond == 0 {
+            nsPerToken = 0
+            burst = 0
+        } else {
+            nsPerToken = max(1, 1_000_000_000 * UInt64(sharers) / perSecond)
+            burst = max(1, perSecond / UInt64(sharers) / 100)
+        }
+        tokens = burst
+    }
+
+    var isLimited: Bool { nsPerToken != 0 }
+
+    /// Adds the tokens earned since the last refill, at most `burst`; returns how long until the
+    /// next one is due when none were earned (0 otherwise).
+    mutating func refill(now: UInt64) -> UInt64 {
+        let earned = now > lastRefillNs ? (now - lastRefillNs) / nsPerToken : 0
+        if earned >= burst {
+            tokens = burst
+            lastRefillNs = now
+            return 0
+        }
+        if earned > 0 {
+            tokens = earned
+            lastRefillNs += earned * nsPerToken
+            return 0
+        }
+        return lastRefillNs + nsPerToken - now
+    }
+}
+
 /// The packet path of the vCPU threads: straight into the output buffer (or nowhere).
 struct NICEmitter: PacketEmitter {
     let nic: SimOutputBuffer?
@@ -41,10 +82,6 @@ final class GuestMachine: @unchecked Sendable {
     let clock: any HostClock
     let guestClock: GuestClock
     let autoRun: Bool
-    /// Nanoseconds of host time that earn one vCPU one newly dirtied page (0 = unthrottled).
-    let nsPerPage: UInt64
-    /// Most pages a vCPU may dirty back to back (10 ms worth of its rate).
-    let burstPages: UInt64
 
     /// Set when the vCPUs must stop at their next safe point (suspend or halt); checked every op.
     let pauseRequested = Atomic<Bool>(false)
@@ -72,13 +109,6 @@ final class GuestMachine: @unchecked Sendable {
         self.clock = clock
         self.guestClock = guestClock
         self.autoRun = autoRun
-        if config.dirtyRateLimit == 0 {
-            nsPerPage = 0
-            burstPages = 0
-        } else {
-            nsPerPage = max(1, 1_000_000_000 * UInt64(config.vcpus) / config.dirtyRateLimit)
-            burstPages = max(1, config.dirtyRateLimit / UInt64(config.vcpus) / 100)
-        }
     }
 
     /// Starts one thread per vCPU.
@@ -100,9 +130,14 @@ final class GuestMachine: @unchecked Sendable {
     private func runVCPU(_ slot: VCPUSlot) {
         var registers = slot.registers
         var emitter = NICEmitter(nic: nic)
-        let throttled = nsPerPage != 0
-        var tokens = burstPages
-        var lastRefillNs = throttled ? clock.monotonicNs() : 0
+        // Throttles: ops per second per vCPU, newly dirtied pages per second per guest.
+        var opBudget = TokenBucket(perSecond: config.opRateLimit * UInt64(config.vcpus), sharers: config.vcpus)
+        var pageBudget = TokenBucket(perSecond: config.dirtyRateLimit, sharers: config.vcpus)
+        if opBudget.isLimited || pageBudget.isLimited {
+            let now = clock.monotonicNs()
+            opBudget.lastRefillNs = now
+            pageBudget.lastRefillNs = now
+        }
         while true {
             if pauseRequested.load(ordering: .acquiring) {
                 slot.registers = registers
@@ -110,12 +145,17 @@ final class GuestMachine: @unchecked Sendable {
                 guard park() else { break }
                 continue
             }
-            if throttled && tokens == 0 {
-                tokens = refill(lastRefillNs: &lastRefillNs)
+            if opBudget.isLimited && opBudget.tokens == 0 {
+                throttle(&opBudget, slot, registers.opCount)
+                continue
+            }
+            if pageBudget.isLimited && pageBudget.tokens == 0 {
+                throttle(&pageBudget, slot, registers.opCount)
                 continue
             }
             let effect = executeOp(&registers, vcpu: slot.index, shape: shape, memory: memory, emitter: &emitter)
-            if throttled && effect.newlyDirtied { tokens -= 1 }
+            if opBudget.isLimited { opBudget.tokens -= 1 }
+            if pageBudget.isLimited && effect.newlyDirtied { pageBudget.tokens -= 1 }
             if registers.opCount & (Self.progressInterval - 1) == 0 { publishProgress(slot, registers.opCount) }
         }
         publishProgress(slot, registers.opCount)
@@ -159,25 +199,17 @@ final class GuestMachine: @unchecked Sendable {
         return !halting
     }
 
-    /// Earns tokens from elapsed host time; when none are due yet, waits for the next one (woken
-    /// early by suspend or halt). The wait is capped at 10 ms so that an injected clock that moves
-    /// in steps is re-read.
-    private func refill(lastRefillNs: inout UInt64) -> UInt64 {
-        let now = clock.monotonicNs()
-        let earned = now > lastRefillNs ? (now - lastRefillNs) / nsPerPage : 0
-        if earned >= burstPages {
-            lastRefillNs = now
-            return burstPages
-        }
-        if earned > 0 {
-            lastRefillNs += earned * nsPerPage
-            return earned
-        }
-        let due = lastRefillNs + nsPerPage - now
+    /// Refills `bucket` from the host clock; when no token is due yet, waits until a quarter of a
+    /// burst is (one wake-up per batch of ops, not per op), woken early by suspend or halt. The
+    /// wait is capped at 10 ms so that an injected clock that moves in steps is re-read.
+    private func throttle(_ bucket: inout TokenBucket, _ slot: VCPUSlot, _ opCount: UInt64) {
+        let due = bucket.refill(now: clock.monotonicNs())
+        guard due > 0 else { return }
+        publishProgress(slot, opCount)
+        let wait = min(due + bucket.nsPerToken * (bucket.burst / 4), 10_000_000)
         control.withLock {
-            if !suspendRequested && !halting { control.wait(nanoseconds: min(due, 10_000_000)) }
+            if !suspendRequested && !halting { control.wait(nanoseconds: wait) }
         }
-        return 0
     }
 
     /// Stops every vCPU at a safe point; returns once all are parked.
@@ -406,8 +438,8 @@ public final class SimGuest: PrimaryGuest, @unchecked Sendable {
         machine.waitForProgress(ops: ops, timeoutNs: timeoutNs)
     }
 
-    /// Each vCPU's op count as last published (every 1024 ops, and when it parks); readable while
-    /// the guest runs.
+    /// Each vCPU's op count as last published (every 1024 ops, and when it parks or waits for its
+    /// rate limit); readable while the guest runs.
     public var publishedOpCounts: [UInt64] { machine.slots.map { $0.progress.load(ordering: .relaxed) } }
 
     /// Stops the vCPU threads for good and waits for them (also done on deinit). The guest can

@@ -12,6 +12,7 @@ struct ConfigTests {
         #expect(c.workingSetFraction == 0.05)
         #expect(c.storeRatio == 0.75)
         #expect(c.dirtyRateLimit == 0)
+        #expect(c.opRateLimit == 1_000_000)
         try c.validate()
     }
 
@@ -21,6 +22,7 @@ struct ConfigTests {
         c.hotProbability = 1.0 / 3.0
         c.storeRatio = 0.6
         c.dirtyRateLimit = 12345
+        c.opRateLimit = 777
         c.balloonPeriod = 0
         let encoded = c.encode()
         #expect(encoded.format == .simulated)

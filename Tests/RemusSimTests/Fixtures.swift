@@ -26,7 +26,7 @@ final class ManualClock: HostClock, Sendable {
 }
 
 /// A small guest: 16 MiB, 2 vCPUs, a quarter of memory in the working set, frequent packets and
-/// ballooning, so that every feature shows up within a few thousand ops.
+/// ballooning, so that every feature shows up within a few thousand ops; no op-rate limit.
 func smallConfig(seed: UInt64 = 7, vcpus: Int = 2) -> SimConfig {
     var c = SimConfig(memoryBytes: 16 << 20, vcpus: vcpus, seed: seed)
     c.workingSetFraction = 0.25
@@ -34,6 +34,7 @@ func smallConfig(seed: UInt64 = 7, vcpus: Int = 2) -> SimConfig {
     c.hotProbability = 0.8
     c.packetEveryStores = 16
     c.balloonPeriod = 500
+    c.opRateLimit = 0  // tests drive time with ManualClock; a running guest runs free
     return c
 }
 

@@ -229,4 +229,22 @@ struct GuestTests {
         }
         #expect(guest.waitForProgress(ops: stalled.max()! + 50_000, timeoutNs: 0))
     }
+
+    @Test func theOpRateLimitBoundsOpsByHostTime() throws {
+        var config = smallConfig()
+        config.opRateLimit = 100_000  // a burst of 1 000 ops per vCPU
+        let clock = ManualClock()
+        let guest = try SimGuest(config: config, clock: clock, nic: nil)
+        defer { guest.shutdown() }
+        #expect(guest.waitForProgress(ops: 1_000, timeoutNs: 20 * secondNs))
+        observationWindow()
+        try guest.suspend()
+        #expect(try guest.registers().map(\.opCount) == [1_000, 1_000])
+        try guest.resume()
+        clock.advance(5_000_000)  // 5 ms: 500 more ops each
+        #expect(guest.waitForProgress(ops: 1_500, timeoutNs: 20 * secondNs))
+        observationWindow()
+        try guest.suspend()
+        #expect(try guest.registers().map(\.opCount) == [1_500, 1_500])
+    }
 }

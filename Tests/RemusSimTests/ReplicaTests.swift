@@ -32,7 +32,8 @@ struct ReplicaTests {
     }
 
     @Test func checkpointsOfARunningGuestThenActivationPassTheVerifier() throws {
-        let config = smallConfig(vcpus: 2)
+        var config = smallConfig(vcpus: 2)
+        config.opRateLimit = 400_000  // real time: bounds the ops the verifier replays
         let clock = SystemHostClock()
         let primaryOut = SimPacketRecorder()
         let primaryNIC = SimOutputBuffer(sink: primaryOut)
