@@ -18,6 +18,8 @@ final class AtomicBitmap: @unchecked Sendable {
         self.bitCount = bitCount
         wordCount = Int((bitCount + 63) / 64)
         words = .allocate(capacity: max(wordCount, 1))
+        // SAFETY: every word of the fresh allocation is initialised exactly once before any use;
+        // `deinit` deinitialises the same count.
         for i in 0..<max(wordCount, 1) { (words + i).initialize(to: Atomic(0)) }
     }
 
@@ -214,24 +216,28 @@ final class GuestMemory: @unchecked Sendable {
 public enum PageHash {
     /// Whether every byte is zero.
     public static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        guard let base = bytes.baseAddress else { return true }
         let words = bytes.count / 8
         var acc: UInt64 = 0
-        // SAFETY: guest pages are 8-byte aligned and a multiple of 8 bytes; loads stay below count.
-        let base = bytes.baseAddress!
-        for i in 0..<words { acc |= base.load(fromByteOffset: i * 8, as: UInt64.self) }
+        // SAFETY: every load reads 8 bytes at offset ≤ count − 8 (unaligned loads: any buffer works).
+        for i in 0..<words { acc |= base.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self) }
+        for i in (words * 8)..<bytes.count { acc |= UInt64(bytes[i]) }
         return acc == 0
     }
 
     /// A 64-bit hash of one page's bytes and its PFN.
     public static func page(_ bytes: UnsafeRawBufferPointer, pfn: PFN) -> UInt64 {
         var h: UInt64 = 0xCBF2_9CE4_8422_2325 ^ pfn
-        let base = bytes.baseAddress!
-        // SAFETY: as in `isZero`.
-        for i in 0..<(bytes.count / 8) {
-            h = (h ^ base.load(fromByteOffset: i * 8, as: UInt64.self)) &* 0x0000_0100_0000_01B3
-            h ^= h >> 29
+        if let base = bytes.baseAddress {
+            let words = bytes.count / 8
+            // SAFETY: as in `isZero`.
+            for i in 0..<words {
+                h = (h ^ base.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self)) &* 0x0000_0100_0000_01B3
+                h ^= h >> 29
+            }
+            for i in (words * 8)..<bytes.count { h = (h ^ UInt64(bytes[i])) &* 0x0000_0100_0000_01B3 }
         }
-        return mix64(h)
+        return mix64(h ^ UInt64(bytes.count))
     }
 
     /// Folds one page's hash into a memory digest. A memory digest folds, in ascending PFN order,

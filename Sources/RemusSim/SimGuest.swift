@@ -1,5 +1,13 @@
-// RemusSim: the simulated guest backend. `SimGuest` is the primary side: a running guest with vCPU
-// threads, a software dirty log, a virtual NIC, a balloon and a virtual clock.
+// RemusSim: the simulated guest backend, the ground truth for the drill.
+//
+// - SimGuest (this file): the primary side, a running guest with vCPU threads, a software dirty
+//   log, a virtual NIC, a balloon and a virtual clock. Implements PrimaryGuest.
+// - SimReplica: the backup side; commits checkpoints atomically and activates into a SimGuest.
+// - SimOutputBuffer / PacketSink / SimPacket: the NIC's output, held back per epoch (I1).
+// - SimReplay / SimVerifier: the workload replayed from the seed; checks memory byte for byte,
+//   registers, layout, packets and the clock after failover.
+// Determinism by construction: each vCPU touches only its own region of the working set, so its
+// memory and registers are a pure function of (config, vCPU, op count), whatever the interleaving.
 
 import RemusCore
 import Synchronization

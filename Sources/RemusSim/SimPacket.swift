@@ -47,6 +47,8 @@ public struct SimPacket: Equatable, Hashable, Sendable, CustomStringConvertible 
     /// Writes the wire form into the first 32 bytes of `buffer` (no allocation).
     public func encode(into buffer: UnsafeMutableRawBufferPointer) {
         precondition(buffer.count >= Self.wireSize, "packet buffer of \(buffer.count) bytes, need \(Self.wireSize)")
+        // SAFETY: the buffer holds at least 32 bytes (checked above); storeBytes on a raw buffer
+        // needs no alignment.
         buffer.storeBytes(of: vcpu.littleEndian, toByteOffset: 0, as: UInt32.self)
         buffer.storeBytes(of: Self.wireMarker.littleEndian, toByteOffset: 4, as: UInt32.self)
         buffer.storeBytes(of: seq.littleEndian, toByteOffset: 8, as: UInt64.self)
@@ -56,6 +58,7 @@ public struct SimPacket: Equatable, Hashable, Sendable, CustomStringConvertible 
 
     /// Decodes a wire form: exactly 32 bytes with the marker, else nil.
     public init?(wire bytes: UnsafeRawBufferPointer) {
+        // SAFETY: exactly 32 bytes (checked first); unaligned loads, so any buffer works.
         guard bytes.count == Self.wireSize,
               UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: 4, as: UInt32.self)) == Self.wireMarker
         else { return nil }

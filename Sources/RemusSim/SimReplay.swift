@@ -5,15 +5,23 @@ import RemusCore
 
 /// The packet path of a replay: every packet is recorded per vCPU.
 struct RecordingEmitter: PacketEmitter {
+    /// Packets from sequence `forgotten` on.
     var packets: [SimPacket] = []
+    /// Packets below this sequence were dropped by `forgetPackets`.
+    var forgotten: UInt64 = 0
     mutating func emit(_ packet: SimPacket) { packets.append(packet) }
+    /// Sequence of the next packet the vCPU will emit.
+    var emitted: UInt64 { forgotten + UInt64(packets.count) }
 }
 
 /// The workload replayed from the seed, vCPU by vCPU, forward only.
 ///
 /// Because each vCPU touches only its own region, vCPUs replay independently and the result does
 /// not depend on how the real guest's threads interleaved. Memory is a sparse mapping of the
-/// guest's size; only the working set is ever touched.
+/// guest's size; only the working set is ever touched. Release builds replay about 50 million
+/// ops per second; a long drill can keep one replay and pass it to each verification (they only
+/// move it forward) instead of replaying from boot every time, and `forgetPackets` bounds the
+/// packets it keeps (32 bytes each).
 public final class SimReplay {
     /// The config replayed.
     public let config: SimConfig
@@ -56,11 +64,11 @@ public final class SimReplay {
     public func advance(vcpu: Int, untilPacket seq: UInt64, opLimit: UInt64) -> Bool {
         var registers = state[vcpu]
         let index = UInt32(vcpu)
-        while UInt64(emitters[vcpu].packets.count) <= seq && registers.opCount < opLimit {
+        while emitters[vcpu].emitted <= seq && registers.opCount < opLimit {
             _ = executeOp(&registers, vcpu: index, shape: shape, memory: memory, emitter: &emitters[vcpu])
         }
         state[vcpu] = registers
-        return UInt64(emitters[vcpu].packets.count) > seq
+        return emitters[vcpu].emitted > seq
     }
 
     /// The registers every vCPU has now.
@@ -72,10 +80,24 @@ public final class SimReplay {
     /// The populated layout now.
     public var layout: MemoryLayout { layoutFromRegisters(state, pageCount: config.pageCount) }
 
-    /// The packet vCPU `vcpu` emitted with sequence `seq`, if the replay has got that far.
+    /// The packet vCPU `vcpu` emitted with sequence `seq`, if the replay has got that far and
+    /// has not forgotten it.
     public func expectedPacket(vcpu: Int, seq: UInt64) -> SimPacket? {
-        guard vcpu >= 0, vcpu < config.vcpus, seq < UInt64(emitters[vcpu].packets.count) else { return nil }
-        return emitters[vcpu].packets[Int(seq)]
+        guard vcpu >= 0, vcpu < config.vcpus else { return nil }
+        let e = emitters[vcpu]
+        guard seq >= e.forgotten, seq < e.emitted else { return nil }
+        return e.packets[Int(seq - e.forgotten)]
+    }
+
+    /// Sequence of the next packet vCPU `vcpu` emits in the replay.
+    public func emittedPackets(vcpu: Int) -> UInt64 { emitters[vcpu].emitted }
+
+    /// Drops the recorded packets of vCPU `vcpu` below sequence `seq` (memory for long runs).
+    public func forgetPackets(vcpu: Int, below seq: UInt64) {
+        let drop = Int(min(seq, emitters[vcpu].emitted) - min(seq, emitters[vcpu].forgotten))
+        guard drop > 0 else { return }
+        emitters[vcpu].packets.removeFirst(drop)
+        emitters[vcpu].forgotten += UInt64(drop)
     }
 
     /// The expected content of page `pfn` now; nil when the page is given back.

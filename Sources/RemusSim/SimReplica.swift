@@ -74,6 +74,8 @@ public final class SimReplica: ReplicaTarget, Sendable {
         }
     }
 
+    /// The view points into the replica's memory: valid until the next `commit` changes the page,
+    /// and never after `activate` or `discard`.
     public func committedPage(_ pfn: PFN) -> UnsafeRawBufferPointer? {
         phase.withLock { phase -> UnsafeRawBufferPointer? in
             guard case .ready(let image) = phase, pfn < image.memory.pageCount, !image.memory.absent.test(pfn) else {

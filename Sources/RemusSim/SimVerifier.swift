@@ -1,6 +1,7 @@
 // The drill's verifier: proves an activated guest's memory, registers, layout, packets and clock
 // against a replay of the workload.
 
+import Glibc
 import RemusCore
 
 /// The outcome of one verification: pass, or the mismatches found (which pfn / vCPU / seq,
@@ -72,9 +73,9 @@ public struct SimVerifier: Sendable {
     /// Checks a replica's committed image: memory byte for byte, registers and layout against the
     /// replay at the committed op counts. After activation it checks the activated guest instead
     /// (see `verifyActivation(guest:committed:)`).
-    public func verifyActivation(replica: SimReplica) -> SimReport {
+    public func verifyActivation(replica: SimReplica, replay: SimReplay? = nil) -> SimReport {
         if let guest = replica.activatedGuest, let committed = replica.committedState {
-            return verifyActivation(guest: guest, committed: committed)
+            return verifyActivation(guest: guest, committed: committed, replay: replay)
         }
         var report = SimReport(check: "activation")
         let outcome = replica.withCommittedMemory { memory, committed -> SimReport in
@@ -82,7 +83,7 @@ public struct SimVerifier: Sendable {
                 report.fail("the replica has no committed checkpoint")
                 return report
             }
-            guard let (replay, registers) = replayCommitted(committed, into: &report) else { return report }
+            guard let (replay, registers) = replayCommitted(committed, replay: replay, into: &report) else { return report }
             compareImage(memory: memory, registers: registers, replay: replay, into: &report)
             return report
         }
@@ -96,13 +97,16 @@ public struct SimVerifier: Sendable {
     /// guest's current memory, registers and layout must equal the replay at the guest's current op
     /// counts (right after activation these are the committed ones; later, the continuation must
     /// still match). The guest must be suspended, shut down or stepped.
-    public func verifyActivation(guest: SimGuest, committed: GuestState) -> SimReport {
+    ///
+    /// - Parameter replay: a replay of this config to move forward instead of replaying from boot;
+    ///   it must not be past the committed op counts. Default: a fresh one.
+    public func verifyActivation(guest: SimGuest, committed: GuestState, replay: SimReplay? = nil) -> SimReport {
         var report = SimReport(check: "activation")
         guard guest.config == config else {
             report.fail("the guest's config differs from the verifier's")
             return report
         }
-        guard let (replay, committedRegisters) = replayCommitted(committed, into: &report) else { return report }
+        guard let (replay, committedRegisters) = replayCommitted(committed, replay: replay, into: &report) else { return report }
         let current: [SimRegisters]
         do { current = try guest.registers() } catch {
             report.fail("cannot read the guest's registers: \(error)")
@@ -119,7 +123,9 @@ public struct SimVerifier: Sendable {
     }
 
     /// Replays to the committed op counts and compares the committed registers, devices and layout.
-    private func replayCommitted(_ committed: GuestState, into report: inout SimReport) -> (SimReplay, [SimRegisters])? {
+    private func replayCommitted(
+        _ committed: GuestState, replay shared: SimReplay?, into report: inout SimReport
+    ) -> (SimReplay, [SimRegisters])? {
         guard committed.vcpus.count == config.vcpus else {
             report.fail("committed state has \(committed.vcpus.count) vCPUs, the config \(config.vcpus)")
             return nil
@@ -131,9 +137,9 @@ public struct SimVerifier: Sendable {
                 return nil
             }
         }
-        let replay: SimReplay
-        do { replay = try SimReplay(config: config) } catch {
-            report.fail("cannot build the replay: \(error)")
+        guard let replay = makeReplay(shared, into: &report) else { return nil }
+        for (vcpu, ops) in replay.opCounts.enumerated() where ops > registers[vcpu].opCount {
+            report.fail("the shared replay of vCPU \(vcpu) is at op \(ops), past the committed op \(registers[vcpu].opCount)")
             return nil
         }
         replay.advance(to: registers.map(\.opCount))
@@ -159,6 +165,20 @@ public struct SimVerifier: Sendable {
     }
 
     /// Compares memory page by page (populated-ness and bytes), registers and layout.
+    private func makeReplay(_ shared: SimReplay?, into report: inout SimReport) -> SimReplay? {
+        if let shared {
+            guard shared.config == config else {
+                report.fail("the shared replay is of another config")
+                return nil
+            }
+            return shared
+        }
+        do { return try SimReplay(config: config) } catch {
+            report.fail("cannot build the replay: \(error)")
+            return nil
+        }
+    }
+
     private func compareImage(memory: GuestMemory, registers: [SimRegisters], replay: SimReplay, into report: inout SimReport) {
         for (vcpu, expected) in replay.registers.enumerated() where registers[vcpu] != expected {
             report.fail("vCPU \(vcpu) registers: expected \(expected), found \(registers[vcpu])")
@@ -202,7 +222,8 @@ public struct SimVerifier: Sendable {
             if !PageHash.isZero(expected) {
                 expectedDigest = PageHash.fold(expectedDigest, pageHash: PageHash.page(expected, pfn: pfn))
             }
-            if !expected.elementsEqual(actual) {
+            // SAFETY: two whole pages of the same size.
+            if memcmp(expected.baseAddress!, actual.baseAddress!, actual.count) != 0 {
                 report.fail(describePageMismatch(pfn: pfn, expected: expected, found: actual))
             }
         }
@@ -216,6 +237,7 @@ public struct SimVerifier: Sendable {
 
     private func describePageMismatch(pfn: PFN, expected: UnsafeRawBufferPointer?, found: UnsafeRawBufferPointer) -> String {
         let words = found.count / 8
+        // SAFETY: both buffers are whole pages of the same size; loads stay below count.
         for i in 0..<words {
             let e = expected?.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self) ?? 0
             let f = found.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self)
@@ -238,17 +260,22 @@ public struct SimVerifier: Sendable {
     /// - packets from the activated guest have seq at or above it (it resumed, not rewound).
     /// Counter "gaps": sequence numbers below the highest seen that never arrived — output of epochs
     /// the dead primary never released (lost like dropped packets; allowed).
-    public func verifyPackets(fromPrimary: [SimPacket], fromActivated: [SimPacket], activated: GuestState) -> SimReport {
-        verifyPackets(fromPrimary.map { ($0, .primary) } + fromActivated.map { ($0, .activated) }, activated: activated)
+    ///
+    /// - Parameter replay: a replay of this config to move forward instead of replaying from boot
+    ///   (it must still hold the packets observed; see `SimReplay.forgetPackets`).
+    public func verifyPackets(
+        fromPrimary: [SimPacket], fromActivated: [SimPacket], activated: GuestState, replay: SimReplay? = nil
+    ) -> SimReport {
+        verifyPackets(fromPrimary.map { ($0, .primary) } + fromActivated.map { ($0, .activated) }, activated: activated, replay: replay)
     }
 
     /// Checks packets of unknown origin: content against the replay, duplicates and gaps (no I1
     /// split; see `verifyPackets(fromPrimary:fromActivated:activated:)`).
-    public func verifyPackets(observed: [SimPacket], activated: GuestState) -> SimReport {
-        verifyPackets(observed.map { ($0, .unknown) }, activated: activated)
+    public func verifyPackets(observed: [SimPacket], activated: GuestState, replay: SimReplay? = nil) -> SimReport {
+        verifyPackets(observed.map { ($0, .unknown) }, activated: activated, replay: replay)
     }
 
-    private func verifyPackets(_ observed: [(SimPacket, Origin)], activated: GuestState) -> SimReport {
+    private func verifyPackets(_ observed: [(SimPacket, Origin)], activated: GuestState, replay shared: SimReplay?) -> SimReport {
         var report = SimReport(check: "packets")
         var nextSeq: [UInt64] = []
         for state in activated.vcpus {
@@ -266,18 +293,14 @@ public struct SimVerifier: Sendable {
         for (packet, _) in observed where Int(packet.vcpu) < config.vcpus {
             highest[Int(packet.vcpu)] = max(highest[Int(packet.vcpu)] ?? 0, packet.seq)
         }
-        let replay: SimReplay
-        do { replay = try SimReplay(config: config) } catch {
-            report.fail("cannot build the replay: \(error)")
-            return report
-        }
+        guard let replay = makeReplay(shared, into: &report) else { return report }
         let storeShare = max(WorkloadShape(config).storeThreshold, 1)
         for (vcpu, top) in highest.enumerated() {
             guard let top else { continue }
             // Generous bound on the ops needed to reach `top`: a corrupt seq must not replay forever.
             let estimate = (top.multipliedReportingOverflow(by: max(config.packetEveryStores, 1) * 4 * 65536 / storeShare))
             let limit = estimate.overflow ? maxReplayOps : min(maxReplayOps, estimate.partialValue + 1_000_000)
-            replay.advance(vcpu: vcpu, untilPacket: top, opLimit: limit)
+            replay.advance(vcpu: vcpu, untilPacket: top, opLimit: max(limit, replay.opCounts[vcpu]))
         }
         var seen = Set<SimPacket.Key>()
         var lastSeq: [Origin: [UInt64?]] = [:]
@@ -301,7 +324,8 @@ public struct SimVerifier: Sendable {
             if let expected = replay.expectedPacket(vcpu: vcpu, seq: packet.seq) {
                 if expected != packet { report.fail("vCPU \(vcpu) seq \(packet.seq): expected \(expected), found \(packet)") }
             } else {
-                report.fail("vCPU \(vcpu) seq \(packet.seq): the replay emits no such packet within \(replay.opCounts[vcpu]) ops")
+                report.fail("vCPU \(vcpu) seq \(packet.seq): the replay has no such packet (it emitted "
+                    + "\(replay.emittedPackets(vcpu: vcpu)) in \(replay.opCounts[vcpu]) ops, or forgot this one)")
             }
             switch origin {
             case .primary where packet.seq >= nextSeq[vcpu]:

@@ -276,4 +276,31 @@ struct ReplicaTests {
         bounded.maxReplayOps = 100_000
         #expect(!bounded.verifyPackets(observed: [far], activated: checkpoint).passed)
     }
+
+    @Test func aSharedReplayMovesForwardAcrossVerifications() throws {
+        let config = smallConfig()
+        let clock = ManualClock()
+        let recorder = SimPacketRecorder()
+        let guest = try SimGuest(config: config, clock: clock, nic: SimOutputBuffer(sink: recorder, holding: false), autoRun: false)
+        let replay = try SimReplay(config: config)
+        let verifier = SimVerifier(config: config)
+        var verified = 0
+        for round in 1...4 {
+            guest.stepAll(ops: UInt64(round) * 1_000)
+            let state = try guest.captureState(clock: clock)
+            let report = verifier.verifyActivation(guest: guest, committed: state, replay: replay)
+            #expect(report.passed, "\(report)")
+            let fresh = Array(recorder.received.dropFirst(verified))
+            #expect(verifier.verifyPackets(observed: fresh, activated: state, replay: replay).passed)
+            verified += fresh.count
+            for vcpu in 0..<config.vcpus { replay.forgetPackets(vcpu: vcpu, below: replay.emittedPackets(vcpu: vcpu)) }
+        }
+        #expect(replay.opCounts == (try guest.registers()).map(\.opCount))
+        // Forgotten packets are not vouched for, and a replay past the committed state is refused.
+        #expect(!verifier.verifyPackets(observed: [recorder.received[0]], activated: try guest.captureState(clock: clock), replay: replay).passed)
+        let early = try SimGuest(config: config, clock: clock, nic: nil, autoRun: false)
+        early.stepAll(ops: 10)
+        let refused = verifier.verifyActivation(guest: early, committed: try early.captureState(clock: clock), replay: replay)
+        #expect(refused.mismatches.contains { $0.contains("past the committed op") }, "\(refused)")
+    }
 }
