@@ -42,6 +42,9 @@ public struct FailoverResult: Sendable {
     public var releasedUncommitted: Int
     /// Packets emitted by the dead primary and never released (lost with it, as in any Remus).
     public var discardedWithPrimary: Int
+    /// The backup declared the primary lost (silence) before it was killed: a false alarm that
+    /// fencing and held output made harmless.
+    public var falseAlarm = false
     public var verified: Bool
     public var problems: [String]
 }
@@ -73,6 +76,7 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
         var results: [FailoverResult] = []
         var children: [ChildProcess] = []
         var finished = false
+        var previousGaps = 0
         defer {
             for c in children { c.signal(SIGKILL); c.wait() }
             if finished && !config.keep && results.allSatisfy(\.verified) {
@@ -111,8 +115,7 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
             let nextBackup = g + 1 < config.failovers ? try startBackup(g + 1) : nil
             // Let protection run: at least three acknowledged checkpoints, then a random moment.
             try waitForAcknowledged(socket: primarySocket, atLeast: 3, deadlineMs: 20_000, who: "generation \(g)'s primary")
-            try killAtRandomMoment(socket: primarySocket, child: primary)
-            let killedAt = clock.monotonicNs()
+            let killedAt = killAtRandomMoment(socket: primarySocket, child: primary)
             primary.wait()
             // Local fence: the drill knows the primary's process is gone.
             try touch("\(dir)/fenced-\(g)")
@@ -124,6 +127,10 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
                 report: report, killedAt: killedAt, observed: observer.packets(), killedPid: primaryPid,
                 survivorPid: backup.pid, index: g)
             result.index = g + 1
+            // Gaps are counted over the whole drill: this failover's are the new ones.
+            let gapsSoFar = result.discardedWithPrimary
+            result.discardedWithPrimary -= previousGaps
+            previousGaps = gapsSoFar
             results.append(result)
             if config.progress { printProgress(result, of: config.failovers) }
             if !result.verified {
@@ -153,7 +160,9 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
 
     /// Kills at a random moment: half the time right after a checkpoint was captured (so it is
     /// likely in flight), otherwise at a uniformly random point of the next interval.
-    private func killAtRandomMoment(socket: String, child: ChildProcess) throws {
+    /// Returns the monotonic time taken right before the signal (the backup may see the closed
+    /// connection before this thread runs again).
+    private func killAtRandomMoment(socket: String, child: ChildProcess) -> UInt64 {
         let intervalMs = config.settings.intervalNs / 1_000_000
         if rng.next() % 2 == 0 {
             let start = (try? StatusSocket.query(socket)).flatMap(Self.captured(in:)) ?? 0
@@ -165,7 +174,9 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
         } else {
             pauseBriefly(us: rng.next() % (intervalMs * 1000 * 3))
         }
+        let at = clock.monotonicNs()
         child.signal(SIGKILL)
+        return at
     }
 
     static func acknowledged(in status: String) -> Epoch? { field(in: status, after: "acknowledged ") }

@@ -3,7 +3,7 @@ public enum DrillTable {
     public static func render(_ results: [FailoverResult]) -> String {
         var rows = [["#", "epoch", "cut mid-ckpt", "detect ms", "activate ms", "uncommitted out", "lost w/ primary", "verified"]]
         for r in results {
-            rows.append(["\(r.index)", "\(r.epoch)", r.cutMidCheckpoint ? "yes" : "no", format(r.detectionMs), format(r.activationMs),
+            rows.append(["\(r.index)", "\(r.epoch)", r.cutMidCheckpoint ? "yes" : "no", r.falseAlarm ? "early*" : format(r.detectionMs), format(r.activationMs),
                          "\(r.releasedUncommitted)", "\(r.discardedWithPrimary)", r.verified ? "yes" : "NO"])
         }
         let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max() ?? 0 }
@@ -11,12 +11,16 @@ public enum DrillTable {
             row.enumerated().map { i, cell in String(repeating: " ", count: widths[i] - cell.count) + cell }.joined(separator: "  ")
         }.joined(separator: "\n")
         if !results.isEmpty {
-            let detect = results.map(\.detectionMs).sorted()
+            let detect = results.filter { !$0.falseAlarm }.map(\.detectionMs).sorted()
             let activate = results.map(\.activationMs).sorted()
-            func pct(_ a: [Double], _ p: Double) -> String { format(a[min(Int(Double(a.count - 1) * p), a.count - 1)]) }
+            func pct(_ a: [Double], _ p: Double) -> String { a.isEmpty ? "-" : format(a[min(Int(Double(a.count - 1) * p), a.count - 1)]) }
             out += "\n\ndetection ms: median \(pct(detect, 0.5)), p90 \(pct(detect, 0.9)), max \(pct(detect, 1))"
             out += "\nactivation ms: median \(pct(activate, 0.5)), p90 \(pct(activate, 0.9)), max \(pct(activate, 1))"
             out += "\ncut mid-checkpoint: \(results.filter(\.cutMidCheckpoint).count) of \(results.count)"
+            let alarms = results.filter(\.falseAlarm).count
+            if alarms > 0 {
+                out += "\nearly*: \(alarms) false alarm(s): the backup found the primary silent before it was killed (a loaded host); the fence waited for the real death and the primary held its output, so every check above still applies"
+            }
             out += "\noutput from uncommitted state seen outside (I1 violations): \(results.map(\.releasedUncommitted).reduce(0, +))"
             for r in results where !r.problems.isEmpty { out += "\nfailover \(r.index): " + r.problems.joined(separator: "; ") }
         }

@@ -141,7 +141,9 @@ enum DrillVerifier {
             detectionMs: detected >= killedAt ? Double(detected - killedAt) / 1e6 : 0,
             activationMs: activated >= detected ? Double(activated - detected) / 1e6 : 0,
             releasedUncommitted: 0, discardedWithPrimary: 0, verified: false, problems: [])
-        if detected < killedAt { problems.append("the backup reported the loss before the primary was killed") }
+        // Silence detected before the kill: a false alarm under load. It is safe when the checks
+        // below pass (the primary held its output, the fence waited for the real death).
+        result.falseAlarm = detected < killedAt
         if report.fields["memory_verified"] != "yes" {
             problems.append("memory/registers/layout: \(report.fields["memory_report"] ?? "no verification in the report")")
         }

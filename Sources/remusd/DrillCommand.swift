@@ -81,3 +81,25 @@ struct Drill: ParsableCommand {
         print("drill: \(results.count) passed, 0 failed")
     }
 }
+
+/// `remusd bench`
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Measure the replication loop beside this machine's limits (memcpy, raw loopback TCP).",
+        discussion: "A benchmark, not a test: it prints medians and spreads, and ratios against the limits measured in the same run.")
+
+    @Option(name: .customLong("dirty-pages"), help: ArgumentHelp("Pages dirtied per checkpoint.", valueName: "n"))
+    var dirtyPages: Int = 2000
+
+    @Option(help: ArgumentHelp("Samples per measurement.", valueName: "n"))
+    var repetitions: Int = 15
+
+    func validate() throws {
+        if dirtyPages < 1 || dirtyPages > 200_000 { throw ValidationError("--dirty-pages must be between 1 and 200000") }
+        if repetitions < 3 { throw ValidationError("--repetitions must be at least 3") }
+    }
+
+    func run() throws {
+        print(LoopBenchmark.render(try LoopBenchmark.run(dirtyPages: dirtyPages, repetitions: repetitions)), terminator: "")
+    }
+}

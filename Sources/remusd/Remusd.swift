@@ -14,7 +14,7 @@ struct Remusd: ParsableCommand {
             committed. When the primary dies the backup fences it and resumes the guest from the last
             committed checkpoint. 'remusd drill' shows all this on a simulated guest.
             """,
-        subcommands: [Protect.self, Receive.self, Status.self, Stop.self, Failover.self, Drill.self, Netbuf.self]
+        subcommands: [Protect.self, Receive.self, Status.self, Stop.self, Failover.self, Drill.self, Bench.self, Netbuf.self]
     )
 }
 

@@ -1,0 +1,152 @@
+import Glibc
+import RemusCore
+import RemusSim
+
+/// `remusd bench`: the replication loop's speed beside the physical limits measured in the same
+/// run. Reports medians and spreads, never a pass/fail.
+public enum LoopBenchmark {
+    public struct Row: Sendable {
+        public var name: String
+        public var median: Double
+        public var low: Double
+        public var high: Double
+        public var unit: String
+        public var note: String
+    }
+
+    /// - Parameters:
+    ///   - dirtyPages: pages dirtied per checkpoint (the guest is stepped until its dirty set reaches it).
+    ///   - repetitions: samples per measurement.
+    public static func run(dirtyPages: Int, repetitions: Int) throws -> [Row] {
+        let clock = SystemClock()
+        var rows: [Row] = []
+        let pageSize = 4096
+        let bytes = dirtyPages * pageSize
+
+        // Limit 1: memcpy of the same bytes, scattered source pages like a dirty set.
+        let source = UnsafeMutableRawPointer.allocate(byteCount: bytes * 4, alignment: 4096)
+        let destination = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)
+        defer { source.deallocate(); destination.deallocate() }
+        memset(source, 0x5a, bytes * 4)
+        memset(destination, 0, bytes)
+        var memcpyNs: [Double] = []
+        for _ in 0..<repetitions {
+            let t0 = clock.monotonicNs()
+            for i in 0..<dirtyPages { memcpy(destination + i * pageSize, source + (i * 4 % (dirtyPages * 4)) * pageSize, pageSize) }
+            memcpyNs.append(Double(clock.monotonicNs() - t0))
+        }
+        rows.append(row("memcpy of the dirty set", memcpyNs.map { Double(bytes) / $0 }, "GB/s", "\(dirtyPages) pages, the limit for capture"))
+
+        // The pause: suspend → harvest → copy into the arena → state → resume, on a running guest.
+        var config = SimConfig(memoryBytes: 1 << 30, vcpus: 2, seed: 1)
+        config.dirtyRateLimit = 0
+        let guest = try SimGuest(config: config, clock: clock, nic: nil, name: "bench", autoRun: false)
+        defer { guest.shutdown() }
+        try guest.startDirtyLogging()
+        var bitmap = DirtyBitmap(pageCount: guest.descriptor.pageCount)
+        try guest.harvestDirty(into: &bitmap)  // the initial everything-dirty set
+        bitmap.clearAll()
+        let arena = StagingArena(pageSize: pageSize, capacityPages: max(dirtyPages * 2, 1024))
+        var pauses: [Double] = []
+        var captured: [Int] = []
+        for epoch in 1...repetitions {
+            var dirty = 0
+            while dirty < dirtyPages {
+                guest.stepAll(ops: UInt64(max(dirtyPages / 8, 16)))
+                try guest.harvestDirty(into: &bitmap)
+                dirty = bitmap.count
+            }
+            let t0 = clock.monotonicNs()
+            try guest.suspend()
+            try guest.harvestDirty(into: &bitmap)
+            arena.reset(epoch: Epoch(epoch), kind: .checkpoint)
+            try guest.capturePages(bitmap, into: arena)
+            _ = try guest.captureState(clock: clock)
+            try guest.resume()
+            pauses.append(Double(clock.monotonicNs() - t0))
+            captured.append(arena.count)
+            bitmap.clearAll()
+        }
+        let capturedMedian = captured.sorted()[captured.count / 2]
+        rows.append(row("pause per checkpoint", pauses.map { $0 / 1000 }, "µs", "\(capturedMedian) pages captured (median)"))
+        let captureRates = zip(pauses, captured).map { Double($1 * pageSize) / $0 }
+        rows.append(row("capture speed", captureRates, "GB/s", ratio(captureRates, memcpyNs.map { Double(bytes) / $0 }) + " of memcpy"))
+
+        // Limit 2: raw loopback TCP; then checkpoints encoded and written over the same kind of socket.
+        let chunk = [UInt8](repeating: 0xa5, count: 1 << 20)
+        let rawTotal = 256 << 20
+        let raw = try loopbackThroughput(bytes: rawTotal, repetitions: repetitions) { channel in
+            var sent = 0
+            while sent < rawTotal { try channel.write(chunk); sent += chunk.count }
+            return sent
+        }
+        rows.append(row("raw loopback TCP", raw, "GB/s", "\(rawTotal >> 20) MiB per sample, the limit for shipping"))
+        // Fill the arena with non-zero pages so the encoder cannot shortcut them.
+        let shipArena = StagingArena(pageSize: pageSize, capacityPages: 16384)
+        shipArena.reset(epoch: 1, kind: .checkpoint)
+        for pfn in 0..<16384 {
+            let page = shipArena.append(pfn: PFN(pfn), encoding: .raw)!
+            page.withMemoryRebound(to: UInt64.self) { words in for i in words.indices { words[i] = UInt64(pfn) &* 0x9E37_79B9_7F4A_7C15 &+ UInt64(i) } }
+        }
+        let state = try guest.captureState(clock: clock)
+        let perSample = 16
+        let shipped = try loopbackThroughput(bytes: 0, repetitions: repetitions) { channel in
+            let writer = RecordWriter(channel: channel, pageSize: pageSize)
+            var sent = 0
+            for i in 0..<perSample {
+                shipArena.epoch = Epoch(i + 1)
+                sent += try writer.writeCheckpoint(shipArena, state: state)
+            }
+            return sent
+        }
+        rows.append(row("checkpoint shipping", shipped, "GB/s", ratio(shipped, raw) + " of raw TCP; 64 MiB checkpoints, encoded + CRC32C + writev"))
+        return rows
+    }
+
+    /// Bytes/ns (= GB/s) per sample of `send` writing to a connection whose peer drains it.
+    private static func loopbackThroughput(bytes: Int, repetitions: Int, _ send: (TCPChannel) throws -> Int) throws -> [Double] {
+        let listener = try TCPListener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+        var rates: [Double] = []
+        for _ in 0..<repetitions {
+            let done = Gate<Int>()
+            startThread(name: "bench-drain") {
+                guard let ch = try? listener.accept() else { done.open(with: 0); return }
+                var buffer = [UInt8](repeating: 0, count: 1 << 20)
+                var total = 0
+                while let n = try? buffer.withUnsafeMutableBytes({ try ch.read(into: $0) }), n > 0 { total += n }
+                done.open(with: total)
+            }
+            let channel = try TCPChannel.connect(to: listener.endpoint)
+            let t0 = SystemClock().monotonicNs()
+            let sent = try send(channel)
+            channel.shutdown()
+            let received = done.wait()
+            let elapsed = Double(SystemClock().monotonicNs() - t0)
+            precondition(received == sent, "drained \(received) of \(sent) bytes")
+            rates.append(Double(sent) / elapsed)
+        }
+        return rates
+    }
+
+    private static func row(_ name: String, _ samples: [Double], _ unit: String, _ note: String) -> Row {
+        let s = samples.sorted()
+        return Row(name: name, median: s[s.count / 2], low: s.first ?? 0, high: s.last ?? 0, unit: unit, note: note)
+    }
+
+    private static func ratio(_ a: [Double], _ b: [Double]) -> String {
+        let ma = a.sorted()[a.count / 2], mb = b.sorted()[b.count / 2]
+        return "\(Int((ma / mb * 100).rounded())) %"
+    }
+
+    public static func render(_ rows: [Row]) -> String {
+        var out = "| measurement | median | min … max | note |\n| --- | --- | --- | --- |\n"
+        for r in rows {
+            out += "| \(r.name) | \(fmt(r.median)) \(r.unit) | \(fmt(r.low)) … \(fmt(r.high)) | \(r.note) |\n"
+        }
+        return out
+    }
+
+    private static func fmt(_ v: Double) -> String {
+        v >= 100 ? String(Int(v.rounded())) : String((v * 100).rounded() / 100)
+    }
+}
