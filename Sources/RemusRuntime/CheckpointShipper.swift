@@ -117,6 +117,8 @@ struct PrimaryStatistics {
     var shippedBytes: UInt64 = 0
     var precopyPages: UInt64 = 0
     var lastCheckpointBytes: UInt64 = 0
+    /// Bytes on the wire of each shipped, unacknowledged checkpoint.
+    var unacknowledgedBytes: [Epoch: UInt64] = [:]
     var lastAckAt: UInt64 = 0
     var pauses = SampleWindow()
     var dirtyPages = SampleWindow()
@@ -137,6 +139,7 @@ struct PrimaryStatistics {
             let n = Double(min(checkpointTimes.total, 64) - 1)
             lines.append("checkpoint rate: \(String(Int((n * 1e9 / Double(last - first)).rounded()))) /s")
         }
+        lines.append("bytes in flight: \(unacknowledgedBytes.values.reduce(0, +)) (shipped, not yet acknowledged)")
         lines.append("shipped: \(shippedBytes) bytes, pre-copy \(precopyPages) pages")
         lines.append(lastAckAt == 0 ? "last ACK: none yet" : "last ACK: \((now - lastAckAt) / 1_000_000) ms ago")
         if !lastReport.isEmpty { lines.append("last event: \(lastReport)") }

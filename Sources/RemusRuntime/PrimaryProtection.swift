@@ -106,12 +106,21 @@ public final class PrimaryProtection: @unchecked Sendable {
         case .shipped(let gen, let epoch, let bytes):
             guard gen == generation else { return }
             if let (arena, _) = capturedArenas.removeValue(forKey: epoch) { freeArenas.append(arena) }
-            updateStats { $0.shippedBytes += UInt64(bytes); $0.lastCheckpointBytes = UInt64(bytes) }
+            updateStats {
+                $0.shippedBytes += UInt64(bytes)
+                $0.lastCheckpointBytes = UInt64(bytes)
+                $0.unacknowledgedBytes[epoch] = UInt64(bytes)
+            }
             execute(engine.onCheckpointShipped(epoch, now: now))
         case .ack(let gen, let ack):
             guard gen == generation else { return }
             execute(engine.onAck(ack.epoch, now: now))
-            updateStats { $0.acknowledged = self.engine.acknowledgedEpoch; $0.lastAckAt = now }
+            let acked = engine.acknowledgedEpoch
+            updateStats {
+                $0.acknowledged = acked
+                $0.lastAckAt = now
+                $0.unacknowledgedBytes = $0.unacknowledgedBytes.filter { $0.key > acked }
+            }
         case .activity(let gen):
             guard gen == generation else { return }
             execute(engine.onPeerActivity(now: now))
@@ -192,6 +201,7 @@ public final class PrimaryProtection: @unchecked Sendable {
             generation += 1  // events of the old connection are ignored from now on
             for (_, (arena, _)) in capturedArenas { freeArenas.append(arena) }
             capturedArenas.removeAll()
+            updateStats { $0.unacknowledgedBytes.removeAll() }
         case .scheduleTick(let at):
             loop.scheduleTick(at: at)
         case .report(let report):

@@ -226,6 +226,8 @@ final class GuestMachine: @unchecked Sendable {
         defer { control.unlock() }
         suspendRequested = true
         pauseRequested.store(true, ordering: .releasing)
+        // Wake vCPUs waiting in a throttle: they must park now, not when their wait times out.
+        control.broadcast()
         while parked < running { control.wait() }
     }
 
