@@ -249,7 +249,7 @@ struct StreamRoundTripTests {
         #expect(throws: StreamEncodeError.self) { try StreamEncoder.appendHeader(h, into: &header) }
     }
 
-    @Test func crcHardwarePathMatchesTheTableAtEveryLengthAndAlignment() {
+    @Test func crcFastPathsMatchTheTableAtEveryLengthAndAlignment() {
         var g = SeededGenerator(seed: 5)
         let data = g.bytes(3 * 8192 * 2 + 4096)
         data.withUnsafeBytes { raw in
@@ -259,6 +259,19 @@ struct StreamRoundTripTests {
                 let slice = UnsafeRawBufferPointer(rebasing: raw[start..<(start + length)])
                 let seed = UInt32.random(in: 0...UInt32.max, using: &g)
                 #expect(CRC32C.extend(seed, slice) == CRC32C.extendPortable(seed, slice))
+            }
+        }
+        // Lengths around every path's thresholds (256-byte folding, 16-byte folds, 768/24576-byte
+        // three-way blocks), each at several alignments and with chaining.
+        data.withUnsafeBytes { raw in
+            for length in [0, 1, 7, 8, 15, 16, 255, 256, 257, 271, 272, 511, 512, 513, 767, 768, 769, 4095, 4096, 4097, 24575, 24576, 24577] {
+                for start in [0, 1, 3, 8, 13] {
+                    let slice = UnsafeRawBufferPointer(rebasing: raw[start..<(start + length)])
+                    #expect(CRC32C.extend(0xDEAD_BEEF, slice) == CRC32C.extendPortable(0xDEAD_BEEF, slice), "length \(length) at \(start)")
+                    let half = length / 2
+                    let chained = CRC32C.extend(CRC32C.extend(0, UnsafeRawBufferPointer(rebasing: slice[..<half])), UnsafeRawBufferPointer(rebasing: slice[half...]))
+                    #expect(chained == CRC32C.extendPortable(0, slice))
+                }
             }
         }
         let check = Array("123456789".utf8).withUnsafeBytes { CRC32C.extend(0, $0) }
