@@ -14,7 +14,9 @@
 public struct PageDeltaError: Error, Equatable, Sendable, CustomStringConvertible {
     /// What was wrong, with byte offsets inside the delta.
     public var detail: String
+    /// - Parameter detail: what was wrong.
     public init(_ detail: String) { self.detail = detail }
+    /// "malformed page delta: …".
     public var description: String { "malformed page delta: \(detail)" }
 }
 

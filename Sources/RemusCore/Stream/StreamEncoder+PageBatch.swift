@@ -10,6 +10,7 @@ public struct StreamSegment: Equatable {
     public var base: UnsafeRawPointer
     /// Length in bytes.
     public var count: Int
+    /// A segment of `count` bytes at `base`.
     public init(base: UnsafeRawPointer, count: Int) {
         self.base = base
         self.count = count
@@ -181,7 +182,7 @@ extension StreamEncoder {
         }
         let header = RecordHeader(typeCode: RecordType.pageBatch.rawValue, flags: flags, bodyLength: UInt32(bodyLength), crc: crc)
         header.write(to: head)
-        count(header)
+        countInDigest(header)
         return EncodedPageBatch(
             header: header, segments: UnsafeBufferPointer(start: segmentStorage, count: segmentCount),
             rawPages: counts.raw, zeroPages: counts.zero, deltaPages: counts.delta, absentPages: counts.absent)

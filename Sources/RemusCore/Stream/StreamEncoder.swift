@@ -229,7 +229,8 @@ public struct StreamEncoder: ~Copyable {
 
     /// Appends a record of any type code with the given flags and body, as it is: for record
     /// types of later minor versions, and for tests that need streams a v1 writer never produces.
-    /// Counted in the open checkpoint's digest like any other record.
+    /// Counted in the open checkpoint's digest like any other record; it never opens or closes a
+    /// checkpoint (use `append(_:into:)` for BEGIN and END).
     public mutating func appendRecord(
         typeCode: UInt32, flags: UInt16, body: UnsafeRawBufferPointer, into out: inout [UInt8]
     ) throws(StreamEncodeError) {
@@ -278,11 +279,11 @@ public struct StreamEncoder: ~Copyable {
             guard let base = $0.baseAddress else { return }
             header.write(to: base + start)
         }
-        count(header)
+        countInDigest(header)
     }
 
     /// Counts a written record in the open checkpoint's digest (BEGIN and END are not content).
-    mutating func count(_ header: RecordHeader) {
+    mutating func countInDigest(_ header: RecordHeader) {
         guard openCheckpoint != nil,
             header.typeCode != RecordType.checkpointBegin.rawValue,
             header.typeCode != RecordType.checkpointEnd.rawValue

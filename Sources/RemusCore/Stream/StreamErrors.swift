@@ -53,6 +53,8 @@ public struct StreamDecodeError: Error, Equatable, Sendable, CustomStringConvert
     /// What was wrong, with the numbers seen.
     public var detail: String
 
+    /// An error of `kind` about the record with `typeCode` (nil: stream header or partial record
+    /// header) at stream `offset` bytes.
     public init(_ kind: Kind, typeCode: UInt32?, offset: UInt64, _ detail: String) {
         self.kind = kind
         self.typeCode = typeCode
@@ -96,11 +98,13 @@ public struct StreamEncodeError: Error, Equatable, Sendable, CustomStringConvert
     /// What was wrong, with the numbers.
     public var detail: String
 
+    /// An error about `recordType` (nil: the stream header).
     public init(_ recordType: RecordType?, _ detail: String) {
         self.recordType = recordType
         self.detail = detail
     }
 
+    /// "cannot encode PAGE_BATCH: …".
     public var description: String {
         "cannot encode \(recordType?.wireName ?? "stream header"): \(detail)"
     }

@@ -10,6 +10,7 @@ public struct OpaquePayload: Equatable, Sendable {
     public var sequence: UInt32
     /// The chunk's bytes.
     public var bytes: [UInt8]
+    /// A chunk of `stream` numbered `sequence`.
     public init(stream: OpaqueStream, sequence: UInt32, bytes: [UInt8]) {
         self.stream = stream
         self.sequence = sequence
@@ -17,7 +18,8 @@ public struct OpaquePayload: Equatable, Sendable {
     }
 }
 
-/// Every record except PAGE_BATCH, as an owned value the encoder can write.
+/// Every record except PAGE_BATCH, as an owned value the encoder can write. Each case carries the
+/// body of the record type of the same name (Records.swift, Docs/stream-format.md section 6).
 public enum StreamRecord: Equatable, Sendable {
     case checkpointBegin(CheckpointBegin)
     case checkpointEnd(CheckpointEnd)
@@ -76,7 +78,9 @@ public struct PageBatchView: RandomAccessCollection {
     /// Offset of each entry's data from the start of the body (owned by the decoder).
     let dataOffsets: UnsafePointer<UInt32>
 
+    /// 0.
     public var startIndex: Int { 0 }
+    /// `count`.
     public var endIndex: Int { count }
 
     /// The entry at `index` (0 ..< count).
@@ -112,7 +116,7 @@ public struct OpaquePayloadView {
     }
 }
 
-/// The content of one decoded record.
+/// The content of one decoded record; each case is the record type of the same name.
 public enum RecordContent {
     case checkpointBegin(CheckpointBegin)
     case checkpointEnd(CheckpointEnd)
@@ -140,6 +144,7 @@ public struct DecodedRecord {
     public var offset: UInt64
     /// The header as it was on the wire (feeds the checkpoint digest).
     public var header: RecordHeader
+    /// The decoded body.
     public var content: RecordContent
 }
 
@@ -163,6 +168,7 @@ public struct CheckpointDigest: Equatable, Sendable {
     /// CRC32C over their headers so far (0 for none).
     public private(set) var value: UInt32 = 0
 
+    /// An empty digest (no records).
     public init() {}
 
     /// Counts one record (HEARTBEAT records are ignored by definition).

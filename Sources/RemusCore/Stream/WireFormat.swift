@@ -98,6 +98,7 @@ public struct RecordHeader: Equatable, Hashable, Sendable {
     /// CRC32C over header bytes 0..<12 and the body.
     public var crc: UInt32
 
+    /// A header with the given fields (the reserved field is always 0).
     public init(typeCode: UInt32, flags: UInt16, bodyLength: UInt32, crc: UInt32) {
         self.typeCode = typeCode
         self.flags = flags

@@ -277,15 +277,15 @@ struct CheckpointValidatorTests {
         #expect(validate(ackFromPrimary).error?.kind == .outOfOrder)
     }
 
-    @Test func headerRoleAndFeaturesAreChecked() throws {
-        let fromBackup = try buildStream(streamHeader(role: .backup)) { _, _ in }
+    @Test func headerRoleAndFeaturesAreChecked() {
+        let fromBackup = buildStream(streamHeader(role: .backup)) { _, _ in }
         #expect(validate(fromBackup).error?.kind == .badHeader)
-        let unoffered = try buildStream(streamHeader(features: StreamFeatures(rawValue: 1 << 9))) { _, _ in }
+        let unoffered = buildStream(streamHeader(features: StreamFeatures(rawValue: 1 << 9))) { _, _ in }
         let error = validate(unoffered).error
         #expect(error?.kind == .badHeader)
         #expect(error?.description.hasPrefix("stream header at stream offset 0: the primary enabled features") == true)
         // The backup's own offer may contain bits the primary does not know.
-        let backupOffer = try buildStream(streamHeader(role: .backup, features: StreamFeatures(rawValue: 0xFF))) { _, _ in }
+        let backupOffer = buildStream(streamHeader(role: .backup, features: StreamFeatures(rawValue: 0xFF))) { _, _ in }
         #expect(validate(backupOffer, direction: .backupToPrimary).error == nil)
     }
 
