@@ -68,6 +68,9 @@ public struct SimConfig: Sendable, Equatable {
         }
         guard memoryBytes <= 1 << 44 else { throw bad("memory \(memoryBytes) bytes is above the 16 TiB limit") }
         guard (1...1024).contains(vcpus) else { throw bad("vcpus \(vcpus) is outside 1…1024") }
+        guard packetEveryStores <= 1 << 32, balloonPeriod <= 1 << 32 else {
+            throw bad("packet period \(packetEveryStores) stores or balloon period \(balloonPeriod) ops is beyond 2^32")
+        }
         guard opRateLimit <= 1 << 40, dirtyRateLimit <= 1 << 40 else {
             throw bad("rate limits \(opRateLimit) ops/s and \(dirtyRateLimit) pages/s are beyond 2^40")
         }

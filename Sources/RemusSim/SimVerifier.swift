@@ -298,7 +298,8 @@ public struct SimVerifier: Sendable {
         for (vcpu, top) in highest.enumerated() {
             guard let top else { continue }
             // Generous bound on the ops needed to reach `top`: a corrupt seq must not replay forever.
-            let estimate = (top.multipliedReportingOverflow(by: max(config.packetEveryStores, 1) * 4 * 65536 / storeShare))
+            let opsPerPacket = max(config.packetEveryStores, 1) * 4 * 65536 / storeShare  // ≤ 2^50: config bounds
+            let estimate = top.multipliedReportingOverflow(by: opsPerPacket)
             let limit = estimate.overflow ? maxReplayOps : min(maxReplayOps, estimate.partialValue + 1_000_000)
             replay.advance(vcpu: vcpu, untilPacket: top, opLimit: max(limit, replay.opCounts[vcpu]))
         }

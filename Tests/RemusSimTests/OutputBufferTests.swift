@@ -119,4 +119,27 @@ struct OutputBufferTests {
             #expect(received.filter { $0.vcpu == vcpu }.map(\.seq) == Array(0..<perThread))
         }
     }
+
+    @Test func aCheckpointsOutputIsExactlyWhatItsNICStateSaysWasEmitted() throws {
+        // A running guest: after checkpoint N is released, the outside world has seen exactly the
+        // packets with seq below the NIC sequence captured in checkpoint N, nothing of epoch N + 1.
+        var config = smallConfig(vcpus: 3)
+        config.packetEveryStores = 4
+        config.opRateLimit = 300_000  // real time: keeps the packet count small
+        let clock = SystemHostClock()
+        let recorder = SimPacketRecorder()
+        let guest = try SimGuest(config: config, clock: clock, nic: SimOutputBuffer(sink: recorder))
+        defer { guest.shutdown() }
+        let loop = try CheckpointLoop(primary: guest, replica: SimReplica(clock: clock, autoRunOnActivation: false), clock: clock)
+        for _ in 0..<25 {
+            #expect(guest.waitForProgress(ops: guest.publishedOpCounts.max()! + 2_000, timeoutNs: 20 * secondNs))
+            let state = try loop.checkpoint()
+            let nicSeq = try state.vcpus.map { try SimRegisters($0).nicSeq }
+            let seen = recorder.received
+            for vcpu in 0..<config.vcpus {
+                #expect(seen.filter { $0.vcpu == vcpu }.map(\.seq) == Array(0..<nicSeq[vcpu]))
+            }
+            #expect(try NICState.decode(state.devices[0]) == nicSeq)
+        }
+    }
 }
