@@ -96,7 +96,7 @@ private func inspect(_ item: StreamItem, decoder: borrowing StreamDecoder) {
     case .skippedOptional, .opaquePayload:
         break
     default:
-        guard let value = owned(record.content) else { return }
+        guard let value = record.content.ownedRecord else { return }
         var encoder = StreamEncoder(pageSize: Int(header.pageSize), features: header.features)
         var bytes: [UInt8] = []
         try! StreamEncoder.appendHeader(StreamHeader(features: header.features, pageSize: header.pageSize, backend: header.backend, role: header.role, guestUUID: header.guestUUID, guestName: header.guestName, senderVersion: header.senderVersion), into: &bytes)
@@ -108,27 +108,10 @@ private func inspect(_ item: StreamItem, decoder: borrowing StreamDecoder) {
         do throws(StreamDecodeError) {
             _ = try again.next()
             guard case .record(let r)? = try again.next() else { return check(false, "re-encoded record missing") }
-            check(owned(r.content) == value, "re-encoded \(value.type.wireName) decodes differently")
+            check(r.content.ownedRecord == value, "re-encoded \(value.type.wireName) decodes differently")
         } catch {
             check(false, "re-encoded \(value.type.wireName) rejected: \(error)")
         }
-    }
-}
-
-private func owned(_ content: RecordContent) -> StreamRecord? {
-    switch content {
-    case .checkpointBegin(let v): return .checkpointBegin(v)
-    case .checkpointEnd(let v): return .checkpointEnd(v)
-    case .vcpuState(let v): return .vcpuState(v)
-    case .deviceState(let v): return .deviceState(v)
-    case .clock(let v): return .clock(v)
-    case .memoryLayout(let v): return .memoryLayout(v)
-    case .domainConfig(let v): return .domainConfig(v)
-    case .ack(let v): return .ack(v)
-    case .heartbeat(let v): return .heartbeat(v)
-    case .streamEnd(let v): return .streamEnd(v)
-    case .error(let v): return .error(v)
-    case .pageBatch, .opaquePayload, .skippedOptional: return nil
     }
 }
 

@@ -138,6 +138,28 @@ public enum RecordContent {
     case skippedOptional
 }
 
+extension RecordContent {
+    /// The content as an owned value (an opaque payload is copied); nil for PAGE_BATCH and skipped
+    /// records.
+    public var ownedRecord: StreamRecord? {
+        switch self {
+        case .checkpointBegin(let v): return .checkpointBegin(v)
+        case .checkpointEnd(let v): return .checkpointEnd(v)
+        case .vcpuState(let v): return .vcpuState(v)
+        case .deviceState(let v): return .deviceState(v)
+        case .clock(let v): return .clock(v)
+        case .memoryLayout(let v): return .memoryLayout(v)
+        case .opaquePayload(let v): return .opaquePayload(v.copy())
+        case .domainConfig(let v): return .domainConfig(v)
+        case .ack(let v): return .ack(v)
+        case .heartbeat(let v): return .heartbeat(v)
+        case .streamEnd(let v): return .streamEnd(v)
+        case .error(let v): return .error(v)
+        case .pageBatch, .skippedOptional: return nil
+        }
+    }
+}
+
 /// One record as decoded, with where it was in the stream.
 public struct DecodedRecord {
     /// Stream offset of the record's header in bytes (the stream header starts at 0).

@@ -60,9 +60,9 @@ private func decodeGolden(_ bytes: [UInt8], receiver: PageStore) throws -> (Stre
                     // Commit: staged pages become the receiver's copies (the delta bases).
                     for (pfn, content) in staged { receiver.set(pfn, content) }
                     staged = []
-                    items.append(.record(OwnedContent(r.content).record!))
+                    items.append(.record(r.content.ownedRecord!))
                 case .skippedOptional: items.append(.skipped)
-                default: items.append(.record(OwnedContent(r.content).record!))
+                default: items.append(.record(r.content.ownedRecord!))
                 }
             }
         }

@@ -50,20 +50,9 @@ enum OwnedContent: Equatable {
 extension OwnedContent {
     init(_ content: RecordContent) {
         switch content {
-        case .checkpointBegin(let v): self = .record(.checkpointBegin(v))
-        case .checkpointEnd(let v): self = .record(.checkpointEnd(v))
         case .pageBatch(let batch): self = .pageBatch(batch.map { OwnedPage(pfn: $0.pfn, encoding: $0.encoding, data: Array($0.data)) })
-        case .vcpuState(let v): self = .record(.vcpuState(v))
-        case .deviceState(let v): self = .record(.deviceState(v))
-        case .clock(let v): self = .record(.clock(v))
-        case .memoryLayout(let v): self = .record(.memoryLayout(v))
-        case .opaquePayload(let v): self = .record(.opaquePayload(v.copy()))
-        case .domainConfig(let v): self = .record(.domainConfig(v))
-        case .ack(let v): self = .record(.ack(v))
-        case .heartbeat(let v): self = .record(.heartbeat(v))
-        case .streamEnd(let v): self = .record(.streamEnd(v))
-        case .error(let v): self = .record(.error(v))
         case .skippedOptional: self = .skipped
+        default: self = .record(content.ownedRecord!)
         }
     }
 
