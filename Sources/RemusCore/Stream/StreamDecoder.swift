@@ -76,10 +76,10 @@ public struct StreamDecoder: ~Copyable, @unchecked Sendable {
         return n
     }
 
-    /// Space to read(2) into, at the end of the buffer; never empty. Follow with `commit(_:)`.
+    /// Space to read(2) into, at the end of the buffer. Follow with `commit(_:)`.
     ///
-    /// The space is at least what the record being received still needs (once its header is in).
-    /// Valid until the next mutating call.
+    /// Call it after `next()` returned nil: the space is then never empty and at least what the
+    /// record being received still needs (once its header is in). Valid until the next mutating call.
     public mutating func writableSpace() -> UnsafeMutableRawBufferPointer {
         makeRoom()
         return UnsafeMutableRawBufferPointer(start: buffer + end, count: capacity - end)
