@@ -30,6 +30,7 @@ let package = Package(
             name: "remusd",
             dependencies: [
                 "RemusRuntime",
+                "RemusNetbuf",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -1,0 +1,49 @@
+import Glibc
+@testable import RemusNetbuf
+import Testing
+
+/// The OutputBuffer on a real plug: runs where the kernel has sch_plug (the QEMU testbed runs
+/// the same behaviours through `remusd netbuf drive`; see Tests/Testbed).
+@Suite("PlugOutputBuffer on a real plug qdisc",
+       .enabled(if: Kernel.canBuildNamespaces, Kernel.namespaceSkipMessage),
+       .enabled(if: Kernel.hasPlug, Kernel.plugSkipMessage))
+struct PlugOutputBufferTests {
+    @Test("Output is held until the epoch's ACK, then released in order, on every interface")
+    func holdsUntilAcknowledged() throws {
+        try inThrowawayNetns {
+            let socket = try NetlinkSocket()
+            let (g1, p1) = try makeVethPair(socket, guest: "vif1", peer: "eth1")
+            let (g2, p2) = try makeVethPair(socket, guest: "vif2", peer: "eth2")
+            let buffer = try PlugOutputBuffer(interfaces: [g1.name, g2.name], limitBytes: 1_000_000)
+            func held() throws -> UInt64 { try buffer.statistics().heldPackets }
+
+            try NetbufProbe.sendFrames(interface: p1.name, ethertype: 0x0806, first: 1, count: 3, size: 60)
+            try NetbufProbe.sendFrames(interface: p2.name, ethertype: 0x86DD, first: 1, count: 2, size: 60)
+            #expect(try eventually { try held() == 5 })
+            try buffer.closeEpoch(1)
+            try NetbufProbe.sendFrames(interface: p1.name, ethertype: 0x0800, first: 4, count: 4, size: 60)
+            #expect(try eventually { try held() == 9 })
+            try buffer.release(through: 1)
+            let onlyEpochTwoHeld = try eventually { try held() == 4 }
+            #expect(onlyEpochTwoHeld, "epoch 1 left, epoch 2 stays: held \(String(describing: try? held()))")
+            try buffer.closeEpoch(2)
+            try buffer.release(through: 2)
+            #expect(try eventually { try held() == 0 })
+            try buffer.teardown()
+        }
+    }
+
+    @Test("Overflowing the byte limit is reported as drops")
+    func overflowIsReported() throws {
+        try inThrowawayNetns {
+            let socket = try NetlinkSocket()
+            let (guest, peer) = try makeVethPair(socket)
+            let buffer = try PlugOutputBuffer(interfaces: [guest.name], limitBytes: 5_000)
+            try NetbufProbe.sendFrames(interface: peer.name, ethertype: 0x0800, first: 1, count: 20, size: 1000)
+            #expect(try eventually { try buffer.statistics().drops > 0 })
+            let stats = try #require(try buffer.interfaceStatistics().first)
+            #expect(stats.heldBytes <= 5_000 && stats.overflowMessage != nil)
+            try buffer.teardown()
+        }
+    }
+}
