@@ -124,6 +124,8 @@ struct PrimaryStatistics {
     var dirtyPages = SampleWindow()
     var checkpointTimes = SampleWindow(capacity: 64)
     var lastReport = ""
+    var speedPercent = 100
+    var deferred = 0
 
     func render() -> String {
         let now = SystemClock().monotonicNs()
@@ -142,6 +144,8 @@ struct PrimaryStatistics {
         lines.append("bytes in flight: \(unacknowledgedBytes.values.reduce(0, +)) (shipped, not yet acknowledged)")
         lines.append("shipped: \(shippedBytes) bytes, pre-copy \(precopyPages) pages")
         lines.append(lastAckAt == 0 ? "last ACK: none yet" : "last ACK: \((now - lastAckAt) / 1_000_000) ms ago")
+        if speedPercent < 100 { lines.append("guest speed: \(speedPercent) % (throttled: it dirties memory faster than it can be protected)") }
+        if deferred > 0 { lines.append("checkpoints deferred over the pause bound: \(deferred)") }
         if !lastReport.isEmpty { lines.append("last event: \(lastReport)") }
         return lines.joined(separator: "\n") + "\n"
     }
@@ -155,6 +159,8 @@ struct PrimaryStatistics {
         case .synchronizing(let round): return "SYNCHRONIZING (pre-copy round \(round))"
         case .protecting: return "PROTECTED"
         case .degraded(let reason, _): return "DEGRADED: \(reason)"
+        case .switchingOver(let final): return "SWITCHING OVER (final checkpoint \(final), guest suspended)"
+        case .handedOff(let text): return "HANDED OFF: \(text)"
         case .stopping: return "STOPPING"
         case .stopped: return "STOPPED"
         }

@@ -15,21 +15,41 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
         let running = try SimulatedBackend.startGuest(name: config.domain, parameters: config.simulated, nicSink: config.nicSink, clock: clock)
         let output: any OutputBuffer = config.unsafeNoNetbuf ? PassThroughOutput(running.output) : running.output
         let finished = Gate<Bool>()
+        // The daemon exits when the operator ended protection (stop, switchover, SIGTERM). When
+        // protection ends by itself (--on-overload abort) the guest keeps running here.
+        let ended = OneShotFlag()
         let protection = try PrimaryProtection(
             guest: running.guest, output: output, backup: config.backup, settings: config.settings,
             maxCheckpointPages: config.maxCheckpointPages, blackhole: config.blackhole, clock: clock,
-            onFinished: { _ in finished.open(with: true) })
-        SignalWatcher.start { protection.stop(.plannedStop) }
+            onFinished: { _ in
+                if ended.isSet {
+                    finished.open(with: true)
+                } else {
+                    Log.warning("protection ended; the guest keeps running here UNPROTECTED; 'remusd stop \(self.config.domain)' or SIGTERM ends this daemon")
+                }
+            })
+        SignalWatcher.start {
+            let wasEnded = ended.set()
+            protection.stop(.plannedStop)
+            // Protection may have ended already (abort): then nothing else will finish it.
+            if wasEnded || protection.isStopped { finished.open(with: true) }
+        }
         let status = try StatusSocket(
             path: config.statusSocket,
             snapshot: { "guest: \(self.config.domain) (\(self.config.backend)), backup \(self.config.backup)\n" + protection.statusText() },
             command: { line in
                 switch line {
                 case "stop":
+                    _ = ended.set()
+                    if protection.isStopped { finished.open(with: true) }
                     protection.stop(.plannedStop)
                     return "stopping protection of '\(self.config.domain)': the backup discards its image; the guest keeps running here\n"
+                case "switchover":
+                    _ = ended.set()
+                    protection.switchover()
+                    return "switchover of '\(self.config.domain)' requested: final checkpoint, then the backup runs the guest; follow it with 'remusd status'\n"
                 default:
-                    return "unknown command '\(line)' (a primary knows 'stop')\n"
+                    return "unknown command '\(line)' (a primary knows 'stop' and 'switchover')\n"
                 }
             })
         Log.info("protecting '\(config.domain)' (\(running.guest.descriptor.pageCount) pages) towards \(config.backup), checkpoint every \(config.settings.intervalNs / 1_000_000) ms")
@@ -49,4 +69,13 @@ final class PassThroughOutput: OutputBuffer {
     func releaseAll() throws { try inner.releaseAll() }
     func hold() throws {}
     func statistics() throws -> OutputStatistics { try inner.statistics() }
+}
+
+/// A flag set once from any thread.
+final class OneShotFlag: @unchecked Sendable {  // guarded by monitor
+    private let monitor = MonitorLock()
+    private var value = false
+    /// Sets the flag; returns whether it was already set.
+    func set() -> Bool { monitor.withLock { defer { value = true }; return value } }
+    var isSet: Bool { monitor.withLock { value } }
 }

@@ -20,6 +20,7 @@ public final class PrimaryProtection: @unchecked Sendable {
         case activity(generation: Int)
         case connectionLost(generation: Int, reason: String)
         case stop(StreamEndReason)
+        case switchover
     }
 
     public let guest: any PrimaryGuest
@@ -79,6 +80,12 @@ public final class PrimaryProtection: @unchecked Sendable {
     /// Asks for a planned end of protection.
     public func stop(_ reason: StreamEndReason = .plannedStop) { loop.post(.stop(reason)) }
 
+    /// Asks for a planned switchover: the backup takes the guest over, nothing is lost or doubled.
+    public func switchover() { loop.post(.switchover) }
+
+    /// Whether protection has ended (engine stopped).
+    public var isStopped: Bool { statsLock.withLock { if case .stopped = stats.state { return true } else { return false } } }
+
     /// A snapshot for `remusd status`.
     public func statusText() -> String {
         statsLock.withLock { stats.render() }
@@ -129,6 +136,8 @@ public final class PrimaryProtection: @unchecked Sendable {
             execute(engine.onConnectionLost(reason: reason, now: now))
         case .stop(let reason):
             execute(engine.stop(reason: reason, now: now))
+        case .switchover:
+            execute(engine.switchover(now: now))
         }
         if case .stopped = engine.state {
             loop.stop()
@@ -202,15 +211,24 @@ public final class PrimaryProtection: @unchecked Sendable {
             for (_, (arena, _)) in capturedArenas { freeArenas.append(arena) }
             capturedArenas.removeAll()
             updateStats { $0.unacknowledgedBytes.removeAll() }
+        case .throttleGuest(let percent):
+            do { try guest.setSpeed(percent: percent) } catch { Log.error("throttling the guest to \(percent) % failed: \(error)") }
+            updateStats { $0.speedPercent = percent }
+        case .stopGuest:
+            do { try guest.stop() } catch { Log.error("stopping the handed-over guest failed: \(error); it is still suspended — make sure it does not run here") }
         case .scheduleTick(let at):
             loop.scheduleTick(at: at)
         case .report(let report):
+            let text: String
             switch report {
-            case .protecting(let first): Log.info("protecting: first checkpoint \(first) taken")
-            case .degraded(let text): Log.warning(text)
-            case .stopped(let reason): Log.info("protection stopped (\(reason))")
+            case .protecting(let first): text = "protecting: first checkpoint \(first) taken"; Log.info(text)
+            case .degraded(let t): text = t; Log.warning(t)
+            case .overload(let t): text = t; Log.warning(t)
+            case .switchedOver(let final): text = "switchover complete: the backup runs the guest from checkpoint \(final); it is stopped here"; Log.info(text)
+            case .handOffUnknown(let t): text = t; Log.error(t)
+            case .stopped(let reason): text = "protection stopped (\(reason))"; Log.info(text)
             }
-            updateStats { $0.lastReport = "\(report)" }
+            updateStats { $0.lastReport = text }
         }
     }
 
@@ -229,22 +247,28 @@ public final class PrimaryProtection: @unchecked Sendable {
         }
     }
 
-    /// The pause: suspend, harvest, copy, state, close the output epoch, resume.
+    /// The pause: suspend, harvest, copy, state, close the output epoch, resume (a final
+    /// checkpoint leaves the guest suspended for the hand-over).
     private func capture(epoch: Epoch, kind: CheckpointKind) {
         collectReturnedArenas()
         guard let arena = freeArenas.popLast() else { preconditionFailure("checkpoint \(epoch) without a free arena") }
         let start = clock.monotonicNs()
+        let limit = kind == .final ? arena.capacityPages : min(arena.capacityPages, engine.capturePageLimit)
         var failure: String?
+        var deferred: Int?
         var state: GuestState?
         do {
             try guest.suspend()
             defer {
-                do { try guest.resume() } catch { failure = failure ?? "resume failed: \(error)" }
+                if kind != .final || failure != nil || deferred != nil {
+                    do { try guest.resume() } catch { failure = failure ?? "resume failed: \(error)" }
+                }
             }
             try dirty.harvest(from: guest)
             let pages = dirty.count
-            if arena.capacityPages < pages {
-                failure = "checkpoint \(epoch) needs \(pages) pages but the staging area holds \(arena.capacityPages) (--max-checkpoint)"
+            if pages > limit {
+                // Over the pause bound or the staging area: resume at once; the pages stay dirty.
+                deferred = pages
             } else {
                 arena.reset(epoch: epoch, kind: kind)
                 try dirty.capture(from: guest, into: arena)
@@ -256,6 +280,12 @@ public final class PrimaryProtection: @unchecked Sendable {
             failure = "\(error)"
         }
         let pause = clock.monotonicNs() - start
+        if let pages = deferred {
+            freeArenas.append(arena)
+            updateStats { $0.deferred += 1 }
+            execute(engine.onCaptureDeferred(epoch, pages: pages, limit: limit, now: clock.monotonicNs()))
+            return
+        }
         guard failure == nil, let state else {
             freeArenas.append(arena)
             execute(engine.onCaptureFailed(epoch, reason: failure ?? "no state", now: clock.monotonicNs()))
@@ -267,7 +297,7 @@ public final class PrimaryProtection: @unchecked Sendable {
             $0.dirtyPages.add(UInt64(arena.count))
             $0.checkpointTimes.add(start)
         }
-        execute(engine.onCheckpointCaptured(epoch, now: clock.monotonicNs()))
+        execute(engine.onCheckpointCaptured(epoch, pauseNs: pause, pages: arena.count, now: clock.monotonicNs()))
     }
 
     private func startReader(_ reader: StreamReader, generation gen: Int) {

@@ -93,6 +93,8 @@ final class GuestMachine: @unchecked Sendable {
 
     /// Set when the vCPUs must stop at their next safe point (suspend or halt); checked every op.
     let pauseRequested = Atomic<Bool>(false)
+    /// Share of full speed the vCPUs may run at, percent (the throttle policy's knob).
+    let speedPercent = Atomic<Int>(100)
     /// Threads in `waitForProgress`; vCPUs wake them only when there are any.
     let progressWaiters = Atomic<Int>(0)
     /// Ops between two publications of a vCPU's op count (a power of two).
@@ -139,14 +141,14 @@ final class GuestMachine: @unchecked Sendable {
         var registers = slot.registers
         var emitter = NICEmitter(nic: nic)
         // Throttles: ops per second per vCPU, newly dirtied pages per second per guest.
-        var opBudget = TokenBucket(perSecond: config.opRateLimit * UInt64(config.vcpus), sharers: config.vcpus)
-        var pageBudget = TokenBucket(perSecond: config.dirtyRateLimit, sharers: config.vcpus)
-        if opBudget.isLimited || pageBudget.isLimited {
-            let now = clock.monotonicNs()
-            opBudget.lastRefillNs = now
-            pageBudget.lastRefillNs = now
-        }
+        var speed = speedPercent.load(ordering: .relaxed)
+        var (opBudget, pageBudget) = budgets(speed: speed)
         while true {
+            // The throttle policy changed the speed: rebuild the buckets at the new rates.
+            if speedPercent.load(ordering: .relaxed) != speed {
+                speed = speedPercent.load(ordering: .relaxed)
+                (opBudget, pageBudget) = budgets(speed: speed)
+            }
             if pauseRequested.load(ordering: .acquiring) {
                 slot.registers = registers
                 publishProgress(slot, registers.opCount)
@@ -171,6 +173,22 @@ final class GuestMachine: @unchecked Sendable {
             running -= 1
             control.broadcast()
         }
+    }
+
+    /// Token buckets for the configured rates scaled to `speed` percent. An unthrottled guest that
+    /// must slow down gets an op budget from a nominal 16 M ops/s per vCPU.
+    private func budgets(speed: Int) -> (TokenBucket, TokenBucket) {
+        let p = UInt64(max(min(speed, 100), 1))
+        var opRate = config.opRateLimit * UInt64(config.vcpus)
+        if p < 100 && opRate == 0 && config.dirtyRateLimit == 0 { opRate = 16_000_000 * UInt64(config.vcpus) }
+        var ops = TokenBucket(perSecond: opRate * p / 100, sharers: config.vcpus)
+        var pages = TokenBucket(perSecond: config.dirtyRateLimit * p / 100, sharers: config.vcpus)
+        if ops.isLimited || pages.isLimited {
+            let now = clock.monotonicNs()
+            ops.lastRefillNs = now
+            pages.lastRefillNs = now
+        }
+        return (ops, pages)
     }
 
     private func publishProgress(_ slot: VCPUSlot, _ opCount: UInt64) {
@@ -455,4 +473,12 @@ public final class SimGuest: PrimaryGuest, @unchecked Sendable {
     /// Stops the vCPU threads for good and waits for them (also done on deinit). The guest can
     /// still be captured and verified afterwards.
     public func shutdown() { machine.halt() }
+
+    /// Runs the vCPUs at `percent` of their configured rates (1…100); the throttle policy's knob.
+    public func setSpeed(percent: Int) throws {
+        machine.speedPercent.store(max(min(percent, 100), 1), ordering: .relaxed)
+    }
+
+    /// The guest was handed over to the backup: its vCPUs stop for good.
+    public func stop() throws { machine.halt() }
 }

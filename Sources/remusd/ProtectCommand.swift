@@ -2,6 +2,8 @@ import ArgumentParser
 import RemusCore
 import RemusRuntime
 
+extension OverloadPolicy: ExpressibleByArgument {}
+
 extension BackendKind: ExpressibleByArgument {
     public init?(argument: String) {
         switch argument {
@@ -37,6 +39,12 @@ struct Protect: ParsableCommand {
     @Option(name: .customLong("max-checkpoint"), help: ArgumentHelp("Largest checkpoint the staging area holds.", valueName: "MiB"))
     var maxCheckpointMiB: Int = 256
 
+    @Option(name: .customLong("max-pause"), help: ArgumentHelp("Longest pause per checkpoint to aim for; a bigger dirty set is deferred and the overload policy applies (0: no bound).", valueName: "ms"))
+    var maxPause: UInt64 = 50
+
+    @Option(name: .customLong("on-overload"), help: ArgumentHelp("When the guest dirties memory faster than it can be protected: throttle (slow its vCPUs), degrade (longer epochs), or abort (stop protecting, keep it running here).", valueName: "policy"))
+    var onOverload: OverloadPolicy = .throttle
+
     @Flag(help: "Allow the unsafe switches below (as xl remus's -F).")
     var unsafe = false
 
@@ -67,11 +75,14 @@ struct Protect: ParsableCommand {
                 ? "this build of remusd cannot drive Xen yet (the Xen backend is not built in); nothing was changed on domain '\(domain)'"
                 : "no Xen hypervisor is present (looked for \(presence.lookedAt)); nothing was changed; use --backend sim for the simulated guest")
         }
+        var settings = timing.settings()
+        settings.maxPauseNs = maxPause * 1_000_000
+        settings.overload = onOverload
         let config = ProtectConfiguration(
             domain: domain,
             backup: Endpoint(parsing: backup, defaultPort: defaultPort)!,
             backend: kind,
-            settings: timing.settings(),
+            settings: settings,
             simulated: SimulatedGuestParameters(memoryBytes: sim.memoryMiB << 20, vcpus: sim.vcpus, dirtyRate: sim.dirtyRate, seed: sim.seed),
             nicSink: sim.nicSink.flatMap { Endpoint(parsing: $0, defaultPort: 0) },
             maxCheckpointPages: maxCheckpointMiB * 256,
@@ -175,19 +186,35 @@ struct Stop: ParsableCommand {
 /// `remusd failover`
 struct Failover: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Confirm on a backup that the primary is off and take over (--activate).")
+        abstract: "Hand a guest to its backup on purpose (planned switchover), or confirm on a backup that the primary is off (--activate).",
+        discussion: """
+            On the primary: 'remusd failover <domain>' suspends the guest, sends a final checkpoint,
+            and once the backup acknowledges it the backup runs the guest and it is stopped here;
+            no output is lost or released twice. If the acknowledgement never comes, the guest
+            stays suspended here (never two running copies) and the backup takes over.
+            On a backup waiting for the operator: 'remusd failover --activate' takes over.
+            """)
+
+    @Argument(help: "The protected guest (on the primary, for a planned switchover).")
+    var domain: String?
 
     @Flag(help: "On a backup waiting for the operator: the primary is off, activate the guest here.")
     var activate = false
 
-    @Option(help: ArgumentHelp("The backup's status socket (default: the only receive-*.sock in the run directory).", valueName: "path"))
+    @Option(help: ArgumentHelp("The daemon's status socket (default: found in the run directory).", valueName: "path"))
     var socket: String?
 
     func validate() throws {
-        if !activate { throw ValidationError("a planned switchover is not available yet; use --activate on a backup waiting for the operator") }
+        if activate == (domain != nil) {
+            throw ValidationError("name the guest to switch over ('remusd failover <domain>' on the primary), or use --activate on a backup — not both")
+        }
     }
 
     func run() throws {
+        if let domain {
+            print(try StatusSocket.query(socket ?? RunDirectory.socketPath(for: domain), command: "switchover"), terminator: "")
+            return
+        }
         let candidates = socket.map { [$0] } ?? RunDirectory.sockets().filter { $0.contains("/receive-") }
         guard candidates.count == 1 else {
             throw ValidationError(candidates.isEmpty ? "no backup daemon found in \(RunDirectory.path)" : "several backups run here; name one with --socket: \(candidates.joined(separator: ", "))")

@@ -62,6 +62,11 @@ public protocol PrimaryGuest: AnyObject {
     func capturePages(_ bitmap: borrowing DirtyBitmap, into arena: StagingArena) throws
     /// vCPU, device, clock and layout state. The guest must be suspended.
     func captureState(clock: any HostClock) throws -> GuestState
+    /// Runs the guest at `percent` (1…100) of its speed: the throttle policy for guests that
+    /// dirty memory faster than they can be protected (Xen: the credit scheduler's cap).
+    func setSpeed(percent: Int) throws
+    /// The guest was handed over to the backup (planned switchover): stop it here for good.
+    func stop() throws
 }
 
 /// The backup side of a backend: receives committed checkpoints and can resume the guest.

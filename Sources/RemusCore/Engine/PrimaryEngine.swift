@@ -22,6 +22,13 @@ public struct PrimaryEngine: Sendable {
         case protecting
         /// The backup is lost: output flows unprotected, the guest runs on; a reconnection is due at `retryAt`.
         case degraded(reason: String, retryAt: UInt64)
+        /// Planned switchover: the guest stays suspended after the final checkpoint `final` until
+        /// the backup acknowledges it.
+        case switchingOver(final: Epoch)
+        /// The switchover's outcome is unknown (no ACK of the final checkpoint): the guest stays
+        /// suspended here; the backup takes over (from the final checkpoint, or after fencing from
+        /// the one before). It must not be resumed here.
+        case handedOff(String)
         /// A planned end: STREAM_END sent, waiting for the writer to drain.
         case stopping(StreamEndReason)
         /// Done.
@@ -38,8 +45,14 @@ public struct PrimaryEngine: Sendable {
         /// `onPrecopyRoundShipped`.
         case precopyRound(Int)
         /// Suspend the guest, harvest, capture pages and state into a free arena, close output epoch
-        /// `epoch`, resume; report `onCheckpointCaptured` (or `onCaptureFailed`).
+        /// `epoch`, resume (not for `.final`: the guest stays suspended for the hand-over); report
+        /// `onCheckpointCaptured`, `onCaptureDeferred` (dirty set over `capturePageLimit`: resumed
+        /// without capturing, dirty pages kept) or `onCaptureFailed`.
         case checkpoint(Epoch, CheckpointKind)
+        /// Slow the guest to this share of its speed (100: full speed).
+        case throttleGuest(percent: Int)
+        /// The guest was handed over: stop it here for good.
+        case stopGuest
         /// Write the captured checkpoint to the backup; report `onCheckpointShipped`.
         case ship(Epoch)
         /// Let out held output of every epoch up to and including this one.
@@ -64,6 +77,9 @@ public struct PrimaryEngine: Sendable {
     public enum Report: Equatable, Sendable {
         case protecting(firstEpoch: Epoch)
         case degraded(String)
+        case overload(String)
+        case switchedOver(Epoch)
+        case handOffUnknown(String)
         case stopped(StreamEndReason)
     }
 
@@ -90,6 +106,21 @@ public struct PrimaryEngine: Sendable {
     private var retryDelay: UInt64
     /// Since when output has been held although no backup acknowledges it (backup lost, fence grace running).
     public private(set) var outputHeldSince: UInt64?
+    /// Guest speed the throttle policy asks for, percent.
+    public private(set) var speedPercent = 100
+    /// Interval multiplier of the degrade policy (1…16).
+    public private(set) var intervalScale: UInt64 = 1
+    /// Measured capture cost, nanoseconds per page (moving average; 0 until measured).
+    public private(set) var nsPerPage: Double = 0
+    /// Most pages a checkpoint may capture within the pause bound (the shell defers above it).
+    public var capturePageLimit: Int {
+        guard settings.maxPauseNs > 0, nsPerPage > 0 else { return .max }
+        return max(Int(Double(settings.maxPauseNs) / nsPerPage), 64)
+    }
+    /// Checkpoints in a row that stayed well inside the pause bound (to relax a policy).
+    private var calmStreak = 0
+    /// A planned switchover waits for a free staging arena.
+    private var switchoverPending = false
 
     public init(settings: ProtectionSettings) {
         self.settings = settings
@@ -138,10 +169,34 @@ public struct PrimaryEngine: Sendable {
     }
 
     /// Checkpoint `epoch` is in a staging arena and the guest runs again.
-    public mutating func onCheckpointCaptured(_ epoch: Epoch, now: UInt64) -> [Directive] {
+    public mutating func onCheckpointCaptured(_ epoch: Epoch, pauseNs: UInt64 = 0, pages: Int = 0, now: UInt64) -> [Directive] {
         guard isConnectedState else { return [] }
         precondition(epoch == capturedEpoch, "captured epoch \(epoch) but expected \(capturedEpoch) in state \(state)")
-        return [.ship(epoch)]
+        if pages > 0 {
+            let sample = Double(pauseNs) / Double(pages)
+            nsPerPage = nsPerPage == 0 ? sample : 0.8 * nsPerPage + 0.2 * sample
+        }
+        var out: [Directive] = [.ship(epoch)]
+        if case .switchingOver = state { return out }
+        if settings.maxPauseNs > 0 && pauseNs > settings.maxPauseNs {
+            out += overloaded("checkpoint \(epoch) paused the guest \(pauseNs / 1_000_000) ms for \(pages) pages, over the \(settings.maxPauseNs / 1_000_000) ms bound", now: now)
+        } else if settings.maxPauseNs == 0 || pauseNs < settings.maxPauseNs / 2 {
+            out += relax()
+        }
+        return out
+    }
+
+    /// The dirty set (`pages`) was over `capturePageLimit` or the staging area: the shell resumed
+    /// the guest without capturing; the dirty pages wait for the next checkpoint.
+    public mutating func onCaptureDeferred(_ epoch: Epoch, pages: Int, limit: Int, now: UInt64) -> [Directive] {
+        guard isConnectedState, epoch == capturedEpoch else { return [] }
+        capturedEpoch -= 1
+        shipping -= 1
+        if case .switchingOver = state {
+            // A final checkpoint must be taken; it may pause longer than the bound, once.
+            return [.report(.overload("the final checkpoint needs \(pages) pages; retrying"))] + takeFinal(now: now)
+        }
+        return overloaded("checkpoint \(epoch) would copy \(pages) dirty pages, over the \(limit) that fit the pause bound; deferred", now: now)
     }
 
     /// Capturing checkpoint `epoch` failed (the backend threw). The guest was resumed by the shell.
@@ -156,7 +211,7 @@ public struct PrimaryEngine: Sendable {
         precondition(epoch > shippedEpoch && epoch <= capturedEpoch, "shipped \(epoch) out of order in state \(state)")
         shippedEpoch = epoch
         shipping -= 1
-        return dueCheckpoint(now: now)
+        return dueSwitchover(now: now) + dueCheckpoint(now: now)
     }
 
     /// The backup committed `epoch` and everything before it.
@@ -170,6 +225,13 @@ public struct PrimaryEngine: Sendable {
         }
         guard epoch > acknowledgedEpoch else { return [] }
         acknowledgedEpoch = epoch
+        if case .switchingOver(let final) = state, epoch == final {
+            // The backup holds the final state and runs the guest now: everything up to it goes
+            // out, the guest here is stopped for good, nothing is released twice.
+            state = .stopping(.switchover)
+            outputHeldSince = nil
+            return [.releaseOutput(through: final), .stopGuest, .sendStreamEnd(.switchover, lastEpoch: final), .report(.switchedOver(final))]
+        }
         // Output held since the backup was lost belongs to epochs up to this one: it is covered now.
         outputHeldSince = nil
         return [.releaseOutput(through: epoch)] + dueCheckpoint(now: now)
@@ -194,12 +256,12 @@ public struct PrimaryEngine: Sendable {
             }
             state = .degraded(reason: reason, retryAt: retryAt)
             return [.scheduleTick(at: min(retryAt, outputHeldSince.map { $0 + settings.fenceGraceNs } ?? .max))]
-        case .synchronizing, .protecting:
+        case .synchronizing, .protecting, .switchingOver:
             return giveUpProtection(reason: "connection to the backup lost: \(reason)", now: now)
         case .stopping:
             state = .stopped
             return []
-        case .idle, .degraded, .stopped:
+        case .idle, .degraded, .stopped, .handedOff:
             return []
         }
     }
@@ -207,7 +269,7 @@ public struct PrimaryEngine: Sendable {
     /// Time passed; the shell calls this at scheduled ticks (and may call it more often).
     public mutating func onTick(now: UInt64) -> [Directive] {
         switch state {
-        case .synchronizing, .protecting:
+        case .synchronizing, .protecting, .switchingOver:
             let released = graceExpired(now: now)
             if !released.isEmpty { return released + [.scheduleTick(at: nextTick())] }
             if now >= lastHeardAt + settings.timeoutNs {
@@ -234,7 +296,7 @@ public struct PrimaryEngine: Sendable {
             return released + [.connect] + (outputHeldSince.map { [.scheduleTick(at: $0 + settings.fenceGraceNs)] } ?? [])
         case .connecting:
             return graceExpired(now: now)
-        case .idle, .stopping, .stopped:
+        case .idle, .stopping, .stopped, .handedOff:
             return []
         }
     }
@@ -252,23 +314,81 @@ public struct PrimaryEngine: Sendable {
             state = .stopped
             outputHeldSince = nil
             return [.releaseAllOutput, .closeConnection, .report(.stopped(reason))]
-        case .stopping, .stopped:
-            return []
+        case .switchingOver, .handedOff, .stopping, .stopped:
+            return [.report(.handOffUnknown("no stop now: state \(state)"))]
         }
+    }
+
+    /// A planned switchover: a final checkpoint with the guest left suspended, handed to the
+    /// backup once it acknowledges it.
+    public mutating func switchover(now: UInt64) -> [Directive] {
+        guard case .protecting = state else {
+            return [.report(.handOffUnknown("a switchover needs an established protection (state: \(state)); nothing was changed"))]
+        }
+        switchoverPending = true
+        return dueSwitchover(now: now)
+    }
+
+    // MARK: - Overload (I6)
+
+    private mutating func overloaded(_ why: String, now: UInt64) -> [Directive] {
+        calmStreak = 0
+        switch settings.overload {
+        case .throttle:
+            guard speedPercent > 1 else { return [.report(.overload("\(why); the guest already runs at 1 % speed"))] }
+            speedPercent = max(speedPercent / 2, 1)
+            return [.throttleGuest(percent: speedPercent), .report(.overload("\(why); throttling the guest to \(speedPercent) % speed"))]
+        case .degrade:
+            guard intervalScale < 16 else { return [.report(.overload("\(why); epochs are already 16× longer"))] }
+            intervalScale *= 2
+            return [.report(.degraded("\(why); epochs lengthened to \(settings.intervalNs * intervalScale / 1_000_000) ms: protection continues with more output latency (DEGRADED)"))]
+        case .abort:
+            state = .stopping(.plannedStop)
+            let last = capturedEpoch >= streamFirstEpoch ? capturedEpoch : 0
+            return [.sendStreamEnd(.plannedStop, lastEpoch: last), .releaseAllOutput,
+                    .report(.overload("\(why); protection ABORTED (--on-overload abort): the guest keeps running here, unprotected; the backup discards its image"))]
+        }
+    }
+
+    /// After ten calm checkpoints in a row, undo one step of the policy.
+    private mutating func relax() -> [Directive] {
+        calmStreak += 1
+        guard calmStreak >= 10 else { return [] }
+        calmStreak = 0
+        if speedPercent < 100 {
+            speedPercent = min(speedPercent * 2, 100)
+            return [.throttleGuest(percent: speedPercent)]
+        }
+        if intervalScale > 1 { intervalScale /= 2 }
+        return []
+    }
+
+    private mutating func dueSwitchover(now: UInt64) -> [Directive] {
+        guard switchoverPending, case .protecting = state, shipping < settings.maxShipping else { return [] }
+        switchoverPending = false
+        return takeFinal(now: now)
+    }
+
+    private mutating func takeFinal(now: UInt64) -> [Directive] {
+        capturedEpoch += 1
+        shipping += 1
+        lastCheckpointAt = now
+        state = .switchingOver(final: capturedEpoch)
+        return [.checkpoint(capturedEpoch, .final)]
     }
 
     // MARK: - Helpers
 
     private var isConnectedState: Bool {
         switch state {
-        case .synchronizing, .protecting: return true
+        case .synchronizing, .protecting, .switchingOver: return true
         default: return false
         }
     }
 
     private func nextTick() -> UInt64 {
         let heartbeatDue = lastHeartbeatAt + settings.heartbeatNs
-        let checkpointDue = lastCheckpointAt + settings.intervalNs
+        let checkpointDue = lastCheckpointAt + settings.intervalNs * intervalScale
         let timeoutDue = lastHeardAt + settings.timeoutNs
         let graceDue = outputHeldSince.map { $0 + settings.fenceGraceNs } ?? .max
         if case .protecting = state { return min(heartbeatDue, checkpointDue, timeoutDue, graceDue) }
@@ -277,7 +397,7 @@ public struct PrimaryEngine: Sendable {
 
     /// A checkpoint if one is due and allowed.
     private mutating func dueCheckpoint(now: UInt64) -> [Directive] {
-        guard case .protecting = state, now >= lastCheckpointAt + settings.intervalNs else { return [] }
+        guard case .protecting = state, now >= lastCheckpointAt + settings.intervalNs * intervalScale else { return [] }
         guard shipping < settings.maxShipping, unacknowledged < settings.maxUnacknowledged else { return [] }
         return takeCheckpoint(now: now)
     }
@@ -290,6 +410,13 @@ public struct PrimaryEngine: Sendable {
     }
 
     private mutating func giveUpProtection(reason: String, now: UInt64) -> [Directive] {
+        if case .switchingOver(let final) = state {
+            // The backup may have committed the final checkpoint and be running the guest: it
+            // must never run here again. Output stays held; the backup's takeover covers it.
+            let text = "\(reason) during the switchover: no acknowledgement of final checkpoint \(final); the guest stays SUSPENDED here and must not be resumed — the backup takes over (from checkpoint \(final), or after fencing this host from \(acknowledgedEpoch))"
+            state = .handedOff(text)
+            return [.closeConnection, .report(.handOffUnknown(text))]
+        }
         let retryAt = now + retryDelay
         retryDelay = min(retryDelay * 2, settings.maxRetryNs)
         state = .degraded(reason: reason, retryAt: retryAt)

@@ -1,3 +1,13 @@
+/// What the primary does when the guest dirties memory faster than it can be protected (I6).
+public enum OverloadPolicy: String, Equatable, Sendable, CaseIterable {
+    /// Slow the guest's vCPUs until checkpoints fit the pause bound (Xen: the credit scheduler's cap).
+    case throttle
+    /// Keep protecting with longer epochs (up to 16× the interval), and say so.
+    case degrade
+    /// Stop protecting; the guest keeps running on the primary, unprotected.
+    case abort
+}
+
 /// Tunables of a protected guest's epoch loop. All durations in nanoseconds.
 public struct ProtectionSettings: Equatable, Sendable {
     /// Time between checkpoints (`--interval`, default 100 ms).
@@ -25,13 +35,20 @@ public struct ProtectionSettings: Equatable, Sendable {
     /// committed before the backup could have fenced would let clients see state that a takeover
     /// rolls back. After the grace the output flows unprotected (DEGRADED).
     public var fenceGraceNs: UInt64
+    /// Longest pause per checkpoint the policy aims for (`--max-pause`, default 50 ms); 0: no bound.
+    public var maxPauseNs: UInt64
+    /// What to do when checkpoints do not fit (`--on-overload`, default throttle).
+    public var overload: OverloadPolicy
 
     public init(
         intervalNs: UInt64 = 100_000_000, heartbeatNs: UInt64 = 100_000_000, timeoutNs: UInt64 = 600_000_000,
         maxPrecopyRounds: Int = 5, precopyTargetPages: Int = 50, maxUnacknowledged: Int = 8, maxShipping: Int = 2,
-        retryNs: UInt64 = 500_000_000, maxRetryNs: UInt64 = 10_000_000_000, fenceGraceNs: UInt64 = 2_000_000_000
+        retryNs: UInt64 = 500_000_000, maxRetryNs: UInt64 = 10_000_000_000, fenceGraceNs: UInt64 = 2_000_000_000,
+        maxPauseNs: UInt64 = 50_000_000, overload: OverloadPolicy = .throttle
     ) {
         self.fenceGraceNs = fenceGraceNs
+        self.maxPauseNs = maxPauseNs
+        self.overload = overload
         self.intervalNs = intervalNs
         self.heartbeatNs = heartbeatNs
         self.timeoutNs = timeoutNs
