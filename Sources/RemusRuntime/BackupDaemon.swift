@@ -72,8 +72,15 @@ public final class BackupDaemon: @unchecked Sendable {
                 case "activate":
                     loop.post(.operatorActivate)
                     return "activation requested\n"
+                case "switchover", "stop":
+                    // After a takeover this daemon protects the guest onwards: it is the primary now.
+                    guard let protection = statsLock.withLock({ self.protection }) else {
+                        return "'\(line)' needs a guest running here; this backup has not taken over\n"
+                    }
+                    if line == "stop" { protection.stop(.plannedStop) } else { protection.switchover() }
+                    return "\(line) requested for the guest this daemon took over\n"
                 default:
-                    return "unknown command '\(line)' (this is a backup: it knows 'activate')\n"
+                    return "unknown command '\(line)' (a backup knows 'activate'; after a takeover also 'stop' and 'switchover')\n"
                 }
             })
         Log.info("listening on \(listener.endpoint) (fence: \(describe(config.fence)))")
@@ -312,7 +319,7 @@ public final class BackupDaemon: @unchecked Sendable {
             guest: running.guest, output: running.output, backup: next, settings: config.settings,
             maxCheckpointPages: 65536, clock: clock,
             onFinished: { _ in loop.post(.protectionFinished) })
-        protection = p
+        statsLock.withLock { protection = p }
         Log.setRole("backup→primary")
         Log.info("protecting the guest towards \(next)")
         p.start()
@@ -334,7 +341,10 @@ public final class BackupDaemon: @unchecked Sendable {
         for key in ["listen", "state", "committed", "primary", "last event"] {
             if let v = statusLines[key] { lines.append("\(key): \(v)") }
         }
-        if let protection { lines.append("--- taken-over guest, protected onwards ---"); lines.append(protection.statusText()) }
+        if let protection {
+            lines.append("--- taken-over guest, protected onwards ---")
+            lines.append(protection.statusText())
+        }
         return lines.joined(separator: "\n") + "\n"
     }
 

@@ -12,6 +12,8 @@ public struct DrillConfiguration: Sendable {
     public var keep: Bool
     /// Print a progress line per failover.
     public var progress: Bool
+    /// Faults to inject, in turn.
+    public var faults: [DrillFault] = [.crash]
     /// Fault injected on purpose to prove the verifier catches it: the first primary releases
     /// output at once instead of on ACK (`--unsafe --no-netbuf`).
     public var injectEarlyRelease = false
@@ -25,6 +27,20 @@ public struct DrillConfiguration: Sendable {
         self.keep = keep
         self.progress = progress
     }
+}
+
+/// What a drill does to the pair each round.
+public enum DrillFault: String, Sendable, CaseIterable {
+    /// SIGKILL of the primary at a random moment; the backup takes over.
+    case crash
+    /// A planned switchover; nothing may be lost or doubled.
+    case switchover
+    /// The primary hangs (SIGSTOP) with its connection open; heartbeats must detect it.
+    case silence
+    /// SIGKILL of the backup; the primary degrades, keeps running, re-protects when a backup returns.
+    case backupKill = "backup-kill"
+    /// An unthrottled guest; the throttle policy keeps checkpoints within the pause bound; crashes as usual.
+    case overload
 }
 
 /// One verified (or not) failover.
@@ -45,6 +61,9 @@ public struct FailoverResult: Sendable {
     /// The backup declared the primary lost (silence) before it was killed: a false alarm that
     /// fencing and held output made harmless.
     public var falseAlarm = false
+    public var fault: DrillFault = .crash
+    /// Observations worth printing (throttle, output flow).
+    public var notes: [String] = []
     public var verified: Bool
     public var problems: [String]
 }
@@ -70,7 +89,10 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
         let observer = try PacketObserver()
         let exe = ProcessEnvironment.executablePath
         let s = config.settings
+        // An overload drill runs an unthrottled guest against a tight pause bound: the throttle must engage.
+        let overloadPauseMs: UInt64 = 2
         let timing = ["--interval", "\(s.intervalNs / 1_000_000)", "--heartbeat", "\(s.heartbeatNs / 1_000_000)", "--timeout", "\(s.timeoutNs / 1_000_000)"]
+            + (config.faults.contains(.overload) ? ["--max-pause", "\(overloadPauseMs)"] : [])
         let env = ["REMUSD_RUN_DIR": dir]
         let ports = try freePorts(config.failovers + 1)
         var results: [FailoverResult] = []
@@ -97,12 +119,15 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
         }
 
         // Generation 0: a fresh guest protected towards backup 0.
+        var b = 0  // index of the current backup (and of its port)
         var backup = try startBackup(0)
         try waitForFile("\(dir)/backup-0.sock", what: "backup 0 to listen", deadlineMs: 5000)
         let p = config.simulated
+        let overload = config.faults.contains(.overload)
         var primary = try ChildProcess(
             arguments: [exe, "protect", "drill-guest", "127.0.0.1:\(ports[0])", "--backend", "sim",
-                        "--sim-memory", "\(p.memoryBytes >> 20)", "--sim-vcpus", "\(p.vcpus)", "--sim-dirty-rate", "\(p.dirtyRate)",
+                        "--sim-memory", "\(p.memoryBytes >> 20)", "--sim-vcpus", "\(p.vcpus)",
+                        "--sim-dirty-rate", overload ? "0" : "\(p.dirtyRate)",
                         "--sim-seed", "\(p.seed)", "--nic-sink", "\(observer.endpoint)", "--status-socket", "\(dir)/primary-0.sock"] + timing
                 + (config.injectEarlyRelease ? ["--unsafe", "--no-netbuf"] : []),
             outputFile: "\(dir)/primary-0.log", environment: env)
@@ -111,26 +136,86 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
         var primaryPid = primary.pid
 
         for g in 0..<config.failovers {
-            // The next backup listens before this failover so the survivor can protect onwards.
-            let nextBackup = g + 1 < config.failovers ? try startBackup(g + 1) : nil
-            // Let protection run: at least three acknowledged checkpoints, then a random moment.
-            try waitForAcknowledged(socket: primarySocket, atLeast: 3, deadlineMs: 20_000, who: "generation \(g)'s primary")
-            let killedAt = killAtRandomMoment(socket: primarySocket, child: primary)
-            primary.wait()
-            // Local fence: the drill knows the primary's process is gone.
-            try touch("\(dir)/fenced-\(g)")
-            let reportPath = "\(dir)/activation-\(g)"
-            try waitForFile(reportPath, what: "backup \(g) to take over", deadlineMs: 20_000)
+            let fault = config.faults[g % config.faults.count]
+            try waitForAcknowledged(socket: primarySocket, atLeast: 3, deadlineMs: 20_000, who: "failover \(g + 1)'s primary")
+            var notes: [String] = []
+            if fault == .backupKill {
+                var result = try backupKill(primary: primarySocket, primaryPid: primaryPid, backup: backup, observer: observer, index: g + 1)
+                backup = try startBackup(b)
+                result = try awaitReprotection(result, primary: primarySocket)
+                results.append(result)
+                if config.progress { printProgress(result, of: config.failovers) }
+                if !result.verified { break }
+                continue
+            }
+            // A takeover: the next backup listens first so the survivor can protect onwards.
+            let nextBackup = b + 1 < ports.count ? try startBackup(b + 1) : nil
+            var problems: [String] = []
+            if fault == .overload, let status = try? StatusSocket.query(primarySocket) {
+                let lines = status.split(separator: "\n").map(String.init)
+                let pause = lines.first(where: { $0.hasPrefix("pause") })
+                // "pause: p50 908 µs, p99 2031 µs over …"
+                let p99 = pause.flatMap { line -> UInt64? in
+                    let words = line.split(separator: " ")
+                    guard let i = words.firstIndex(of: "p99"), i + 1 < words.count else { return nil }
+                    return UInt64(words[i + 1])
+                }
+                if let speed = lines.first(where: { $0.hasPrefix("guest speed") }) {
+                    notes.append(speed)
+                } else if let p99, p99 > overloadPauseMs * 1000 {
+                    problems.append("pauses reached \(p99) µs (p99), over the \(overloadPauseMs) ms bound, and the guest was not throttled")
+                }
+                if let pause { notes.append(pause) }
+                if let deferred = lines.first(where: { $0.hasPrefix("checkpoints deferred") }) { notes.append(deferred) }
+            }
+            let eventAt: UInt64
+            switch fault {
+            case .crash, .overload:
+                eventAt = killAtRandomMoment(socket: primarySocket, child: primary)
+                primary.wait()
+            case .switchover:
+                eventAt = clock.monotonicNs()
+                _ = try StatusSocket.query(primarySocket, command: "switchover")
+            case .silence:
+                // The primary hangs with its connection open: only heartbeats can tell.
+                eventAt = clock.monotonicNs()
+                primary.signal(SIGSTOP)
+                try waitForStatus(socket: "\(dir)/backup-\(b).sock", containing: "FENCING", deadlineMs: 4 * s.timeoutNs / 1_000_000 + 2000)
+                primary.signal(SIGKILL)
+                primary.wait()
+            case .backupKill:
+                preconditionFailure("handled above")
+            }
+            // Local fence: the drill knows the primary's process is gone (a switchover needs none).
+            try touch("\(dir)/fenced-\(b)")
+            let reportPath = "\(dir)/activation-\(b)"
+            try waitForFile(reportPath, what: "backup \(b) to take over", deadlineMs: 20_000)
+            if fault == .switchover {
+                // The old primary stops by itself once the backup acknowledged the final checkpoint.
+                let deadline = clock.monotonicNs() + 10_000_000_000
+                while primary.poll() == nil && clock.monotonicNs() < deadline { pauseBriefly(ms: 5) }
+                if primary.poll() == nil { problems.append("the old primary still runs 10 s after the switchover") }
+            }
             let report = try ActivationReport.read(from: reportPath)
             observer.settle(forMs: 20)
             var result = DrillVerifier.verify(
-                report: report, killedAt: killedAt, observed: observer.packets(), killedPid: primaryPid,
+                report: report, killedAt: eventAt, observed: observer.packets(), killedPid: primaryPid,
                 survivorPid: backup.pid, index: g)
             result.index = g + 1
+            result.fault = fault
             // Gaps are counted over the whole drill: this failover's are the new ones.
             let gapsSoFar = result.discardedWithPrimary
             result.discardedWithPrimary -= previousGaps
             previousGaps = gapsSoFar
+            if fault == .switchover && result.discardedWithPrimary > 0 {
+                problems.append("the switchover lost \(result.discardedWithPrimary) packets; a planned hand-over must lose none")
+            }
+            if fault == .silence && !result.falseAlarm && result.detectionMs < Double(s.timeoutNs) / 2e6 {
+                problems.append("silence was detected in \(format(result.detectionMs)) ms, before any heartbeat could be missed")
+            }
+            result.problems += problems
+            result.notes = notes
+            result.verified = result.verified && problems.isEmpty
             results.append(result)
             if config.progress { printProgress(result, of: config.failovers) }
             if !result.verified {
@@ -140,11 +225,72 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
             // The survivor is now the primary, protecting towards the next backup.
             primary = backup
             primaryPid = backup.pid
-            primarySocket = "\(dir)/backup-\(g).sock"
+            primarySocket = "\(dir)/backup-\(b).sock"
             if let nextBackup { backup = nextBackup }
+            b += 1
         }
         finished = true
         return results
+    }
+
+    /// Kills the backup: the primary must notice within the timeout, keep the guest running, hold
+    /// its output for the fence grace and then let it flow (DEGRADED).
+    private func backupKill(primary socket: String, primaryPid: Int32, backup: ChildProcess, observer: PacketObserver, index: Int) throws -> FailoverResult {
+        let s = config.settings
+        var result = FailoverResult(index: index, epoch: 0, cutMidCheckpoint: false, detectionMs: 0, activationMs: 0,
+                                    releasedUncommitted: 0, discardedWithPrimary: 0, verified: false, problems: [])
+        result.fault = .backupKill
+        let fromPrimary = { observer.packets().filter { $0.pid == UInt64(primaryPid) }.count }
+        let killedAt = clock.monotonicNs()
+        backup.signal(SIGKILL)
+        backup.wait()
+        try waitForStatus(socket: socket, containing: "DEGRADED", deadlineMs: s.timeoutNs / 1_000_000 + 2000)
+        result.detectionMs = Double(clock.monotonicNs() - killedAt) / 1e6
+        // After the fence grace the output must flow again (the guest kept running throughout).
+        let before = fromPrimary()
+        let deadline = clock.monotonicNs() + s.fenceGraceNs + 5_000_000_000
+        while fromPrimary() < before + 8 && clock.monotonicNs() < deadline { pauseBriefly(ms: 10) }
+        let flowingAfter = Double(clock.monotonicNs() - killedAt) / 1e6
+        if fromPrimary() < before + 8 {
+            result.problems.append("no output from the primary within \(format(flowingAfter)) ms of losing its backup")
+        } else {
+            result.notes.append("output flowing again \(format(flowingAfter)) ms after the backup died (fence grace \(s.fenceGraceNs / 1_000_000) ms)")
+        }
+        if let status = try? StatusSocket.query(socket), let pause = status.split(separator: "\n").first(where: { $0.hasPrefix("pause") }) {
+            result.notes.append(String(pause))
+        }
+        return result
+    }
+
+    /// A backup is back on the same address: the primary must re-protect (fresh synchronisation).
+    private func awaitReprotection(_ result: FailoverResult, primary socket: String) throws -> FailoverResult {
+        var r = result
+        let start = clock.monotonicNs()
+        let before = (try? StatusSocket.query(socket)).flatMap(Self.acknowledged(in:)) ?? 0
+        let deadline = start + config.settings.maxRetryNs + 20_000_000_000
+        var reprotected = false
+        while clock.monotonicNs() < deadline {
+            if let text = try? StatusSocket.query(socket), text.contains("state: PROTECTED"),
+               let acked = Self.acknowledged(in: text), acked > before + 2 {
+                r.epoch = acked
+                reprotected = true
+                break
+            }
+            pauseBriefly(ms: 10)
+        }
+        r.activationMs = Double(clock.monotonicNs() - start) / 1e6
+        if !reprotected { r.problems.append("the primary did not re-protect within \(format(r.activationMs)) ms of a backup returning") }
+        r.verified = r.problems.isEmpty
+        return r
+    }
+
+    private func waitForStatus(socket: String, containing text: String, deadlineMs: UInt64) throws {
+        let deadline = clock.monotonicNs() + deadlineMs * 1_000_000
+        while clock.monotonicNs() < deadline {
+            if let status = try? StatusSocket.query(socket), status.contains(text) { return }
+            pauseBriefly(ms: 2)
+        }
+        throw ProtocolError("\(socket) did not report \(text) within \(deadlineMs) ms")
     }
 
     // MARK: - Steps
@@ -194,7 +340,7 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
     }
 
     private func printProgress(_ r: FailoverResult, of total: Int) {
-        let line = "failover \(r.index)/\(total): epoch \(r.epoch)\(r.cutMidCheckpoint ? " (cut mid-checkpoint)" : ""), detected in \(format(r.detectionMs)) ms, running \(format(r.activationMs)) ms later, \(r.verified ? "verified" : "FAILED")\n"
+        let line = "\(r.fault.rawValue) \(r.index)/\(total): epoch \(r.epoch)\(r.cutMidCheckpoint ? " (cut mid-checkpoint)" : ""), detected in \(format(r.detectionMs)) ms, running \(format(r.activationMs)) ms later, \(r.verified ? "verified" : "FAILED")\n"
         let bytes = Array(line.utf8)
         _ = bytes.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
     }

@@ -1,9 +1,9 @@
 /// The drill's table: one row per failover, then a summary.
 public enum DrillTable {
     public static func render(_ results: [FailoverResult]) -> String {
-        var rows = [["#", "epoch", "cut mid-ckpt", "detect ms", "activate ms", "uncommitted out", "lost w/ primary", "verified"]]
+        var rows = [["#", "fault", "epoch", "cut mid-ckpt", "detect ms", "activate ms", "uncommitted out", "lost w/ primary", "verified"]]
         for r in results {
-            rows.append(["\(r.index)", "\(r.epoch)", r.cutMidCheckpoint ? "yes" : "no", r.falseAlarm ? "early*" : format(r.detectionMs), format(r.activationMs),
+            rows.append(["\(r.index)", r.fault.rawValue, "\(r.epoch)", r.cutMidCheckpoint ? "yes" : "no", r.falseAlarm ? "early*" : format(r.detectionMs), format(r.activationMs),
                          "\(r.releasedUncommitted)", "\(r.discardedWithPrimary)", r.verified ? "yes" : "NO"])
         }
         let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max() ?? 0 }
@@ -23,6 +23,10 @@ public enum DrillTable {
             }
             out += "\noutput from uncommitted state seen outside (I1 violations): \(results.map(\.releasedUncommitted).reduce(0, +))"
             for r in results where !r.problems.isEmpty { out += "\nfailover \(r.index): " + r.problems.joined(separator: "; ") }
+            for r in results where !r.notes.isEmpty { out += "\n\(r.index) (\(r.fault.rawValue)): " + r.notes.joined(separator: "; ") }
+            if results.contains(where: { $0.fault == .backupKill }) {
+                out += "\nbackup-kill rows: detect = backup killed to the primary reporting DEGRADED; activate = backup back to the primary protected again"
+            }
         }
         return out
     }

@@ -52,6 +52,9 @@ struct Drill: ParsableCommand {
     @Option(help: .hidden)
     var inject: String?
 
+    @Option(parsing: .upToNextOption, help: ArgumentHelp("Faults to inject in turn: crash (SIGKILL the primary), switchover (planned hand-over), silence (SIGSTOP the primary), backup-kill (SIGKILL the backup), overload (an unthrottled guest). Default: crash.", valueName: "fault"))
+    var fault: [DrillFault] = [.crash]
+
     func validate() throws {
         if failovers < 1 || failovers > 100_000 { throw ValidationError("--failovers must be between 1 and 100000") }
         let settings = ProtectionSettings(intervalNs: interval * 1_000_000, heartbeatNs: heartbeat * 1_000_000, timeoutNs: timeout * 1_000_000)
@@ -70,7 +73,8 @@ struct Drill: ParsableCommand {
             directory: directory, keep: keep, progress: !quiet)
         var drill = config
         drill.injectEarlyRelease = inject == "early-release"
-        print("remusd drill: \(failovers) failovers, seed \(seed), checkpoint every \(interval) ms, timeout \(timeout) ms, guest \(memoryMiB) MiB × \(vcpus) vCPUs dirtying \(dirtyRate) pages/s")
+        drill.faults = fault
+        print("remusd drill: \(failovers) rounds (\(fault.map(\.rawValue).joined(separator: ", "))), seed \(seed), checkpoint every \(interval) ms, timeout \(timeout) ms, guest \(memoryMiB) MiB × \(vcpus) vCPUs dirtying \(dirtyRate) pages/s")
         let results = try RemusRuntime.Drill(drill).run()
         print(DrillTable.render(results))
         let failed = results.filter { !$0.verified }.count
@@ -103,3 +107,5 @@ struct Bench: ParsableCommand {
         print(LoopBenchmark.render(try LoopBenchmark.run(dirtyPages: dirtyPages, repetitions: repetitions)), terminator: "")
     }
 }
+
+extension DrillFault: ExpressibleByArgument {}

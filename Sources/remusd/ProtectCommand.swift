@@ -2,8 +2,6 @@ import ArgumentParser
 import RemusCore
 import RemusRuntime
 
-extension OverloadPolicy: ExpressibleByArgument {}
-
 extension BackendKind: ExpressibleByArgument {
     public init?(argument: String) {
         switch argument {
@@ -39,12 +37,6 @@ struct Protect: ParsableCommand {
     @Option(name: .customLong("max-checkpoint"), help: ArgumentHelp("Largest checkpoint the staging area holds.", valueName: "MiB"))
     var maxCheckpointMiB: Int = 256
 
-    @Option(name: .customLong("max-pause"), help: ArgumentHelp("Longest pause per checkpoint to aim for; a bigger dirty set is deferred and the overload policy applies (0: no bound).", valueName: "ms"))
-    var maxPause: UInt64 = 50
-
-    @Option(name: .customLong("on-overload"), help: ArgumentHelp("When the guest dirties memory faster than it can be protected: throttle (slow its vCPUs), degrade (longer epochs), or abort (stop protecting, keep it running here).", valueName: "policy"))
-    var onOverload: OverloadPolicy = .throttle
-
     @Flag(help: "Allow the unsafe switches below (as xl remus's -F).")
     var unsafe = false
 
@@ -75,9 +67,7 @@ struct Protect: ParsableCommand {
                 ? "this build of remusd cannot drive Xen yet (the Xen backend is not built in); nothing was changed on domain '\(domain)'"
                 : "no Xen hypervisor is present (looked for \(presence.lookedAt)); nothing was changed; use --backend sim for the simulated guest")
         }
-        var settings = timing.settings()
-        settings.maxPauseNs = maxPause * 1_000_000
-        settings.overload = onOverload
+        let settings = timing.settings()
         let config = ProtectConfiguration(
             domain: domain,
             backup: Endpoint(parsing: backup, defaultPort: defaultPort)!,

@@ -18,6 +18,8 @@ struct Remusd: ParsableCommand {
     )
 }
 
+extension OverloadPolicy: ExpressibleByArgument {}
+
 /// Timing options shared by `protect` and `receive`.
 struct TimingOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Time between checkpoints.", valueName: "ms"))
@@ -32,9 +34,15 @@ struct TimingOptions: ParsableArguments {
     @Option(name: .customLong("fence-grace"), help: ArgumentHelp("How long a primary that lost its backup keeps the guest's output held while reconnecting, before it flows unprotected (the backup may be fencing it meanwhile).", valueName: "ms"))
     var fenceGrace: UInt64 = 2000
 
+    @Option(name: .customLong("max-pause"), help: ArgumentHelp("Longest pause per checkpoint to aim for; a bigger dirty set is deferred and the overload policy applies (0: no bound). On a backup: for protecting onwards after a takeover.", valueName: "ms"))
+    var maxPause: UInt64 = 50
+
+    @Option(name: .customLong("on-overload"), help: ArgumentHelp("When the guest dirties memory faster than it can be protected: throttle (slow its vCPUs), degrade (longer epochs), or abort (stop protecting, keep it running here).", valueName: "policy"))
+    var onOverload: OverloadPolicy = .throttle
+
     func settings() -> ProtectionSettings {
         ProtectionSettings(intervalNs: interval * 1_000_000, heartbeatNs: heartbeat * 1_000_000, timeoutNs: timeout * 1_000_000,
-                           fenceGraceNs: fenceGrace * 1_000_000)
+                           fenceGraceNs: fenceGrace * 1_000_000, maxPauseNs: maxPause * 1_000_000, overload: onOverload)
     }
 
     func validate() throws {

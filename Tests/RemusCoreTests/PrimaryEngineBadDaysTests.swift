@@ -76,9 +76,12 @@ struct PrimaryEngineBadDaysTests {
         let d = e.onCaptureDeferred(3, pages: 50_000, limit: e.capturePageLimit, now: t)
         #expect(d.contains(.throttleGuest(percent: 50)))
         #expect(e.capturedEpoch == 2, "the deferred checkpoint's epoch is taken again next time")
+        #expect(e.capturePageLimit == .max, "never deferred twice in a row: the dirty set only grows while waiting")
         t += 100 * ms
         _ = e.onPeerActivity(now: t)
         #expect(e.onTick(now: t).contains(.checkpoint(3, .checkpoint)))
+        _ = e.onCheckpointCaptured(3, pauseNs: 60 * ms, pages: 6000, now: t)
+        #expect(e.capturePageLimit < .max, "after a capture the bound applies again")
     }
 
     @Test func switchoverTakesAFinalCheckpointAndStopsTheGuestOnlyAfterItsAck() {

@@ -113,14 +113,18 @@ public struct PrimaryEngine: Sendable {
     /// Measured capture cost, nanoseconds per page (moving average; 0 until measured).
     public private(set) var nsPerPage: Double = 0
     /// Most pages a checkpoint may capture within the pause bound (the shell defers above it).
+    /// Never twice in a row: deferring lets the dirty set grow, so a checkpoint postponed once is
+    /// taken next time whatever its size (the policy keeps the epochs after it small).
     public var capturePageLimit: Int {
-        guard settings.maxPauseNs > 0, nsPerPage > 0 else { return .max }
+        guard settings.maxPauseNs > 0, nsPerPage > 0, !deferredLast else { return .max }
         return max(Int(Double(settings.maxPauseNs) / nsPerPage), 64)
     }
     /// Checkpoints in a row that stayed well inside the pause bound (to relax a policy).
     private var calmStreak = 0
     /// A planned switchover waits for a free staging arena.
     private var switchoverPending = false
+    /// The last checkpoint attempt was deferred.
+    private var deferredLast = false
 
     public init(settings: ProtectionSettings) {
         self.settings = settings
@@ -172,6 +176,7 @@ public struct PrimaryEngine: Sendable {
     public mutating func onCheckpointCaptured(_ epoch: Epoch, pauseNs: UInt64 = 0, pages: Int = 0, now: UInt64) -> [Directive] {
         guard isConnectedState else { return [] }
         precondition(epoch == capturedEpoch, "captured epoch \(epoch) but expected \(capturedEpoch) in state \(state)")
+        deferredLast = false
         if pages > 0 {
             let sample = Double(pauseNs) / Double(pages)
             nsPerPage = nsPerPage == 0 ? sample : 0.8 * nsPerPage + 0.2 * sample
@@ -192,6 +197,7 @@ public struct PrimaryEngine: Sendable {
         guard isConnectedState, epoch == capturedEpoch else { return [] }
         capturedEpoch -= 1
         shipping -= 1
+        deferredLast = true
         if case .switchingOver = state {
             // A final checkpoint must be taken; it may pause longer than the bound, once.
             return [.report(.overload("the final checkpoint needs \(pages) pages; retrying"))] + takeFinal(now: now)

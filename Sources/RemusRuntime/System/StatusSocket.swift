@@ -37,6 +37,9 @@ public enum RunDirectory {
 public final class StatusSocket: @unchecked Sendable {  // fd and path are immutable; handlers are called on its own thread
     private let fd: Int32
     public let path: String
+    /// Requests being answered now (guarded by `monitor`), so a daemon can finish its replies before exiting.
+    private let monitor = MonitorLock()
+    private var serving = 0
 
     /// - Parameters:
     ///   - snapshot: the status text, called on the socket's thread.
@@ -63,13 +66,16 @@ public final class StatusSocket: @unchecked Sendable {  // fd and path are immut
             }
         }
         try syscall("listen(\(path))") { listen(fd, 8) }
-        startThread(name: "status") {
+        let monitor = self.monitor
+        startThread(name: "status") { [unowned self] in
             while true {
                 let client = Glibc.accept(fd, nil, nil)
                 if client < 0 {
                     if errno == EINTR { continue }
                     return
                 }
+                monitor.withLock { self.serving += 1 }
+                defer { monitor.withLock { self.serving -= 1; monitor.broadcast() } }
                 var buffer = [UInt8](repeating: 0, count: 256)
                 // A status reader sends nothing and half-closes; a control client sends one line.
                 var received: [UInt8] = []
@@ -94,8 +100,14 @@ public final class StatusSocket: @unchecked Sendable {  // fd and path are immut
         unlink(path)
     }
 
-    /// Removes the socket file.
-    public func remove() { unlink(path) }
+    /// Removes the socket file, after the replies in progress (at most `timeoutMs`) went out.
+    public func remove(timeoutMs: UInt64 = 1000) {
+        let deadline = SystemClock().monotonicNs() + timeoutMs * 1_000_000
+        monitor.withLock {
+            while serving > 0 && SystemClock().monotonicNs() < deadline { monitor.wait(untilMonotonic: deadline) }
+        }
+        unlink(path)
+    }
 
     /// Connects to a status socket, sends `command` (empty for a snapshot) and returns the reply.
     public static func query(_ path: String, command: String = "") throws -> String {

@@ -1,0 +1,102 @@
+import Foundation
+import RemusCore
+@testable import RemusRuntime
+import Testing
+
+private var remusdPath: String {
+    URL(fileURLWithPath: ProcessEnvironment.executablePath).deletingLastPathComponent().appendingPathComponent("remusd").path
+}
+
+/// A receive/protect pair on loopback, each a real remusd process.
+private struct Pair {
+    let directory: String
+    let backup: ChildProcess
+    let primary: ChildProcess
+
+    static func start(backupArguments: [String] = ["--unsafe-no-fence"], primaryArguments: [String]) throws -> Pair {
+        let dir = NSTemporaryDirectory() + "remusd-pair-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let port = try freePorts(1)[0]
+        let env = ["REMUSD_RUN_DIR": dir]
+        let backup = try ChildProcess(
+            arguments: [remusdPath, "receive", "--listen", "127.0.0.1:\(port)", "--heartbeat", "50", "--timeout", "300",
+                        "--status-socket", dir + "/backup.sock"] + backupArguments,
+            outputFile: dir + "/backup.log", environment: env)
+        try waitForFile(dir + "/backup.sock", what: "the backup", deadlineMs: 10_000)
+        let primary = try ChildProcess(
+            arguments: [remusdPath, "protect", "g", "127.0.0.1:\(port)", "--sim-memory", "128", "--interval", "50",
+                        "--heartbeat", "50", "--timeout", "300", "--status-socket", dir + "/g.sock"] + primaryArguments,
+            outputFile: dir + "/primary.log", environment: env)
+        return Pair(directory: dir, backup: backup, primary: primary)
+    }
+
+    func log(_ name: String) -> String { (try? String(contentsOfFile: directory + "/\(name).log", encoding: .utf8)) ?? "" }
+    func status(_ name: String) -> String { (try? StatusSocket.query(directory + "/\(name).sock")) ?? "" }
+
+    /// Polls `condition` until it holds or `seconds` pass.
+    func eventually(_ seconds: Double, _ condition: () -> Bool) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if condition() { return true }
+            pauseBriefly(ms: 20)
+        }
+        return condition()
+    }
+
+    func stop() {
+        for p in [primary, backup] { p.signal(SIGKILL); p.wait() }
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+}
+
+@Suite("Bad days, with real processes", .serialized)
+struct BadDaysTests {
+    @Test func drillSurvivesEveryFaultInTurn() throws {
+        let (status, output) = try runShell("'\(remusdPath)' drill --failovers 5 --seed 21 --quiet --sim-memory 128 --fault crash switchover silence backup-kill overload 2>&1")
+        #expect(status == 0, "\(output)")
+        #expect(output.contains("drill: 5 passed, 0 failed"))
+    }
+
+    @Test func stopEndsProtectionAndTheBackupNeverActivates() throws {
+        let pair = try Pair.start(primaryArguments: [])
+        defer { pair.stop() }
+        #expect(pair.eventually(20) { pair.status("g").contains("state: PROTECTED") })
+        let (rc, reply) = try runShell("REMUSD_RUN_DIR='\(pair.directory)' '\(remusdPath)' stop g 2>&1")
+        #expect(rc == 0 && reply.contains("the backup discards its image"), "\(reply)")
+        #expect(pair.eventually(10) { pair.log("backup").contains("will not be activated") })
+        // Long past the timeout, with --unsafe-no-fence, it still has not activated.
+        pauseBriefly(ms: 600)
+        #expect(!pair.log("backup").contains("ACTIVATED"))
+        #expect(pair.status("backup").contains("STOPPED"))
+    }
+
+    @Test func abortPolicyStopsProtectingAndKeepsTheGuestRunning() throws {
+        let pair = try Pair.start(primaryArguments: ["--sim-dirty-rate", "0", "--max-pause", "1", "--on-overload", "abort"])
+        defer { pair.stop() }
+        #expect(pair.eventually(20) { pair.log("primary").contains("protection ABORTED") }, "\(pair.log("primary"))")
+        #expect(pair.eventually(10) { pair.log("backup").contains("will not be activated") })
+        #expect(pair.primary.poll() == nil, "the primary daemon and its guest keep running")
+        #expect(pair.status("g").contains("STOPPED"))
+    }
+
+    @Test func degradePolicyLengthensEpochsInsteadOfSlowingTheGuest() throws {
+        let pair = try Pair.start(primaryArguments: ["--sim-dirty-rate", "0", "--max-pause", "1", "--on-overload", "degrade"])
+        defer { pair.stop() }
+        #expect(pair.eventually(20) { pair.log("primary").contains("epochs lengthened") }, "\(pair.log("primary"))")
+        #expect(!pair.status("g").contains("guest speed"), "degrade never throttles the guest")
+        #expect(pair.status("g").contains("state: PROTECTED"))
+    }
+
+    @Test func withoutAFenceTheBackupWaitsForTheOperator() throws {
+        let pair = try Pair.start(backupArguments: [], primaryArguments: [])
+        defer { pair.stop() }
+        #expect(pair.eventually(20) { pair.status("g").contains("state: PROTECTED") })
+        pair.primary.signal(SIGKILL)
+        pair.primary.wait()
+        #expect(pair.eventually(10) { pair.status("backup").contains("waiting for 'remusd failover --activate'") })
+        #expect(!pair.log("backup").contains("ACTIVATED"))
+        let (rc, reply) = try runShell("REMUSD_RUN_DIR='\(pair.directory)' '\(remusdPath)' failover --activate --socket '\(pair.directory)/backup.sock' 2>&1")
+        #expect(rc == 0, "\(reply)")
+        #expect(pair.eventually(10) { pair.log("backup").contains("ACTIVATED") })
+    }
+}
