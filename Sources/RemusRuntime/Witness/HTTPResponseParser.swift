@@ -67,13 +67,8 @@ struct HTTPResponseParser {
 
     /// Convenience for tests and arrays.
     mutating func feed(_ bytes: [UInt8]) throws(HTTPParseError) -> HTTPResponse? {
-        var result: HTTPResponse?
-        var failure: HTTPParseError?
-        bytes.withUnsafeBytes { raw in
-            do { result = try feed(raw) } catch { failure = error }
-        }
-        if let failure { throw failure }
-        return result
+        for byte in bytes { try step(byte) }
+        return isComplete ? response : nil
     }
 
     /// The peer closed the connection: completes a body delimited by the end of input, and is an
@@ -223,6 +218,6 @@ extension StringProtocol {
         let s = Substring(self)
         let start = s.firstIndex { $0 != " " && $0 != "\t" } ?? s.endIndex
         let end = s.lastIndex { $0 != " " && $0 != "\t" }.map { s.index(after: $0) } ?? start
-        return s[start..<max(start, end)]
+        return s[start..<Swift.max(start, end)]
     }
 }
