@@ -45,7 +45,7 @@ public final class BackupDaemon: @unchecked Sendable {
         loop = EventLoop(clock: clock)
         let policy: BackupCommitter.FencePolicy
         switch config.fence {
-        case .command: policy = .fence
+        case .command, .witness: policy = .fence
         case .operatorOnly: policy = .operatorOnly
         case .unsafeNoFence: policy = .unsafeNoFence
         }
@@ -256,6 +256,10 @@ public final class BackupDaemon: @unchecked Sendable {
             writer = nil
             generation += 1_000_000  // ignore the old reader's events
         case .fencePrimary:
+            if case .witness(let w) = config.fence {
+                acquireWitness(w)
+                return
+            }
             guard case .command(let command) = config.fence else {
                 loop.post(.fenced(true, "no fence needed"))
                 return
@@ -315,9 +319,23 @@ public final class BackupDaemon: @unchecked Sendable {
             return
         }
         let loop = self.loop
+        var held: (EtcdWitness, WitnessConfiguration)?
+        if case .witness(let wc) = config.fence {
+            // Taken over by fencing: the key is ours. After a switchover the old primary hands it
+            // over; until it does (or its lease runs out) keep asking.
+            let w = try witnessClient(wc)
+            let deadline = clock.monotonicNs() + UInt64(wc.ttlSeconds + 2) * 1_000_000_000
+            var ours = w.lease != nil
+            while !ours && clock.monotonicNs() < deadline {
+                ours = (try? w.acquire(owner: EtcdWitness.ownerName(role: "backup"), ttlSeconds: wc.ttlSeconds)) ?? false
+                if !ours { pauseBriefly(ms: 100) }
+            }
+            guard ours else { throw ProtocolError("the witness key \(wc.url) stays held by another host; not protecting onwards") }
+            held = (w, wc)
+        }
         let p = try PrimaryProtection(
             guest: running.guest, output: running.output, backup: next, settings: config.settings,
-            maxCheckpointPages: 65536, clock: clock,
+            maxCheckpointPages: 65536, clock: clock, witness: held,
             onFinished: { _ in loop.post(.protectionFinished) })
         statsLock.withLock { protection = p }
         Log.setRole("backup→primary")
@@ -360,9 +378,41 @@ public final class BackupDaemon: @unchecked Sendable {
         }
     }
 
+    /// The witness as a fence: holding the key means the primary's lease ran out, so it stopped
+    /// releasing output and paused its guest.
+    private func acquireWitness(_ config: WitnessConfiguration) {
+        let loop = self.loop
+        startThread(name: "witness-acquire") { [self] in
+            do {
+                let w = try witnessClient(config)
+                if try w.acquire(owner: EtcdWitness.ownerName(role: "backup"), ttlSeconds: config.ttlSeconds) {
+                    loop.post(.fenced(true, "this backup holds the witness key \(config.url)"))
+                } else {
+                    let holder = (try? w.holder()).flatMap { $0 } ?? "someone"
+                    loop.post(.fenced(false, "the witness key is still held by \(holder): the primary may be alive and releasing output"))
+                }
+            } catch {
+                loop.post(.fenced(false, "\(error)"))
+            }
+        }
+    }
+
+    private let witnessLock = MonitorLock()
+    private var witness: EtcdWitness?
+
+    private func witnessClient(_ config: WitnessConfiguration) throws -> EtcdWitness {
+        try witnessLock.withLock {
+            if let witness { return witness }
+            let w = try EtcdWitness(url: config.url)
+            witness = w
+            return w
+        }
+    }
+
     private func describe(_ fence: FenceConfiguration) -> String {
         switch fence {
         case .command(let c): return "command '\(c)'"
+        case .witness(let w): return "witness \(w.url)"
         case .operatorOnly: return "none; waits for the operator"
         case .unsafeNoFence: return "NONE (--unsafe-no-fence)"
         }

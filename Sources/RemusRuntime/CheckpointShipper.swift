@@ -161,6 +161,7 @@ struct PrimaryStatistics {
         case .degraded(let reason, _): return "DEGRADED: \(reason)"
         case .switchingOver(let final): return "SWITCHING OVER (final checkpoint \(final), guest suspended)"
         case .handedOff(let text): return "HANDED OFF: \(text)"
+        case .selfFenced(let text): return "SELF-FENCED: \(text)"
         case .stopping: return "STOPPING"
         case .stopped: return "STOPPED"
         }

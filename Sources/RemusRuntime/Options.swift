@@ -34,10 +34,13 @@ public struct ProtectConfiguration: Sendable {
     public var blackhole: Bool
     /// Status socket path.
     public var statusSocket: String
+    /// The witness that decides which copy is active, if any.
+    public var witness: WitnessConfiguration?
 
     public init(domain: String, backup: Endpoint, backend: BackendKind, settings: ProtectionSettings,
                 simulated: SimulatedGuestParameters, nicSink: Endpoint?, maxCheckpointPages: Int,
-                unsafeNoNetbuf: Bool, blackhole: Bool, statusSocket: String) {
+                unsafeNoNetbuf: Bool, blackhole: Bool, statusSocket: String, witness: WitnessConfiguration? = nil) {
+        self.witness = witness
         self.domain = domain
         self.backup = backup
         self.backend = backend
@@ -51,10 +54,26 @@ public struct ProtectConfiguration: Sendable {
     }
 }
 
+/// `--witness etcd://host:port/key` and its lease.
+public struct WitnessConfiguration: Equatable, Sendable {
+    /// The etcd URL.
+    public var url: String
+    /// Lease time to live, seconds (`--witness-ttl`, default 3; etcd raises it to at least 2).
+    public var ttlSeconds: Int
+    /// Output is released only while the lease has more than this left, nanoseconds (a third of the TTL).
+    public var marginNs: UInt64 { UInt64(ttlSeconds) * 1_000_000_000 / 3 }
+    public init(url: String, ttlSeconds: Int) {
+        self.url = url
+        self.ttlSeconds = ttlSeconds
+    }
+}
+
 /// How the backup makes sure the primary is off before it takes over.
 public enum FenceConfiguration: Equatable, Sendable {
     /// Run this shell command; exit status 0 means the primary is off.
     case command(String)
+    /// Hold the witness key: the primary's lease has run out, so it released nothing since.
+    case witness(WitnessConfiguration)
     /// Wait for `remusd failover --activate`.
     case operatorOnly
     /// Take over without fencing.

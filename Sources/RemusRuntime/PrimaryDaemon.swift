@@ -14,6 +14,16 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
         let clock = SystemClock()
         let running = try SimulatedBackend.startGuest(name: config.domain, parameters: config.simulated, nicSink: config.nicSink, clock: clock)
         let output: any OutputBuffer = config.unsafeNoNetbuf ? PassThroughOutput(running.output) : running.output
+        var held: (EtcdWitness, WitnessConfiguration)?
+        if let wc = config.witness {
+            let w = try EtcdWitness(url: wc.url)
+            guard try w.acquire(owner: EtcdWitness.ownerName(role: "primary"), ttlSeconds: wc.ttlSeconds) else {
+                let holder = (try? w.holder()).flatMap { $0 } ?? "another host"
+                throw ProtocolError("the witness key \(wc.url) is held by \(holder): another copy of '\(config.domain)' may be active; nothing was started")
+            }
+            held = (w, wc)
+            Log.info("holding the witness \(wc.url)")
+        }
         let finished = Gate<Bool>()
         // The daemon exits when the operator ended protection (stop, switchover, SIGTERM). When
         // protection ends by itself (--on-overload abort) the guest keeps running here.
@@ -21,7 +31,7 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
         let protection = try PrimaryProtection(
             guest: running.guest, output: output, backup: config.backup, settings: config.settings,
             maxCheckpointPages: config.maxCheckpointPages, blackhole: config.blackhole, clock: clock,
-            onFinished: { _ in
+            witness: held, onFinished: { _ in
                 if ended.isSet {
                     finished.open(with: true)
                 } else {

@@ -21,6 +21,7 @@ public final class PrimaryProtection: @unchecked Sendable {
         case connectionLost(generation: Int, reason: String)
         case stop(StreamEndReason)
         case switchover
+        case witnessLost(String)
     }
 
     public let guest: any PrimaryGuest
@@ -43,12 +44,16 @@ public final class PrimaryProtection: @unchecked Sendable {
     private var stats = PrimaryStatistics()
     /// Called once when protection has ended (stopped), on the loop thread.
     private let onFinished: @Sendable (PrimaryEngine.State) -> Void
+    /// The witness this primary holds (already acquired), and its configuration.
+    private let witness: (EtcdWitness, WitnessConfiguration)?
 
     public init(
         guest: any PrimaryGuest, output: any OutputBuffer, backup: Endpoint, settings: ProtectionSettings,
         maxCheckpointPages: Int, blackhole: Bool = false, clock: any HostClock,
+        witness: (EtcdWitness, WitnessConfiguration)? = nil,
         onFinished: @escaping @Sendable (PrimaryEngine.State) -> Void = { _ in }
     ) throws {
+        self.witness = witness
         self.guest = guest
         self.output = output
         self.backup = backup
@@ -73,6 +78,7 @@ public final class PrimaryProtection: @unchecked Sendable {
             // Until the first checkpoint nothing protects the output: let it flow.
             do { try output.releaseAll() } catch { Log.error("could not open the output buffer: \(error)") }
             execute(engine.start(now: clock.monotonicNs()))
+            startWitnessRenewal()
             loop.run(handle: handle, tick: { [self] now in execute(engine.onTick(now: now)) })
         }
     }
@@ -138,6 +144,8 @@ public final class PrimaryProtection: @unchecked Sendable {
             execute(engine.stop(reason: reason, now: now))
         case .switchover:
             execute(engine.switchover(now: now))
+        case .witnessLost(let reason):
+            execute(engine.onWitnessLost(reason: reason, now: now))
         }
         if case .stopped = engine.state {
             loop.stop()
@@ -192,8 +200,10 @@ public final class PrimaryProtection: @unchecked Sendable {
             guard let writer, let (arena, state) = capturedArenas[epoch] else { return }
             writer.enqueue(.checkpoint(arena: arena, state: state))
         case .releaseOutput(let epoch):
+            guard witnessAllowsRelease() else { return }
             do { try output.release(through: epoch) } catch { Log.error("releasing output of epoch \(epoch) failed: \(error)") }
         case .releaseAllOutput:
+            guard witnessAllowsRelease() else { return }
             do { try output.releaseAll() } catch { Log.error("releasing all output failed: \(error)") }
         case .holdOutput:
             do { try output.hold() } catch { Log.error("holding output failed: \(error)") }
@@ -214,8 +224,14 @@ public final class PrimaryProtection: @unchecked Sendable {
         case .throttleGuest(let percent):
             do { try guest.setSpeed(percent: percent) } catch { Log.error("throttling the guest to \(percent) % failed: \(error)") }
             updateStats { $0.speedPercent = percent }
+        case .pauseGuest:
+            do { try guest.suspend() } catch { Log.error("pausing the guest failed: \(error); it may still run — stop it by hand") }
         case .stopGuest:
             do { try guest.stop() } catch { Log.error("stopping the handed-over guest failed: \(error); it is still suspended — make sure it does not run here") }
+            if let (w, _) = witness {
+                _ = witnessHandedOver.set()
+                do { try w.release() } catch { Log.warning("releasing the witness after the switchover failed: \(error); the backup gets it when the lease runs out") }
+            }
         case .scheduleTick(let at):
             loop.scheduleTick(at: at)
         case .report(let report):
@@ -226,9 +242,60 @@ public final class PrimaryProtection: @unchecked Sendable {
             case .overload(let t): text = t; Log.warning(t)
             case .switchedOver(let final): text = "switchover complete: the backup runs the guest from checkpoint \(final); it is stopped here"; Log.info(text)
             case .handOffUnknown(let t): text = t; Log.error(t)
+            case .selfFenced(let t): text = t; Log.error(t)
             case .stopped(let reason): text = "protection stopped (\(reason))"; Log.info(text)
             }
             updateStats { $0.lastReport = text }
+        }
+    }
+
+    // MARK: - Witness
+
+    /// The guest was switched over: the witness key goes to the backup.
+    private let witnessHandedOver = OneShotFlag()
+
+    /// Output may leave only while the witness lease has more than the margin left (with no
+    /// witness, always). Checked by the thread that releases, right before it does.
+    private func witnessAllowsRelease() -> Bool {
+        guard let (w, config) = witness else { return true }
+        guard let lease = w.lease, lease.remainingNs(marginNs: config.marginNs) > 0 else {
+            loop.post(.witnessLost("the lease is past its deadline"))
+            return false
+        }
+        return true
+    }
+
+    /// Renews the witness lease every heartbeat on a thread of its own; reports a lost lease.
+    private func startWitnessRenewal() {
+        guard let (w, config) = witness else { return }
+        let loop = self.loop
+        let heartbeat = engine.settings.heartbeatNs
+        startThread(name: "witness") { [weak self] in
+            var lastError = ""
+            while true {
+                guard let self, !self.isStopped else { return }
+                if self.witnessHandedOver.isSet {
+                    // Switched over: the backup runs the guest now and needs the key.
+                    try? w.release()
+                    return
+                }
+                do {
+                    _ = try w.renew()
+                    lastError = ""
+                } catch {
+                    if let e = error as? WitnessError, case .lost = e {
+                        loop.post(.witnessLost("\(error)"))
+                        return
+                    }
+                    if "\(error)" != lastError { Log.warning("renewing the witness lease failed: \(error)") }
+                    lastError = "\(error)"
+                }
+                if let lease = w.lease, lease.remainingNs(marginNs: config.marginNs) == 0 {
+                    loop.post(.witnessLost(lastError.isEmpty ? "the lease ran out" : lastError))
+                    return
+                }
+                pauseBriefly(us: heartbeat / 1000)
+            }
         }
     }
 

@@ -78,7 +78,8 @@ struct Protect: ParsableCommand {
             maxCheckpointPages: maxCheckpointMiB * 256,
             unsafeNoNetbuf: noNetbuf,
             blackhole: blackhole,
-            statusSocket: statusSocket ?? RunDirectory.socketPath(for: domain))
+            statusSocket: statusSocket ?? RunDirectory.socketPath(for: domain),
+            witness: timing.witnessConfiguration)
         let code = try PrimaryDaemon(config).run()
         if code != 0 { throw ExitCode(code) }
     }
@@ -94,7 +95,7 @@ struct Receive: ParsableCommand {
 
     @OptionGroup var timing: TimingOptions
 
-    @Option(help: ArgumentHelp("Command that makes sure the primary is off (exit 0: it is). Retried every heartbeat until it succeeds.", valueName: "command"))
+    @Option(help: ArgumentHelp("Command that makes sure the primary is off (exit 0: it is). Retried every heartbeat until it succeeds. Alternatives: --witness, --unsafe-no-fence; with none the backup waits for 'remusd failover --activate'.", valueName: "command"))
     var fence: String?
 
     @Flag(name: .customLong("unsafe-no-fence"), help: "Take over as soon as the primary is lost, without fencing it (xl remus's behaviour; risks two running copies).")
@@ -117,7 +118,9 @@ struct Receive: ParsableCommand {
 
     func validate() throws {
         guard Endpoint(parsing: listen, defaultPort: defaultPort) != nil else { throw ValidationError("--listen '\(listen)' is not host:port") }
-        if fence != nil && unsafeNoFence { throw ValidationError("--fence and --unsafe-no-fence exclude each other") }
+        if [fence != nil, unsafeNoFence, timing.witness != nil].filter({ $0 }).count > 1 {
+            throw ValidationError("choose one way to fence the primary: --fence, --witness or --unsafe-no-fence")
+        }
         for (flag, value) in [("--reprotect-to", reprotectTo), ("--nic-sink", nicSink)] {
             if let value, Endpoint(parsing: value, defaultPort: defaultPort) == nil { throw ValidationError("\(flag) '\(value)' is not host:port") }
         }
@@ -125,7 +128,8 @@ struct Receive: ParsableCommand {
 
     func run() throws {
         let endpoint = Endpoint(parsing: listen, defaultPort: defaultPort)!
-        let fenceConfig: FenceConfiguration = fence.map { .command($0) } ?? (unsafeNoFence ? .unsafeNoFence : .operatorOnly)
+        let fenceConfig: FenceConfiguration = timing.witnessConfiguration.map { .witness($0) }
+            ?? fence.map { .command($0) } ?? (unsafeNoFence ? .unsafeNoFence : .operatorOnly)
         let config = ReceiveConfiguration(
             listen: endpoint, settings: timing.settings(), fence: fenceConfig,
             reprotectTo: reprotectTo.flatMap { Endpoint(parsing: $0, defaultPort: defaultPort) },

@@ -40,6 +40,14 @@ struct TimingOptions: ParsableArguments {
     @Option(name: .customLong("on-overload"), help: ArgumentHelp("When the guest dirties memory faster than it can be protected: throttle (slow its vCPUs), degrade (longer epochs), or abort (stop protecting, keep it running here).", valueName: "policy"))
     var onOverload: OverloadPolicy = .throttle
 
+    @Option(help: ArgumentHelp("A witness that decides which copy is active: an etcd key held under a lease. The primary releases output only while it holds it (and pauses its guest when it cannot renew it); a backup takes over only once it holds it.", valueName: "etcd://host:port/key"))
+    var witness: String?
+
+    @Option(name: .customLong("witness-ttl"), help: ArgumentHelp("Lease time to live of the witness key (etcd raises it to at least 2).", valueName: "s"))
+    var witnessTTL: Int = 3
+
+    var witnessConfiguration: WitnessConfiguration? { witness.map { WitnessConfiguration(url: $0, ttlSeconds: witnessTTL) } }
+
     func settings() -> ProtectionSettings {
         ProtectionSettings(intervalNs: interval * 1_000_000, heartbeatNs: heartbeat * 1_000_000, timeoutNs: timeout * 1_000_000,
                            fenceGraceNs: fenceGrace * 1_000_000, maxPauseNs: maxPause * 1_000_000, overload: onOverload)
@@ -47,6 +55,10 @@ struct TimingOptions: ParsableArguments {
 
     func validate() throws {
         if let problem = settings().problem() { throw ValidationError(problem) }
+        if let witness {
+            do { _ = try EtcdWitness(url: witness) } catch { throw ValidationError("--witness: \(error)") }
+        }
+        if witnessTTL < 1 || witnessTTL > 3600 { throw ValidationError("--witness-ttl must be between 1 and 3600 s") }
     }
 }
 

@@ -132,3 +132,25 @@ struct PrimaryEngineBadDaysTests {
         #expect(e.onCheckpointShipped(2, now: t).contains(.checkpoint(4, .final)))
     }
 }
+
+@Suite("Primary engine and the witness")
+struct PrimaryEngineWitnessTests {
+    @Test func losingTheWitnessPausesTheGuestAndHoldsOutput() {
+        var e = PrimaryEngine(settings: ProtectionSettings())
+        _ = e.start(now: 0)
+        _ = e.onConnected(now: 0)
+        _ = e.onPrecopyRoundShipped(round: 1, remainingDirty: 0, now: 0)
+        let d = e.onWitnessLost(reason: "etcd unreachable for 2.5 s", now: 1)
+        #expect(d.contains(.pauseGuest))
+        #expect(d.contains(.holdOutput))
+        #expect(!d.contains(.releaseAllOutput))
+        guard case .selfFenced = e.state else { Issue.record("state \(e.state)"); return }
+        // Nothing afterwards releases output or resumes protection by itself.
+        #expect(e.onTick(now: 10_000_000_000) == [])
+        #expect(e.onAck(1, now: 10_000_000_001) == [])
+        // The operator may end it; the guest stays paused, nothing is released.
+        let stop = e.stop(reason: .plannedStop, now: 10_000_000_002)
+        #expect(!stop.contains(.releaseAllOutput))
+        #expect(e.state == .stopped)
+    }
+}

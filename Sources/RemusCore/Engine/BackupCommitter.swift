@@ -255,8 +255,10 @@ public struct BackupCommitter: Sendable {
         guard case .fencing(let committed, let attempt) = state else { return [] }
         fenceInFlight = false
         guard success else {
-            return [.report("fencing the primary failed (attempt \(attempt)): \(detail); the guest stays down here until fencing succeeds; retrying"),
-                    .scheduleTick(at: now + settings.heartbeatNs)]
+            // Said once, then every 20th attempt: a lease running out takes a few seconds of retries.
+            let say = attempt == 1 || attempt % 20 == 0
+            return (say ? [.report("fencing the primary failed (attempt \(attempt)): \(detail); the guest stays down here until fencing succeeds; retrying every heartbeat")] : [])
+                + [.scheduleTick(at: now + settings.heartbeatNs)]
         }
         state = .activating(committed: committed)
         return [.report("primary fenced (\(detail)); activating checkpoint \(committed)"), .activate(committed)]

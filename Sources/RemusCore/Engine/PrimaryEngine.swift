@@ -29,6 +29,9 @@ public struct PrimaryEngine: Sendable {
         /// suspended here; the backup takes over (from the final checkpoint, or after fencing from
         /// the one before). It must not be resumed here.
         case handedOff(String)
+        /// The witness lease could not be renewed in time: output stays held and the guest paused,
+        /// because the backup may hold the key and run the guest now.
+        case selfFenced(String)
         /// A planned end: STREAM_END sent, waiting for the writer to drain.
         case stopping(StreamEndReason)
         /// Done.
@@ -53,6 +56,8 @@ public struct PrimaryEngine: Sendable {
         case throttleGuest(percent: Int)
         /// The guest was handed over: stop it here for good.
         case stopGuest
+        /// Self-fence: pause the guest (it must not run or emit anything while another copy may).
+        case pauseGuest
         /// Write the captured checkpoint to the backup; report `onCheckpointShipped`.
         case ship(Epoch)
         /// Let out held output of every epoch up to and including this one.
@@ -80,6 +85,7 @@ public struct PrimaryEngine: Sendable {
         case overload(String)
         case switchedOver(Epoch)
         case handOffUnknown(String)
+        case selfFenced(String)
         case stopped(StreamEndReason)
     }
 
@@ -267,7 +273,7 @@ public struct PrimaryEngine: Sendable {
         case .stopping:
             state = .stopped
             return []
-        case .idle, .degraded, .stopped, .handedOff:
+        case .idle, .degraded, .stopped, .handedOff, .selfFenced:
             return []
         }
     }
@@ -302,7 +308,7 @@ public struct PrimaryEngine: Sendable {
             return released + [.connect] + (outputHeldSince.map { [.scheduleTick(at: $0 + settings.fenceGraceNs)] } ?? [])
         case .connecting:
             return graceExpired(now: now)
-        case .idle, .stopping, .stopped, .handedOff:
+        case .idle, .stopping, .stopped, .handedOff, .selfFenced:
             return []
         }
     }
@@ -320,9 +326,25 @@ public struct PrimaryEngine: Sendable {
             state = .stopped
             outputHeldSince = nil
             return [.releaseAllOutput, .closeConnection, .report(.stopped(reason))]
-        case .switchingOver, .handedOff, .stopping, .stopped:
+        case .handedOff, .selfFenced:
+            // The guest stays paused and its output held: another copy may be the active one.
+            state = .stopped
+            return [.closeConnection, .report(.stopped(reason))]
+        case .switchingOver, .stopping, .stopped:
             return [.report(.handOffUnknown("no stop now: state \(state)"))]
         }
+    }
+
+    /// The witness lease ran out (renewals failed past its deadline): the backup may hold the key
+    /// and be running the guest. Stop everything that could make two active copies.
+    public mutating func onWitnessLost(reason: String, now: UInt64) -> [Directive] {
+        switch state {
+        case .selfFenced, .stopped, .handedOff: return []
+        default: break
+        }
+        let text = "the witness lease could not be renewed (\(reason)); SELF-FENCED: the guest is paused here and its output held, because the backup may now hold the witness and run the guest; check which host holds the witness key before doing anything"
+        state = .selfFenced(text)
+        return [.closeConnection, .holdOutput, .pauseGuest, .report(.selfFenced(text))]
     }
 
     /// A planned switchover: a final checkpoint with the guest left suspended, handed to the
