@@ -41,6 +41,9 @@ public enum DrillFault: String, Sendable, CaseIterable {
     case backupKill = "backup-kill"
     /// An unthrottled guest; the throttle policy keeps checkpoints within the pause bound; crashes as usual.
     case overload
+    /// The primary is cut off from its backup and from the witness (etcd); it must self-fence before
+    /// the backup, holding the witness, takes over. With this fault every round uses the witness.
+    case partition
 }
 
 /// One verified (or not) failover.
@@ -108,11 +111,31 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
             }
         }
 
+        // With the partition fault every process reaches its peer and etcd through a proxy the drill can cut.
+        let witnessed = config.faults.contains(.partition)
+        let etcd = witnessed ? try LocalEtcd(directory: dir) : nil
+        defer { etcd?.stop() }
+        var replicationProxies: [Int: PartitionProxy] = [:]
+        var etcdProxies: [Int: PartitionProxy] = [:]
+        /// Where the primary protecting towards backup `g` connects.
+        func replicationAddress(_ g: Int) throws -> String {
+            guard witnessed else { return "127.0.0.1:\(ports[g])" }
+            if replicationProxies[g] == nil { replicationProxies[g] = try PartitionProxy(to: Endpoint(host: "127.0.0.1", port: ports[g])) }
+            return "\(replicationProxies[g]!.endpoint)"
+        }
+        /// `--witness` for process `index` (0: the first primary, g + 1: backup g), through its own proxy.
+        func witnessArguments(_ index: Int) throws -> [String] {
+            guard let etcd else { return [] }
+            if etcdProxies[index] == nil { etcdProxies[index] = try PartitionProxy(to: etcd.clientEndpoint) }
+            return ["--witness", "etcd://\(etcdProxies[index]!.endpoint)/remus/drill-guest", "--witness-ttl", "2"]
+        }
+
         func startBackup(_ g: Int) throws -> ChildProcess {
-            var args = [exe, "receive", "--listen", "127.0.0.1:\(ports[g])", "--fence", "test -e \(dir)/fenced-\(g)",
+            var args = [exe, "receive", "--listen", "127.0.0.1:\(ports[g])",
                         "--nic-sink", "\(observer.endpoint)", "--activation-report", "\(dir)/activation-\(g)",
                         "--exit-after-protection", "--status-socket", "\(dir)/backup-\(g).sock"] + timing
-            if g + 1 < ports.count { args += ["--reprotect-to", "127.0.0.1:\(ports[g + 1])"] }
+            args += witnessed ? try witnessArguments(g + 1) : ["--fence", "test -e \(dir)/fenced-\(g)"]
+            if g + 1 < ports.count { args += ["--reprotect-to", try replicationAddress(g + 1)] }
             let child = try ChildProcess(arguments: args, outputFile: "\(dir)/backup-\(g).log", environment: env)
             children.append(child)
             return child
@@ -125,15 +148,16 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
         let p = config.simulated
         let overload = config.faults.contains(.overload)
         var primary = try ChildProcess(
-            arguments: [exe, "protect", "drill-guest", "127.0.0.1:\(ports[0])", "--backend", "sim",
+            arguments: [exe, "protect", "drill-guest", try replicationAddress(0), "--backend", "sim",
                         "--sim-memory", "\(p.memoryBytes >> 20)", "--sim-vcpus", "\(p.vcpus)",
                         "--sim-dirty-rate", overload ? "0" : "\(p.dirtyRate)",
                         "--sim-seed", "\(p.seed)", "--nic-sink", "\(observer.endpoint)", "--status-socket", "\(dir)/primary-0.sock"] + timing
-                + (config.injectEarlyRelease ? ["--unsafe", "--no-netbuf"] : []),
+                + (config.injectEarlyRelease ? ["--unsafe", "--no-netbuf"] : []) + (try witnessArguments(0)),
             outputFile: "\(dir)/primary-0.log", environment: env)
         children.append(primary)
         var primarySocket = "\(dir)/primary-0.sock"
         var primaryPid = primary.pid
+        var primaryIndex = 0  // 0: the first primary; g + 1: backup g after it took over
 
         for g in 0..<config.failovers {
             let fault = config.faults[g % config.faults.count]
@@ -183,6 +207,31 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
                 try waitForStatus(socket: "\(dir)/backup-\(b).sock", containing: "FENCING", deadlineMs: 4 * s.timeoutNs / 1_000_000 + 2000)
                 primary.signal(SIGKILL)
                 primary.wait()
+            case .partition:
+                // Cut the primary off from its backup and from etcd; watch which side runs.
+                eventAt = clock.monotonicNs()
+                replicationProxies[b]?.cut()
+                etcdProxies[primaryIndex]?.cut()
+                var selfFencedAt: UInt64?
+                let deadline = eventAt + 30_000_000_000
+                while access("\(dir)/activation-\(b)", F_OK) != 0 && clock.monotonicNs() < deadline {
+                    if selfFencedAt == nil, let st = try? StatusSocket.query(primarySocket), st.contains("SELF-FENCED") {
+                        selfFencedAt = clock.monotonicNs()
+                    }
+                    pauseBriefly(ms: 2)
+                }
+                if selfFencedAt == nil, let st = try? StatusSocket.query(primarySocket), st.contains("SELF-FENCED") {
+                    selfFencedAt = clock.monotonicNs()
+                }
+                if let report = try? ActivationReport.read(from: "\(dir)/activation-\(b)"), let activated = report.number("activated_ns") {
+                    if let fenced = selfFencedAt, fenced <= activated {
+                        notes.append("primary self-fenced \(format(Double(fenced - eventAt) / 1e6)) ms after the cut, backup activated \(format(Double(activated - eventAt) / 1e6)) ms after it")
+                    } else {
+                        problems.append("the backup activated while the cut-off primary had not self-fenced: two copies could run")
+                    }
+                }
+                primary.signal(SIGKILL)
+                primary.wait()
             case .backupKill:
                 preconditionFailure("handled above")
             }
@@ -226,6 +275,7 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
             primary = backup
             primaryPid = backup.pid
             primarySocket = "\(dir)/backup-\(b).sock"
+            primaryIndex = b + 1
             if let nextBackup { backup = nextBackup }
             b += 1
         }

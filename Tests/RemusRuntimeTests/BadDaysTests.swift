@@ -57,6 +57,17 @@ struct BadDaysTests {
         #expect(output.contains("drill: 5 passed, 0 failed"))
     }
 
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/etcd"),
+                   "needs etcd for the witness: apt-get install etcd-server, or run scripts/test.sh (it installs it)"))
+    func partitionWithAWitnessLeavesExactlyOneRunningCopy() throws {
+        // Each partition round cuts the primary off from its backup and from etcd; the drill checks
+        // the primary self-fenced before the backup activated, then verifies the takeover as usual.
+        let (status, output) = try runShell("'\(remusdPath)' drill --failovers 4 --seed 33 --quiet --sim-memory 128 --fault partition crash 2>&1")
+        #expect(status == 0, "\(output)")
+        #expect(output.contains("drill: 4 passed, 0 failed"))
+        #expect(output.components(separatedBy: "primary self-fenced").count - 1 == 2, "\(output)")
+    }
+
     @Test func stopEndsProtectionAndTheBackupNeverActivates() throws {
         let pair = try Pair.start(primaryArguments: [])
         defer { pair.stop() }

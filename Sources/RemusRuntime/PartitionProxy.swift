@@ -1,0 +1,102 @@
+import Glibc
+
+/// A TCP relay the drill can cut without closing anything: while cut, nothing crosses in either
+/// direction and new connections wait, as in a network partition (both ends see only silence).
+final class PartitionProxy: @unchecked Sendable {  // `isCut` guarded by monitor; sockets owned by their pump threads
+    let endpoint: Endpoint
+    private let listener: TCPListener
+    private let target: Endpoint
+    private let monitor = MonitorLock()
+    private var isCut = false
+
+    init(to target: Endpoint) throws {
+        self.target = target
+        listener = try TCPListener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+        endpoint = listener.endpoint
+        startThread(name: "proxy") { [self] in
+            while let client = try? listener.accept() {
+                startThread(name: "proxy-conn") { [self] in relay(client) }
+            }
+        }
+    }
+
+    deinit { listener.shutdown() }
+
+    func cut() { monitor.withLock { isCut = true } }
+
+    func heal() {
+        monitor.withLock {
+            isCut = false
+            monitor.broadcast()
+        }
+    }
+
+    private func waitWhileCut() {
+        monitor.withLock { while isCut { monitor.wait(untilMonotonic: nil) } }
+    }
+
+    private func relay(_ client: TCPChannel) {
+        waitWhileCut()
+        guard let server = try? TCPChannel.connect(to: target) else { client.shutdown(); return }
+        let pumpDone = Gate<Bool>()
+        startThread(name: "proxy-pump") { [self] in
+            pump(from: server, to: client)
+            pumpDone.open(with: true)
+        }
+        pump(from: client, to: server)
+        _ = pumpDone.wait()
+    }
+
+    private func pump(from source: TCPChannel, to destination: TCPChannel) {
+        var buffer = [UInt8](repeating: 0, count: 64 << 10)
+        while true {
+            let n = (try? buffer.withUnsafeMutableBytes { try source.read(into: $0) }) ?? 0
+            if n <= 0 { break }
+            waitWhileCut()  // bytes read while cut are held, not delivered, until healed
+            let ok = (try? buffer.withUnsafeBytes { try destination.write(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }) != nil
+            if !ok { break }
+        }
+        source.shutdown()
+        destination.shutdown()
+    }
+}
+
+/// An etcd member on loopback for the drill's witness.
+final class LocalEtcd: @unchecked Sendable {  // immutable after init
+    let clientEndpoint: Endpoint
+    private let process: ChildProcess
+    private let directory: String
+
+    init(directory: String) throws {
+        guard access("/usr/bin/etcd", X_OK) == 0 else {
+            throw ProtocolError("the partition fault needs etcd for the witness: apt-get install etcd-server (scripts/setup.sh does)")
+        }
+        let ports = try freePorts(2)
+        self.directory = directory
+        clientEndpoint = Endpoint(host: "127.0.0.1", port: ports[0])
+        let client = "http://127.0.0.1:\(ports[0])", peer = "http://127.0.0.1:\(ports[1])"
+        process = try ChildProcess(
+            arguments: ["/usr/bin/etcd", "--name", "drill", "--data-dir", directory + "/etcd",
+                        "--listen-client-urls", client, "--advertise-client-urls", client,
+                        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                        "--initial-cluster", "drill=\(peer)", "--initial-cluster-state", "new"],
+            outputFile: directory + "/etcd.log")
+        // Ready when a lease can be granted through the gateway.
+        let probe = try EtcdWitness(url: "etcd://\(clientEndpoint)/remus/drill-probe")
+        let deadline = SystemClock().monotonicNs() + 20_000_000_000
+        while SystemClock().monotonicNs() < deadline {
+            if (try? probe.acquire(owner: "probe", ttlSeconds: 2)) == true {
+                try? probe.release()
+                return
+            }
+            pauseBriefly(ms: 50)
+        }
+        process.signal(SIGKILL)
+        throw ProtocolError("etcd did not start within 20 s; see \(directory)/etcd.log")
+    }
+
+    func stop() {
+        process.signal(SIGKILL)
+        process.wait()
+    }
+}
