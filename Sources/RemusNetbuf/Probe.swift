@@ -203,7 +203,11 @@ public struct SampleSummary: Sendable, CustomStringConvertible {
     public init?(_ samples: [UInt64]) {
         guard !samples.isEmpty else { return nil }
         let sorted = samples.sorted()
-        func rank(_ p: Double) -> UInt64 { sorted[min(sorted.count - 1, Int((p * Double(sorted.count)).rounded(.up)) - 1 < 0 ? 0 : Int((p * Double(sorted.count)).rounded(.up)) - 1)] }
+        // Nearest rank: the smallest sample with at least p of the samples at or below it.
+        func rank(_ p: Double) -> UInt64 {
+            let index = Int((p * Double(sorted.count)).rounded(.up)) - 1
+            return sorted[min(max(index, 0), sorted.count - 1)]
+        }
         count = sorted.count
         minimum = sorted[0]
         median = rank(0.5)

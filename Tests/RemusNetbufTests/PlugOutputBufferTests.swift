@@ -40,10 +40,39 @@ struct PlugOutputBufferTests {
             let (guest, peer) = try makeVethPair(socket)
             let buffer = try PlugOutputBuffer(interfaces: [guest.name], limitBytes: 5_000)
             try NetbufProbe.sendFrames(interface: peer.name, ethertype: 0x0800, first: 1, count: 20, size: 1000)
-            #expect(try eventually { try buffer.statistics().drops > 0 })
-            let stats = try #require(try buffer.interfaceStatistics().first)
-            #expect(stats.heldBytes <= 5_000 && stats.overflowMessage != nil)
+            // newDrops counts since the previous read: the read that first sees drops reports them.
+            var first: InterfaceBufferStatistics?
+            let overflowed = try eventually {
+                let stats = try #require(try buffer.interfaceStatistics().first)
+                if stats.drops > 0 { first = stats }
+                return stats.drops > 0
+            }
+            #expect(overflowed)
+            let stats = try #require(first)
+            #expect(stats.heldBytes <= 5_000)
+            #expect(stats.newDrops == stats.drops && stats.overflowMessage?.contains("overflowed") == true)
+            let next = try #require(try buffer.interfaceStatistics().first)
+            #expect(next.drops == stats.drops && next.newDrops == 0 && next.overflowMessage == nil)
+            #expect(try buffer.statistics().drops == stats.drops, "the sum over interfaces carries the drops")
             try buffer.teardown()
+        }
+    }
+
+    @Test("Teardown restores the interfaces, is idempotent, and deinit tears down a forgotten buffer")
+    func teardownAndDeinit() throws {
+        try inThrowawayNetns {
+            let socket = try NetlinkSocket()
+            let (guest, _) = try makeVethPair(socket)
+            let before = try NetworkSnapshot(socket)
+            let buffer = try PlugOutputBuffer(interfaces: [guest.name])
+            #expect(try NetworkSnapshot(socket) != before)
+            #expect(try buffer.teardown().removed.count == 3)
+            #expect(try buffer.teardown().isEmpty)
+            #expect(try NetworkSnapshot(socket) == before)
+            #expect(throws: NetbufError.self) { try buffer.closeEpoch(1) }
+
+            do { _ = try PlugOutputBuffer(interfaces: [guest.name]) }   // dropped at once
+            #expect(try NetworkSnapshot(socket) == before)
         }
     }
 }

@@ -18,12 +18,24 @@ func inThrowawayNetns<R: Sendable>(_ body: @escaping @Sendable () throws -> R) t
             job.result = .failure(NetnsUnavailable(errno: errno))
             return nil
         }
+        // A quiet namespace: without IPv6 new interfaces send no DAD, MLD or router
+        // solicitations, so the packets a test counts are the ones it sent. (/proc/sys/net
+        // belongs to the namespace of the thread that opens it.)
+        for key in ["all", "default"] { writeSysctl("/proc/sys/net/ipv6/conf/\(key)/disable_ipv6", "1") }
         job.result = Result { try job.body() }
         return nil
     }, Unmanaged.passRetained(job).toOpaque())
     precondition(rc == 0, "pthread_create failed: \(rc)")
     pthread_join(thread, nil)
     return try job.result!.get() as! R
+}
+
+/// Best effort: a kernel without IPv6 has nothing to quieten.
+private func writeSysctl(_ path: String, _ value: String) {
+    let fd = open(path, O_WRONLY)
+    guard fd >= 0 else { return }
+    _ = value.withCString { write(fd, $0, strlen($0)) }
+    close(fd)
 }
 
 /// `unshare(CLONE_NEWNET)`: glibc declares it only under _GNU_SOURCE, which Swift's Glibc
