@@ -101,44 +101,43 @@ public enum NetbufPlumbing {
         let ownsIngress = existing == nil
         let ifbName = NetbufNaming.ifbName(forGuestIfindex: guest.index)
 
-        do {
-            // Same MTU as the guest interface, so that nothing the guest may send is too big for it.
-            try step(interface, "creating ifb device \(ifbName)", socket) { () throws(NetlinkError) in
-                try socket.addLink(name: ifbName, kind: "ifb", mtu: guest.mtu)
-            }
-            guard let ifb = try step(interface, "reading back \(ifbName)", socket, { () throws(NetlinkError) in
-                try socket.link(named: ifbName)
-            }) else {
-                throw NetbufError.setupFailed(interface: interface, step: "reading back \(ifbName)",
-                                              NetlinkError(call: "rtnl_link_get_kernel(\(ifbName))", code: NLE_OBJ_NOTFOUND))
-            }
-            let record = NetbufNaming.AliasRecord(guestName: guest.name, ownsIngressQdisc: ownsIngress)
-            try step(interface, "labelling \(ifbName)", socket) { () throws(NetlinkError) in
-                try socket.setAlias(index: ifb.index, record.text)
-            }
-            if case .plug(let limit) = queue {
-                do {
-                    try socket.addPlugQdisc(ifindex: ifb.index, limitBytes: limit)
-                } catch {
-                    rollBack(guest, socket: socket)
-                    if error.isNotFound || error.isNotSupported { throw NetbufError.plugUnavailable(interface: interface, error) }
-                    if error.isPermissionDenied { throw NetbufError.permissionDenied(error) }
-                    throw NetbufError.setupFailed(interface: interface, step: "adding the plug qdisc to \(ifbName)", error)
-                }
-            }
-            if ownsIngress {
-                try step(interface, "adding the ingress qdisc", socket) { () throws(NetlinkError) in
-                    try socket.addIngressQdisc(ifindex: guest.index)
-                }
-            }
-            try step(interface, "adding the redirect filter to \(ifbName)", socket) { () throws(NetlinkError) in
-                try socket.addRedirectAllFilter(ifindex: guest.index, target: ifb.index, priority: NetbufNaming.filterPriority)
-            }
-            let attachment = NetbufAttachment(
-                interface: guest.name, interfaceIndex: guest.index,
-                ifbName: ifbName, ifbIndex: ifb.index, ownsIngressQdisc: ownsIngress)
-            return (attachment, leftovers)
+        // Same MTU as the guest interface, so that nothing the guest may send is too big for it.
+        try step(interface, "creating ifb device \(ifbName)", socket) { () throws(NetlinkError) in
+            try socket.addLink(name: ifbName, kind: "ifb", mtu: guest.mtu)
         }
+        guard let ifb = try step(interface, "reading back \(ifbName)", socket, { () throws(NetlinkError) in
+            try socket.link(named: ifbName)
+        }) else {
+            rollBack(guest, socket: socket)
+            throw NetbufError.setupFailed(interface: interface, step: "reading back \(ifbName)",
+                                          NetlinkError(call: "rtnl_link_get_kernel(\(ifbName))", code: NLE_OBJ_NOTFOUND))
+        }
+        let record = NetbufNaming.AliasRecord(guestName: guest.name, ownsIngressQdisc: ownsIngress)
+        try step(interface, "labelling \(ifbName)", socket) { () throws(NetlinkError) in
+            try socket.setAlias(index: ifb.index, record.text)
+        }
+        if case .plug(let limit) = queue {
+            do {
+                try socket.addPlugQdisc(ifindex: ifb.index, limitBytes: limit)
+            } catch {
+                rollBack(guest, socket: socket)
+                if error.isNotFound || error.isNotSupported { throw NetbufError.plugUnavailable(interface: interface, error) }
+                if error.isPermissionDenied { throw NetbufError.permissionDenied(error) }
+                throw NetbufError.setupFailed(interface: interface, step: "adding the plug qdisc to \(ifbName)", error)
+            }
+        }
+        if ownsIngress {
+            try step(interface, "adding the ingress qdisc", socket) { () throws(NetlinkError) in
+                try socket.addIngressQdisc(ifindex: guest.index)
+            }
+        }
+        try step(interface, "adding the redirect filter to \(ifbName)", socket) { () throws(NetlinkError) in
+            try socket.addRedirectAllFilter(ifindex: guest.index, target: ifb.index, priority: NetbufNaming.filterPriority)
+        }
+        let attachment = NetbufAttachment(
+            interface: guest.name, interfaceIndex: guest.index,
+            ifbName: ifbName, ifbIndex: ifb.index, ownsIngressQdisc: ownsIngress)
+        return (attachment, leftovers)
     }
 
     /// Finds the buffer an earlier `attach` left in the kernel for `interface` (the one-shot CLI

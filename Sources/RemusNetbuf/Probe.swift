@@ -65,6 +65,7 @@ public enum NetbufProbe {
         for number in first..<(first + count) {
             let sequenceStart = 14 + magic.count
             for byte in 0..<8 { frame[sequenceStart + byte] = UInt8(truncatingIfNeeded: number >> (56 - 8 * UInt64(byte))) }
+            // SAFETY: send reads `count` bytes of the frame while the closure holds it.
             let sent = frame.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
             _ = try check("send(frame \(number))", sent)
         }
@@ -135,6 +136,7 @@ public enum NetbufProbe {
             if connection < 0 { continue }
             _ = setsockopt(connection, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
             while true {
+                // SAFETY: recv and send stay within the buffer's bytes while the closures hold it.
                 let count = buffer.withUnsafeMutableBytes { recv(connection, $0.baseAddress, $0.count, 0) }
                 if count <= 0 { break }
                 let sent = buffer.withUnsafeBytes { send(connection, $0.baseAddress, count, Int32(MSG_NOSIGNAL)) }
@@ -173,10 +175,12 @@ public enum NetbufProbe {
         for round in 0..<count {
             message[0] = UInt8(truncatingIfNeeded: round)
             let start = monotonicNanoseconds()
+            // SAFETY: send reads the message's bytes while the closure holds them.
             let sent = message.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
             _ = try check("send(round \(round))", sent)
             var got = 0
             while got < reply.count {
+                // SAFETY: recv writes at most `count - got` bytes after offset `got` of the reply.
                 let n = reply.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + got, $0.count - got, 0) }
                 if n < 0 && Glibc.errno == EINTR { continue }
                 if n <= 0 { throw SystemError(call: "recv(round \(round))", errno: n == 0 ? ECONNRESET : Glibc.errno) }

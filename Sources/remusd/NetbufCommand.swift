@@ -37,6 +37,7 @@ private func writeLine(_ line: String, to fd: Int32) {
     var bytes = Array((line + "\n").utf8)
     var offset = 0
     while offset < bytes.count {
+        // SAFETY: write reads the bytes after `offset`, within the array, while the closure holds it.
         let written = bytes.withUnsafeMutableBytes { write(fd, $0.baseAddress! + offset, $0.count - offset) }
         if written < 0 && errno == EINTR { continue }
         if written <= 0 { return }
