@@ -403,7 +403,7 @@ public final class BackupDaemon: @unchecked Sendable {
     private func witnessClient(_ config: WitnessConfiguration) throws -> EtcdWitness {
         try witnessLock.withLock {
             if let witness { return witness }
-            let w = try EtcdWitness(url: config.url)
+            let w = try EtcdWitness(url: config.url, requestTimeoutMs: config.requestTimeoutMs)
             witness = w
             return w
         }

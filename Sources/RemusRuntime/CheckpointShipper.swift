@@ -49,6 +49,11 @@ final class CheckpointShipper: @unchecked Sendable {
         }
     }
 
+    private let stopped = Gate<Bool>()
+
+    /// Waits until the writer thread has ended (after `abandon`, or a failed or closed connection).
+    func waitUntilStopped() { _ = stopped.wait() }
+
     private func nextJob() -> Job? {
         monitor.withLock {
             while jobs.isEmpty && !abandoned { monitor.wait(untilMonotonic: nil) }
@@ -57,6 +62,7 @@ final class CheckpointShipper: @unchecked Sendable {
     }
 
     private func run(pageSize: Int) {
+        defer { stopped.open(with: true) }
         let writer = RecordWriter(channel: channel, pageSize: pageSize)
         while let job = nextJob() {
             do {
@@ -77,8 +83,10 @@ final class CheckpointShipper: @unchecked Sendable {
                 case .streamEnd(let end):
                     try writer.write(end)
                 case .close:
-                    channel.shutdown()
-                    post(.connectionLost(generation: generation, reason: "closed after STREAM_END"))
+                    // Half-close: the backup reads STREAM_END, closes its side, and our reader sees
+                    // that EOF. Closing both ways with its heartbeats unread would send a reset that
+                    // can destroy STREAM_END before the backup reads it.
+                    channel.shutdownWrite()
                     return
                 }
             } catch {

@@ -360,7 +360,8 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
     /// connection before this thread runs again).
     private func killAtRandomMoment(socket: String, child: ChildProcess) -> UInt64 {
         let intervalMs = config.settings.intervalNs / 1_000_000
-        if rng.next() % 2 == 0 {
+        // With the injected fault, kill anywhere in the epoch so there is output to catch.
+        if rng.next() % 2 == 0 && !config.injectEarlyRelease {
             let start = (try? StatusSocket.query(socket)).flatMap(Self.captured(in:)) ?? 0
             let deadline = clock.monotonicNs() + 4 * intervalMs * 1_000_000
             while clock.monotonicNs() < deadline {

@@ -62,6 +62,9 @@ public struct WitnessConfiguration: Equatable, Sendable {
     public var ttlSeconds: Int
     /// Output is released only while the lease has more than this left, nanoseconds (a third of the TTL).
     public var marginNs: UInt64 { UInt64(ttlSeconds) * 1_000_000_000 / 3 }
+    /// One etcd request may take at most a quarter of the TTL (at most 1 s), so several renewals
+    /// fit before the deadline.
+    public var requestTimeoutMs: Int { min(1000, ttlSeconds * 250) }
     public init(url: String, ttlSeconds: Int) {
         self.url = url
         self.ttlSeconds = ttlSeconds

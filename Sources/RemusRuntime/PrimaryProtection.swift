@@ -36,6 +36,8 @@ public final class PrimaryProtection: @unchecked Sendable {
     private var generation = 0
     private var channel: (any ByteChannel)?
     private var writer: CheckpointShipper?
+    /// The writer of the last closed connection, until it has stopped.
+    private var retiredWriter: CheckpointShipper?
     private let header: StreamHeader
     private let domainConfig: DomainConfig
     private let blackhole: Bool
@@ -79,7 +81,11 @@ public final class PrimaryProtection: @unchecked Sendable {
             do { try output.releaseAll() } catch { Log.error("could not open the output buffer: \(error)") }
             execute(engine.start(now: clock.monotonicNs()))
             startWitnessRenewal()
-            loop.run(handle: handle, tick: { [self] now in execute(engine.onTick(now: now)) })
+            loop.run(handle: handle, tick: { [self] now in
+                checkWitnessDeadline()
+                execute(engine.onTick(now: now))
+                finishIfStopped()
+            })
         }
     }
 
@@ -147,10 +153,17 @@ public final class PrimaryProtection: @unchecked Sendable {
         case .witnessLost(let reason):
             execute(engine.onWitnessLost(reason: reason, now: now))
         }
-        if case .stopped = engine.state {
-            loop.stop()
-            onFinished(engine.state)
-        }
+        finishIfStopped()
+    }
+
+    private var finished = false
+
+    /// Ends the loop once the engine stopped (after an event or a tick).
+    private func finishIfStopped() {
+        guard !finished, case .stopped = engine.state else { return }
+        finished = true
+        loop.stop()
+        onFinished(engine.state)
     }
 
     // MARK: - Directives
@@ -184,6 +197,10 @@ public final class PrimaryProtection: @unchecked Sendable {
                 }
             }
         case .startDirtyLogging:
+            // A writer of an earlier connection may still be in a pre-copy round using the dirty
+            // log: let it finish before the log is reset for this connection.
+            retiredWriter?.waitUntilStopped()
+            retiredWriter = nil
             do {
                 try guest.startDirtyLogging()
                 dirty.clear()
@@ -214,6 +231,7 @@ public final class PrimaryProtection: @unchecked Sendable {
             writer?.enqueue(.close)
         case .closeConnection:
             writer?.abandon()
+            if let writer { retiredWriter = writer }
             channel?.shutdown()
             channel = nil
             writer = nil
@@ -265,11 +283,21 @@ public final class PrimaryProtection: @unchecked Sendable {
         return true
     }
 
+    /// Self-fences the moment the lease deadline passes (a tick is scheduled for it after every
+    /// renewal), without waiting for a renewal stuck in its request timeout.
+    private func checkWitnessDeadline() {
+        guard let (w, config) = witness, !witnessHandedOver.isSet else { return }
+        if let lease = w.lease, lease.remainingNs(marginNs: config.marginNs) == 0 {
+            execute(engine.onWitnessLost(reason: "no renewal confirmed within \(config.ttlSeconds) s minus the margin", now: clock.monotonicNs()))
+        }
+    }
+
     /// Renews the witness lease every heartbeat on a thread of its own; reports a lost lease.
     private func startWitnessRenewal() {
         guard let (w, config) = witness else { return }
         let loop = self.loop
         let heartbeat = engine.settings.heartbeatNs
+        if let lease = w.lease { loop.scheduleTick(at: SystemClock().monotonicNs() + lease.remainingNs(marginNs: config.marginNs)) }
         startThread(name: "witness") { [weak self] in
             var lastError = ""
             while true {
@@ -280,8 +308,10 @@ public final class PrimaryProtection: @unchecked Sendable {
                     return
                 }
                 do {
-                    _ = try w.renew()
+                    let lease = try w.renew()
                     lastError = ""
+                    // Wake the loop at the deadline this renewal gives, in case the next ones fail.
+                    loop.scheduleTick(at: SystemClock().monotonicNs() + lease.remainingNs(marginNs: config.marginNs))
                 } catch {
                     if let e = error as? WitnessError, case .lost = e {
                         loop.post(.witnessLost("\(error)"))

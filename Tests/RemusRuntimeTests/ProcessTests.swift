@@ -33,6 +33,7 @@ private final class RecordingChannel: ByteChannel, @unchecked Sendable {
         }
     }
     func shutdown() {}
+    func shutdownWrite() {}
 }
 
 /// A primary written by hand: a stepped simulated guest whose checkpoints the test encodes and
@@ -120,7 +121,7 @@ struct ProcessTests {
 
     @Test func drillCatchesOutputReleasedBeforeItsCheckpointWasCommitted() throws {
         // The first primary runs with output buffering switched off: the verifier must notice.
-        let (status, output) = try runRemusd(["drill", "--failovers", "2", "--seed", "5", "--quiet", "--sim-memory", "128", "--inject", "early-release"])
+        let (status, output) = try runRemusd(["drill", "--failovers", "3", "--seed", "5", "--quiet", "--sim-memory", "128", "--inject", "early-release"])
         #expect(status == 1)
         #expect(output.contains("DRILL FAILED"))
         #expect(output.contains("output left before its epoch was committed"), "\(output)")

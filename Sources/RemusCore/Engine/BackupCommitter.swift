@@ -190,7 +190,11 @@ public struct BackupCommitter: Sendable {
 
     /// The primary ended the stream on purpose.
     public mutating func onStreamEnd(_ end: StreamEnd, now: UInt64) -> [Directive] {
-        guard case .receiving(let committed) = state else { return [] }
+        guard case .receiving(let committed) = state else {
+            // After a final checkpoint we already took over: just say goodbye.
+            connected = false
+            return [.closeConnection]
+        }
         staging = nil
         connected = false
         switch end.reason {

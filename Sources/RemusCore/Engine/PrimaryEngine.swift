@@ -131,6 +131,8 @@ public struct PrimaryEngine: Sendable {
     private var switchoverPending = false
     /// The last checkpoint attempt was deferred.
     private var deferredLast = false
+    /// When a planned end began: the backup gets one timeout to close its side.
+    private var stoppingSince: UInt64 = 0
 
     public init(settings: ProtectionSettings) {
         self.settings = settings
@@ -241,8 +243,10 @@ public struct PrimaryEngine: Sendable {
             // The backup holds the final state and runs the guest now: everything up to it goes
             // out, the guest here is stopped for good, nothing is released twice.
             state = .stopping(.switchover)
+            stoppingSince = now
             outputHeldSince = nil
-            return [.releaseOutput(through: final), .stopGuest, .sendStreamEnd(.switchover, lastEpoch: final), .report(.switchedOver(final))]
+            return [.releaseOutput(through: final), .stopGuest, .sendStreamEnd(.switchover, lastEpoch: final), .report(.switchedOver(final)),
+                    .scheduleTick(at: now + settings.timeoutNs)]
         }
         // Output held since the backup was lost belongs to epochs up to this one: it is covered now.
         outputHeldSince = nil
@@ -308,7 +312,12 @@ public struct PrimaryEngine: Sendable {
             return released + [.connect] + (outputHeldSince.map { [.scheduleTick(at: $0 + settings.fenceGraceNs)] } ?? [])
         case .connecting:
             return graceExpired(now: now)
-        case .idle, .stopping, .stopped, .handedOff, .selfFenced:
+        case .stopping:
+            // The backup did not close its side in time: close ours.
+            guard now >= stoppingSince + settings.timeoutNs else { return [] }
+            state = .stopped
+            return [.closeConnection]
+        case .idle, .stopped, .handedOff, .selfFenced:
             return []
         }
     }
@@ -318,10 +327,11 @@ public struct PrimaryEngine: Sendable {
         switch state {
         case .synchronizing, .protecting:
             state = .stopping(reason)
+            stoppingSince = now
             outputHeldSince = nil
             // Every captured checkpoint is queued ahead of STREAM_END, so the last one sent is the last captured.
             let last = capturedEpoch >= streamFirstEpoch ? capturedEpoch : 0
-            return [.sendStreamEnd(reason, lastEpoch: last), .releaseAllOutput, .report(.stopped(reason))]
+            return [.sendStreamEnd(reason, lastEpoch: last), .releaseAllOutput, .report(.stopped(reason)), .scheduleTick(at: now + settings.timeoutNs)]
         case .idle, .connecting, .degraded:
             state = .stopped
             outputHeldSince = nil
@@ -372,8 +382,9 @@ public struct PrimaryEngine: Sendable {
             return [.report(.degraded("\(why); epochs lengthened to \(settings.intervalNs * intervalScale / 1_000_000) ms: protection continues with more output latency (DEGRADED)"))]
         case .abort:
             state = .stopping(.plannedStop)
+            stoppingSince = now
             let last = capturedEpoch >= streamFirstEpoch ? capturedEpoch : 0
-            return [.sendStreamEnd(.plannedStop, lastEpoch: last), .releaseAllOutput,
+            return [.sendStreamEnd(.plannedStop, lastEpoch: last), .releaseAllOutput, .scheduleTick(at: now + settings.timeoutNs),
                     .report(.overload("\(why); protection ABORTED (--on-overload abort): the guest keeps running here, unprotected; the backup discards its image"))]
         }
     }

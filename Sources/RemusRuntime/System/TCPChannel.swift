@@ -9,6 +9,9 @@ public protocol ByteChannel: AnyObject, Sendable {
     func write(segments: UnsafeMutableBufferPointer<iovec>) throws
     /// Stops both directions: a blocked `read` returns 0, later writes fail.
     func shutdown()
+    /// Ends our direction (FIN after everything written) and keeps reading: a clean goodbye that
+    /// lets the peer read the last records before it closes its side.
+    func shutdownWrite()
     /// "host:port" of the peer, for messages.
     var peer: String { get }
 }
@@ -118,6 +121,7 @@ public final class TCPChannel: ByteChannel {
     }
 
     public func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+    public func shutdownWrite() { _ = Glibc.shutdown(fd, Int32(SHUT_WR)) }
 }
 
 /// A listening TCP socket.
