@@ -16,6 +16,12 @@ swift test --parallel 2>&1 | grep -Ev "^\[[0-9]+/[0-9]+\]|^Compiling|^Building|^
 step "drills: 200 failovers at random kill points, each verified"
 .build/release/remusd drill --failovers 200 --quiet
 
+step "drills: 20 planned switchovers in a row (nothing lost, nothing doubled)"
+.build/release/remusd drill --failovers 20 --fault switchover --quiet
+
+step "drills: every bad day in turn, with the etcd witness (crash, switchover, silence, backup-kill, overload, partition)"
+.build/release/remusd drill --failovers 24 --fault crash switchover silence backup-kill overload partition --quiet --sim-memory 256
+
 if [ -f Fuzz/run.sh ]; then
     step "fuzzing the stream decoder (${REMUSD_FUZZ_SECONDS:-60} s)"
     bash Fuzz/run.sh "${REMUSD_FUZZ_SECONDS:-60}"

@@ -7,7 +7,8 @@ import RemusCore
 final class CheckpointShipper: @unchecked Sendable {
     enum Job {
         /// One live pre-copy round: harvest, then copy and write the dirty set in arena-sized chunks.
-        case precopy(round: Int, guest: any PrimaryGuest, dirty: DirtyLog, arena: StagingArena, done: @Sendable (StagingArena) -> Void)
+        case precopy(round: Int, guest: any PrimaryGuest, dirty: DirtyLog, arena: StagingArena, done: @Sendable (StagingArena) -> Void,
+                     progress: @Sendable (_ sent: Int, _ total: Int) -> Void)
         case checkpoint(arena: StagingArena, state: GuestState)
         case heartbeat(Heartbeat)
         case ack(Ack)
@@ -67,9 +68,9 @@ final class CheckpointShipper: @unchecked Sendable {
         while let job = nextJob() {
             do {
                 switch job {
-                case .precopy(let round, let guest, let dirty, let arena, let done):
+                case .precopy(let round, let guest, let dirty, let arena, let done, let progress):
                     // The arena goes back before the loop hears of the round, so the next job finds it free.
-                    let result = Result { try precopy(guest: guest, dirty: dirty, arena: arena, writer: writer) }
+                    let result = Result { try precopy(guest: guest, dirty: dirty, arena: arena, writer: writer, progress: progress) }
                     done(arena)
                     let (pages, remaining) = try result.get()
                     post(.precopyShipped(generation: generation, round: round, remainingDirty: remaining, pages: pages))
@@ -99,16 +100,20 @@ final class CheckpointShipper: @unchecked Sendable {
 
     /// Copies the dirty set while the guest runs and writes it as pre-copy checkpoints (epoch 0),
     /// one per arena-full. Returns pages sent and pages dirtied meanwhile.
-    private func precopy(guest: any PrimaryGuest, dirty: DirtyLog, arena: StagingArena, writer: RecordWriter) throws -> (Int, Int) {
+    private func precopy(guest: any PrimaryGuest, dirty: DirtyLog, arena: StagingArena, writer: RecordWriter,
+                         progress: (Int, Int) -> Void) throws -> (Int, Int) {
         try dirty.harvest(from: guest)
+        let total = dirty.count
         var chunk = DirtyBitmap(pageCount: guest.descriptor.pageCount)
         var sent = 0
+        progress(0, total)
         while dirty.count > 0 {
             chunk.clearAll()
             sent += dirty.take(upTo: arena.capacityPages, into: &chunk)
             arena.reset(epoch: 0, kind: .precopy)
             try guest.capturePages(chunk, into: arena)
             if !blackhole { _ = try writer.writeCheckpoint(arena, state: nil) }
+            progress(sent, total)
         }
         // What the guest dirtied while this round ran: the next round's (or first checkpoint's) work.
         try dirty.harvest(from: guest)
@@ -124,6 +129,8 @@ struct PrimaryStatistics {
     var unacknowledged = 0
     var shippedBytes: UInt64 = 0
     var precopyPages: UInt64 = 0
+    /// Progress of the running pre-copy round: pages sent and pages in the round.
+    var syncProgress: (sent: Int, total: Int) = (0, 0)
     var lastCheckpointBytes: UInt64 = 0
     /// Bytes on the wire of each shipped, unacknowledged checkpoint.
     var unacknowledgedBytes: [Epoch: UInt64] = [:]
@@ -160,11 +167,13 @@ struct PrimaryStatistics {
 
     private func micro(_ ns: UInt64) -> String { String(ns / 1000) }
 
+
     private func describe(_ state: PrimaryEngine.State) -> String {
         switch state {
         case .idle: return "IDLE"
         case .connecting(let attempt): return "CONNECTING (attempt \(attempt))"
-        case .synchronizing(let round): return "SYNCHRONIZING (pre-copy round \(round))"
+        case .synchronizing(let round):
+            return "SYNCHRONIZING (pre-copy round \(round)) " + progressBar(syncProgress.sent, syncProgress.total)
         case .protecting: return "PROTECTED"
         case .degraded(let reason, _): return "DEGRADED: \(reason)"
         case .switchingOver(let final): return "SWITCHING OVER (final checkpoint \(final), guest suspended)"
@@ -174,4 +183,11 @@ struct PrimaryStatistics {
         case .stopped: return "STOPPED"
         }
     }
+}
+
+/// "[#########...........] 45 % (29491/65536 pages)"
+func progressBar(_ sent: Int, _ total: Int, width: Int = 20) -> String {
+    guard total > 0 else { return "[" + String(repeating: ".", count: width) + "]" }
+    let filled = min(width, sent * width / total)
+    return "[" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled) + "] \(sent * 100 / total) % (\(sent)/\(total) pages)"
 }

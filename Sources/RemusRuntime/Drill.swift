@@ -308,6 +308,12 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
         }
         if let status = try? StatusSocket.query(socket), let pause = status.split(separator: "\n").first(where: { $0.hasPrefix("pause") }) {
             result.notes.append(String(pause))
+            // "pause: p50 416 µs, p99 493 µs …": the guest is never held longer than the bound.
+            let words = pause.split(separator: " ")
+            if let i = words.firstIndex(of: "p99"), i + 1 < words.count, let p99 = UInt64(words[i + 1]), s.maxPauseNs > 0,
+               p99 * 1000 > s.maxPauseNs {
+                result.problems.append("the guest was paused \(p99) µs (p99) while its backup was lost, over the \(s.maxPauseNs / 1_000_000) ms bound")
+            }
         }
         return result
     }

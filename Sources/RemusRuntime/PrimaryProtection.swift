@@ -210,7 +210,19 @@ public final class PrimaryProtection: @unchecked Sendable {
         case .precopyRound(let round):
             collectReturnedArenas()
             guard let writer, let arena = freeArenas.popLast() else { preconditionFailure("pre-copy without a connection or arena") }
-            writer.enqueue(.precopy(round: round, guest: guest, dirty: dirty, arena: arena) { [self] arena in returnArena(arena) })
+            // Progress on the status line, and in the log at every quarter of the first round.
+            writer.enqueue(.precopy(
+                round: round, guest: guest, dirty: dirty, arena: arena,
+                done: { [self] arena in returnArena(arena) },
+                progress: { [self] sent, total in
+                    var logIt = false
+                    updateStats {
+                        let before = $0.syncProgress.total > 0 ? $0.syncProgress.sent * 4 / $0.syncProgress.total : -1
+                        $0.syncProgress = (sent, total)
+                        logIt = round == 1 && total > 0 && sent * 4 / total != before
+                    }
+                    if logIt { Log.info("synchronising: \(progressBar(sent, total))") }
+                }))
         case .checkpoint(let epoch, let kind):
             capture(epoch: epoch, kind: kind)
         case .ship(let epoch):
