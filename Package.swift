@@ -10,6 +10,7 @@ let package = Package(
     products: [
         .executable(name: "remusd", targets: ["remusd"]),
         .library(name: "RemusCore", targets: ["RemusCore"]),
+        .library(name: "RemusSim", targets: ["RemusSim"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),

@@ -20,6 +20,16 @@ let package = Package(
             // Export the interposed allocator so shared libraries (libswiftCore, libc) call it.
             linkerSettings: [.unsafeFlags(["-Xlinker", "--export-dynamic"])]
         ),
+        // Allocations on the pause path (suspend → harvest → capture → state → resume).
+        .executableTarget(
+            name: "CapturePathBenchmark",
+            dependencies: [
+                "CMallocCounter",
+                .product(name: "RemusCore", package: "remusd"),
+                .product(name: "RemusSim", package: "remusd"),
+            ],
+            linkerSettings: [.unsafeFlags(["-Xlinker", "--export-dynamic"])]
+        ),
     ],
     swiftLanguageModes: [.v6]
 )

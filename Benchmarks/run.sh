@@ -11,3 +11,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 swift build -c release --scratch-path ../.build-bench --product StreamCodecBenchmark >&2
 ../.build-bench/release/StreamCodecBenchmark "${1:-31}"
+swift build -c release --scratch-path ../.build-bench --product CapturePathBenchmark >&2
+../.build-bench/release/CapturePathBenchmark
