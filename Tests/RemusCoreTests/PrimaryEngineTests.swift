@@ -102,6 +102,19 @@ struct PrimaryEngineTests {
         guard case .degraded = e.state else { Issue.record("state \(e.state)"); return }
     }
 
+    @Test func anAckMayOvertakeTheReportThatItsCheckpointWentOut() {
+        var (e, t) = protectingEngine()
+        t += 100 * ms
+        _ = e.onPeerActivity(now: t)
+        _ = e.onTick(now: t)
+        _ = e.onCheckpointCaptured(2, now: t)
+        // The writer thread has not reported checkpoint 2 shipped yet, but its ACK is here.
+        let d = e.onAck(2, now: t + 1)
+        #expect(d.first == .releaseOutput(through: 2))
+        #expect(e.state == .protecting)
+        #expect(e.onCheckpointShipped(2, now: t + 2) == [])
+    }
+
     @Test func checkpointsWaitWhileTooManyAreUnacknowledged() {
         var (e, t) = protectingEngine()
         // maxUnacknowledged = 3: epochs 2 and 3 go out, then the engine waits for an ACK.

@@ -232,9 +232,11 @@ public struct PrimaryEngine: Sendable {
     public mutating func onAck(_ epoch: Epoch, now: UInt64) -> [Directive] {
         lastHeardAt = now
         guard isConnectedState else { return [] }
-        guard epoch >= streamFirstEpoch, epoch <= shippedEpoch else {
+        // An ACK may overtake the writer's report that the checkpoint went out (two threads post
+        // to the loop), so it is checked against what was captured, not what was reported shipped.
+        guard epoch >= streamFirstEpoch, epoch <= capturedEpoch else {
             return giveUpProtection(
-                reason: "the backup acknowledged epoch \(epoch), which was never sent (sent up to \(shippedEpoch)); it is not following this stream",
+                reason: "the backup acknowledged epoch \(epoch), which was never sent (captured up to \(capturedEpoch)); it is not following this stream",
                 now: now)
         }
         guard epoch > acknowledgedEpoch else { return [] }
