@@ -7,13 +7,7 @@ struct Drill: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Prove failover on demand: kill the primary at random moments and verify what the backup resumed.",
         discussion: """
-            Starts a backup and a primary running the simulated guest on loopback, lets them run,
-            SIGKILLs the primary at random moments (about half of them right after a checkpoint was
-            captured, so it is often in flight), lets the backup fence it and take over, and verifies
-            memory byte for byte against a replay of the workload, the vCPU registers, the memory
-            layout, every packet the outside world saw (I1: none from uncommitted state, none
-            twice), and the guest clock (I4). The survivor then protects the guest towards a new
-            backup, and again. Exits 0 when every failover verified, 1 otherwise.
+            Starts a backup and a primary running the simulated guest on loopback, lets them run, SIGKILLs the primary at random moments (about half of them right after a checkpoint was captured, so it is often in flight), lets the backup fence it and take over, and verifies memory byte for byte against a replay of the workload, the vCPU registers, the memory layout, every packet the outside world saw (I1: none from uncommitted state, none twice), and the guest clock (I4). The survivor then protects the guest towards a new backup, and again. Exits 0 when every failover verified, 1 otherwise.
             """)
 
     @Option(help: ArgumentHelp("Number of failovers.", valueName: "n"))

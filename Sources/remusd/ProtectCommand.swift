@@ -18,8 +18,7 @@ struct Protect: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Protect a running guest by checkpointing it to a backup host.",
         discussion: """
-            Runs until stopped (SIGINT/SIGTERM or 'remusd stop'). With the simulated backend the
-            guest is created here and runs inside this process.
+            Runs until stopped (SIGINT/SIGTERM or 'remusd stop'). With the simulated backend the guest is created here and runs inside this process.
             """)
 
     @Argument(help: "The guest to protect (a Xen domain name, or a name for the simulated guest).")
@@ -182,11 +181,7 @@ struct Failover: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Hand a guest to its backup on purpose (planned switchover), or confirm on a backup that the primary is off (--activate).",
         discussion: """
-            On the primary: 'remusd failover <domain>' suspends the guest, sends a final checkpoint,
-            and once the backup acknowledges it the backup runs the guest and it is stopped here;
-            no output is lost or released twice. If the acknowledgement never comes, the guest
-            stays suspended here (never two running copies) and the backup takes over.
-            On a backup waiting for the operator: 'remusd failover --activate' takes over.
+            On the primary: 'remusd failover <domain>' suspends the guest, sends a final checkpoint, and once the backup acknowledges it the backup runs the guest and it is stopped here; no output is lost or released twice. If the acknowledgement never comes, the guest stays suspended here (never two running copies) and the backup takes over. On a backup waiting for the operator: 'remusd failover --activate' takes over.
             """)
 
     @Argument(help: "The protected guest (on the primary, for a planned switchover).")
