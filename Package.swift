@@ -26,6 +26,10 @@ let package = Package(
             providers: [.apt(["libnl-3-dev", "libnl-route-3-dev"])]
         ),
         .target(name: "RemusNetbuf", dependencies: ["RemusCore", "CNetlink"]),
+        // The Xen 4.17 toolstack libraries (libxen-dev) and the few C shims Swift cannot import;
+        // RemusXen owns their handles. Not wired into the runtime yet.
+        .systemLibrary(name: "CXen", pkgConfig: "xenlight", providers: [.apt(["libxen-dev"])]),
+        .target(name: "RemusXen", dependencies: ["CXen"]),
         .target(name: "RemusRuntime", dependencies: ["RemusCore", "RemusSim", "RemusNetbuf"]),
         .executableTarget(
             name: "remusd",
@@ -38,6 +42,7 @@ let package = Package(
         .testTarget(name: "RemusCoreTests", dependencies: ["RemusCore"], resources: [.copy("Golden")]),
         .testTarget(name: "RemusSimTests", dependencies: ["RemusSim", "RemusCore"]),
         .testTarget(name: "RemusNetbufTests", dependencies: ["RemusNetbuf", "RemusCore"]),
+        .testTarget(name: "RemusXenTests", dependencies: ["RemusXen", "CXen"]),
         .testTarget(name: "RemusRuntimeTests", dependencies: ["RemusRuntime", "RemusSim", "RemusCore"]),
     ],
     swiftLanguageModes: [.v6]

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 config="${1:-release}"
 
 need=()
-for pkg in libnl-3-dev libnl-route-3-dev pkg-config etcd-server; do
+for pkg in libnl-3-dev libnl-route-3-dev pkg-config etcd-server libxen-dev; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then

@@ -1,0 +1,104 @@
+import CXen
+import Glibc
+
+/// A Xen toolstack call that failed, translated once at the library boundary.
+///
+/// libxenctrl, libxenstore, libxenevtchn and libxenforeignmemory report errors through `errno`;
+/// libxl returns its own negative `ERROR_*` codes. Both libraries also log the reason through
+/// the logger they were given, which often says more than the code (which device node could not
+/// be opened, which hypercall was refused): those lines travel in `log`.
+public struct XenError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// What the failed call returned.
+    public enum Code: Equatable, Sendable {
+        /// An `errno` value (libxenctrl and the small libraries).
+        case errno(Int32)
+        /// A libxl error, negative (`ERROR_FAIL` is -3), see `libxl_error` in `_libxl_types.h`.
+        case libxl(Int32)
+    }
+
+    /// The library function that failed, e.g. `"xc_interface_open"`.
+    public let call: String
+    /// The code the call left.
+    public let code: Code
+    /// Warning-or-worse lines the libraries logged during the call, oldest first.
+    public let log: [String]
+
+    /// Wraps an `errno`-style failure.
+    public init(call: String, errno: Int32, log: [String] = []) {
+        self.call = call
+        self.code = .errno(errno)
+        self.log = log
+    }
+
+    /// Wraps a libxl return value (`ERROR_*`, negative; a positive value is normalised).
+    public init(call: String, libxl: Int32, log: [String] = []) {
+        self.call = call
+        self.code = .libxl(libxl > 0 ? -libxl : libxl)
+        self.log = log
+    }
+
+    /// The `errno` value, nil for a libxl error.
+    public var errno: Int32? {
+        if case .errno(let value) = code { return value }
+        return nil
+    }
+
+    /// What the code means, e.g. `"No such file or directory (ENOENT)"` or `"FAIL (libxl error -3)"`.
+    public var meaning: String {
+        switch code {
+        case .errno(let value):
+            let name = ErrnoName.of(value).map { " (\($0))" } ?? " (errno \(value))"
+            // SAFETY: strerror returns a pointer to a NUL-terminated string valid until the next call
+            // on this thread; it is copied at once.
+            return String(cString: strerror(value)) + name
+        case .libxl(let value):
+            // SAFETY: libxl_error_to_string returns a pointer into a static table, or NULL for an
+            // unknown value.
+            let name = libxl_error_to_string(libxl_error(value)).map { String(cString: $0) }
+            return "\(name ?? "unknown error") (libxl error \(value))"
+        }
+    }
+
+    public var description: String {
+        var text = "\(call) failed: \(meaning)"
+        if !log.isEmpty { text += "; the library said: " + log.joined(separator: " / ") }
+        return text
+    }
+
+    /// The caller lacks the privilege (`EPERM`, `EACCES`): the toolstack needs root in dom0.
+    public var isPermissionDenied: Bool { code == .errno(EPERM) || code == .errno(EACCES) }
+    /// A device node or socket does not exist (`ENOENT`, `ENODEV`, `ENXIO`).
+    public var isMissingDevice: Bool { code == .errno(ENOENT) || code == .errno(ENODEV) || code == .errno(ENXIO) }
+}
+
+/// Symbolic names for the errno values the Xen libraries leave most often.
+enum ErrnoName {
+    static func of(_ value: Int32) -> String? {
+        switch value {
+        case EPERM: "EPERM"
+        case ENOENT: "ENOENT"
+        case ESRCH: "ESRCH"
+        case EINTR: "EINTR"
+        case EIO: "EIO"
+        case ENXIO: "ENXIO"
+        case E2BIG: "E2BIG"
+        case EBADF: "EBADF"
+        case EAGAIN: "EAGAIN"
+        case ENOMEM: "ENOMEM"
+        case EACCES: "EACCES"
+        case EFAULT: "EFAULT"
+        case EBUSY: "EBUSY"
+        case EEXIST: "EEXIST"
+        case ENODEV: "ENODEV"
+        case EINVAL: "EINVAL"
+        case ENOSPC: "ENOSPC"
+        case EPIPE: "EPIPE"
+        case ERANGE: "ERANGE"
+        case ENOSYS: "ENOSYS"
+        case EOPNOTSUPP: "EOPNOTSUPP"
+        case ECONNREFUSED: "ECONNREFUSED"
+        case ETIMEDOUT: "ETIMEDOUT"
+        default: nil
+        }
+    }
+}

@@ -1,0 +1,193 @@
+import CXen
+import Glibc
+
+// One owned class per library handle: the handle is opened in init (or init throws and nothing
+// is held), closed in deinit, and each keeps the XenLog its library logs through alive.
+
+/// An open libxenctrl interface (`xc_interface *`): hypercalls to the hypervisor through
+/// /dev/xen/privcmd. Needs root in dom0.
+public final class XenControl {
+    /// The raw handle for the C calls; valid while this object lives.
+    public let handle: OpaquePointer
+    public let log: XenLog
+
+    /// Opens the interface; throws `XenError(call: "xc_interface_open", …)` when it cannot.
+    public init(log: XenLog) throws(XenError) {
+        let handle = try log.check("xc_interface_open", { xc_interface_open(log.pointer, log.pointer, 0) }, failed: { $0 == nil })
+        self.handle = handle!
+        self.log = log
+        XenHandleCensus.opened()
+    }
+
+    deinit {
+        xc_interface_close(handle)
+        XenHandleCensus.closed()
+    }
+
+    /// The running hypervisor's version, e.g. 4.17 with extra version ".5".
+    public func version() throws(XenError) -> XenVersion {
+        let packed = try log.check("xc_version(XENVER_version)", { xc_version(handle, XENVER_version, nil) }, failed: { $0 < 0 })
+        var extra = xen_extraversion_t(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        // SAFETY: XENVER_extraversion writes at most XEN_EXTRAVERSION_LEN (16) bytes into `extra`,
+        // which is exactly that large; the last byte is forced to NUL before reading.
+        let extraText = try withUnsafeMutableBytes(of: &extra) { bytes throws(XenError) -> String in
+            _ = try log.check("xc_version(XENVER_extraversion)", { xc_version(handle, XENVER_extraversion, bytes.baseAddress) }, failed: { $0 < 0 })
+            bytes[bytes.count - 1] = 0
+            return String(cString: bytes.baseAddress!.assumingMemoryBound(to: CChar.self))
+        }
+        return XenVersion(major: Int(packed >> 16), minor: Int(packed & 0xffff), extra: extraText)
+    }
+}
+
+/// A hypervisor version as `xc_version` reports it.
+public struct XenVersion: Equatable, Sendable, CustomStringConvertible {
+    public var major: Int
+    public var minor: Int
+    /// The extra version, e.g. `".7"` or `"-rc"`.
+    public var extra: String
+
+    public init(major: Int, minor: Int, extra: String = "") {
+        self.major = major
+        self.minor = minor
+        self.extra = extra
+    }
+
+    public var description: String { "\(major).\(minor)\(extra)" }
+}
+
+/// An open connection to xenstored (`struct xs_handle *`): the unix socket
+/// /run/xenstored/socket, or /dev/xen/xenbus.
+public final class XenStoreConnection {
+    public let handle: OpaquePointer
+    public let log: XenLog
+
+    /// Connects; throws `XenError(call: "xs_open", …)` when xenstored is not reachable.
+    public init(log: XenLog) throws(XenError) {
+        // libxenstore does not take a logger: its failure is the errno alone.
+        let handle = try log.check("xs_open", { xs_open(0) }, failed: { $0 == nil })
+        self.handle = handle!
+        self.log = log
+        XenHandleCensus.opened()
+    }
+
+    deinit {
+        xs_close(handle)
+        XenHandleCensus.closed()
+    }
+
+    /// Reads one key outside a transaction; nil when it does not exist.
+    public func read(_ path: String) -> String? {
+        var length: UInt32 = 0
+        guard let value = xs_read(handle, xs_transaction_t(XBT_NULL), path, &length) else { return nil }
+        defer { free(value) }
+        // SAFETY: xs_read returns `length` bytes (plus a NUL) allocated with malloc.
+        let bytes = UnsafeRawBufferPointer(start: value, count: Int(length))
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}
+
+/// An open event channel interface (`xenevtchn_handle *`, /dev/xen/evtchn).
+public final class XenEventChannels {
+    public let handle: OpaquePointer
+    public let log: XenLog
+
+    /// Opens the interface; throws `XenError(call: "xenevtchn_open", …)`.
+    public init(log: XenLog) throws(XenError) {
+        let handle = try log.check("xenevtchn_open", { xenevtchn_open(log.pointer, 0) }, failed: { $0 == nil })
+        self.handle = handle!
+        self.log = log
+        XenHandleCensus.opened()
+    }
+
+    deinit {
+        xenevtchn_close(handle)
+        XenHandleCensus.closed()
+    }
+}
+
+/// An open foreign memory interface (`xenforeignmemory_handle *`, /dev/xen/privcmd): maps other
+/// domains' pages into this process.
+public final class XenForeignMemory {
+    public let handle: OpaquePointer
+    public let log: XenLog
+
+    /// Opens the interface; throws `XenError(call: "xenforeignmemory_open", …)`.
+    public init(log: XenLog) throws(XenError) {
+        let handle = try log.check("xenforeignmemory_open", { xenforeignmemory_open(log.pointer, 0) }, failed: { $0 == nil })
+        self.handle = handle!
+        self.log = log
+        XenHandleCensus.opened()
+    }
+
+    deinit {
+        xenforeignmemory_close(handle)
+        XenHandleCensus.closed()
+    }
+}
+
+/// A libxl context (`libxl_ctx *`): the toolstack library xl itself uses; builds, saves and
+/// restores domains. Opens its own libxenctrl and xenstore connections.
+public final class XenLight {
+    public let context: OpaquePointer
+    public let log: XenLog
+
+    /// Allocates the context; throws `XenError(call: "libxl_ctx_alloc", libxl: …)`.
+    public init(log: XenLog) throws(XenError) {
+        let before = log.count
+        var context: OpaquePointer?
+        let rc = libxl_ctx_alloc(&context, LIBXL_VERSION, 0, log.pointer)
+        guard rc == 0, let context else {
+            throw XenError(call: "libxl_ctx_alloc", libxl: rc, log: log.lines(since: before).map(\.description))
+        }
+        self.context = context
+        self.log = log
+        XenHandleCensus.opened()
+    }
+
+    deinit {
+        libxl_ctx_free(context)
+        XenHandleCensus.closed()
+    }
+}
+
+/// Hypercall-safe memory (locked, page aligned) from libxenctrl, e.g. for a log-dirty bitmap.
+/// The shadow struct libxenctrl tracks it by lives at one heap address until deinit frees both.
+public final class XenHypercallPages {
+    public let control: XenControl
+    /// Size in 4 KiB pages.
+    public let pages: Int
+    /// The memory, `pages * 4096` bytes, valid while this object lives.
+    public let bytes: UnsafeMutableRawBufferPointer
+    private let shadow: UnsafeMutablePointer<xc_hypercall_buffer_t>
+
+    /// Allocates `pages` pages; throws `XenError(call: "xc_hypercall_buffer_alloc_pages", …)`.
+    public init(control: XenControl, pages: Int) throws(XenError) {
+        precondition(pages > 0 && pages <= Int(Int32.max), "hypercall buffer of \(pages) pages")
+        let shadow = UnsafeMutablePointer<xc_hypercall_buffer_t>.allocate(capacity: 1)
+        cxen_hypercall_buffer_init(shadow)
+        let memory: UnsafeMutableRawPointer?
+        do {
+            memory = try control.log.check("xc_hypercall_buffer_alloc_pages(\(pages))",
+                                           { xc__hypercall_buffer_alloc_pages(control.handle, shadow, Int32(pages)) },
+                                           failed: { $0 == nil })
+        } catch {
+            shadow.deallocate()
+            throw error
+        }
+        self.control = control
+        self.pages = pages
+        self.shadow = shadow
+        self.bytes = UnsafeMutableRawBufferPointer(start: memory, count: pages * 4096)
+        XenHandleCensus.opened()
+    }
+
+    /// The shadow to pass where libxenctrl wants `xc_hypercall_buffer_t *`
+    /// (e.g. `xc_logdirty_control`).
+    public var buffer: UnsafeMutablePointer<xc_hypercall_buffer_t> { shadow }
+
+    deinit {
+        xc__hypercall_buffer_free_pages(control.handle, shadow, Int32(pages))
+        shadow.deallocate()
+        XenHandleCensus.closed()
+    }
+}
