@@ -101,7 +101,7 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
         var results: [FailoverResult] = []
         var children: [ChildProcess] = []
         var finished = false
-        var previousGaps = 0
+        var startSequences: [UInt64] = []  // where the current primary's NIC sequences began
         defer {
             for c in children { c.signal(SIGKILL); c.wait() }
             if finished && !config.keep && results.allSatisfy(\.verified) {
@@ -252,10 +252,11 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
                 survivorPid: backup.pid, index: g)
             result.index = g + 1
             result.fault = fault
-            // Gaps are counted over the whole drill: this failover's are the new ones.
-            let gapsSoFar = result.discardedWithPrimary
-            result.discardedWithPrimary -= previousGaps
-            previousGaps = gapsSoFar
+            // Exactly what this round's primary emitted and never released.
+            if let next = DrillVerifier.nextSequences(report) {
+                result.discardedWithPrimary = DrillVerifier.unreleased(observed: observer.packets(), from: startSequences, to: next)
+                startSequences = next
+            }
             if fault == .switchover && result.discardedWithPrimary > 0 {
                 problems.append("the switchover lost \(result.discardedWithPrimary) packets; a planned hand-over must lose none")
             }
