@@ -25,7 +25,10 @@ let package = Package(
             pkgConfig: "libnl-route-3.0",
             providers: [.apt(["libnl-3-dev", "libnl-route-3-dev"])]
         ),
-        .target(name: "RemusNetbuf", dependencies: ["RemusCore", "CNetlink"]),
+        // tun/tap ioctls (TUNSETIFF and friends are macros, ioctl is variadic): the simulated
+        // guest's NIC over a real tap, so the plug qdisc path runs end to end.
+        .target(name: "CTap"),
+        .target(name: "RemusNetbuf", dependencies: ["RemusCore", "CNetlink", "CTap"]),
         // The Xen 4.17 toolstack libraries (libxen-dev) and the few C shims Swift cannot import;
         // RemusXen owns their handles. Not wired into the runtime yet.
         .systemLibrary(name: "CXen", pkgConfig: "xenlight", providers: [.apt(["libxen-dev"])]),
@@ -43,7 +46,7 @@ let package = Package(
         .testTarget(name: "RemusSimTests", dependencies: ["RemusSim", "RemusCore"]),
         .testTarget(name: "RemusNetbufTests", dependencies: ["RemusNetbuf", "RemusCore"]),
         .testTarget(name: "RemusXenTests", dependencies: ["RemusXen", "CXen"]),
-        .testTarget(name: "RemusRuntimeTests", dependencies: ["RemusRuntime", "RemusSim", "RemusCore"]),
+        .testTarget(name: "RemusRuntimeTests", dependencies: ["RemusRuntime", "RemusSim", "RemusCore", "RemusNetbuf"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,5 +1,7 @@
 import Glibc
 import RemusCore
+import RemusNetbuf
+import RemusSim
 
 /// `remusd receive`: the backup's shell around a `BackupCommitter`.
 ///
@@ -39,6 +41,10 @@ public final class BackupDaemon: @unchecked Sendable {
     private var activationTiming: (lostAt: UInt64, activatedAt: UInt64)?
     private let statsLock = MonitorLock()
     private var statusLines: [String: String] = [:]
+    /// The NIC of a taken-over guest over a tap (`--sim-nic-tap`), and the plug that holds its
+    /// output; set up at start so a missing tap or plug qdisc is reported before any takeover.
+    private var tapSink: (any PacketSink)?
+    private var plug: PlugOutputBuffer?
 
     public init(_ config: ReceiveConfiguration) {
         self.config = config
@@ -57,6 +63,12 @@ public final class BackupDaemon: @unchecked Sendable {
     public func run() throws -> Int32 {
         SignalWatcher.blockTerminationSignals()
         Log.setRole("backup")
+        if let tap = config.simNICTap {
+            tapSink = try SimulatedBackend.makeSink(nicSink: config.nicSink, tap: tap)
+            plug = try SimulatedBackend.plugBuffer(tap)
+            let held = plug.map { p in p.attachments.map { "\($0.interface) (\($0.ifbName))" }.joined(separator: ", ") }
+            Log.info("a taken-over guest's NIC writes into tap \(tap.tap)" + (held.map { "; its output is held by plug qdiscs on \($0)" } ?? ""))
+        }
         SignalWatcher.start { [loop] in loop.post(.terminate) }
         let listener: TCPListener
         do {
@@ -315,6 +327,8 @@ public final class BackupDaemon: @unchecked Sendable {
     private func continueAsPrimary(replica: any ReplicaTarget, header: StreamHeader) throws {
         guard let running = SimulatedBackend.runningGuest(from: replica) else { return }
         guard let next = config.reprotectTo else {
+            // Nothing will acknowledge its output: let it out.
+            if let plug { try plug.releaseAll() }
             Log.info("the guest runs here unprotected (no --reprotect-to)")
             return
         }
@@ -334,7 +348,7 @@ public final class BackupDaemon: @unchecked Sendable {
             held = (w, wc)
         }
         let p = try PrimaryProtection(
-            guest: running.guest, output: running.output, backup: next, settings: config.settings,
+            guest: running.guest, output: plug ?? running.output, backup: next, settings: config.settings,
             maxCheckpointPages: 65536, clock: clock, witness: held,
             onFinished: { _ in loop.post(.protectionFinished) })
         statsLock.withLock { protection = p }
@@ -345,7 +359,7 @@ public final class BackupDaemon: @unchecked Sendable {
 
     private func makeReplica(for header: StreamHeader) throws -> any ReplicaTarget {
         switch header.backend {
-        case .simulated: return SimulatedBackend.makeReplica(nicSink: config.nicSink, clock: clock)
+        case .simulated: return SimulatedBackend.makeReplica(sink: tapSink ?? SimulatedBackend.sink(config.nicSink), clock: clock)
         case .xen: throw ProtocolError("this build of remusd cannot receive Xen guests yet")
         }
     }

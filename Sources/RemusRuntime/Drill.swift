@@ -1,5 +1,6 @@
 import Glibc
 import RemusCore
+import RemusNetbuf
 
 /// What `remusd drill` runs.
 public struct DrillConfiguration: Sendable {
@@ -17,6 +18,10 @@ public struct DrillConfiguration: Sendable {
     /// Fault injected on purpose to prove the verifier catches it: the first primary releases
     /// output at once instead of on ACK (`--unsafe --no-netbuf`).
     public var injectEarlyRelease = false
+    /// Back every process's simulated NIC with a real tap and its output with a plug qdisc:
+    /// process i (0: the first primary, g + 1: backup g) uses the existing tap `<prefix><i>`, and
+    /// the observer also receives their UDP frames. Needs a kernel with sch_plug (the testbed).
+    public var simNICTapPrefix: String?
     public init(failovers: Int, seed: UInt64, settings: ProtectionSettings, simulated: SimulatedGuestParameters,
                 directory: String?, keep: Bool, progress: Bool) {
         self.failovers = failovers
@@ -78,6 +83,9 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
     let config: DrillConfiguration
     let clock = SystemClock()
     private var rng: SplitMix
+    /// With taps: one line per tap, the kernel's plug counters read when the drill ended (before
+    /// the buffers were removed), and what the observer received over UDP.
+    public private(set) var netbufSummary: [String] = []
 
     public init(_ config: DrillConfiguration) {
         self.config = config
@@ -88,8 +96,16 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
     public func run() throws -> [FailoverResult] {
         Log.setRole("drill")
         SignalWatcher.ignorePipe()
+        let taps = try config.simNICTapPrefix.map { try Self.checkTaps(prefix: $0, count: config.failovers + 2) } ?? []
+        // Start from clean taps: a plug left by an earlier, killed drill would hold output the
+        // processes here do not know about.
+        for tap in taps {
+            do { try NetbufPlumbing.cleanup(interface: tap, socket: try NetlinkSocket()) } catch {
+                throw ProtocolError("removing an earlier output buffer from \(tap) failed: \(error)")
+            }
+        }
         let dir = try makeDirectory()
-        let observer = try PacketObserver()
+        let observer = try PacketObserver(udp: !taps.isEmpty)
         let exe = ProcessEnvironment.executablePath
         let s = config.settings
         // An overload drill runs an unthrottled guest against a tight pause bound: the throttle must engage.
@@ -104,6 +120,7 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
         var startSequences: [UInt64] = []  // where the current primary's NIC sequences began
         defer {
             for c in children { c.signal(SIGKILL); c.wait() }
+            if !taps.isEmpty { netbufSummary = Self.removeTapBuffers(taps, observer: observer) }
             if finished && !config.keep && results.allSatisfy(\.verified) {
                 removeTree(dir)
             } else {
@@ -130,10 +147,16 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
             return ["--witness", "etcd://\(etcdProxies[index]!.endpoint)/remus/drill-guest", "--witness-ttl", "2"]
         }
 
+        /// `--sim-nic-tap` (and `--netbuf` when `held`) for process `index`; nothing without taps.
+        func tapArguments(_ index: Int, held: Bool = true) -> [String] {
+            guard !taps.isEmpty else { return [] }
+            return ["--sim-nic-tap", taps[index]] + (held ? ["--netbuf", taps[index]] : [])
+        }
+
         func startBackup(_ g: Int) throws -> ChildProcess {
             var args = [exe, "receive", "--listen", "127.0.0.1:\(ports[g])",
                         "--nic-sink", "\(observer.endpoint)", "--activation-report", "\(dir)/activation-\(g)",
-                        "--exit-after-protection", "--status-socket", "\(dir)/backup-\(g).sock"] + timing
+                        "--exit-after-protection", "--status-socket", "\(dir)/backup-\(g).sock"] + timing + tapArguments(g + 1)
             args += witnessed ? try witnessArguments(g + 1) : ["--fence", "test -e \(dir)/fenced-\(g)"]
             if g + 1 < ports.count { args += ["--reprotect-to", try replicationAddress(g + 1)] }
             let child = try ChildProcess(arguments: args, outputFile: "\(dir)/backup-\(g).log", environment: env)
@@ -152,7 +175,8 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
                         "--sim-memory", "\(p.memoryBytes >> 20)", "--sim-vcpus", "\(p.vcpus)",
                         "--sim-dirty-rate", overload ? "0" : "\(p.dirtyRate)",
                         "--sim-seed", "\(p.seed)", "--nic-sink", "\(observer.endpoint)", "--status-socket", "\(dir)/primary-0.sock"] + timing
-                + (config.injectEarlyRelease ? ["--unsafe", "--no-netbuf"] : []) + (try witnessArguments(0)),
+                + (config.injectEarlyRelease ? ["--unsafe", "--no-netbuf"] : []) + (try witnessArguments(0))
+                + tapArguments(0, held: !config.injectEarlyRelease),
             outputFile: "\(dir)/primary-0.log", environment: env)
         children.append(primary)
         var primarySocket = "\(dir)/primary-0.sock"
@@ -282,6 +306,48 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
         }
         finished = true
         return results
+    }
+
+    /// The taps `<prefix>0` … `<prefix><count - 1>`, which must exist (the drill never creates them).
+    static func checkTaps(prefix: String, count: Int) throws -> [String] {
+        let taps = (0..<count).map { "\(prefix)\($0)" }
+        guard let longest = taps.last, longest.utf8.count <= 15 else {
+            throw ProtocolError("tap names '\(taps.last ?? prefix)' would be longer than 15 bytes; use a shorter --sim-nic-taps prefix")
+        }
+        let missing = taps.filter { if_nametoindex($0) == 0 }
+        guard missing.isEmpty else {
+            throw ProtocolError("the drill needs \(count) taps, \(taps[0]) … \(longest) (one per process: the first primary and every backup), "
+                + "and \(missing.count) do not exist (\(missing.prefix(4).joined(separator: ", "))\(missing.count > 4 ? ", …" : "")); nothing was started. "
+                + "Create them: for i in $(seq 0 \(count - 1)); do ip tuntap add mode tap \(prefix)$i; ip addr add 10.99.$i.1/24 dev \(prefix)$i; "
+                + "ip link set \(prefix)$i up; done. Their plug qdiscs need a kernel with sch_plug: run inside the testbed, bash Tests/Testbed/run.sh")
+        }
+        return taps
+    }
+
+    /// Reads every tap's plug counters, then removes the buffers the (killed) processes left.
+    /// Packets still held are discarded, never released: they belong to dead primaries' epochs.
+    static func removeTapBuffers(_ taps: [String], observer: PacketObserver) -> [String] {
+        var lines: [String] = []
+        // Every sender is dead: what a plug let out is on its way to (or in) the observer's socket.
+        observer.settle(forMs: 100)
+        let counts = observer.datagramCounts()
+        lines.append("netbuf: the observer received \(counts.received) UDP datagrams over the taps (\(counts.malformed) malformed)")
+        guard let socket = try? NetlinkSocket() else { return lines + ["netbuf: cannot open a netlink socket; buffers left in place ('remusd netbuf cleanup')"] }
+        let qdiscs = (try? socket.qdiscs()) ?? []
+        var total: UInt64 = 0
+        for tap in taps {
+            guard let attachment = try? NetbufPlumbing.find(interface: tap, socket: socket),
+                  let plug = qdiscs.first(where: { $0.ifindex == attachment.ifbIndex && $0.kind == "plug" }) else { continue }
+            total += plug.sentPackets
+            lines.append("netbuf \(tap) (\(attachment.ifbName)): \(plug.sentPackets) packets passed the plug, \(plug.queueLength) still held, \(plug.drops) dropped")
+            do {
+                try NetbufPlumbing.cleanup(interface: tap, socket: socket)
+            } catch {
+                lines.append("netbuf \(tap): removing the buffer failed: \(error)")
+            }
+        }
+        lines.append("netbuf: \(total) packets passed plug qdiscs in total")
+        return lines
     }
 
     /// Kills the backup: the primary must notice within the timeout, keep the guest running, hold

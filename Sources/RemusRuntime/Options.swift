@@ -16,6 +16,23 @@ public struct SimulatedGuestParameters: Equatable, Sendable {
     }
 }
 
+/// The simulated guest's NIC over a real tap device (`--sim-nic-tap`): its packets enter the
+/// host as UDP frames written into the tap, and a plug qdisc on the tap holds them (`--netbuf`).
+public struct SimNICTapConfiguration: Equatable, Sendable {
+    /// The existing, persistent tap the guest's frames are written to.
+    public var tap: String
+    /// Interfaces whose output a plug qdisc holds until acknowledged (the tap; empty with
+    /// `--unsafe --no-netbuf`: frames then leave at once).
+    public var netbuf: [String]
+    /// Bytes each plug may hold before it drops (default 10 MiB).
+    public var netbufLimitBytes: Int
+    public init(tap: String, netbuf: [String], netbufLimitBytes: Int) {
+        self.tap = tap
+        self.netbuf = netbuf
+        self.netbufLimitBytes = netbufLimitBytes
+    }
+}
+
 /// Everything `remusd protect` needs.
 public struct ProtectConfiguration: Sendable {
     /// The guest's name (a Xen domain name, or the simulated guest's name).
@@ -36,11 +53,15 @@ public struct ProtectConfiguration: Sendable {
     public var statusSocket: String
     /// The witness that decides which copy is active, if any.
     public var witness: WitnessConfiguration?
+    /// The simulated NIC over a tap, with plug-qdisc buffering; nil: the in-process buffer and `nicSink` over TCP.
+    public var simNICTap: SimNICTapConfiguration?
 
     public init(domain: String, backup: Endpoint, backend: BackendKind, settings: ProtectionSettings,
                 simulated: SimulatedGuestParameters, nicSink: Endpoint?, maxCheckpointPages: Int,
-                unsafeNoNetbuf: Bool, blackhole: Bool, statusSocket: String, witness: WitnessConfiguration? = nil) {
+                unsafeNoNetbuf: Bool, blackhole: Bool, statusSocket: String, witness: WitnessConfiguration? = nil,
+                simNICTap: SimNICTapConfiguration? = nil) {
         self.witness = witness
+        self.simNICTap = simNICTap
         self.domain = domain
         self.backup = backup
         self.backend = backend
@@ -98,9 +119,13 @@ public struct ReceiveConfiguration: Sendable {
     public var exitAfterProtection: Bool
     /// Status socket path.
     public var statusSocket: String
+    /// The taken-over guest's NIC over this tap, with plug-qdisc buffering when protected onwards.
+    public var simNICTap: SimNICTapConfiguration?
 
     public init(listen: Endpoint, settings: ProtectionSettings, fence: FenceConfiguration, reprotectTo: Endpoint?,
-                nicSink: Endpoint?, activationReport: String?, exitAfterProtection: Bool, statusSocket: String) {
+                nicSink: Endpoint?, activationReport: String?, exitAfterProtection: Bool, statusSocket: String,
+                simNICTap: SimNICTapConfiguration? = nil) {
+        self.simNICTap = simNICTap
         self.listen = listen
         self.settings = settings
         self.fence = fence

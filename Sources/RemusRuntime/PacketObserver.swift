@@ -1,35 +1,64 @@
 import Glibc
 import RemusCore
+import RemusNetbuf
 import RemusSim
+import Synchronization
 
 /// The outside world of a drill: receives every packet a guest's NIC released, tagged with the
-/// process that sent it. Each connection starts with the sender's pid (u64, little-endian), then
-/// 32-byte `SimPacket`s.
-final class PacketObserver: @unchecked Sendable {  // received packets guarded by monitor
-    struct Observed: Sendable {
+/// process that sent it. Over TCP each connection starts with the sender's pid (u64,
+/// little-endian), then 32-byte `SimPacket`s. With `udp`, it also receives the tap-backed NICs'
+/// frames (`--sim-nic-tap`) as UDP datagrams on 0.0.0.0 at the same port number, each one
+/// `SimNICDatagram` (pid, then one packet).
+final class PacketObserver: Sendable {
+    struct Observed: Sendable, Equatable {
         var pid: UInt64
         var packet: SimPacket
     }
 
+    /// Where the TCP senders connect (127.0.0.1); its port is also the UDP port.
     let endpoint: Endpoint
     private let listener: TCPListener
-    private let monitor = MonitorLock()
-    private var received: [Observed] = []
-    private var lastArrival: UInt64 = 0
+    private let datagrams: UDPSocket?
+    private let store = ObservedPackets()
 
-    init() throws {
-        listener = try TCPListener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+    /// - Parameter udp: also receive UDP datagrams on 0.0.0.0:<endpoint.port>.
+    init(udp: Bool = false) throws {
+        (listener, datagrams) = try Self.bind(udp: udp)
         endpoint = listener.endpoint
-        startThread(name: "observer") { [self] in
+        let listener = self.listener
+        let store = self.store
+        // The threads hold the store and the sockets, never the observer, so deinit can stop them.
+        startThread(name: "observer") {
             while let ch = try? listener.accept() {
-                startThread(name: "observer-conn") { [self] in read(ch) }
+                startThread(name: "observer-conn") { Self.read(ch, into: store) }
+            }
+        }
+        if let datagrams {
+            startThread(name: "observer-udp") { Self.receive(datagrams, into: store) }
+        }
+    }
+
+    deinit {
+        listener.shutdown()
+        datagrams?.shutdown()
+    }
+
+    /// A TCP listener on 127.0.0.1 and, with `udp`, a UDP socket on 0.0.0.0 with the same port
+    /// (retried with a new port if that one is taken for UDP).
+    private static func bind(udp: Bool) throws -> (TCPListener, UDPSocket?) {
+        var attempt = 0
+        while true {
+            let listener = try TCPListener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+            guard udp else { return (listener, nil) }
+            do {
+                return (listener, try UDPSocket(port: listener.port))
+            } catch let error as SystemError where error.errno == EADDRINUSE && attempt < 8 {
+                attempt += 1
             }
         }
     }
 
-    deinit { listener.shutdown() }
-
-    private func read(_ ch: TCPChannel) {
+    private static func read(_ ch: TCPChannel, into store: ObservedPackets) {
         var buffer = [UInt8](repeating: 0, count: 64 * 1024)
         var pending: [UInt8] = []
         var pid: UInt64?
@@ -52,19 +81,73 @@ final class PacketObserver: @unchecked Sendable {  // received packets guarded b
                 offset += SimPacket.wireSize
             }
             pending.removeFirst(offset)
-            let now = SystemClock().monotonicNs()
-            monitor.withLock {
-                received += batch
-                lastArrival = now
-                monitor.broadcast()
+            store.add(batch, malformed: 0)
+        }
+    }
+
+    /// Reads datagrams until the socket is shut down: one blocking receive, then whatever else
+    /// is queued (up to a batch), then one update of the store.
+    private static func receive(_ socket: UDPSocket, into store: ObservedPackets) {
+        var buffer = [UInt8](repeating: 0, count: 2048)
+        var batch: [Observed] = []
+        while true {
+            var malformed = 0
+            var wait = true  // block for the first datagram of a batch, then take what is queued
+            var draining = true
+            while draining && batch.count + malformed < 512 {
+                switch buffer.withUnsafeMutableBytes({ socket.receive(into: $0, wait: wait) }) {
+                case .shutDown:
+                    store.add(batch, malformed: malformed, datagrams: true)
+                    return
+                case .nothingQueued:
+                    draining = false
+                case .datagram(let n):
+                    if let observed = buffer.withUnsafeBytes({ SimNICDatagram.decode(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }) {
+                        batch.append(observed)
+                    } else {
+                        malformed += 1
+                    }
+                }
+                wait = false
             }
+            store.add(batch, malformed: malformed, datagrams: true)
+            batch.removeAll(keepingCapacity: true)
         }
     }
 
     /// Everything received so far, in arrival order per sender.
-    func packets() -> [Observed] { monitor.withLock { received } }
+    func packets() -> [Observed] { store.packets() }
+
+    /// UDP datagrams received, and how many of them were not a `SimNICDatagram`.
+    func datagramCounts() -> (received: Int, malformed: Int) { store.datagramCounts() }
 
     /// Waits until nothing has arrived for `ms` (bounded by 50 × ms).
+    func settle(forMs ms: UInt64) { store.settle(forMs: ms) }
+}
+
+/// The observer's packets, shared by its reader threads.
+private final class ObservedPackets: @unchecked Sendable {  // everything guarded by monitor
+    private let monitor = MonitorLock()
+    private var received: [PacketObserver.Observed] = []
+    private var lastArrival: UInt64 = 0
+    private var datagrams = 0
+    private var malformed = 0
+
+    func add(_ batch: [PacketObserver.Observed], malformed bad: Int, datagrams counted: Bool = false) {
+        guard !batch.isEmpty || bad > 0 else { return }
+        let now = SystemClock().monotonicNs()
+        monitor.withLock {
+            received += batch
+            if counted { datagrams += batch.count + bad }
+            malformed += bad
+            lastArrival = now
+            monitor.broadcast()
+        }
+    }
+
+    func packets() -> [PacketObserver.Observed] { monitor.withLock { received } }
+    func datagramCounts() -> (received: Int, malformed: Int) { monitor.withLock { (datagrams, malformed) } }
+
     func settle(forMs ms: UInt64) {
         let clock = SystemClock()
         let hardDeadline = clock.monotonicNs() + 50 * ms * 1_000_000
@@ -74,6 +157,144 @@ final class PacketObserver: @unchecked Sendable {  // received packets guarded b
                 let quietUntil = lastArrival + ms * 1_000_000
                 if now >= quietUntil || now >= hardDeadline { return }
                 monitor.wait(untilMonotonic: min(quietUntil, hardDeadline))
+            }
+        }
+    }
+}
+
+/// What a tap-backed simulated NIC sends in each UDP datagram: the sending process's pid (u64,
+/// little-endian), then one 32-byte `SimPacket`. 40 bytes.
+enum SimNICDatagram {
+    static let size = 8 + SimPacket.wireSize
+
+    /// Writes pid and packet into the first 40 bytes of `buffer` (no allocation).
+    static func encode(pid: UInt64, packet: SimPacket, into buffer: UnsafeMutableRawBufferPointer) {
+        precondition(buffer.count >= size, "datagram buffer of \(buffer.count) bytes, need \(size)")
+        // SAFETY: at least 40 bytes (checked above); storeBytes on a raw buffer needs no alignment.
+        buffer.storeBytes(of: pid.littleEndian, toByteOffset: 0, as: UInt64.self)
+        packet.encode(into: UnsafeMutableRawBufferPointer(rebasing: buffer[8..<size]))
+    }
+
+    /// Exactly 40 bytes whose packet part is a valid `SimPacket`, else nil.
+    static func decode(_ bytes: UnsafeRawBufferPointer) -> PacketObserver.Observed? {
+        guard bytes.count == size, let packet = SimPacket(wire: UnsafeRawBufferPointer(rebasing: bytes[8..<size])) else { return nil }
+        // SAFETY: 40 bytes (checked above); an unaligned load works on any buffer.
+        return PacketObserver.Observed(pid: UInt64(littleEndian: bytes.loadUnaligned(as: UInt64.self)), packet: packet)
+    }
+
+    static func decode(_ bytes: [UInt8]) -> PacketObserver.Observed? { bytes.withUnsafeBytes { decode($0) } }
+}
+
+/// A UDP socket bound to 0.0.0.0:`port` with a large receive buffer (a release lets out a whole
+/// epoch's frames at once).
+final class UDPSocket: Sendable {
+    private let fd: Int32
+    private let closed = Atomic<Bool>(false)
+    /// The port bound.
+    let port: UInt16
+
+    init(port: UInt16, receiveBufferBytes: Int32 = 32 << 20) throws {
+        let fd = try syscall("socket(UDP)") { socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        var size = receiveBufferBytes
+        // SO_RCVBUFFORCE passes net.core.rmem_max (root); otherwise the capped SO_RCVBUF.
+        if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, socklen_t(Swift.MemoryLayout<Int32>.size)) != 0 {
+            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(Swift.MemoryLayout<Int32>.size))
+        }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = port.bigEndian
+        address.sin_addr = in_addr(s_addr: INADDR_ANY)
+        do {
+            // SAFETY: sockaddr_in is a plain C struct; bind reads Swift.MemoryLayout<sockaddr_in>.size bytes.
+            _ = try withUnsafePointer(to: &address) { (p) throws in
+                try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { (sa) throws in
+                    try syscall("bind(UDP 0.0.0.0:\(port))") { bind(fd, sa, socklen_t(Swift.MemoryLayout<sockaddr_in>.size)) }
+                }
+            }
+        } catch {
+            Glibc.close(fd)
+            throw error
+        }
+        self.fd = fd
+        self.port = port
+    }
+
+    deinit { Glibc.close(fd) }
+
+    enum Received {
+        /// A datagram of this many bytes (possibly 0) is in the buffer.
+        case datagram(Int)
+        /// Nothing is queued (only without waiting).
+        case nothingQueued
+        /// The socket was shut down.
+        case shutDown
+    }
+
+    /// Receives one datagram into `buffer`, waiting for one if `wait`.
+    func receive(into buffer: UnsafeMutableRawBufferPointer, wait: Bool) -> Received {
+        while true {
+            let n = recv(fd, buffer.baseAddress, buffer.count, wait ? 0 : Int32(MSG_DONTWAIT))
+            if closed.load(ordering: .acquiring) { return .shutDown }
+            if n >= 0 { return .datagram(n) }
+            let code = errno
+            if code == EINTR { continue }
+            if code == EAGAIN || code == EWOULDBLOCK { return .nothingQueued }
+            return .shutDown
+        }
+    }
+
+    /// Makes a blocked `receive` return `.shutDown`.
+    func shutdown() {
+        closed.store(true, ordering: .releasing)
+        _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
+    }
+}
+
+/// Sends released packets into a tap (`--sim-nic-tap`) as complete Ethernet + IPv4 + UDP frames,
+/// from the "guest" (the tap's address + 1, a fixed locally administered MAC) to the tap's own
+/// address and MAC at `port`, each carrying one `SimNICDatagram`. Written into the tap, they are
+/// the tap's ingress, exactly like a Xen vif's guest traffic: a plug on the tap holds them.
+final class TapPacketSink: PacketSink, @unchecked Sendable {  // frame buffer and counters guarded by monitor
+    /// The guest's MAC address: locally administered, "RMUS".
+    static let guestMAC: [UInt8] = [0x02, 0x52, 0x4D, 0x55, 0x53, 0x00]
+    /// The guest's UDP source port.
+    static let sourcePort: UInt16 = 7790
+
+    let device: TapDevice
+    let addressing: UDPFrameAddressing
+    private let pid = UInt64(getpid())
+    private let monitor = MonitorLock()
+    private var frame = [UInt8](repeating: 0, count: UDPFrame.headerSize + SimNICDatagram.size)
+    private var payload = [UInt8](repeating: 0, count: SimNICDatagram.size)
+    private var identification: UInt16 = 0
+    private var failures = 0
+
+    init(device: TapDevice, port: UInt16) {
+        self.device = device
+        addressing = UDPFrameAddressing(
+            destinationMAC: device.hardwareAddress, sourceMAC: Self.guestMAC,
+            source: device.guestAddress, destination: device.address,
+            sourcePort: Self.sourcePort, destinationPort: port)
+    }
+
+    func deliver(_ packets: [SimPacket]) {
+        monitor.withLock {
+            for packet in packets {
+                identification &+= 1
+                payload.withUnsafeMutableBytes { SimNICDatagram.encode(pid: pid, packet: packet, into: $0) }
+                let length = frame.withUnsafeMutableBytes { out in
+                    payload.withUnsafeBytes { UDPFrame.write(into: out, addressing: addressing, identification: identification, payload: $0) }
+                }
+                do {
+                    try frame.withUnsafeBytes { try device.write(frame: UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
+                } catch {
+                    // A lost frame is a lost packet (the verifier counts it as a gap), never a
+                    // reason to stop the guest; say so at 1, 2, 4, 8, … failures.
+                    failures += 1
+                    if failures & (failures - 1) == 0 {
+                        Log.warning("writing to the tap \(device.name) failed (\(failures) frame(s) lost so far): \(error)")
+                    }
+                }
             }
         }
     }

@@ -1,5 +1,6 @@
 import Glibc
 import RemusCore
+import RemusNetbuf
 
 /// `remusd protect`: creates (simulated backend) or opens the guest and protects it until stopped.
 public final class PrimaryDaemon: @unchecked Sendable {  // configured once, then driven by PrimaryProtection's threads
@@ -12,8 +13,17 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
         SignalWatcher.blockTerminationSignals()
         Log.setRole("primary")
         let clock = SystemClock()
-        let running = try SimulatedBackend.startGuest(name: config.domain, parameters: config.simulated, nicSink: config.nicSink, clock: clock)
-        let output: any OutputBuffer = config.unsafeNoNetbuf ? PassThroughOutput(running.output) : running.output
+        // Over a tap the plug qdisc holds the guest's frames and the in-process buffer passes
+        // them straight into the tap; set both up before the guest runs, so errors come first.
+        let sink = try SimulatedBackend.makeSink(nicSink: config.nicSink, tap: config.simNICTap)
+        let plug = try config.simNICTap.flatMap { try SimulatedBackend.plugBuffer($0) }
+        let running = try SimulatedBackend.startGuest(name: config.domain, parameters: config.simulated, sink: sink, clock: clock)
+        let buffer: any OutputBuffer = plug ?? running.output
+        let output: any OutputBuffer = config.unsafeNoNetbuf ? PassThroughOutput(buffer) : buffer
+        if let tap = config.simNICTap {
+            let held = plug.map { p in p.attachments.map { "\($0.interface) (\($0.ifbName))" }.joined(separator: ", ") }
+            Log.info("the guest's NIC writes into tap \(tap.tap); " + (held.map { "output held by plug qdiscs on \($0)" } ?? "output NOT held (--unsafe --no-netbuf)"))
+        }
         var held: (EtcdWitness, WitnessConfiguration)?
         if let wc = config.witness {
             let w = try EtcdWitness(url: wc.url, requestTimeoutMs: wc.requestTimeoutMs)

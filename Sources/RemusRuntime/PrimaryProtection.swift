@@ -258,6 +258,12 @@ public final class PrimaryProtection: @unchecked Sendable {
             do { try guest.suspend() } catch { Log.error("pausing the guest failed: \(error); it may still run — stop it by hand") }
         case .stopGuest:
             do { try guest.stop() } catch { Log.error("stopping the handed-over guest failed: \(error); it is still suspended — make sure it does not run here") }
+            // The final checkpoint is acknowledged and the guest has not run since it: all its
+            // output is committed. A plug may still hold the final epoch's (closed before the
+            // previous ACK, it got no barrier of its own and no later ACK will come): let it out.
+            if witnessAllowsRelease() {
+                do { try output.releaseAll() } catch { Log.error("releasing the final epoch's output failed: \(error); it stays held") }
+            }
             if let (w, _) = witness {
                 _ = witnessHandedOver.set()
                 do { try w.release() } catch { Log.warning("releasing the witness after the switchover failed: \(error); the backup gets it when the lease runs out") }

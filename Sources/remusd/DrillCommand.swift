@@ -46,6 +46,9 @@ struct Drill: ParsableCommand {
     @Option(help: .hidden)
     var inject: String?
 
+    @Option(name: .customLong("sim-nic-taps"), help: ArgumentHelp("Back every process's simulated NIC with a real tap and hold its output in a plug qdisc: process i (0: the first primary, then each backup) uses the existing tap <prefix><i>; failovers + 2 taps, each with an IPv4 address (10.99.<i>.1/24) and up. The observer receives their UDP frames too. Needs sch_plug: run inside the testbed (bash Tests/Testbed/run.sh). Default: none (in-process buffers over TCP).", valueName: "prefix"))
+    var simNICTaps: String?
+
     @Option(parsing: .upToNextOption, help: ArgumentHelp("Faults to inject in turn: crash (SIGKILL the primary), switchover (planned hand-over), silence (SIGSTOP the primary), backup-kill (SIGKILL the backup), overload (an unthrottled guest). Default: crash.", valueName: "fault"))
     var fault: [DrillFault] = [.crash]
 
@@ -56,6 +59,9 @@ struct Drill: ParsableCommand {
         if vcpus < 1 || vcpus > 64 { throw ValidationError("--sim-vcpus must be between 1 and 64") }
         if memoryMiB < 4 { throw ValidationError("--sim-memory must be at least 4 MiB") }
         if let inject, inject != "early-release" { throw ValidationError("--inject knows only 'early-release'") }
+        if let simNICTaps, simNICTaps.isEmpty || simNICTaps.utf8.count + String(failovers + 1).utf8.count > 15 {
+            throw ValidationError("--sim-nic-taps '\(simNICTaps)': <prefix><n> must be an interface name of at most 15 bytes for n up to \(failovers + 1)")
+        }
     }
 
     func run() throws {
@@ -68,9 +74,13 @@ struct Drill: ParsableCommand {
         var drill = config
         drill.injectEarlyRelease = inject == "early-release"
         drill.faults = fault
-        print("remusd drill: \(failovers) rounds (\(fault.map(\.rawValue).joined(separator: ", "))), seed \(seed), checkpoint every \(interval) ms, timeout \(timeout) ms, guest \(memoryMiB) MiB × \(vcpus) vCPUs dirtying \(dirtyRate) pages/s")
-        let results = try RemusRuntime.Drill(drill).run()
+        drill.simNICTapPrefix = simNICTaps
+        let nic = simNICTaps.map { ", NIC over taps \($0)0 … \($0)\(failovers + 1) with plug qdiscs" } ?? ""
+        print("remusd drill: \(failovers) rounds (\(fault.map(\.rawValue).joined(separator: ", "))), seed \(seed), checkpoint every \(interval) ms, timeout \(timeout) ms, guest \(memoryMiB) MiB × \(vcpus) vCPUs dirtying \(dirtyRate) pages/s\(nic)")
+        let runner = RemusRuntime.Drill(drill)
+        let results = try runner.run()
         print(DrillTable.render(results))
+        for line in runner.netbufSummary { print(line) }
         let failed = results.filter { !$0.verified }.count
         if failed > 0 || results.count < failovers {
             print("DRILL FAILED: \(results.count - failed) of \(failovers) failovers verified (seed \(seed))")

@@ -32,6 +32,7 @@ struct Protect: ParsableCommand {
 
     @OptionGroup var timing: TimingOptions
     @OptionGroup var sim: SimulatedGuestOptions
+    @OptionGroup var tap: SimNICTapOptions
 
     @Option(name: .customLong("max-checkpoint"), help: ArgumentHelp("Largest checkpoint the staging area holds.", valueName: "MiB"))
     var maxCheckpointMiB: Int = 256
@@ -56,6 +57,10 @@ struct Protect: ParsableCommand {
             throw ValidationError("backup '\(backup)' is not host[:port] (IPv6 as [addr]:port)")
         }
         if maxCheckpointMiB < 1 { throw ValidationError("--max-checkpoint must be at least 1 MiB") }
+        if noNetbuf && tap.netbuf != nil { throw ValidationError("--no-netbuf and --netbuf contradict each other; choose one") }
+        if tap.tap != nil && sim.nicSink == nil {
+            throw ValidationError("--sim-nic-tap needs --nic-sink host:port: its port is the UDP port the guest's frames go to")
+        }
     }
 
     func run() throws {
@@ -78,7 +83,8 @@ struct Protect: ParsableCommand {
             unsafeNoNetbuf: noNetbuf,
             blackhole: blackhole,
             statusSocket: statusSocket ?? RunDirectory.socketPath(for: domain),
-            witness: timing.witnessConfiguration)
+            witness: timing.witnessConfiguration,
+            simNICTap: tap.configuration(holding: !noNetbuf))
         let code = try PrimaryDaemon(config).run()
         if code != 0 { throw ExitCode(code) }
     }
@@ -103,8 +109,10 @@ struct Receive: ParsableCommand {
     @Option(name: .customLong("reprotect-to"), help: ArgumentHelp("After taking over, protect the guest towards this backup.", valueName: "host:port"))
     var reprotectTo: String?
 
-    @Option(name: .customLong("nic-sink"), help: ArgumentHelp("Where the simulated NIC's released packets go once the guest runs here.", valueName: "host:port"))
+    @Option(name: .customLong("nic-sink"), help: ArgumentHelp("Where the simulated NIC's released packets go once the guest runs here (TCP; with --sim-nic-tap only its port counts: the UDP port of the frames).", valueName: "host:port"))
     var nicSink: String?
+
+    @OptionGroup var tap: SimNICTapOptions
 
     @Option(name: .customLong("activation-report"), help: ArgumentHelp("Write what was activated (epoch, state, memory hash, timings) to this file, for 'remusd drill'.", valueName: "path"))
     var activationReport: String?
@@ -123,6 +131,9 @@ struct Receive: ParsableCommand {
         for (flag, value) in [("--reprotect-to", reprotectTo), ("--nic-sink", nicSink)] {
             if let value, Endpoint(parsing: value, defaultPort: defaultPort) == nil { throw ValidationError("\(flag) '\(value)' is not host:port") }
         }
+        if tap.tap != nil && nicSink == nil {
+            throw ValidationError("--sim-nic-tap needs --nic-sink host:port: its port is the UDP port the taken-over guest's frames go to")
+        }
     }
 
     func run() throws {
@@ -134,7 +145,8 @@ struct Receive: ParsableCommand {
             reprotectTo: reprotectTo.flatMap { Endpoint(parsing: $0, defaultPort: defaultPort) },
             nicSink: nicSink.flatMap { Endpoint(parsing: $0, defaultPort: defaultPort) },
             activationReport: activationReport, exitAfterProtection: exitAfterProtection,
-            statusSocket: statusSocket ?? RunDirectory.socketPath(for: "receive-\(endpoint.port)"))
+            statusSocket: statusSocket ?? RunDirectory.socketPath(for: "receive-\(endpoint.port)"),
+            simNICTap: tap.configuration(holding: true))
         let code = try BackupDaemon(config).run()
         if code != 0 { throw ExitCode(code) }
     }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import RemusCore
+import RemusNetbuf
 import RemusRuntime
 
 /// `remusd`: continuous-checkpointing replication for virtual machines.
@@ -73,12 +74,49 @@ struct SimulatedGuestOptions: ParsableArguments {
     @Option(name: .customLong("sim-seed"), help: ArgumentHelp("Seed of the simulated guest's workload.", valueName: "n"))
     var seed: UInt64 = 1
 
-    @Option(name: .customLong("nic-sink"), help: ArgumentHelp("Where the simulated NIC's released packets go (the outside world), host:port over TCP; none by default.", valueName: "host:port"))
+    @Option(name: .customLong("nic-sink"), help: ArgumentHelp("Where the simulated NIC's released packets go (the outside world), host:port over TCP; with --sim-nic-tap only its port counts (the UDP port of the frames). None by default.", valueName: "host:port"))
     var nicSink: String?
 
     func validate() throws {
         if memoryMiB < 4 || memoryMiB > 1 << 20 { throw ValidationError("--sim-memory must be between 4 MiB and 1 TiB, got \(memoryMiB)") }
         if vcpus < 1 || vcpus > 64 { throw ValidationError("--sim-vcpus must be between 1 and 64, got \(vcpus)") }
         if let nicSink, Endpoint(parsing: nicSink, defaultPort: 0) == nil { throw ValidationError("--nic-sink: '\(nicSink)' is not host:port") }
+    }
+}
+
+/// The simulated guest's NIC over a real tap, and the plug qdiscs that hold its output
+/// (`protect`, and `receive` for a guest it takes over).
+struct SimNICTapOptions: ParsableArguments {
+    @Option(name: .customLong("sim-nic-tap"), help: ArgumentHelp("Back the simulated guest's NIC with this existing, persistent tap (ip tuntap add mode tap <name>, with an IPv4 address, up): every packet becomes a UDP frame written into the tap, from the tap's address + 1 to the tap's address at the port of --nic-sink (required with it), and plug qdiscs hold the frames until acknowledged. Needs a kernel with sch_plug: build machines lack it, run inside the testbed (bash Tests/Testbed/run.sh). Default: none (in-process buffer, --nic-sink over TCP).", valueName: "tap"))
+    var tap: String?
+
+    @Option(name: .customLong("netbuf"), help: ArgumentHelp("Interfaces whose output plug qdiscs hold until the backup acknowledged it, comma-separated; must include the --sim-nic-tap tap (default: that tap).", valueName: "if[,if]"))
+    var netbuf: String?
+
+    @Option(name: .customLong("netbuf-limit"), help: ArgumentHelp("Bytes each plug may hold before it drops packets (10 MiB).", valueName: "bytes"))
+    var netbufLimit: Int = NetbufPlumbing.defaultLimitBytes
+
+    var interfaces: [String] {
+        netbuf.map { $0.split(separator: ",").map { String($0) } } ?? (tap.map { [$0] } ?? [])
+    }
+
+    func validate() throws {
+        if netbufLimit < 1 || netbufLimit > Int(Int32.max) { throw ValidationError("--netbuf-limit must be between 1 and 2147483647 bytes, got \(netbufLimit)") }
+        if let tap, tap.isEmpty || tap.utf8.count > 15 { throw ValidationError("--sim-nic-tap '\(tap)' is not an interface name (1 to 15 bytes)") }
+        guard let tap else {
+            if netbuf != nil {
+                throw ValidationError("--netbuf needs --sim-nic-tap: the simulated guest's packets cross a real interface only through a tap")
+            }
+            return
+        }
+        if interfaces.isEmpty || interfaces.contains(where: \.isEmpty) { throw ValidationError("--netbuf '\(netbuf ?? "")' is not a comma-separated list of interfaces") }
+        if !interfaces.contains(tap) {
+            throw ValidationError("--netbuf must include the --sim-nic-tap tap '\(tap)', or the guest's frames would leave unbuffered")
+        }
+    }
+
+    /// The runtime's configuration; `holding` false (`--unsafe --no-netbuf`) sets up no plug.
+    func configuration(holding: Bool) -> SimNICTapConfiguration? {
+        tap.map { SimNICTapConfiguration(tap: $0, netbuf: holding ? interfaces : [], netbufLimitBytes: netbufLimit) }
     }
 }

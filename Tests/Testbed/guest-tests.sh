@@ -450,14 +450,85 @@ test_tcp_latency
 test_multi
 test_sigkill
 test_errors
-# 10. The package's Swift tests (RemusNetbufTests), which run their sch_plug suite here.
+# 10. The failover drill over real plug qdiscs: every remusd process (the first primary, each
+# backup) backs the simulated guest's NIC with its own tap rtap<i> (10.99.<i>.1/24); the guest's
+# packets are UDP frames written into the tap, i.e. the tap's ingress, which the process's
+# PlugOutputBuffer holds until the backup acknowledged their epoch; the drill's observer receives
+# them through the kernel's IP stack. Then the same drill with the output released at once
+# (--inject early-release: no plug on the first primary's tap) must fail its I1 check.
+DRILL_FAILOVERS=6
+test_drill_over_plug() {
+    taps=$((DRILL_FAILOVERS + 2))
+    i=0
+    while [ $i -lt $taps ]; do
+        ip tuntap add mode tap rtap$i && ip addr add 10.99.$i.1/24 dev rtap$i && ip link set rtap$i up \
+            || { fail "could not create tap rtap$i"; return; }
+        i=$((i + 1))
+    done
+    # The kernel's own plug counters, sampled while the drill runs (remusd removes its buffers at the end).
+    rm -f /tmp/drill.done
+    ( while [ ! -e /tmp/drill.done ]; do
+        tc -s qdisc show | awk '/^qdisc plug/ { p = 1; next } p && /Sent/ { print $4; p = 0 }'
+        usleep 500000
+      done ) > /tmp/plug-sent.samples 2>/dev/null 7>&- 8>&- &
+    sampler=$!
+    t=$(now_ms)
+    remusd drill --failovers $DRILL_FAILOVERS --sim-memory 64 --sim-vcpus 1 --sim-dirty-rate 5000 --seed 11 \
+        --interval 100 --heartbeat 100 --timeout 2000 --sim-nic-taps rtap --quiet > /tmp/drill-plug.out 2>&1 7>&- 8>&-
+    status=$?
+    took=$(( ($(now_ms) - t) / 1000 ))
+    touch /tmp/drill.done; wait "$sampler"
+    kernel_max=$(sort -n /tmp/plug-sent.samples | tail -1)
+    grep -E '^(detection|activation) ms|^netbuf' /tmp/drill-plug.out | while read -r line; do info "drill over plug: $line"; done
+    total=$(sed -n 's/^netbuf: \([0-9]*\) packets passed plug qdiscs in total/\1/p' /tmp/drill-plug.out)
+    udp=$(sed -n 's/^netbuf: the observer received \([0-9]*\) UDP datagrams.*/\1/p' /tmp/drill-plug.out)
+    if [ "$status" = 0 ] && grep -q "^drill: $DRILL_FAILOVERS passed, 0 failed" /tmp/drill-plug.out \
+        && [ "${total:-0}" -gt 0 ] && [ "${kernel_max:-0}" -gt 0 ] && [ "${udp:-0}" = "$total" ]; then
+        pass "drill over real plug qdiscs (simulated NIC -> tap -> plug -> UDP observer): drill: $DRILL_FAILOVERS passed, 0 failed in $took s; $total packets passed the plugs (tc saw up to $kernel_max on one plug while it ran) and the observer received exactly those $udp"
+    else
+        fail "drill over real plug qdiscs (status $status, $took s, plug total ${total:-?}, tc max ${kernel_max:-?}, udp ${udp:-?}); its output follows"
+        tail -40 /tmp/drill-plug.out | sed 's/^/  drill: /'
+    fi
+    if tc qdisc show | grep -q 'qdisc plug'; then fail "the drill left plug qdiscs behind: $(tc qdisc show | grep plug)"; fi
+
+    # Planned switchovers over the plug: the final checkpoint's output must leave, none lost.
+    t=$(now_ms)
+    remusd drill --failovers 3 --fault switchover --sim-memory 64 --sim-vcpus 1 --sim-dirty-rate 5000 --seed 13 \
+        --interval 100 --heartbeat 100 --timeout 2000 --sim-nic-taps rtap --quiet > /tmp/drill-switch.out 2>&1 7>&- 8>&-
+    status=$?
+    took=$(( ($(now_ms) - t) / 1000 ))
+    if [ "$status" = 0 ] && grep -q "^drill: 3 passed, 0 failed" /tmp/drill-switch.out; then
+        pass "planned switchovers over real plug qdiscs: drill: 3 passed, 0 failed in $took s (the final checkpoint's output left, nothing lost or doubled)"
+    else
+        fail "switchover drill over real plug qdiscs (status $status, $took s); its output follows"
+        tail -30 /tmp/drill-switch.out | sed 's/^/  drill: /'
+    fi
+
+    t=$(now_ms)
+    remusd drill --failovers 2 --sim-memory 64 --sim-vcpus 1 --sim-dirty-rate 5000 --seed 12 \
+        --interval 100 --heartbeat 100 --timeout 2000 --sim-nic-taps rtap --inject early-release --quiet > /tmp/drill-inject.out 2>&1 7>&- 8>&-
+    status=$?
+    took=$(( ($(now_ms) - t) / 1000 ))
+    if [ "$status" != 0 ] && grep -q 'I1: the primary released' /tmp/drill-inject.out && grep -q 'DRILL FAILED' /tmp/drill-inject.out; then
+        pass "negative check: with the first primary's output released at once (no plug on its tap), the same drill FAILED its I1 check ($took s): $(grep -o 'I1: the primary released[^;|]*' /tmp/drill-inject.out | head -1)"
+    else
+        fail "the drill with --inject early-release did not fail on I1 (status $status); its output follows"
+        tail -20 /tmp/drill-inject.out | sed 's/^/  drill: /'
+    fi
+    i=0
+    while [ $i -lt $taps ]; do ip tuntap del mode tap rtap$i; i=$((i + 1)); done
+}
+test_drill_over_plug
+
+# 11. The package's Swift tests (RemusNetbufTests), which run their sch_plug suite here.
 test_swift() {
     [ -x /usr/bin/remusd-tests ] || { info "Swift tests not in this image"; return; }
     NO_COLOR=1 remusd-tests --testing-library swift-testing --filter RemusNetbufTests > /tmp/swift-tests.out 2>&1
     status=$?
     summary=$(grep 'Test run with' /tmp/swift-tests.out | tail -1)
-    if [ "$status" = 0 ] && grep -q 'Suite "PlugOutputBuffer on a real plug qdisc" passed' /tmp/swift-tests.out; then
-        pass "swift test --filter RemusNetbufTests inside the testbed, sch_plug suite included: $summary"
+    if [ "$status" = 0 ] && grep -q 'Suite "PlugOutputBuffer on a real plug qdisc" passed' /tmp/swift-tests.out \
+        && grep -q "Suite \"A tap's frames held by a real plug qdisc\" passed" /tmp/swift-tests.out; then
+        pass "swift test --filter RemusNetbufTests inside the testbed, sch_plug suites (veth and tap) included: $summary"
     else
         fail "Swift tests in the testbed (status $status), their output follows"
         grep -vE 'started\.$|passed after' /tmp/swift-tests.out | tail -40 | sed 's/^/  swift-test: /'

@@ -77,7 +77,7 @@ fi
 [ "${REMUSD_TESTBED_SWIFT_TESTS:-1}" = 1 ] || rm -f "$swift_tests"
 
 # --- 4. initramfs, rebuilt when an input changes ----------------------------------------
-modules=(ifb sch_plug sch_ingress act_mirred cls_u32 veth bridge)
+modules=(ifb sch_plug sch_ingress act_mirred cls_u32 veth bridge tun)
 inputs_hash=$( {
     echo "$kver"; sha256sum "$vmlinuz" "$remusd" "$here/init.sh" "$here/guest-tests.sh" "$here/run.sh"
     if [ -x "$swift_tests" ]; then sha256sum "$swift_tests"; fi
