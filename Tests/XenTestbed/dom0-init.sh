@@ -1,0 +1,21 @@
+#!/bin/sh
+# /init of the Xen testbed's dom0 (a Debian minbase root in an initramfs): mount, run the
+# tests, power off. No init system: Xen's own init script starts its daemons.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /run/lock /var/log/xen/console
+read up _ < /proc/uptime
+echo
+echo "TESTBED BOOTED uptime=$up kernel=$(uname -r)"
+hostname dom0
+ip link set lo up
+sh /xen-tests.sh
+echo "TESTBED DONE"
+sync
+/bin/busybox poweroff -f

@@ -1,0 +1,35 @@
+#!/bin/busybox sh
+# /init of the testbed's PV guest (busybox only): network through xen-netfront, a TCP responder
+# on port 7 answering with the counter, and a counter printed on the console once a second.
+# The guest knows nothing of Remus; dom0 watches it from outside.
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /tmp
+
+for m in $(cat /lib/modules-load/order); do insmod "/lib/modules-load/$m.ko"; done
+ip link set lo up
+# netfront attaches asynchronously (xenbus): wait for eth0, at most ~20 s.
+n=0
+while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 200 ]; do usleep 100000; n=$((n + 1)); done
+if ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up; then
+    echo "GUEST NET UP eth0 10.0.0.2"
+else
+    echo "GUEST NET FAILED"
+fi
+
+echo 0 > /tmp/counter
+printf '#!/bin/sh\necho "COUNTER $(cat /tmp/counter)"\n' > /bin/counter-reply
+chmod +x /bin/counter-reply
+nc -ll -p 7 -e /bin/counter-reply &
+
+i=0
+while :; do
+    read up _ < /proc/uptime
+    echo "COUNTER $i up=$up"
+    echo "$i" > /tmp/counter
+    i=$((i + 1))
+    sleep 1
+done

@@ -1,0 +1,350 @@
+#!/bin/bash
+# The Xen testbed: Debian 12's Xen 4.17 with a Debian dom0 under QEMU (TCG), a tiny PV guest, and
+# Xen's own `xl remus -F -n` as the baseline remusd is measured against. Builds everything from
+# Debian packages into a cache outside git, boots, runs Tests/XenTestbed/dom0-tests.sh in dom0,
+# powers off, prints the verdict lines and one result table; exits 0 only if every check passed.
+#
+#   bash Tests/XenTestbed/run.sh
+#
+# Environment (defaults in brackets):
+#   REMUSD_XEN_TESTBED_CACHE          build directory, outside git [~/.cache/remusd-xen-testbed]
+#   REMUSD_XEN_TESTBED_KERNEL         dom0 and guest kernel version [newest /boot/vmlinuz-* with modules]
+#   REMUSD_XEN_TESTBED_TIMEOUT        seconds before QEMU is killed [900]
+#   REMUSD_XEN_TESTBED_REMUS_SECONDS  how long `xl remus` protects the guest before the kill [60]
+#   REMUSD_XEN_TESTBED_INTERVAL_MS    `xl remus -i` checkpoint interval in ms [200]
+#   REMUSD_XEN_TESTBED_HYPERVISOR     xen-hypervisor-4.17-amd64 version [newest with shadow paging]
+#   REMUSD_XEN_TESTBED_MIRROR         Debian mirror for debootstrap [the host's first Debian apt source]
+#   REMUSD_XEN_TESTBED_SKIP_BUILD=1   reuse the cached remusd build instead of running swift build
+#   REMUSD_XEN_TESTBED_SWIFT_TESTS=0  leave the RemusXenTests bundle out of dom0
+#   REMUSD_XEN_TESTBED_BUILD_ONLY=1   build the images, do not boot
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cache=${REMUSD_XEN_TESTBED_CACHE:-$HOME/.cache/remusd-xen-testbed}
+timeout_s=${REMUSD_XEN_TESTBED_TIMEOUT:-900}
+remus_seconds=${REMUSD_XEN_TESTBED_REMUS_SECONDS:-60}
+interval_ms=${REMUSD_XEN_TESTBED_INTERVAL_MS:-200}
+suite=bookworm
+mkdir -p "$cache"
+cache=$(cd "$cache" && pwd)
+
+t_start=$(date +%s.%N)
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+say() { echo "xen-testbed: $*"; }
+die() { echo "xen-testbed: $*" >&2; exit 2; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+[ "$(id -u)" -eq 0 ] || die "run as root: debootstrap and chroot need it"
+
+# --- 1. Debian packages on the build host --------------------------------------------------
+packages=(qemu-system-x86 debootstrap linux-image-amd64 busybox-static cpio kmod gzip
+          libxen-dev libnl-3-dev libnl-route-3-dev pkg-config)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    say "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null
+fi
+[ -x /opt/swift/usr/bin/swift ] && ! command -v swift >/dev/null && export PATH="/opt/swift/usr/bin:$PATH"
+
+# The Xen version is the one remusd is built against (libxen-dev); dom0's tools are pinned to
+# exactly that version.
+xen_version=$(dpkg-query -W -f='${Version}' libxen-dev)
+case "$xen_version" in 4.17.*) ;; *) die "libxen-dev is $xen_version; this testbed needs Xen 4.17" ;; esac
+
+# --- 2. Kernel (dom0 and guest run the same Debian kernel) ---------------------------------
+if [ -n "${REMUSD_XEN_TESTBED_KERNEL:-}" ]; then
+    kver=$REMUSD_XEN_TESTBED_KERNEL
+else
+    kver=$(for v in /boot/vmlinuz-*; do v=${v#/boot/vmlinuz-}; [ -d "/lib/modules/$v" ] && echo "$v"; done | sort -V | tail -1)
+fi
+[ -n "$kver" ] && [ -r "/boot/vmlinuz-$kver" ] || die "no readable /boot/vmlinuz-<version> with /lib/modules/<version>; apt-get install linux-image-amd64"
+vmlinuz=/boot/vmlinuz-$kver
+say "Xen $xen_version, kernel $kver"
+
+# --- 3. The hypervisor: extracted from its package, never installed -------------------------
+# PV guests can only be checkpointed when the hypervisor has shadow paging (PV log-dirty mode
+# is built on it), and under TCG there is no HAP for HVM guests either. Debian's Xen 4.17.7
+# security updates are built without CONFIG_SHADOW_PAGING (XSA-495: shadow paging deprecated),
+# so take the newest xen-hypervisor-4.17-amd64 whose /boot/*.config still enables it. The
+# hypercall interface (domctl/sysctl version 0x15) is the same across 4.17.x, so dom0's tools
+# stay at libxen-dev's version.
+hv_pick=$cache/hypervisor.version
+if [ -n "${REMUSD_XEN_TESTBED_HYPERVISOR:-}" ]; then
+    hv_version=$REMUSD_XEN_TESTBED_HYPERVISOR
+elif [ -s "$hv_pick" ] && [ -s "$cache/xen-$(cat "$hv_pick").elf" ]; then
+    hv_version=$(cat "$hv_pick")
+else
+    hv_version=""
+fi
+if [ -z "$hv_version" ] || [ ! -s "$cache/xen-$hv_version.elf" ]; then
+    debs=$cache/debs
+    for v in ${hv_version:-$(apt-cache madison xen-hypervisor-4.17-amd64 | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' | sort -Vru)}; do
+        rm -rf "$debs" && mkdir -p "$debs"
+        (cd "$debs" && apt-get download "xen-hypervisor-4.17-amd64=$v" > "$cache/download.log" 2>&1) \
+            || die "apt-get download xen-hypervisor-4.17-amd64=$v failed (see $cache/download.log)"
+        dpkg -x "$debs"/xen-hypervisor-4.17-amd64_*.deb "$debs/x"
+        if ! grep -q "^CONFIG_SHADOW_PAGING=y" "$debs"/x/boot/xen-4.17-amd64.config; then
+            say "xen-hypervisor-4.17-amd64 $v is built without shadow paging: PV guests cannot be checkpointed on it"
+            [ -n "${REMUSD_XEN_TESTBED_HYPERVISOR:-}" ] || continue
+        fi
+        # QEMU's -kernel loads the ELF32 multiboot image directly: no GRUB, no ISO.
+        zcat "$debs"/x/boot/xen-4.17-amd64.gz > "$cache/xen-$v.elf.tmp" && mv "$cache/xen-$v.elf.tmp" "$cache/xen-$v.elf"
+        hv_version=$v
+        break
+    done
+    rm -rf "$debs"
+    [ -n "$hv_version" ] && [ -s "$cache/xen-$hv_version.elf" ] \
+        || die "no xen-hypervisor-4.17-amd64 version with shadow paging in the apt sources (set REMUSD_XEN_TESTBED_HYPERVISOR=<version> to force one)"
+    echo "$hv_version" > "$hv_pick"
+    say "hypervisor extracted: xen-hypervisor-4.17-amd64 $hv_version"
+fi
+xen_elf=$cache/xen-$hv_version.elf
+say "hypervisor $hv_version, dom0 tools $xen_version"
+
+# --- 4. dom0 base image: debootstrap minbase + Xen's tools, trimmed -----------------------
+mirror=${REMUSD_XEN_TESTBED_MIRROR:-$(grep -hoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null | head -1 | tr -d ' ' || true)}
+mirror=${mirror:-http://deb.debian.org/debian}
+base_packages="kmod,iproute2,procps,busybox-static,psmisc,sysvinit-utils"
+xen_packages="xen-utils-4.17=$xen_version xen-utils-common=$xen_version xenstore-utils=$xen_version"
+
+build_dom0_base() {
+    local out=$1 root=$cache/dom0-root
+    umount_chroot() { umount "$root/proc" 2>/dev/null || true; }
+    umount_chroot
+    rm -rf --one-file-system "$root"
+    say "debootstrap $suite (minbase) from $mirror"
+    debootstrap --variant=minbase --include="$base_packages" "$suite" "$root" "$mirror" > "$cache/debootstrap.log" 2>&1 \
+        || { tail -20 "$cache/debootstrap.log"; die "debootstrap failed (log: $cache/debootstrap.log)"; }
+    # The host's Debian sources, so Xen's tools come in exactly the version remusd links against.
+    rm -f "$root"/etc/apt/sources.list.d/*
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] && grep -q "debian" "$f" && cp "$f" "$root$f"
+    done
+    printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d" && chmod +x "$root/usr/sbin/policy-rc.d"
+    trap umount_chroot EXIT
+    mount -t proc proc "$root/proc"
+    { chroot "$root" apt-get update &&
+      DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get install -y --no-install-recommends $xen_packages; } \
+        > "$cache/dom0-apt.log" 2>&1 || { umount_chroot; tail -20 "$cache/dom0-apt.log"; die "installing Xen's tools in dom0 failed (log: $cache/dom0-apt.log)"; }
+    umount_chroot
+    trap - EXIT
+    rm -f "$root/usr/sbin/policy-rc.d"
+    # Trim: documentation, locales, apt's caches, bytecode, HVM-only firmware (no HVM under TCG).
+    rm -rf "$root"/usr/share/{doc,man,info,locale,lintian,bash-completion} "$root"/var/cache/apt/* \
+           "$root"/var/lib/apt/lists/* "$root"/usr/lib/xen-4.17/boot "$root"/var/log/*.log
+    find "$root" -xdev -name __pycache__ -type d -prune -exec rm -rf {} +
+    echo "dom0" > "$root/etc/hostname"
+    # Guest consoles go to files (no tty in the testbed), one line per write, timestamped.
+    sed -i 's|^#\?XENCONSOLED_ARGS=.*||' "$root/etc/default/xen" 2>/dev/null || true
+    echo 'XENCONSOLED_ARGS="--log=guest --log-dir=/var/log/xen/console --timestamp=all"' >> "$root/etc/default/xen"
+    (cd "$root" && find . -xdev | sort) > "$out.files.tmp"
+    (cd "$root" && find . -xdev -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$out.tmp"
+    mv "$out.files.tmp" "$out.files" && mv "$out.tmp" "$out"
+    rm -rf --one-file-system "$root"
+}
+base_hash=$( { echo "$suite $mirror $xen_version $base_packages $xen_packages"; declare -f build_dom0_base; } | sha256sum | cut -c1-16)
+dom0_base=$cache/dom0-base-$base_hash.cpio.gz
+if [ -s "$dom0_base" ] && [ -s "$dom0_base.files" ]; then
+    say "dom0 base cached ($(du -h "$dom0_base" | cut -f1))"
+else
+    t_base=$(date +%s.%N)
+    build_dom0_base "$dom0_base"
+    ls -1t "$cache"/dom0-base-*.cpio.gz | tail -n +2 | while read -r old; do rm -f "$old" "$old.files"; done
+    say "dom0 base built: $(du -h "$dom0_base" | cut -f1) ($(elapsed "$t_base") s)"
+fi
+
+
+# --- 5. remusd (release) and the RemusXen tests (debug), in the testbed's own scratch path ----
+t_build=$(date +%s.%N)
+build=$cache/swift-build
+if [ "${REMUSD_XEN_TESTBED_SKIP_BUILD:-0}" != 1 ]; then
+    say "building remusd (release) in $build"
+    if ! (cd "$repo" && swift build -c release --product remusd --scratch-path "$build" > "$cache/remusd-build.log" 2>&1); then
+        grep -E "error:" "$cache/remusd-build.log" | sort -u | head -20
+        echo "TESTBED FAIL: remusd did not build (full log: $cache/remusd-build.log)"
+        exit 1
+    fi
+fi
+remusd=$build/release/remusd
+[ -x "$remusd" ] || die "no remusd binary at $remusd"
+say "remusd ready ($(elapsed "$t_build") s)"
+swift_tests=$build/debug/remusdPackageTests.xctest
+if [ "${REMUSD_XEN_TESTBED_SWIFT_TESTS:-1}" = 1 ] && [ "${REMUSD_XEN_TESTBED_SKIP_BUILD:-0}" != 1 ]; then
+    t_tests=$(date +%s.%N)
+    # Other targets' tests may not build while they are being worked on; then dom0 runs
+    # without the RemusXen tests and the verdict says so.
+    if (cd "$repo" && swift build --build-tests --scratch-path "$build" > "$cache/swift-tests-build.log" 2>&1); then
+        say "swift tests built ($(elapsed "$t_tests") s)"
+    else
+        say "swift tests did not build (see $cache/swift-tests-build.log); dom0 runs without them"
+        rm -f "$swift_tests"
+    fi
+fi
+[ "${REMUSD_XEN_TESTBED_SWIFT_TESTS:-1}" = 1 ] || swift_tests=/nonexistent
+
+# --- 6. The guest's initramfs: busybox, xen-netfront, guest-init.sh ------------------------
+# Kernel modules with their dependencies in load order, decompressed (busybox insmod reads
+# plain .ko files only).
+collect_modules() {
+    local root=$1; shift
+    mkdir -p "$root/lib/modules-load"
+    : > "$root/lib/modules-load/order"
+    for m in "$@"; do
+        modprobe --show-depends -S "$kver" "$m" | while read -r kind path _; do
+            [ "$kind" = insmod ] || continue
+            name=$(basename "$path"); name=${name%%.ko*}
+            grep -qx "$name" "$root/lib/modules-load/order" && continue
+            case "$path" in
+                *.ko.xz) xz -dc "$path" > "$root/lib/modules-load/$name.ko" ;;
+                *.ko.zst) zstd -qdc "$path" > "$root/lib/modules-load/$name.ko" ;;
+                *.ko.gz) gzip -dc "$path" > "$root/lib/modules-load/$name.ko" ;;
+                *) cp "$path" "$root/lib/modules-load/$name.ko" ;;
+            esac
+            echo "$name" >> "$root/lib/modules-load/order"
+        done
+    done
+}
+guest_hash=$( { echo "$kver"; sha256sum "$here/guest-init.sh" /bin/busybox; } | sha256sum | cut -c1-16)
+guest_initrd=$cache/guest-$guest_hash.cpio.gz
+if [ ! -s "$guest_initrd" ]; then
+    root=$cache/guest-root
+    rm -rf --one-file-system "$root" && mkdir -p "$root"/{bin,proc,sys,dev,tmp}
+    cp /bin/busybox "$root/bin/busybox"
+    collect_modules "$root" xen-netfront
+    cp "$here/guest-init.sh" "$root/init" && chmod +x "$root/init"
+    (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -9) > "$guest_initrd.tmp"
+    mv "$guest_initrd.tmp" "$guest_initrd"
+    rm -rf --one-file-system "$root"
+    ls -1t "$cache"/guest-*.cpio.gz | tail -n +2 | xargs -r rm -f
+    say "guest initramfs built: $(du -h "$guest_initrd" | cut -f1)"
+fi
+
+# --- 7. dom0 overlay: kernel modules, remusd and its libraries, the guest, the scripts -------
+# Appended to the base as a second cpio archive: the kernel unpacks both into one root.
+dom0_modules=(xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-netback xen-blkback
+              bridge ifb sch_plug sch_ingress act_mirred cls_u32 tun loop)
+overlay_hash=$( {
+    echo "$kver $base_hash $remus_seconds $interval_ms ${dom0_modules[*]}"
+    sha256sum "$vmlinuz" "$remusd" "$guest_initrd" "$here/dom0-init.sh" "$here/xen-tests.sh" "$here/run.sh"
+    if [ -x "$swift_tests" ]; then sha256sum "$swift_tests"; fi
+} | sha256sum | cut -c1-16)
+overlay=$cache/dom0-overlay-$overlay_hash.cpio.gz
+if [ -s "$overlay" ]; then
+    say "dom0 overlay cached"
+else
+    t_overlay=$(date +%s.%N)
+    root=$cache/overlay-root
+    rm -rf --one-file-system "$root" && mkdir -p "$root/usr/lib/modules/$kver" "$root/guest" "$root/usr/bin" "$root/etc/xen"
+    # Modules at their usual place (the base is merged-/usr: /lib is /usr/lib), for modprobe.
+    for m in "${dom0_modules[@]}"; do
+        modprobe --show-depends -S "$kver" "$m" | while read -r kind path _; do
+            [ "$kind" = insmod ] || continue
+            rel=${path#/lib/modules/$kver/}; rel=${rel#/usr/lib/modules/$kver/}
+            mkdir -p "$root/usr/lib/modules/$kver/$(dirname "$rel")"
+            cp "$path" "$root/usr/lib/modules/$kver/$rel"
+        done
+    done
+    cp /lib/modules/"$kver"/modules.{order,builtin,builtin.modinfo} "$root/usr/lib/modules/$kver/" 2>/dev/null || true
+    depmod -b "$root/usr" "$kver" 2>/dev/null || depmod -b "$root" "$kver"
+    # Binaries with every shared library the base lacks, each at its canonical path (RUNPATH
+    # and the loader's default directories find them without an ld.so.cache entry).
+    add_with_libs() {
+        local bin=$1 dest=$2
+        cp -L "$bin" "$root$dest"
+        ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | sort -u | while read -r lib; do
+            canon=$(readlink -f "$lib"); dir=$(dirname "$lib")
+            case "$dir" in /lib|/lib/*|/lib64|/lib64/*) dir=/usr$dir ;; esac
+            name=$(basename "$lib")
+            grep -qxF ".$dir/$name" "$dom0_base.files" && continue
+            mkdir -p "$root$dir"
+            [ -e "$root$dir/$name" ] || cp "$canon" "$root$dir/$name"
+        done
+    }
+    add_with_libs "$remusd" /usr/bin/remusd
+    [ -x "$swift_tests" ] && add_with_libs "$swift_tests" /usr/bin/remusd-tests
+    cp "$vmlinuz" "$root/guest/vmlinuz"
+    cp "$guest_initrd" "$root/guest/initrd.cpio.gz"
+    cp "$here/dom0-init.sh" "$root/init"
+    cp "$here/xen-tests.sh" "$root/xen-tests.sh"
+    chmod +x "$root/init" "$root/xen-tests.sh"
+    printf 'REMUS_SECONDS=%s\nINTERVAL_MS=%s\n' "$remus_seconds" "$interval_ms" > "$root/xen-testbed.conf"
+    # Only entries below usr/, guest/ and the top-level files: never a directory entry that
+    # would collide with the base's /lib -> usr/lib symlink.
+    (cd "$root" && find . -mindepth 1 -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$overlay.tmp"
+    mv "$overlay.tmp" "$overlay"
+    rm -rf --one-file-system "$root"
+    ls -1t "$cache"/dom0-overlay-*.cpio.gz | tail -n +3 | xargs -r rm -f   # keep the two newest
+    say "dom0 overlay built: $(du -h "$overlay" | cut -f1) ($(elapsed "$t_overlay") s)"
+fi
+dom0_initrd=$cache/dom0.cpio.gz
+cat "$dom0_base" "$overlay" > "$dom0_initrd"
+say "dom0 initramfs: $(du -h "$dom0_initrd" | cut -f1) (base + overlay)"
+[ "${REMUSD_XEN_TESTBED_BUILD_ONLY:-0}" = 1 ] && { say "built; not booting (REMUSD_XEN_TESTBED_BUILD_ONLY=1)"; exit 0; }
+
+# --- 8. Boot Xen and dom0 under QEMU (TCG) -------------------------------------------------
+# TCG, not KVM: this machine's KVM cannot emulate Xen's shadow-stack instructions, and it was
+# slower anyway. One QEMU at a time on this machine (the lock), at low priority.
+xen_args="console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all dom0_mem=1536M,max:1536M dom0_max_vcpus=2 console_timestamps=boot"
+dom0_args="console=hvc0 earlyprintk=xen loglevel=4"
+log=$cache/console.log
+rm -f "$log" "$log.txt"
+say "waiting for the QEMU lock (/tmp/remusd-qemu.lock)"
+t_lock=$(date +%s.%N)
+set +e
+flock /tmp/remusd-qemu.lock bash -c '
+    echo "xen-testbed: booting Xen under QEMU (TCG) after $(awk -v a="$1" -v b="$(date +%s.%N)" "BEGIN { printf \"%.0f\", b - a }") s waiting; console in $2"
+    date +%s.%N > "$2.boot-start"
+    exec nice -n 10 timeout "$3" qemu-system-x86_64 -accel tcg,thread=multi -cpu qemu64 -m 4G -smp 2 \
+        -display none -monitor none -no-reboot -nic none -serial "file:$2" \
+        -kernel "$4" -append "$5" -initrd "$6 $7,$8"' \
+    _ "$t_lock" "$log" "$timeout_s" "$xen_elf" "$xen_args" "$vmlinuz" "$dom0_args" "$dom0_initrd"
+qemu_status=$?
+set -e
+t_boot=$(cat "$log.boot-start" 2>/dev/null || echo "$t_lock")
+run_s=$(elapsed "$t_boot")
+
+# --- 9. Verdict and the result table ------------------------------------------------------
+[ -f "$log" ] || die "QEMU wrote no console log (exit status $qemu_status)"
+tr -d '\r' < "$log" > "$log.txt"
+grep -aE "^TESTBED (PASS|FAIL|INFO|SKIP)" "$log.txt" || true
+metric() { sed -n "s/^TESTBED METRIC $1 \([^ ]*\).*/\1/p" "$log.txt" | tail -1; }
+booted=$(sed -n 's/.*TESTBED BOOTED uptime=\([0-9.]*\).*/\1/p' "$log.txt" | head -1)
+row() { printf '  %-52s %12s  %s\n' "$1" "${2:-—}" "$3"; }
+echo
+echo "Baseline: Xen's own Remus (xl remus -F -n -i $interval_ms, no network buffering), PV guest 128 MiB, 1 vCPU,"
+echo "hypervisor $hv_version, dom0 tools $xen_version, QEMU TCG with 2 vCPUs"
+row "measure" "value" "unit"
+row "dom0 kernel to /init (dom0 uptime)" "$booted" "s"
+row "Xen's services started (/etc/init.d/xen start)" "$(metric xen_services_s)" "s"
+row "xl create of the guest" "$(metric xl_create_s)" "s"
+row "guest counter seen after xl create" "$(metric guest_counter_s)" "s"
+row "guest counter rate, unprotected" "$(metric counter_rate_free)" "1/s"
+row "xl remus start to first checkpoint (live pre-copy)" "$(metric remus_sync_s)" "s"
+row "protected for" "$(metric protected_s)" "s"
+row "checkpoints taken" "$(metric checkpoints)" ""
+row "checkpoints per second (asked: $(awk -v i="$interval_ms" 'BEGIN { printf "%.1f", 1000 / i }'))" "$(metric checkpoints_per_s)" "1/s"
+row "time between checkpoints, mean" "$(metric checkpoint_gap_ms)" "ms"
+row "time between checkpoints, max" "$(metric checkpoint_gap_max_ms)" "ms"
+row "pages sent per checkpoint, mean" "$(metric pages_per_checkpoint)" "4 KiB pages"
+row "guest counter rate, protected" "$(metric counter_rate_protected)" "1/s"
+row "failover: kill to receiver noticing" "$(metric failover_noticed_s)" "s"
+row "failover: kill to backup unpaused" "$(metric failover_running_s)" "s"
+row "failover: kill to guest answering TCP on the backup" "$(metric failover_answer_s)" "s"
+row "guest counter before kill / after failover" "$(metric counter_before_kill) / $(metric counter_after_failover)" ""
+row "counter lines printed again by the backup" "$(metric counter_repeated)" "lines"
+echo
+echo "xen-testbed: timing: total $(elapsed "$t_start") s, QEMU $run_s s (dom0 kernel to /init ${booted:-?} s)"
+if [ "$qemu_status" -eq 124 ]; then
+    echo "TESTBED FAIL: QEMU did not power off within $timeout_s s (see $log)"; exit 1
+fi
+if ! grep -aq "^TESTBED DONE" "$log.txt"; then
+    echo "TESTBED FAIL: the dom0 tests did not finish (QEMU status $qemu_status); last console lines:"
+    tail -25 "$log.txt"; exit 1
+fi
+if grep -aq "^TESTBED FAIL" "$log.txt" || ! grep -aq "^TESTBED PASS" "$log.txt"; then
+    echo "xen-testbed: FAILED"; exit 1
+fi
+echo "xen-testbed: all $(grep -ac '^TESTBED PASS' "$log.txt") checks passed"
