@@ -517,10 +517,28 @@ func removeTree(_ path: String) {
 }
 
 /// Free TCP ports on loopback (bound and released; the drill uses them a moment later).
+///
+/// They are taken below the kernel's ephemeral range (ip_local_port_range), where no port-0 bind
+/// or outgoing connection of this machine can take them between now and their use.
 func freePorts(_ count: Int) throws -> [UInt16] {
+    let range = readSmallFile("/proc/sys/net/ipv4/ip_local_port_range")?.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" })
+    let ephemeralLow = range.flatMap { $0.first }.flatMap { Int($0) } ?? 32768
+    let low = 10_000, high = max(ephemeralLow, low + 2 * count + 100)
+    var candidate = low + Int.random(in: 0..<max(high - low - count, 1))
+    var ports: [UInt16] = []
     var listeners: [TCPListener] = []
-    for _ in 0..<count { listeners.append(try TCPListener(endpoint: Endpoint(host: "127.0.0.1", port: 0))) }
-    return listeners.map(\.port)
+    var attempts = 0
+    while ports.count < count {
+        attempts += 1
+        if attempts > 20 * count + 1000 { throw ProtocolError("no \(count) free ports below \(high) on 127.0.0.1") }
+        if candidate >= high { candidate = low }
+        if let l = try? TCPListener(endpoint: Endpoint(host: "127.0.0.1", port: UInt16(candidate))) {
+            listeners.append(l)
+            ports.append(l.port)
+        }
+        candidate += 1
+    }
+    return ports
 }
 
 /// A small deterministic generator for the drill's random choices.
