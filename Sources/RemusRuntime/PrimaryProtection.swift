@@ -231,6 +231,7 @@ public final class PrimaryProtection: @unchecked Sendable {
         case .releaseOutput(let epoch):
             guard witnessAllowsRelease() else { return }
             do { try output.release(through: epoch) } catch { Log.error("releasing output of epoch \(epoch) failed: \(error)") }
+            checkOutputBuffer(now: now)
         case .releaseAllOutput:
             guard witnessAllowsRelease() else { return }
             do { try output.releaseAll() } catch { Log.error("releasing all output failed: \(error)") }
@@ -282,6 +283,25 @@ public final class PrimaryProtection: @unchecked Sendable {
             case .stopped(let reason): text = "protection stopped (\(reason))"; Log.info(text)
             }
             updateStats { $0.lastReport = text }
+        }
+    }
+
+    // MARK: - Output buffer statistics
+
+    private var lastOutputCheckAt: UInt64 = 0
+    private var lastDrops: UInt64 = 0
+
+    /// Reads the output buffer's counters (at most once per interval: a netlink dump for a plug),
+    /// shows them in `status`, and reacts to drops: a full buffer asks for early checkpoints.
+    private func checkOutputBuffer(now: UInt64) {
+        guard now >= lastOutputCheckAt + engine.settings.intervalNs else { return }
+        lastOutputCheckAt = now
+        guard let s = try? output.statistics() else { return }
+        updateStats { $0.output = s }
+        if s.drops > lastDrops {
+            let dropped = s.drops - lastDrops
+            lastDrops = s.drops
+            execute(engine.onOutputPressure(dropped: dropped, now: now))
         }
     }
 

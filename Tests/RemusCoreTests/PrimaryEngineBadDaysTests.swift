@@ -154,3 +154,22 @@ struct PrimaryEngineWitnessTests {
         #expect(e.state == .stopped)
     }
 }
+
+@Suite("Primary engine and a full output buffer")
+struct PrimaryEngineOutputPressureTests {
+    @Test func aFullOutputBufferBringsTheNextCheckpointForward() {
+        var e = PrimaryEngine(settings: ProtectionSettings(intervalNs: 100_000_000))
+        _ = e.start(now: 0)
+        _ = e.onConnected(now: 0)
+        _ = e.onPrecopyRoundShipped(round: 1, remainingDirty: 0, now: 0)
+        _ = e.onCheckpointCaptured(1, now: 0)
+        _ = e.onCheckpointShipped(1, now: 1)
+        _ = e.onAck(1, now: 2)
+        // 10 ms into a 100 ms interval: not due, but the buffer dropped packets.
+        _ = e.onPeerActivity(now: 10_000_000)
+        #expect(!e.onTick(now: 10_000_000).contains(.checkpoint(2, .checkpoint)))
+        let d = e.onOutputPressure(dropped: 14, now: 10_000_001)
+        #expect(d.contains(.checkpoint(2, .checkpoint)))
+        #expect(d.contains { if case .report(.overload(let t)) = $0 { t.contains("14 packets were dropped") } else { false } })
+    }
+}

@@ -359,6 +359,18 @@ public struct PrimaryEngine: Sendable {
         return [.closeConnection, .holdOutput, .pauseGuest, .report(.selfFenced(text))]
     }
 
+    /// The output buffer overflowed (the held output hit its limit and packets were dropped):
+    /// take the next checkpoint now rather than at the interval, so what is held is acknowledged
+    /// and released sooner.
+    public mutating func onOutputPressure(dropped: UInt64, now: UInt64) -> [Directive] {
+        guard case .protecting = state else { return [] }
+        var out: [Directive] = [.report(.overload("the output buffer is full: \(dropped) packets were dropped since the last check (the guest's TCP retransmits them); taking checkpoints early"))]
+        if shipping < settings.maxShipping && unacknowledged < settings.maxUnacknowledged && !switchoverPending {
+            out += takeCheckpoint(now: now)
+        }
+        return out
+    }
+
     /// A planned switchover: a final checkpoint with the guest left suspended, handed to the
     /// backup once it acknowledges it.
     public mutating func switchover(now: UInt64) -> [Directive] {
