@@ -59,6 +59,7 @@ public struct XenError: Error, Equatable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// E.g. `xc_interface_open failed: No such file or directory (ENOENT); the library said: …`.
     public var description: String {
         var text = "\(call) failed: \(meaning)"
         if !log.isEmpty { text += "; the library said: " + log.joined(separator: " / ") }

@@ -7,8 +7,9 @@ import Glibc
 /// An open libxenctrl interface (`xc_interface *`): hypercalls to the hypervisor through
 /// /dev/xen/privcmd. Needs root in dom0.
 public final class XenControl {
-    /// The raw handle for the C calls; valid while this object lives.
+    /// The raw `xc_interface *` for the C calls; valid while this object lives.
     public let handle: OpaquePointer
+    /// The logger libxenctrl logs through; kept alive as long as the handle.
     public let log: XenLog
 
     /// Opens the interface; throws `XenError(call: "xc_interface_open", …)` when it cannot.
@@ -41,24 +42,30 @@ public final class XenControl {
 
 /// A hypervisor version as `xc_version` reports it.
 public struct XenVersion: Equatable, Sendable, CustomStringConvertible {
+    /// E.g. 4.
     public var major: Int
+    /// E.g. 17.
     public var minor: Int
     /// The extra version, e.g. `".7"` or `"-rc"`.
     public var extra: String
 
+    /// A version from its parts.
     public init(major: Int, minor: Int, extra: String = "") {
         self.major = major
         self.minor = minor
         self.extra = extra
     }
 
+    /// E.g. `"4.17.7"`.
     public var description: String { "\(major).\(minor)\(extra)" }
 }
 
 /// An open connection to xenstored (`struct xs_handle *`): the unix socket
 /// /run/xenstored/socket, or /dev/xen/xenbus.
 public final class XenStoreConnection {
+    /// The raw `struct xs_handle *`; valid while this object lives.
     public let handle: OpaquePointer
+    /// Where this connection's failures are recorded (libxenstore itself logs nothing).
     public let log: XenLog
 
     /// Connects; throws `XenError(call: "xs_open", …)` when xenstored is not reachable.
@@ -88,7 +95,9 @@ public final class XenStoreConnection {
 
 /// An open event channel interface (`xenevtchn_handle *`, /dev/xen/evtchn).
 public final class XenEventChannels {
+    /// The raw `xenevtchn_handle *`; valid while this object lives.
     public let handle: OpaquePointer
+    /// The logger libxenevtchn logs through; kept alive as long as the handle.
     public let log: XenLog
 
     /// Opens the interface; throws `XenError(call: "xenevtchn_open", …)`.
@@ -108,7 +117,9 @@ public final class XenEventChannels {
 /// An open foreign memory interface (`xenforeignmemory_handle *`, /dev/xen/privcmd): maps other
 /// domains' pages into this process.
 public final class XenForeignMemory {
+    /// The raw `xenforeignmemory_handle *`; valid while this object lives.
     public let handle: OpaquePointer
+    /// The logger libxenforeignmemory logs through; kept alive as long as the handle.
     public let log: XenLog
 
     /// Opens the interface; throws `XenError(call: "xenforeignmemory_open", …)`.
@@ -128,7 +139,9 @@ public final class XenForeignMemory {
 /// A libxl context (`libxl_ctx *`): the toolstack library xl itself uses; builds, saves and
 /// restores domains. Opens its own libxenctrl and xenstore connections.
 public final class XenLight {
+    /// The raw `libxl_ctx *`; valid while this object lives.
     public let context: OpaquePointer
+    /// The logger libxl logs through; kept alive as long as the context.
     public let log: XenLog
 
     /// Allocates the context; throws `XenError(call: "libxl_ctx_alloc", libxl: …)`.
@@ -153,6 +166,7 @@ public final class XenLight {
 /// Hypercall-safe memory (locked, page aligned) from libxenctrl, e.g. for a log-dirty bitmap.
 /// The shadow struct libxenctrl tracks it by lives at one heap address until deinit frees both.
 public final class XenHypercallPages {
+    /// The interface the memory was allocated from; kept open until the memory is freed.
     public let control: XenControl
     /// Size in 4 KiB pages.
     public let pages: Int
@@ -163,6 +177,8 @@ public final class XenHypercallPages {
     /// Allocates `pages` pages; throws `XenError(call: "xc_hypercall_buffer_alloc_pages", …)`.
     public init(control: XenControl, pages: Int) throws(XenError) {
         precondition(pages > 0 && pages <= Int(Int32.max), "hypercall buffer of \(pages) pages")
+        // SAFETY: the shadow is heap memory owned by this object, initialised here and freed
+        // only after libxenctrl freed the pages it describes (deinit).
         let shadow = UnsafeMutablePointer<xc_hypercall_buffer_t>.allocate(capacity: 1)
         cxen_hypercall_buffer_init(shadow)
         let memory: UnsafeMutableRawPointer?
@@ -177,6 +193,7 @@ public final class XenHypercallPages {
         self.control = control
         self.pages = pages
         self.shadow = shadow
+        // SAFETY: libxenctrl returned `pages` whole pages at `memory`, valid until freed in deinit.
         self.bytes = UnsafeMutableRawBufferPointer(start: memory, count: pages * 4096)
         XenHandleCensus.opened()
     }

@@ -56,9 +56,11 @@ public struct XenUnavailable: Error, Sendable, Equatable, CustomStringConvertibl
         /// What this host showed, e.g. `"no such file"`.
         public let found: String
 
+        /// E.g. `/sys/hypervisor/type (want "xen"): no such file`.
         public var description: String { "\(subject) (want \(wanted)): \(found)" }
     }
 
+    /// The first check that failed.
     public let reason: Reason
     /// Every check made, in order; the last one is the one that failed.
     public let observations: [Observation]
@@ -85,6 +87,7 @@ public struct XenUnavailable: Error, Sendable, Equatable, CustomStringConvertibl
         }
     }
 
+    /// The summary, every observation, and what the backend needs: the text a user sees.
     public var description: String {
         "no usable Xen on this host: \(summary). Looked at: "
             + observations.map(\.description).joined(separator: "; ")
@@ -105,11 +108,17 @@ public final class XenHost {
     /// The Xen release whose libraries (libxen-dev) this package is built against.
     public static let supportedVersion = (major: 4, minor: 17)
 
+    /// The logger every handle below logs through.
     public let log: XenLog
+    /// libxenctrl: hypercalls (domain control, log-dirty, versions).
     public let control: XenControl
+    /// xenstored: the domains' configuration and control keys.
     public let store: XenStoreConnection
+    /// Event channels (suspend notifications).
     public let eventChannels: XenEventChannels
+    /// Foreign memory: mapping guest pages into this process.
     public let foreignMemory: XenForeignMemory
+    /// libxl: building and restoring domains.
     public let light: XenLight
     /// The running hypervisor's version.
     public let version: XenVersion
@@ -179,7 +188,7 @@ public final class XenHost {
         note(privcmd, "a device node", "present")
 
         // 4. The interfaces. Each handle closes itself when this scope unwinds on a failure.
-        func open<H>(_ subject: String, _ body: () throws(XenError) -> H) throws(XenUnavailable) -> H {
+        func openInterface<H>(_ subject: String, _ body: () throws(XenError) -> H) throws(XenUnavailable) -> H {
             do {
                 let handle = try body()
                 note(subject, "opens", "open")
@@ -189,7 +198,7 @@ public final class XenHost {
                 throw fail(.interfaceFailed(error))
             }
         }
-        let control = try open("libxenctrl (xc_interface_open)") { () throws(XenError) in try XenControl(log: log) }
+        let control = try openInterface("libxenctrl (xc_interface_open)") { () throws(XenError) in try XenControl(log: log) }
         let version: XenVersion
         do {
             version = try control.version()
@@ -201,10 +210,10 @@ public final class XenHost {
         guard version.major == supportedVersion.major && version.minor == supportedVersion.minor else {
             throw fail(.unsupportedVersion(version))
         }
-        let store = try open("xenstored (xs_open)") { () throws(XenError) in try XenStoreConnection(log: log) }
-        let eventChannels = try open("event channels (xenevtchn_open)") { () throws(XenError) in try XenEventChannels(log: log) }
-        let foreignMemory = try open("foreign memory (xenforeignmemory_open)") { () throws(XenError) in try XenForeignMemory(log: log) }
-        let light = try open("libxl (libxl_ctx_alloc)") { () throws(XenError) in try XenLight(log: log) }
+        let store = try openInterface("xenstored (xs_open)") { () throws(XenError) in try XenStoreConnection(log: log) }
+        let eventChannels = try openInterface("event channels (xenevtchn_open)") { () throws(XenError) in try XenEventChannels(log: log) }
+        let foreignMemory = try openInterface("foreign memory (xenforeignmemory_open)") { () throws(XenError) in try XenForeignMemory(log: log) }
+        let light = try openInterface("libxl (libxl_ctx_alloc)") { () throws(XenError) in try XenLight(log: log) }
         return XenHost(log: log, control: control, store: store, eventChannels: eventChannels,
                        foreignMemory: foreignMemory, light: light, version: version, observations: seen)
     }

@@ -16,8 +16,10 @@ public final class XenLog: Sendable {
 
         init(_ level: xentoollog_level) { self = Level(rawValue: Int(level.rawValue)) ?? .critical }
 
+        /// Orders by severity.
         public static func < (a: Level, b: Level) -> Bool { a.rawValue < b.rawValue }
 
+        /// The level's name, e.g. `"error"`.
         public var description: String {
             switch self {
             case .debug: "debug"
@@ -40,8 +42,10 @@ public final class XenLog: Sendable {
         public let errno: Int32?
         /// The library's context, e.g. `"xencall"` or `"libxl"`; empty when none was given.
         public let context: String
+        /// The formatted text, at most 1023 bytes.
         public let message: String
 
+        /// E.g. `xencall: error: Could not obtain handle on privileged command interface: No such file or directory`.
         public var description: String {
             let prefix = context.isEmpty ? "" : "\(context): "
             // SAFETY: strerror's result is copied at once.

@@ -15,7 +15,11 @@ echo
 echo "TESTBED BOOTED uptime=$up kernel=$(uname -r)"
 hostname dom0
 ip link set lo up
-sh /xen-tests.sh
+# A watchdog, so a hung toolstack still ends in a verdict and a power-off.
+. /xen-testbed.conf
+limit=$((REMUS_SECONDS + 480))
+timeout -k 10 "$limit" sh /xen-tests.sh
+[ $? -lt 124 ] || echo "TESTBED FAIL: the dom0 tests did not finish within $limit s"
 echo "TESTBED DONE"
 sync
 /bin/busybox poweroff -f
