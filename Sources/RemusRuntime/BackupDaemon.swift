@@ -306,7 +306,7 @@ public final class BackupDaemon: @unchecked Sendable {
         let lostAt = committer.lossDetectedAt ?? now
         do {
             let report = ActivationReport.before(
-                replica: replica, epoch: epoch, lastHeardAt: committer.lastHeardAt, lossDetectedAt: lostAt,
+                epoch: epoch, lastHeardAt: committer.lastHeardAt, lossDetectedAt: lostAt,
                 lostWhileStaging: committer.lostWhileStaging, fencedAt: now)
             try replica.activate(clock: clock)
             let activatedAt = clock.monotonicNs()

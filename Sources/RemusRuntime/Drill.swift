@@ -82,14 +82,14 @@ public struct FailoverResult: Sendable {
 public final class Drill: @unchecked Sendable {  // driven from one thread; the observer has its own lock
     let config: DrillConfiguration
     let clock = SystemClock()
-    private var rng: SplitMix
+    private var rng: SplitMix64
     /// With taps: one line per tap, the kernel's plug counters read when the drill ended (before
     /// the buffers were removed), and what the observer received over UDP.
     public private(set) var netbufSummary: [String] = []
 
     public init(_ config: DrillConfiguration) {
         self.config = config
-        rng = SplitMix(seed: config.seed)
+        rng = SplitMix64(seed: config.seed)
     }
 
     /// Runs every failover; returns the results (all verified, or stops at the first failure).
@@ -272,7 +272,7 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
             let report = try ActivationReport.read(from: reportPath)
             observer.settle(forMs: 20)
             var result = DrillVerifier.verify(
-                report: report, killedAt: eventAt, observed: observer.packets(), killedPid: primaryPid,
+                report: report, killedAt: eventAt, observed: observer.packets(),
                 survivorPid: backup.pid, index: g)
             result.index = g + 1
             result.fault = fault
@@ -521,7 +521,7 @@ func removeTree(_ path: String) {
 /// They are taken below the kernel's ephemeral range (ip_local_port_range), where no port-0 bind
 /// or outgoing connection of this machine can take them between now and their use.
 func freePorts(_ count: Int) throws -> [UInt16] {
-    let range = readSmallFile("/proc/sys/net/ipv4/ip_local_port_range")?.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" })
+    let range = readWholeFile("/proc/sys/net/ipv4/ip_local_port_range")?.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" })
     let ephemeralLow = range.flatMap { $0.first }.flatMap { Int($0) } ?? 32768
     let low = 10_000, high = max(ephemeralLow, low + 2 * count + 100)
     var candidate = low + Int.random(in: 0..<max(high - low - count, 1))
@@ -541,18 +541,6 @@ func freePorts(_ count: Int) throws -> [UInt16] {
     return ports
 }
 
-/// A small deterministic generator for the drill's random choices.
-struct SplitMix {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 extension SignalWatcher {
     static func ignorePipe() { signal(SIGPIPE, SIG_IGN) }

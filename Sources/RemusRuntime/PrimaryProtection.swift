@@ -488,22 +488,7 @@ final class DirtyLog: @unchecked Sendable {
     func clear() { bitmap.clearAll() }
 
     /// Moves up to `limit` set pages (lowest first) into `chunk`, clearing them here.
-    func take(upTo limit: Int, into chunk: inout DirtyBitmap) -> Int {
-        var taken = 0
-        var pending: [PFN] = []
-        pending.reserveCapacity(min(limit, 4096))
-        bitmap.forEachSet { pfn in
-            if taken < limit {
-                pending.append(pfn)
-                taken += 1
-            }
-        }
-        for pfn in pending {
-            chunk.set(pfn)
-            bitmap.clear(pfn)
-        }
-        return taken
-    }
+    func take(upTo limit: Int, into chunk: inout DirtyBitmap) -> Int { bitmap.move(upTo: limit, into: &chunk) }
 }
 
 /// Hands a reader to another thread (it is used by one thread at a time).

@@ -69,7 +69,7 @@ enum SimulatedBackend {
 struct ActivationReport {
     var fields: [String: String] = [:]
 
-    static func before(replica: any ReplicaTarget, epoch: Epoch, lastHeardAt: UInt64, lossDetectedAt: UInt64, lostWhileStaging: Bool, fencedAt: UInt64) -> ActivationReport {
+    static func before(epoch: Epoch, lastHeardAt: UInt64, lossDetectedAt: UInt64, lostWhileStaging: Bool, fencedAt: UInt64) -> ActivationReport {
         var r = ActivationReport()
         r.fields["epoch"] = "\(epoch)"
         r.fields["last_heard_ns"] = "\(lastHeardAt)"
@@ -162,7 +162,7 @@ struct ActivationReport {
 
 /// The drill's checks of one failover.
 enum DrillVerifier {
-    static func verify(report: ActivationReport, killedAt: UInt64, observed: [PacketObserver.Observed], killedPid: Int32, survivorPid: Int32, index: Int) -> FailoverResult {
+    static func verify(report: ActivationReport, killedAt: UInt64, observed: [PacketObserver.Observed], survivorPid: Int32, index: Int) -> FailoverResult {
         var problems: [String] = []
         let epoch = report.number("epoch") ?? 0
         let detected = report.number("loss_detected_ns") ?? 0
@@ -200,7 +200,6 @@ enum DrillVerifier {
         } else {
             problems.append("no clock reading after activation in the report")
         }
-        _ = killedPid
         result.problems = problems
         result.verified = problems.isEmpty
         return result

@@ -8,19 +8,10 @@ public struct XenPresence: Sendable {
     public static func detect() -> XenPresence {
         let typeFile = "/sys/hypervisor/type"
         let capabilities = "/proc/xen/capabilities"
-        let type = readSmallFile(typeFile)?.trimmingWhitespace()
+        let type = readWholeFile(typeFile)?.trimmingWhitespace()
         let present = type == "xen" || access(capabilities, F_OK) == 0
         return XenPresence(present: present, lookedAt: "\(typeFile) = \"xen\" (found: \(type.map { "\"\($0)\"" } ?? "no such file")) and \(capabilities)")
     }
-}
-
-func readSmallFile(_ path: String) -> String? {
-    let fd = open(path, O_RDONLY)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var buffer = [UInt8](repeating: 0, count: 4096)
-    let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-    return n >= 0 ? String(decoding: buffer[0..<n], as: UTF8.self) : nil
 }
 
 /// Reads a whole file (reports, configs), nil if it cannot be read.

@@ -63,17 +63,9 @@ private struct Harness {
     }
 }
 
-/// A deterministic generator (SplitMix64), so a failing seed can be replayed.
-private struct SplitMix64 {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func below(_ n: UInt64) -> UInt64 { next() % n }
+// The project's deterministic generator (SplitMix64), so a failing seed can be replayed.
+extension SplitMix64 {
+    fileprivate mutating func below(_ n: UInt64) -> UInt64 { next() % n }
 }
 
 @Suite("PlugLedger against a model of sch_plug")
@@ -175,7 +167,7 @@ struct PlugLedgerTests {
 
     @Test("Random schedules keep I1 and order, and two lockstep rounds drain everything", arguments: 0..<200 as Range<UInt64>)
     func randomSchedules(seed: UInt64) {
-        var random = SplitMix64(state: seed)
+        var random = SplitMix64(seed: seed)
         var h = Harness()
         var log: [String] = []
         for _ in 0..<60 {

@@ -57,18 +57,8 @@ func allocationsPerPage(rounds: Int = 20, pages: Int = pageCount, _ body: () -> 
 
 // MARK: - Workloads
 
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 // The benchmark is single-threaded: its globals are never shared between threads.
-nonisolated(unsafe) var gen = SplitMix(state: 2026)
+nonisolated(unsafe) var gen = SplitMix64(seed: 2026)
 
 func fillRandom(_ page: UnsafeMutableRawBufferPointer) {
     for w in 0..<(page.count / 8) { page.storeBytes(of: gen.next() | 1, toByteOffset: w * 8, as: UInt64.self) }

@@ -53,6 +53,33 @@ public struct DirtyBitmap: ~Copyable {
         return n
     }
 
+    /// Moves the lowest set pages, at most `limit` of them, into `destination` (same size) and
+    /// clears them here; returns how many moved. Word by word, stopping at the limit.
+    public mutating func move(upTo limit: Int, into destination: inout DirtyBitmap) -> Int {
+        precondition(destination.pageCount == pageCount, "bitmaps of \(pageCount) and \(destination.pageCount) pages")
+        var moved = 0
+        var i = 0
+        while i < wordCount && moved < limit {
+            var w = words[i]
+            if w != 0 {
+                if w.nonzeroBitCount > limit - moved {
+                    // Keep only the lowest (limit - moved) bits of this word.
+                    var take: UInt64 = 0
+                    for _ in 0..<(limit - moved) {
+                        take |= w & (~w &+ 1)
+                        w &= w &- 1
+                    }
+                    w = take
+                }
+                destination.words[i] |= w
+                words[i] &= ~w
+                moved += w.nonzeroBitCount
+            }
+            i += 1
+        }
+        return moved
+    }
+
     /// Calls `body` for each set PFN in ascending order.
     public func forEachSet(_ body: (PFN) throws -> Void) rethrows {
         for i in 0..<wordCount {

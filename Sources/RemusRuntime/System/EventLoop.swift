@@ -1,3 +1,5 @@
+import RemusCore
+
 /// A serial executor for one engine: other threads post events; one thread takes them in order
 /// and runs the handler, which calls the engine and carries out its directives. Ticks are
 /// delivered when the earliest scheduled deadline passes.
@@ -8,9 +10,9 @@ public final class EventLoop<Event: Sendable>: @unchecked Sendable {
     private var queue: [Event] = []
     private var deadline: UInt64?
     private var stopped = false
-    private let clock: any HostClockProvider
+    private let clock: any HostClock
 
-    public init(clock: any HostClockProvider) { self.clock = clock }
+    public init(clock: any HostClock) { self.clock = clock }
 
     /// Queues an event from any thread.
     public func post(_ event: Event) {

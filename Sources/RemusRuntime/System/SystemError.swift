@@ -1,4 +1,5 @@
 import Glibc
+import RemusCore
 
 /// A failed system call: which call, and the errno it left.
 public struct SystemError: Error, CustomStringConvertible, Sendable {
@@ -27,7 +28,7 @@ func syscall<T: BinaryInteger>(_ call: @autoclosure () -> String, _ body: () -> 
 }
 
 /// Monotonic and wall clocks of this host.
-public struct SystemClock: HostClockProvider {
+public struct SystemClock: HostClock {
     public init() {}
     public func monotonicNs() -> UInt64 {
         var ts = timespec()
@@ -40,6 +41,3 @@ public struct SystemClock: HostClockProvider {
         return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
     }
 }
-
-import RemusCore
-public typealias HostClockProvider = HostClock
