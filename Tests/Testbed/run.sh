@@ -20,7 +20,9 @@ timeout_s=${REMUSD_TESTBED_TIMEOUT:-900}
 mkdir -p "$cache"
 
 t_start=$(date +%s.%N)
-elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+# shellcheck source=../TestbedLib/initramfs.sh
+. "$here/../TestbedLib/initramfs.sh"
+elapsed() { testbed_elapsed "$1"; }
 say() { echo "testbed: $*"; }
 die() { echo "testbed: $*" >&2; exit 2; }
 
@@ -79,7 +81,7 @@ fi
 # --- 4. initramfs, rebuilt when an input changes ----------------------------------------
 modules=(ifb sch_plug sch_ingress act_mirred cls_u32 veth bridge tun)
 inputs_hash=$( {
-    echo "$kver"; sha256sum "$vmlinuz" "$remusd" "$here/init.sh" "$here/guest-tests.sh" "$here/run.sh"
+    echo "$kver"; sha256sum "$vmlinuz" "$remusd" "$here/init.sh" "$here/guest-tests.sh" "$here/run.sh" "$here/../TestbedLib/initramfs.sh"
     if [ -x "$swift_tests" ]; then sha256sum "$swift_tests"; fi
     dpkg-query -W busybox-static iproute2 libnl-3-200 libnl-route-3-200 libc6 2>/dev/null
     echo "${modules[*]}"
@@ -94,29 +96,14 @@ else
     ln -s ../run "$root/var/run"
     cp /bin/busybox "$root/bin/busybox"
 
-    # Kernel modules in load order, decompressed (busybox insmod reads plain .ko only).
-    : > "$root/lib/modules-load/order"
-    for m in "${modules[@]}"; do
-        modprobe --show-depends -S "$kver" "$m" | while read -r kind path args; do
-            [ "$kind" = insmod ] || continue
-            name=$(basename "$path"); name=${name%%.ko*}
-            grep -qx "$name" "$root/lib/modules-load/order" && continue
-            case "$path" in
-                *.ko.xz) xz -dc "$path" > "$root/lib/modules-load/$name.ko" ;;
-                *.ko.zst) zstd -qdc "$path" > "$root/lib/modules-load/$name.ko" ;;
-                *.ko.gz) gzip -dc "$path" > "$root/lib/modules-load/$name.ko" ;;
-                *) cp "$path" "$root/lib/modules-load/$name.ko" ;;
-            esac
-            echo "$name" >> "$root/lib/modules-load/order"
-        done
-    done
+    testbed_collect_modules "$root" "$kver" "${modules[@]}"
 
     # Binaries with their shared libraries, each at its own path (RUNPATH and the loader's
     # system search path then find them without an ld.so.cache).
     copy_with_libs() {
         local bin=$1 dest=$2
         cp -L "$bin" "$root$dest"
-        ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | sort -u | while read -r lib; do
+        testbed_shared_libs "$bin" | while read -r lib; do
             mkdir -p "$root$(dirname "$lib")"
             [ -e "$root$lib" ] || cp -L "$lib" "$root$lib"
         done

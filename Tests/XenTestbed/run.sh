@@ -30,7 +30,9 @@ mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)
 
 t_start=$(date +%s.%N)
-elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+# shellcheck source=../TestbedLib/initramfs.sh
+. "$here/../TestbedLib/initramfs.sh"
+elapsed() { testbed_elapsed "$1"; }
 say() { echo "xen-testbed: $*"; }
 die() { echo "xen-testbed: $*" >&2; exit 2; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -188,32 +190,13 @@ fi
 # --- 6. The guest's initramfs: busybox, xen-netfront, guest-init.sh ------------------------
 # Kernel modules with their dependencies in load order, decompressed (busybox insmod reads
 # plain .ko files only).
-collect_modules() {
-    local root=$1; shift
-    mkdir -p "$root/lib/modules-load"
-    : > "$root/lib/modules-load/order"
-    for m in "$@"; do
-        modprobe --show-depends -S "$kver" "$m" | while read -r kind path _; do
-            [ "$kind" = insmod ] || continue
-            name=$(basename "$path"); name=${name%%.ko*}
-            grep -qx "$name" "$root/lib/modules-load/order" && continue
-            case "$path" in
-                *.ko.xz) xz -dc "$path" > "$root/lib/modules-load/$name.ko" ;;
-                *.ko.zst) zstd -qdc "$path" > "$root/lib/modules-load/$name.ko" ;;
-                *.ko.gz) gzip -dc "$path" > "$root/lib/modules-load/$name.ko" ;;
-                *) cp "$path" "$root/lib/modules-load/$name.ko" ;;
-            esac
-            echo "$name" >> "$root/lib/modules-load/order"
-        done
-    done
-}
-guest_hash=$( { echo "$kver"; sha256sum "$here/guest-init.sh" /bin/busybox; } | sha256sum | cut -c1-16)
+guest_hash=$( { echo "$kver"; sha256sum "$here/guest-init.sh" /bin/busybox "$here/../TestbedLib/initramfs.sh"; } | sha256sum | cut -c1-16)
 guest_initrd=$cache/guest-$guest_hash.cpio.gz
 if [ ! -s "$guest_initrd" ]; then
     root=$cache/guest-root
     rm -rf --one-file-system "$root" && mkdir -p "$root"/{bin,proc,sys,dev,tmp}
     cp /bin/busybox "$root/bin/busybox"
-    collect_modules "$root" xen-netfront
+    testbed_collect_modules "$root" "$kver" xen-netfront
     cp "$here/guest-init.sh" "$root/init" && chmod +x "$root/init"
     (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -9) > "$guest_initrd.tmp"
     mv "$guest_initrd.tmp" "$guest_initrd"
@@ -228,7 +211,7 @@ dom0_modules=(xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-netback x
               bridge ifb sch_plug sch_ingress act_mirred cls_u32 tun loop)
 overlay_hash=$( {
     echo "$kver $base_hash $remus_seconds $interval_ms ${dom0_modules[*]}"
-    sha256sum "$vmlinuz" "$remusd" "$guest_initrd" "$here/dom0-init.sh" "$here/xen-tests.sh" "$here/run.sh"
+    sha256sum "$vmlinuz" "$remusd" "$guest_initrd" "$here/dom0-init.sh" "$here/xen-tests.sh" "$here/run.sh" "$here/../TestbedLib/initramfs.sh"
     if [ -x "$swift_tests" ]; then sha256sum "$swift_tests"; fi
 } | sha256sum | cut -c1-16)
 overlay=$cache/dom0-overlay-$overlay_hash.cpio.gz
@@ -254,7 +237,7 @@ else
     add_with_libs() {
         local bin=$1 dest=$2
         cp -L "$bin" "$root$dest"
-        ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | sort -u | while read -r lib; do
+        testbed_shared_libs "$bin" | while read -r lib; do
             canon=$(readlink -f "$lib"); dir=$(dirname "$lib")
             case "$dir" in /lib|/lib/*|/lib64|/lib64/*) dir=/usr$dir ;; esac
             name=$(basename "$lib")

@@ -1,0 +1,33 @@
+# Shared by the QEMU testbeds (Tests/Testbed, Tests/XenTestbed): building initramfs images from
+# the build machine's own Debian packages. Source it; it defines functions only.
+
+# Seconds since a `date +%s.%N` timestamp, one decimal.
+testbed_elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# Kernel modules with their dependencies, in load order, decompressed into
+# ROOT/lib/modules-load/<name>.ko (busybox insmod reads plain .ko files only), their names in
+# ROOT/lib/modules-load/order.  Usage: testbed_collect_modules ROOT KVER MODULE...
+testbed_collect_modules() {
+    local root=$1 kver=$2; shift 2
+    mkdir -p "$root/lib/modules-load"
+    : > "$root/lib/modules-load/order"
+    for m in "$@"; do
+        modprobe --show-depends -S "$kver" "$m" | while read -r kind path _; do
+            [ "$kind" = insmod ] || continue
+            name=$(basename "$path"); name=${name%%.ko*}
+            grep -qx "$name" "$root/lib/modules-load/order" && continue
+            case "$path" in
+                *.ko.xz) xz -dc "$path" > "$root/lib/modules-load/$name.ko" ;;
+                *.ko.zst) zstd -qdc "$path" > "$root/lib/modules-load/$name.ko" ;;
+                *.ko.gz) gzip -dc "$path" > "$root/lib/modules-load/$name.ko" ;;
+                *) cp "$path" "$root/lib/modules-load/$name.ko" ;;
+            esac
+            echo "$name" >> "$root/lib/modules-load/order"
+        done
+    done
+}
+
+# The shared libraries a binary loads (absolute paths, the dynamic loader included), one per line.
+testbed_shared_libs() {
+    ldd "$1" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | sort -u
+}
