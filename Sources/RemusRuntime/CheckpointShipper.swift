@@ -140,6 +140,8 @@ struct PrimaryStatistics {
     var checkpointTimes = SampleWindow(capacity: 64)
     var lastReport = ""
     var speedPercent = 100
+    /// Times the throttle policy slowed the guest down (it speeds it up again after calm epochs).
+    var throttleEvents = 0
     var output = OutputStatistics()
     var deferred = 0
 
@@ -161,7 +163,9 @@ struct PrimaryStatistics {
         lines.append("shipped: \(shippedBytes) bytes, pre-copy \(precopyPages) pages")
         lines.append(lastAckAt == 0 ? "last ACK: none yet" : "last ACK: \((now - lastAckAt) / 1_000_000) ms ago")
         lines.append("output buffer: \(output.heldPackets) packets (\(output.heldBytes) bytes) held, \(output.drops) dropped, limit hit \(output.overlimits) times")
-        if speedPercent < 100 { lines.append("guest speed: \(speedPercent) % (throttled: it dirties memory faster than it can be protected)") }
+        if throttleEvents > 0 {
+            lines.append("guest speed: \(speedPercent) % (slowed \(throttleEvents) times: it dirties memory faster than it can be protected)")
+        }
         if deferred > 0 { lines.append("checkpoints deferred over the pause bound: \(deferred)") }
         if !lastReport.isEmpty { lines.append("last event: \(lastReport)") }
         return lines.joined(separator: "\n") + "\n"

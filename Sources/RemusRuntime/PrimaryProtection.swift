@@ -254,7 +254,10 @@ public final class PrimaryProtection: @unchecked Sendable {
             updateStats { $0.unacknowledgedBytes.removeAll() }
         case .throttleGuest(let percent):
             do { try guest.setSpeed(percent: percent) } catch { Log.error("throttling the guest to \(percent) % failed: \(error)") }
-            updateStats { $0.speedPercent = percent }
+            updateStats {
+                if percent < $0.speedPercent { $0.throttleEvents += 1 }
+                $0.speedPercent = percent
+            }
         case .pauseGuest:
             do { try guest.suspend() } catch { Log.error("pausing the guest failed: \(error); it may still run — stop it by hand") }
         case .stopGuest:
