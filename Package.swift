@@ -20,6 +20,9 @@ let package = Package(
         .target(name: "CCRC32C", cSettings: [.unsafeFlags(["-O3"])]),
         .target(name: "RemusCore", dependencies: ["CCRC32C"]),
         .target(name: "RemusSim", dependencies: ["RemusCore"]),
+        // Our own threads and the monitor lock (pthreads, CLOCK_MONOTONIC deadlines), for the
+        // runtime and the backends that block in C libraries.
+        .target(name: "RemusThreads"),
         .systemLibrary(
             name: "CNetlink",
             pkgConfig: "libnl-route-3.0",
@@ -30,10 +33,10 @@ let package = Package(
         .target(name: "CTap"),
         .target(name: "RemusNetbuf", dependencies: ["RemusCore", "CNetlink", "CTap"]),
         // The Xen 4.17 toolstack libraries (libxen-dev) and the few C shims Swift cannot import;
-        // RemusXen owns their handles. Not wired into the runtime yet.
+        // RemusXen owns their handles and is the Xen backend (libxenguest primary, libxl replica).
         .systemLibrary(name: "CXen", pkgConfig: "xenlight", providers: [.apt(["libxen-dev"])]),
-        .target(name: "RemusXen", dependencies: ["CXen"]),
-        .target(name: "RemusRuntime", dependencies: ["RemusCore", "RemusSim", "RemusNetbuf"]),
+        .target(name: "RemusXen", dependencies: ["CXen", "RemusCore", "RemusThreads"]),
+        .target(name: "RemusRuntime", dependencies: ["RemusCore", "RemusSim", "RemusNetbuf", "RemusThreads", "RemusXen"]),
         .executableTarget(
             name: "remusd",
             dependencies: [
@@ -45,7 +48,7 @@ let package = Package(
         .testTarget(name: "RemusCoreTests", dependencies: ["RemusCore"], resources: [.copy("Golden")]),
         .testTarget(name: "RemusSimTests", dependencies: ["RemusSim", "RemusCore"]),
         .testTarget(name: "RemusNetbufTests", dependencies: ["RemusNetbuf", "RemusCore"]),
-        .testTarget(name: "RemusXenTests", dependencies: ["RemusXen", "CXen"]),
+        .testTarget(name: "RemusXenTests", dependencies: ["RemusXen", "CXen", "RemusCore"]),
         .testTarget(name: "RemusRuntimeTests", dependencies: ["RemusRuntime", "RemusSim", "RemusCore", "RemusNetbuf"]),
     ],
     swiftLanguageModes: [.v6]

@@ -360,7 +360,7 @@ public final class BackupDaemon: @unchecked Sendable {
     private func makeReplica(for header: StreamHeader) throws -> any ReplicaTarget {
         switch header.backend {
         case .simulated: return SimulatedBackend.makeReplica(sink: tapSink ?? SimulatedBackend.sink(config.nicSink), clock: clock)
-        case .xen: throw ProtocolError("this build of remusd cannot receive Xen guests yet")
+        case .xen: return try XenBackend.makeReplica()
         }
     }
 

@@ -102,6 +102,9 @@ final class CheckpointShipper: @unchecked Sendable {
     /// one per arena-full. Returns pages sent and pages dirtied meanwhile.
     private func precopy(guest: any PrimaryGuest, dirty: DirtyLog, arena: StagingArena, writer: RecordWriter,
                          progress: (Int, Int) -> Void) throws -> (Int, Int) {
+        if let streaming = guest as? any StreamingPrimaryGuest {
+            return try precopyStream(streaming, writer: writer, progress: progress)
+        }
         try dirty.harvest(from: guest)
         let total = dirty.count
         var chunk = DirtyBitmap(pageCount: guest.descriptor.pageCount)
@@ -119,6 +122,27 @@ final class CheckpointShipper: @unchecked Sendable {
         try dirty.harvest(from: guest)
         return (sent, dirty.count)
     }
+
+    /// The live phase of a hypervisor library's stream: ships its bytes as they come, as
+    /// pre-copy rounds, until the library waits to suspend the guest. Returns the pages' worth
+    /// of bytes sent and nothing left dirty (the library sends the rest in the first checkpoint).
+    private func precopyStream(_ guest: any StreamingPrimaryGuest, writer: RecordWriter,
+                               progress: (Int, Int) -> Void) throws -> (Int, Int) {
+        let pageSize = guest.descriptor.pageSize
+        let total = Int(guest.descriptor.pageCount)
+        var sentBytes = 0
+        progress(0, total)
+        while let bytes = try guest.nextLiveBytes(maxBytes: 4 * RecordWriter.opaqueChunkBytes) {
+            if isAbandoned { throw ProtocolError("the connection was closed during the live phase") }
+            guard !bytes.isEmpty else { continue }
+            if !blackhole { try writer.writePrecopyStream(bytes) }
+            sentBytes += bytes.count
+            progress(min(total, sentBytes / pageSize), total)
+        }
+        return (sentBytes / pageSize, 0)
+    }
+
+    private var isAbandoned: Bool { monitor.withLock { abandoned } }
 }
 
 /// Statistics a primary keeps for `remusd status`.

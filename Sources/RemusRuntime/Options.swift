@@ -55,6 +55,8 @@ public struct ProtectConfiguration: Sendable {
     public var witness: WitnessConfiguration?
     /// The simulated NIC over a tap, with plug-qdisc buffering; nil: the in-process buffer and `nicSink` over TCP.
     public var simNICTap: SimNICTapConfiguration?
+    /// Bytes each plug qdisc on a Xen domain's vifs may hold (`--netbuf-limit`).
+    public var netbufLimitBytes = 10 << 20
 
     public init(domain: String, backup: Endpoint, backend: BackendKind, settings: ProtectionSettings,
                 simulated: SimulatedGuestParameters, nicSink: Endpoint?, maxCheckpointPages: Int,

@@ -13,16 +13,40 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
         SignalWatcher.blockTerminationSignals()
         Log.setRole("primary")
         let clock = SystemClock()
-        // Over a tap the plug qdisc holds the guest's frames and the in-process buffer passes
-        // them straight into the tap; set both up before the guest runs, so errors come first.
-        let sink = try SimulatedBackend.makeSink(nicSink: config.nicSink, tap: config.simNICTap)
-        let plug = try config.simNICTap.flatMap { try SimulatedBackend.plugBuffer($0) }
-        let running = try SimulatedBackend.startGuest(name: config.domain, parameters: config.simulated, sink: sink, clock: clock)
-        let buffer: any OutputBuffer = plug ?? running.output
-        let output: any OutputBuffer = config.unsafeNoNetbuf ? PassThroughOutput(buffer) : buffer
-        if let tap = config.simNICTap {
-            let held = plug.map { p in p.attachments.map { "\($0.interface) (\($0.ifbName))" }.joined(separator: ", ") }
-            Log.info("the guest's NIC writes into tap \(tap.tap); " + (held.map { "output held by plug qdiscs on \($0)" } ?? "output NOT held (--unsafe --no-netbuf)"))
+        let guest: any PrimaryGuest
+        let output: any OutputBuffer
+        var xen: XenBackend.Primary?
+        switch config.backend {
+        case .simulated:
+            // Over a tap the plug qdisc holds the guest's frames and the in-process buffer passes
+            // them straight into the tap; set both up before the guest runs, so errors come first.
+            let sink = try SimulatedBackend.makeSink(nicSink: config.nicSink, tap: config.simNICTap)
+            let plug = try config.simNICTap.flatMap { try SimulatedBackend.plugBuffer($0) }
+            let running = try SimulatedBackend.startGuest(name: config.domain, parameters: config.simulated, sink: sink, clock: clock)
+            let buffer: any OutputBuffer = plug ?? running.output
+            guest = running.guest
+            output = config.unsafeNoNetbuf ? PassThroughOutput(buffer) : buffer
+            if let tap = config.simNICTap {
+                let held = plug.map { p in p.attachments.map { "\($0.interface) (\($0.ifbName))" }.joined(separator: ", ") }
+                Log.info("the guest's NIC writes into tap \(tap.tap); " + (held.map { "output held by plug qdiscs on \($0)" } ?? "output NOT held (--unsafe --no-netbuf)"))
+            }
+        case .xen:
+            let opened = try XenBackend.openPrimary(domain: config.domain, holdOutput: !config.unsafeNoNetbuf, limitBytes: config.netbufLimitBytes)
+            xen = opened
+            guest = opened.guest
+            output = opened.output
+            let held = opened.plug.map { p in p.attachments.map { "\($0.interface) (\($0.ifbName))" }.joined(separator: ", ") }
+            Log.info("Xen domain '\(config.domain)' (id \(opened.guest.domid)); " + (held.map { "output held by plug qdiscs on \($0)" } ?? "output NOT held (--unsafe --no-netbuf)"))
+        }
+        // Protection over: a Xen guest runs on here without its checkpointed save and with its
+        // vifs unbuffered again.
+        defer {
+            if let xen {
+                xen.guest.endProtection()
+                if let plug = xen.plug {
+                    do { _ = try plug.teardown() } catch { Log.error("removing the plug qdiscs failed: \(error); 'remusd netbuf cleanup' removes them") }
+                }
+            }
         }
         var held: (EtcdWitness, WitnessConfiguration)?
         if let wc = config.witness {
@@ -39,10 +63,11 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
         // protection ends by itself (--on-overload abort) the guest keeps running here.
         let ended = OneShotFlag()
         let protection = try PrimaryProtection(
-            guest: running.guest, output: output, backup: config.backup, settings: config.settings,
+            guest: guest, output: output, backup: config.backup, settings: config.settings,
             maxCheckpointPages: config.maxCheckpointPages, blackhole: config.blackhole, clock: clock,
-            witness: held, onFinished: { _ in
-                if ended.isSet {
+            witness: held, onFinished: { [xenGuest = xen?.guest] _ in
+                if ended.isSet || xenGuest?.hasVanished == true {
+                    // Ended by the operator, or the guest is gone: nothing left to do here.
                     finished.open(with: true)
                 } else {
                     Log.warning("protection ended; the guest keeps running here UNPROTECTED; 'remusd stop \(self.config.domain)' or SIGTERM ends this daemon")
@@ -72,7 +97,7 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
                     return "unknown command '\(line)' (a primary knows 'stop' and 'switchover')\n"
                 }
             })
-        Log.info("protecting '\(config.domain)' (\(running.guest.descriptor.pageCount) pages) towards \(config.backup), checkpoint every \(config.settings.intervalNs / 1_000_000) ms")
+        Log.info("protecting '\(config.domain)' (\(guest.descriptor.pageCount) pages) towards \(config.backup), checkpoint every \(config.settings.intervalNs / 1_000_000) ms")
         protection.start()
         _ = finished.wait()
         status.remove()

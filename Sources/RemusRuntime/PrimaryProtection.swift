@@ -66,7 +66,8 @@ public final class PrimaryProtection: @unchecked Sendable {
         engine = PrimaryEngine(settings: settings)
         let d = guest.descriptor
         dirty = DirtyLog(pageCount: d.pageCount)
-        let capacity = max(1, min(maxCheckpointPages, Int(d.pageCount)))
+        // A guest whose library writes its own stream (Xen) stages no pages of ours.
+        let capacity = guest is any StreamingPrimaryGuest ? 1 : max(1, min(maxCheckpointPages, Int(d.pageCount)))
         freeArenas = (0..<settings.maxShipping).map { _ in StagingArena(pageSize: d.pageSize, capacityPages: capacity) }
         header = StreamHeader(
             features: [], pageSize: UInt32(d.pageSize), backend: d.backend, role: .primary,
@@ -240,7 +241,8 @@ public final class PrimaryProtection: @unchecked Sendable {
         case .sendHeartbeat(let sequence):
             writer?.enqueue(.heartbeat(Heartbeat(sequence: sequence, senderMonotonicNs: now)))
         case .sendStreamEnd(let reason, let lastEpoch):
-            writer?.enqueue(.streamEnd(StreamEnd(reason: reason, lastEpoch: lastEpoch, message: "protection ended by the operator")))
+            let message = reason == .error ? "the primary lost its guest" : "protection ended by the operator"
+            writer?.enqueue(.streamEnd(StreamEnd(reason: reason, lastEpoch: lastEpoch, message: message)))
             writer?.enqueue(.close)
         case .closeConnection:
             writer?.abandon()
@@ -284,6 +286,7 @@ public final class PrimaryProtection: @unchecked Sendable {
             case .handOffUnknown(let t): text = t; Log.error(t)
             case .selfFenced(let t): text = t; Log.error(t)
             case .stopped(let reason): text = "protection stopped (\(reason))"; Log.info(text)
+            case .guestLost(let t): text = "GUEST LOST: " + t; Log.error(text)
             }
             updateStats { $0.lastReport = text }
         }
@@ -426,6 +429,10 @@ public final class PrimaryProtection: @unchecked Sendable {
         }
         guard failure == nil, let state else {
             freeArenas.append(arena)
+            if guest.hasVanished {
+                execute(engine.onGuestLost(reason: "the guest vanished from this host while checkpoint \(epoch) was taken (\(failure ?? "no state")); the backup takes over from its last committed checkpoint; output held here is never released", now: clock.monotonicNs()))
+                return
+            }
             execute(engine.onCaptureFailed(epoch, reason: failure ?? "no state", now: clock.monotonicNs()))
             return
         }

@@ -65,9 +65,46 @@ final class RecordWriter {
             for d in state.devices { try encoder.append(.deviceState(d), into: &buffer) }
             try encoder.append(.clock(state.clock), into: &buffer)
             try encoder.append(.memoryLayout(state.layout), into: &buffer)
+            total += try writeStream(state.stream)
         }
         _ = try encoder.endCheckpoint(into: &buffer)
         total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
+        return total
+    }
+
+    /// Writes a live-phase share of a hypervisor library's stream as one pre-copy round
+    /// (epoch 0) of OPAQUE_PAYLOAD records; returns bytes written.
+    @discardableResult
+    func writePrecopyStream(_ bytes: [UInt8]) throws -> Int {
+        buffer.removeAll(keepingCapacity: true)
+        try encoder.append(.checkpointBegin(CheckpointBegin(epoch: 0, kind: .precopy)), into: &buffer)
+        var total = try writeStream(bytes)
+        _ = try encoder.endCheckpoint(into: &buffer)
+        total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
+        return total
+    }
+
+    /// Largest OPAQUE_PAYLOAD chunk: well inside the codec's record limit, small enough that the
+    /// backup's reader reports progress often.
+    static let opaqueChunkBytes = 1 << 20
+    /// Chunks of the libxl stream written on this connection (their sequence numbers).
+    private var opaqueSequence: UInt32 = 0
+
+    /// Appends `bytes` as OPAQUE_PAYLOAD chunks of the libxl stream, writing the buffer out
+    /// whenever it holds a chunk; returns bytes written.
+    private func writeStream(_ bytes: [UInt8]) throws -> Int {
+        var total = 0
+        var offset = 0
+        while offset < bytes.count {
+            let end = min(offset + Self.opaqueChunkBytes, bytes.count)
+            try bytes.withUnsafeBytes { raw in
+                try encoder.appendOpaquePayload(stream: .libxl, sequence: opaqueSequence,
+                                                bytes: UnsafeRawBufferPointer(rebasing: raw[offset..<end]), into: &buffer)
+            }
+            opaqueSequence &+= 1
+            total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
+            offset = end
+        }
         return total
     }
 
@@ -147,6 +184,8 @@ final class StagedCheckpoint: @unchecked Sendable {
     var devices: [DeviceState] = []
     var clock: ClockState?
     var layout: MemoryLayout?
+    /// The hypervisor library's stream bytes of this checkpoint (OPAQUE_PAYLOAD, in order).
+    var stream: [UInt8] = []
 
     init(pageSize: Int) {
         self.pageSize = pageSize
@@ -161,6 +200,7 @@ final class StagedCheckpoint: @unchecked Sendable {
         devices.removeAll(keepingCapacity: true)
         clock = nil
         layout = nil
+        stream.removeAll(keepingCapacity: true)
     }
 
     /// The arena the next page goes into.
@@ -179,11 +219,18 @@ final class StagedCheckpoint: @unchecked Sendable {
     /// The state, for checkpoints (nil for pre-copy rounds).
     var state: GuestState? {
         guard let clock, let layout else { return nil }
-        return GuestState(vcpus: vcpus, devices: devices, clock: clock, layout: layout)
+        return GuestState(vcpus: vcpus, devices: devices, clock: clock, layout: layout, stream: stream)
     }
 
-    /// Applies the staged checkpoint to the replica: every arena of pages, the state with the last.
+    /// Applies the staged checkpoint to the replica: every arena of pages, the state with the
+    /// last; a replica built from a hypervisor library's stream gets that stream's bytes.
     func commit(to replica: any ReplicaTarget) throws {
+        if let streaming = replica as? any StreamingReplicaTarget {
+            if !stream.isEmpty || begin.kind != .precopy {
+                try streaming.commitStream(stream, checkpoint: begin.kind != .precopy)
+            }
+            return
+        }
         for i in 0...current {
             try replica.commit(arenas[i], state: i == current ? state : nil)
         }
@@ -250,6 +297,7 @@ final class CheckpointReceiver {
                 case .deviceState(let d): staged.devices.append(d)
                 case .clock(let c): staged.clock = c
                 case .memoryLayout(let l): staged.layout = l
+                case .opaquePayload(let chunk): staged.stream.append(contentsOf: chunk.bytes)
                 default: break
                 }
             case .checkpointComplete(let end):

@@ -64,15 +64,9 @@ struct Protect: ParsableCommand {
     }
 
     func run() throws {
-        let kind = backend ?? (XenPresence.detect().present ? .xen : .simulated)
-        if kind == .xen {
-            let presence = XenPresence.detect()
-            throw ValidationError(presence.present
-                ? "this build of remusd cannot drive Xen yet (the Xen backend is not built in); nothing was changed on domain '\(domain)'"
-                : "no Xen hypervisor is present (looked for \(presence.lookedAt)); nothing was changed; use --backend sim for the simulated guest")
-        }
+        let kind = backend ?? (xenHypervisorPresent() ? .xen : .simulated)
         let settings = timing.settings()
-        let config = ProtectConfiguration(
+        var config = ProtectConfiguration(
             domain: domain,
             backup: Endpoint(parsing: backup, defaultPort: defaultPort)!,
             backend: kind,
@@ -85,6 +79,7 @@ struct Protect: ParsableCommand {
             statusSocket: statusSocket ?? RunDirectory.socketPath(for: domain),
             witness: timing.witnessConfiguration,
             simNICTap: tap.configuration(holding: !noNetbuf))
+        config.netbufLimitBytes = tap.netbufLimit
         let code = try PrimaryDaemon(config).run()
         if code != 0 { throw ExitCode(code) }
     }

@@ -185,8 +185,13 @@ struct ProcessTests {
         let (status, output) = try runRemusd(["protect", "vm1", "backup", "--no-netbuf"])
         #expect(status != 0)
         #expect(output.contains("need --unsafe"))
-        let (status2, output2) = try runRemusd(["protect", "vm1", "backup", "--backend", "xen"])
-        #expect(status2 != 0)
-        #expect(output2.contains("no Xen hypervisor is present") || output2.contains("cannot drive Xen"))
+        // Off Xen (build machines): the Xen backend says what it looked for and that nothing changed.
+        if !xenHypervisorPresent() {
+            let (status2, output2) = try runRemusd(["protect", "vm1", "backup", "--backend", "xen"])
+            #expect(status2 != 0)
+            #expect(output2.contains("no usable Xen on this host"), "\(output2)")
+            #expect(output2.contains("/sys/hypervisor/type"), "\(output2)")
+            #expect(output2.contains("Nothing was changed on domain 'vm1'"), "\(output2)")
+        }
     }
 }

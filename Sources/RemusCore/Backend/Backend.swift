@@ -33,11 +33,16 @@ public struct GuestState: Equatable, Sendable {
     public var devices: [DeviceState]
     public var clock: ClockState
     public var layout: MemoryLayout
-    public init(vcpus: [VCPUState], devices: [DeviceState], clock: ClockState, layout: MemoryLayout) {
+    /// The hypervisor library's own migration stream for this checkpoint, for backends whose
+    /// library captures the guest itself (Xen: libxl v2 framing around libxenguest's records);
+    /// travels as OPAQUE_PAYLOAD records inside the checkpoint. Empty for the simulated guest.
+    public var stream: [UInt8]
+    public init(vcpus: [VCPUState], devices: [DeviceState], clock: ClockState, layout: MemoryLayout, stream: [UInt8] = []) {
         self.vcpus = vcpus
         self.devices = devices
         self.clock = clock
         self.layout = layout
+        self.stream = stream
     }
 }
 
@@ -67,6 +72,33 @@ public protocol PrimaryGuest: AnyObject {
     func setSpeed(percent: Int) throws
     /// The guest was handed over to the backup (planned switchover): stop it here for good.
     func stop() throws
+    /// Whether the guest no longer exists on this host (destroyed or crashed under us), asked
+    /// after a capture failed: then the backup must take over.
+    var hasVanished: Bool { get }
+}
+
+extension PrimaryGuest {
+    /// A guest that lives inside this process cannot vanish on its own.
+    public var hasVanished: Bool { false }
+}
+
+/// A primary whose hypervisor library writes its own migration stream (Xen's libxenguest):
+/// pages and vCPU state arrive as that stream's bytes instead of through `capturePages`, and a
+/// checkpoint's bytes come back in `GuestState.stream`.
+public protocol StreamingPrimaryGuest: PrimaryGuest {
+    /// The live phase before the first checkpoint: the next bytes of the library's stream, at
+    /// most `maxBytes`, waiting until there are some; empty when none came within a short wait
+    /// (so the caller can look around); nil once the live phase is over and the library waits
+    /// to suspend the guest for the first checkpoint.
+    func nextLiveBytes(maxBytes: Int) throws -> [UInt8]?
+}
+
+/// A replica built by the hypervisor library from its own stream (Xen: libxl's checkpointed
+/// restore): committed checkpoints hand over their `GuestState.stream` bytes, in order.
+public protocol StreamingReplicaTarget: ReplicaTarget {
+    /// Takes the stream bytes of a verified pre-copy chunk (`checkpoint` false) or of a
+    /// complete, verified checkpoint (`checkpoint` true). Called in stream order.
+    func commitStream(_ bytes: [UInt8], checkpoint: Bool) throws
 }
 
 /// The backup side of a backend: receives committed checkpoints and can resume the guest.

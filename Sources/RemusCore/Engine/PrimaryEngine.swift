@@ -87,6 +87,8 @@ public struct PrimaryEngine: Sendable {
         case handOffUnknown(String)
         case selfFenced(String)
         case stopped(StreamEndReason)
+        /// The guest vanished from this host; the backup takes over.
+        case guestLost(String)
     }
 
     public let settings: ProtectionSettings
@@ -345,6 +347,19 @@ public struct PrimaryEngine: Sendable {
         case .switchingOver, .stopping, .stopped:
             return [.report(.handOffUnknown("no stop now: state \(state)"))]
         }
+    }
+
+    /// The guest no longer exists on this host (its domain was destroyed or crashed): the
+    /// backup must take over from its last committed checkpoint. Held output stays held (it
+    /// belongs to epochs the backup may never have committed) and the stream ends with an error,
+    /// which a backup treats as the loss of the primary.
+    public mutating func onGuestLost(reason: String, now: UInt64) -> [Directive] {
+        let connected = isConnectedState
+        let last = acknowledgedEpoch
+        state = .stopped
+        outputHeldSince = nil
+        return (connected ? [.sendStreamEnd(.error, lastEpoch: last)] : [.closeConnection])
+            + [.report(.guestLost(reason))]
     }
 
     /// The witness lease ran out (renewals failed past its deadline): the backup may hold the key

@@ -1,20 +1,6 @@
 import Glibc
 
-/// Whether this host runs on a Xen hypervisor, and where we looked.
-public struct XenPresence: Sendable {
-    public var present: Bool
-    public var lookedAt: String
-
-    public static func detect() -> XenPresence {
-        let typeFile = "/sys/hypervisor/type"
-        let capabilities = "/proc/xen/capabilities"
-        let type = readWholeFile(typeFile)?.trimmingWhitespace()
-        let present = type == "xen" || access(capabilities, F_OK) == 0
-        return XenPresence(present: present, lookedAt: "\(typeFile) = \"xen\" (found: \(type.map { "\"\($0)\"" } ?? "no such file")) and \(capabilities)")
-    }
-}
-
-/// Reads a whole file (reports, configs), nil if it cannot be read.
+/// Reads a whole file (reports, configs, /proc and /sys entries), nil if it cannot be read.
 func readWholeFile(_ path: String) -> String? {
     let fd = open(path, O_RDONLY)
     guard fd >= 0 else { return nil }
@@ -45,4 +31,10 @@ func writeFile(_ path: String, _ bytes: [UInt8]) throws {
 
 func renameFile(_ from: String, _ to: String) throws {
     if rename(from, to) != 0 { throw SystemError(call: "rename(\(from), \(to))", errno: errno) }
+}
+
+/// Whether Linux runs under Xen (`/sys/hypervisor/type` is "xen"): `protect`'s default backend.
+/// Whether this is a usable dom0 is `XenHost.detect`'s question, asked when the backend opens.
+public func xenHypervisorPresent() -> Bool {
+    readWholeFile("/sys/hypervisor/type")?.trimmingWhitespace() == "xen"
 }

@@ -1,0 +1,125 @@
+// The two framing levels of Xen's checkpointed migration stream, as far as remusd needs them
+// (docs/specs/libxc-migration-stream.pandoc and libxl-migration-stream.pandoc in Xen's tree):
+// where each checkpoint of libxenguest's stream ends, and the few libxl records remusd writes
+// around it itself. The structs are private to Xen; these are our own definitions.
+
+/// The libxl (v2) records remusd writes: the stream header, the record that hands the stream to
+/// libxenguest, and the end of each checkpoint. A PV guest's checkpoint has no emulator records.
+public enum LibxlStream {
+    /// libxl's stream header: ident "LibxlFmt", version 2, options 0, all big-endian (16 bytes).
+    public static let header: [UInt8] = Array("LibxlFmt".utf8) + [0, 0, 0, 2] + [0, 0, 0, 0]
+
+    /// LIBXC_CONTEXT (type 1, no body): libxenguest's stream follows.
+    public static let libxcContext: [UInt8] = record(type: 1)
+
+    /// CHECKPOINT_END (type 4, no body): the libxl records of a checkpoint end here.
+    public static let checkpointEnd: [UInt8] = record(type: 4)
+
+    /// Everything remusd writes before libxenguest's first byte.
+    public static var preamble: [UInt8] { header + libxcContext }
+
+    /// A body-less record: type and length as little-endian u32s.
+    static func record(type: UInt32) -> [UInt8] {
+        withUnsafeBytes(of: type.littleEndian) { Array($0) } + [0, 0, 0, 0]
+    }
+}
+
+/// libxenguest's stream does not follow its own format (garbage, or a library of another kind).
+public struct LibxcStreamError: Error, Equatable, CustomStringConvertible {
+    /// What was wrong, with the stream offset.
+    public let description: String
+}
+
+/// Follows libxenguest's migration stream (libxc v3 framing) byte by byte and says where each
+/// CHECKPOINT record ends: the primary cuts its checkpoints there, so that the backup hands
+/// libxenguest whole checkpoints only.
+///
+/// Layout: a 24-byte image header (marker all ones, "XENF", version 3), a 16-byte domain
+/// header, then records `{u32 type, u32 length}` (little-endian, as the image header's options
+/// say for x86) with a body padded to 8 bytes.
+public struct LibxcStreamFramer: Sendable {
+    /// CHECKPOINT: the end of one checkpoint's records.
+    static let checkpointType: UInt32 = 0x0e
+    /// END: the end of the stream.
+    static let endType: UInt32 = 0
+    /// The specification's bound on a record body.
+    static let maxBody = 128 << 20
+    static let headersLength = 24 + 16
+
+    /// Bytes followed so far.
+    public private(set) var offset = 0
+    /// CHECKPOINT records seen so far.
+    public private(set) var checkpoints = 0
+    /// Whether the END record has been seen.
+    public private(set) var ended = false
+    /// The start of the image or record header being read.
+    private var pending: [UInt8] = []
+    /// Body and padding bytes of the current record still to come.
+    private var bodyLeft = 0
+    /// The type of the record whose body is being skipped.
+    private var type: UInt32 = 0
+
+    public init() {}
+
+    /// Follows `bytes`; returns how many it took, stopping just past a CHECKPOINT record (then
+    /// `checkpoint` is true and the rest belongs to the next checkpoint) or at the end.
+    public mutating func consume(_ bytes: UnsafeRawBufferPointer) throws(LibxcStreamError) -> (taken: Int, checkpoint: Bool) {
+        var i = 0
+        while i < bytes.count {
+            if ended { throw LibxcStreamError(description: "bytes after the END record at stream offset \(offset)") }
+            if offset + pending.count < Self.headersLength || (bodyLeft == 0 && offset >= Self.headersLength) {
+                // Collecting the image headers (40 bytes) or a record header (8 bytes).
+                let want = offset < Self.headersLength ? Self.headersLength - offset : 8
+                let take = min(want - pending.count, bytes.count - i)
+                pending += bytes[i..<(i + take)]
+                i += take
+                guard pending.count == want else { continue }
+                if offset < Self.headersLength {
+                    try checkHeaders(pending)
+                } else {
+                    let recordType = UInt32(pending[0]) | UInt32(pending[1]) << 8 | UInt32(pending[2]) << 16 | UInt32(pending[3]) << 24
+                    let length = Int(UInt32(pending[4]) | UInt32(pending[5]) << 8 | UInt32(pending[6]) << 16 | UInt32(pending[7]) << 24)
+                    guard length <= Self.maxBody else {
+                        throw LibxcStreamError(description: "record type \(recordType) at stream offset \(offset) claims \(length) bytes, over the format's 128 MiB bound")
+                    }
+                    type = recordType
+                    bodyLeft = (length + 7) & ~7
+                }
+                offset += want
+                pending.removeAll(keepingCapacity: true)
+                if offset > Self.headersLength && bodyLeft == 0, let done = recordDone() { return (i, done) }
+            } else {
+                let take = min(bodyLeft, bytes.count - i)
+                bodyLeft -= take
+                offset += take
+                i += take
+                if bodyLeft == 0, let done = recordDone() { return (i, done) }
+            }
+        }
+        return (i, false)
+    }
+
+    /// A whole record went by: nil to go on, or whether it was a CHECKPOINT (true) or END.
+    private mutating func recordDone() -> Bool? {
+        switch type {
+        case Self.checkpointType:
+            checkpoints += 1
+            return true
+        case Self.endType:
+            ended = true
+            return false
+        default:
+            return nil
+        }
+    }
+
+    private func checkHeaders(_ h: [UInt8]) throws(LibxcStreamError) {
+        guard h[0..<8].allSatisfy({ $0 == 0xff }), Array(h[8..<12]) == Array("XENF".utf8) else {
+            throw LibxcStreamError(description: "no libxc image header at the stream's start (want marker ff×8 and \"XENF\")")
+        }
+        let version = UInt32(h[12]) << 24 | UInt32(h[13]) << 16 | UInt32(h[14]) << 8 | UInt32(h[15])
+        guard version == 3 else { throw LibxcStreamError(description: "libxc stream version \(version); remusd follows version 3 (Xen 4.17)") }
+        // Options bit 0: the records are big-endian. x86 streams are little-endian.
+        guard h[17] & 1 == 0 else { throw LibxcStreamError(description: "big-endian libxc stream; remusd follows little-endian (x86) streams only") }
+    }
+}
