@@ -297,7 +297,12 @@ final class CheckpointReceiver {
                 case .deviceState(let d): staged.devices.append(d)
                 case .clock(let c): staged.clock = c
                 case .memoryLayout(let l): staged.layout = l
-                case .opaquePayload(let chunk): staged.stream.append(contentsOf: chunk.bytes)
+                case .opaquePayload(let chunk):
+                    // remusd's Xen primary sends libxl's stream, which wraps libxenguest's.
+                    guard chunk.stream == .libxl else {
+                        throw ProtocolError("the primary sent an OPAQUE_PAYLOAD of stream \(chunk.stream); a backup takes libxl's stream only; the replica keeps its last committed checkpoint")
+                    }
+                    staged.stream.append(contentsOf: chunk.bytes)
                 default: break
                 }
             case .checkpointComplete(let end):

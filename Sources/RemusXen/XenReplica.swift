@@ -203,17 +203,36 @@ public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
             throw XenBackendError("libxl could not finish the domain from checkpoint \(fed): \(restoreSummary()); the incoming domain '\(incomingName)' is left for inspection")
         }
         let domid = result.domid
-        if light.domid(named: name) == nil {
-            if libxl_domain_rename(light.context, domid, incomingName, name) != 0 {
-                reportLine("could not rename '\(incomingName)' to '\(name)'; it runs as '\(incomingName)'")
-            }
-        } else {
-            reportLine("a domain named '\(name)' still exists on this host (the old primary?); the backup runs as '\(incomingName)'")
-        }
         let before = log.count
         let rc = libxl_domain_unpause(light.context, domid, nil)
         guard rc == 0 else {
             throw XenError(call: "libxl_domain_unpause(\(domid))", libxl: rc, log: log.lines(since: before).map(\.description))
+        }
+        giveOriginalName(domid: domid)
+    }
+
+    /// Renames the running domain from `…--incoming` to its own name; when the old primary
+    /// still holds the name on this host (dying, while dom0 releases its pages), waits for it
+    /// on a thread of its own, for up to five minutes.
+    private func giveOriginalName(domid: UInt32) {
+        let (name, incoming) = (self.name, self.incomingName)
+        let rename: @Sendable () -> Bool = { [self] in
+            guard light.domid(named: name) == nil else { return false }
+            return libxl_domain_rename(light.context, domid, incoming, name) == 0
+        }
+        if rename() { return }
+        reportLine("a domain named '\(name)' still exists on this host (the old primary, dying?); the backup runs as '\(incoming)' until that name is free")
+        startThread(name: "xen-rename") { [self] in
+            let deadline = monotonicNs() + 300_000_000_000
+            while monotonicNs() < deadline {
+                if rename() {
+                    reportLine("the backup domain \(domid) runs as '\(name)' now")
+                    return
+                }
+                var pause = timespec(tv_sec: 0, tv_nsec: 500_000_000)
+                nanosleep(&pause, nil)  // a poll for the old primary's name to be released, bounded
+            }
+            reportLine("'\(name)' stayed taken for five minutes; the backup keeps running as '\(incoming)' (xl rename \(incoming) \(name) once it is free)")
         }
     }
 

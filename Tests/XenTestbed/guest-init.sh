@@ -1,6 +1,7 @@
 #!/bin/busybox sh
 # /init of the testbed's PV guest (busybox only): network through xen-netfront, a TCP responder
-# on port 7 answering with the counter, and a counter printed on the console once a second.
+# on port 7 answering with the counter, and a counter printed on the console and sent to dom0 over
+# UDP once a second.
 # The guest knows nothing of Remus; dom0 watches it from outside.
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -25,10 +26,16 @@ printf '#!/bin/sh\necho "COUNTER $(cat /tmp/counter)"\n' > /bin/counter-reply
 chmod +x /bin/counter-reply
 nc -ll -p 7 -e /bin/counter-reply &
 
+# Every counter line also goes to dom0 over UDP (10.0.0.1:9000), one datagram per line, through
+# busybox's syslogd forwarding (its nc has no UDP): the output the outside world sees, where a
+# line sent twice after a failover shows as a duplicate.
+syslogd -n -R 10.0.0.1:9000 &
+
 i=0
 while :; do
     read up _ < /proc/uptime
     echo "COUNTER $i up=$up"
+    logger -t guest "COUNTER $i up=$up"
     echo "$i" > /tmp/counter
     i=$((i + 1))
     sleep 1

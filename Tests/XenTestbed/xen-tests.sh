@@ -84,6 +84,9 @@ vcpus = 1
 vif = [ 'mac=00:16:3e:5e:00:02,bridge=xenbr0' ]
 on_crash = "preserve"
 CFG
+# The guest's counter lines over UDP: what the outside world receives from it.
+socat -u UDP-RECV:9000 STDOUT > /tmp/udp-xl.log 2>/dev/null &
+udp_listener=$!
 t=$(now)
 if xl create /etc/xen/guest.cfg > /tmp/xl-create.log 2>&1; then
     metric xl_create_s "$(since "$t")"
@@ -114,6 +117,7 @@ sleep 10
 c2=$(last_counter "$primary_log"); t2=$(now)
 metric counter_rate_free "$(awk -v a="$c1" -v b="$c2" -v s="$t1" -v e="$t2" 'BEGIN { printf "%.2f", (b - a) / (e - s) }')"
 
+if [ "${XL_BASELINE:-1}" = 1 ]; then
 # --- 4. xl remus: checkpoints and guest speed while protected --------------------------------
 info "xl remus -F -n -i $INTERVAL_MS -s \"\" guest \"xl migrate-receive -r -e\" for ${REMUS_SECONDS} s"
 t_remus=$(now)
@@ -207,6 +211,8 @@ if [ -n "$answered" ]; then
     info "console logs: $(cd "$console_dir" && ls guest-*.log | tr '\n' ' ')"
     repeated=$(cat "$console_dir"/guest-*.log | grep -ao 'COUNTER [0-9]* ' | sort | uniq -d | wc -l)
     metric counter_repeated "$repeated"
+    # The same over the network: counter lines dom0 received twice over UDP.
+    metric udp_repeated "$(grep -ao 'COUNTER [0-9]* ' /tmp/udp-xl.log | sort | uniq -d | wc -l)"
 else
     fail "no answer from the guest within 90 s of the kill (receiver noticed: ${noticed:-no}, backup unpaused: ${running:-no})"
     timeout 20 xl list
@@ -224,4 +230,208 @@ if grep -q "No support for network buffering" /tmp/remus-safe.log; then
 else
     info "xl remus with network buffering exited $rc without the expected refusal"; show /tmp/remus-safe.log
 fi
+fi  # XL_BASELINE
+kill "$udp_listener" 2>/dev/null
+cleanup_domains
+
+# --- 7. remusd protects the guest: backup on this same dom0, plug qdiscs on the vif ----------
+# The backup fences the primary by destroying it; gone already, or dying, counts as fenced (a
+# dying domain never runs again; it may linger while dom0 still holds its pages).
+cat > /usr/local/bin/fence-guest <<'FENCE'
+#!/bin/sh
+xl destroy guest > /dev/null 2>&1
+state=$(xl list guest 2>/dev/null | awk 'NR == 2 { print $5 }')
+case "$state" in ""|*d*) exit 0 ;; *) echo "guest is still $state"; exit 1 ;; esac
+FENCE
+chmod +x /usr/local/bin/fence-guest
+fence=fence-guest
+timing="--interval $INTERVAL_MS --heartbeat 200 --timeout 3000"
+# remusd's log lines carry no uptime: stamp them.
+start_receive() {
+    remusd receive --listen 127.0.0.1:7788 $timing --fence "$fence" 2>&1 | stamp > "$1" &
+}
+start_protect() {
+    remusd protect guest 127.0.0.1:7788 --backend xen $timing --max-pause 0 2>&1 | stamp > "$1" &
+}
+# Waits until a log shows a line matching $2, at most $3 seconds; prints the uptime it did.
+wait_for_line() {
+    deadline=$(( $(now | cut -d. -f1) + $3 ))
+    while [ "$(now | cut -d. -f1)" -lt $deadline ]; do
+        line=$(grep -a -m1 "$2" "$1" 2>/dev/null) && { echo "${line%% *}"; return 0; }
+        sleep 1
+    done
+    return 1
+}
+status_field() { remusd status --socket /run/remusd/guest.sock 2>/dev/null | sed -n "s/^$1: //p" | head -1; }
+pid_of() { pids_matching "$1" | head -1; }
+start_udp() { socat -u UDP-RECV:9000 STDOUT > "$1" 2>/dev/null & udp_listener=$!; }
+# Counter values dom0 received over UDP more than once.
+udp_repeats() { grep -ao 'COUNTER [0-9]* ' "$1" | sort | uniq -d | wc -l; }
+# The largest step back of the guest's uptime between consecutive lines received (0: none).
+uptime_back() { grep -ao 'up=[0-9.]*' "$1" | cut -d= -f2 | awk 'NR > 1 && p - $1 > m { m = p - $1 } { p = $1 } END { printf "%.2f", m + 0 }'; }
+# The largest gap of the guest's uptime between consecutive lines received.
+uptime_gap() { grep -ao 'up=[0-9.]*' "$1" | cut -d= -f2 | awk 'NR > 1 && $1 - p > m { m = $1 - p } { p = $1 } END { printf "%.2f", m + 0 }'; }
+
+# Asks the guest for its counter until it answers, at most $2 s after $1 (an uptime); sets
+# $answer and $answered (seconds after $1), both empty when it never answered.
+await_answer() {
+    answered=""; answer=""
+    deadline=$(( ${1%.*} + $2 ))
+    while [ "$(now | cut -d. -f1)" -lt $deadline ]; do
+        answer=$(ask_counter)
+        if [ -n "$answer" ]; then answered=$(since "$1"); return 0; fi
+        sleep 0.2
+    done
+    return 1
+}
+
+start_udp /tmp/udp-remusd.log
+t=$(now)
+if ! xl create /etc/xen/guest.cfg > /tmp/xl-create2.log 2>&1; then
+    fail "xl create guest for remusd"; show /tmp/xl-create2.log; exit 0
+fi
+primary_id=$(xl domid guest)
+primary_log=$console_dir/guest-guest.log
+deadline=$(( ${t%.*} + 180 ))
+until [ -n "$(ask_counter)" ] || [ "$(now | cut -d. -f1)" -ge $deadline ]; do sleep 1; done
+rtt_free=$(busybox ping -c 5 -W 2 10.0.0.2 2>/dev/null | sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p')
+
+start_receive /tmp/receive.log
+wait_for_line /tmp/receive.log "listening" 30 > /dev/null || { fail "remusd receive did not start"; show /tmp/receive.log; exit 0; }
+t_protect=$(now)
+start_protect /tmp/protect.log
+if at=$(wait_for_line /tmp/protect.log "protecting: first checkpoint" 300); then
+    sync_s=$(awk -v a="$t_protect" -v b="$at" 'BEGIN { printf "%.2f", b - a }')
+    metric remusd_sync_s "$sync_s"
+    pass "remusd protect guest: first checkpoint committed after ${sync_s} s (live pre-copy by libxenguest through remusd's stream)"
+else
+    fail "remusd protect took no checkpoint within 300 s"; show /tmp/protect.log /tmp/receive.log; cleanup_domains; exit 0
+fi
+info "vifs buffered: $(grep -ao 'output held by plug qdiscs on [^;]*' /tmp/protect.log | head -1)"
+
+# Checkpoints and guest speed while protected, the same window as xl remus had.
+e1=$(status_field epoch | sed 's/captured \([0-9]*\).*/\1/'); v1=$(last_counter "$primary_log"); t1=$(now)
+sleep "$REMUS_SECONDS"
+e2=$(status_field epoch | sed 's/captured \([0-9]*\).*/\1/'); v2=$(last_counter "$primary_log"); t2=$(now)
+protected=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.1f", b - a }')
+metric remusd_protected_s "$protected"
+if [ -n "$e1" ] && [ -n "$e2" ] && [ "$e2" -gt "$e1" ]; then
+    metric remusd_checkpoints_per_s "$(awk -v n="$((e2 - e1))" -v s="$protected" 'BEGIN { printf "%.2f", n / s }')"
+    pass "remusd checkpoints while the guest runs ($((e2 - e1)) in $protected s)"
+else
+    fail "remusd took no checkpoints while protected (epochs ${e1:-?} -> ${e2:-?})"; remusd status; show /tmp/protect.log
+fi
+metric remusd_counter_rate "$(awk -v a="$v1" -v b="$v2" -v s="$protected" 'BEGIN { printf "%.2f", (b - a) / s }')"
+pause=$(status_field pause)
+info "remusd status: pause ${pause:-?}; $(status_field 'checkpoint size'); $(status_field 'output buffer')"
+metric remusd_pause_p50_ms "$(echo "$pause" | sed -n 's/p50 \([0-9]*\) µs.*/\1/p' | awk '{ printf "%.1f", $1 / 1000 }')"
+metric remusd_pause_p99_ms "$(echo "$pause" | sed -n 's/.*p99 \([0-9]*\) µs.*/\1/p' | awk '{ printf "%.1f", $1 / 1000 }')"
+# Output buffering: replies leave only when the epoch they belong to is acknowledged, so a
+# ping's round trip grows from ~1 ms to a good part of an epoch.
+rtt_held=$(busybox ping -c 10 -W 5 10.0.0.2 2>/dev/null | sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p')
+metric remusd_ping_rtt_ms "${rtt_held:-none}"
+metric free_ping_rtt_ms "${rtt_free:-none}"
+if [ -n "$rtt_held" ] && awk -v h="$rtt_held" -v f="${rtt_free:-0}" -v i="$INTERVAL_MS" 'BEGIN { exit !(h > f + i / 4) }'; then
+    pass "output held per epoch: ping round trip ${rtt_held} ms protected vs ${rtt_free:-?} ms before (interval $INTERVAL_MS ms)"
+else
+    fail "output does not look held: ping round trip ${rtt_held:-none} ms protected vs ${rtt_free:-?} ms before"
+    tc -s qdisc show 2>&1 | head -20
+fi
+
+# --- 8. Failover: the primary domain paused and remusd SIGKILLed ---------------------------
+protect_pid=$(pid_of "remusd protect *")
+counter_before=$(last_counter "$primary_log")
+t_kill=$(now)
+xl pause guest
+kill -9 "$protect_pid"
+info "paused domain $primary_id and SIGKILLed remusd protect ($protect_pid) at counter $counter_before"
+await_answer "$t_kill" 120
+if at=$(wait_for_line /tmp/receive.log "ACTIVATED" 5); then metric remusd_failover_activated_s "$(awk -v a="$t_kill" -v b="$at" 'BEGIN { printf "%.2f", b - a }')"; fi
+# Where the failover's time went, from the backup's log (seconds after the kill).
+info "backup after the kill: $(awk -v a="$t_kill" '$1 >= a { $1 = sprintf("+%.1fs", $1 - a); print }' /tmp/receive.log | grep -E 'lost|fenc|ACTIVAT|activat|xen:' | head -8 | tr '\n' '|' | cut -c1-1200)"
+if [ -n "$answered" ]; then
+    metric remusd_failover_answer_s "$answered"
+    pass "failover after a kill: the backup answers $answered s after it (timeout 3 s, then the fence)"
+    if [ "$answer" -ge 1 ] && [ "$((answer + 2))" -ge "$counter_before" ]; then
+        pass "the guest continued on the backup without a reboot (counter $counter_before before the kill, $answer after)"
+    else
+        fail "counter after failover is $answer, before the kill $counter_before"
+    fi
+    busybox ping -c 2 -W 2 10.0.0.2 > /dev/null 2>&1 && pass "the guest answers ping after failover" || fail "no ping answer after failover"
+    state=$(xl list 2>/dev/null | awk '$1 == "guest" { print $5 }')
+    [ -n "$state" ] && pass "the backup runs as 'guest' ($state); left: $(xl list | awk 'NR > 2 { print $1 }' | tr '\n' ' ')" || fail "no domain named guest after failover: $(xl list | awk 'NR > 1 { print $1 }' | tr '\n' ' ')"
+else
+    fail "no answer from the guest within 120 s of the kill"; show /tmp/receive.log; timeout 20 xl list
+fi
+sleep 5
+later=$(ask_counter)
+[ -n "$later" ] && [ -n "$answer" ] && [ "$later" -gt "$answer" ] && pass "the counter keeps running on the backup ($answer -> $later in 5 s)" || fail "the counter does not advance after failover (${answer:-?} -> ${later:-?})"
+dups=$(udp_repeats /tmp/udp-remusd.log)
+metric remusd_udp_repeated "$dups"
+received=$(grep -ao 'COUNTER [0-9]*' /tmp/udp-remusd.log | wc -l)
+if [ "$dups" -eq 0 ] && [ "$received" -gt 5 ]; then
+    pass "no counter line reached dom0 twice over the network ($received lines received across the failover)"
+else
+    fail "$dups of $received counter lines reached dom0 twice (output escaped before its checkpoint was committed), or too few arrived to tell"
+fi
+back=$(uptime_back /tmp/udp-remusd.log); gap=$(uptime_gap /tmp/udp-remusd.log)
+metric remusd_clock_back_s "$back"; metric remusd_clock_gap_s "$gap"
+# I4: the guest's clock continues from the checkpoint: never back, and forward by no more than
+# the real time the failover took (plus the line's own second).
+if awk -v b="$back" -v g="$gap" -v a="${answered:-0}" 'BEGIN { exit !(b == 0 && g <= a + 2) }'; then
+    pass "the guest's clock never went back across the failover and jumped ahead by at most the downtime (largest gap between lines ${gap} s, failover ${answered:-?} s)"
+else
+    fail "the guest's clock went back by $back s or jumped ${gap} s (failover took ${answered:-?} s)"
+fi
+
+# --- 9. Planned stop, and protection again: nothing stale, the second run works -----------
+kill "$(pid_of "remusd receive *")" 2>/dev/null
+wait_gone() { deadline=$(( $(now | cut -d. -f1) + $2 )); while [ -n "$(pid_of "$1")" ] && [ "$(now | cut -d. -f1)" -lt $deadline ]; do sleep 1; done; [ -z "$(pid_of "$1")" ]; }
+wait_gone "remusd receive *" 30 || kill -9 "$(pid_of "remusd receive *")"
+for run in 1 2; do
+    start_receive /tmp/receive-stop$run.log
+    wait_for_line /tmp/receive-stop$run.log "listening" 30 > /dev/null
+    start_protect /tmp/protect-stop$run.log
+    if wait_for_line /tmp/protect-stop$run.log "protecting: first checkpoint" 300 > /dev/null; then
+        remusd stop guest > /tmp/stop.out 2>&1
+        wait_gone "remusd protect *" 60
+        incoming=$(xl list 2>/dev/null | awk '$1 ~ /--incoming/ { print $1 }')
+        deadline=$(( $(now | cut -d. -f1) + 60 ))
+        while [ -n "$incoming" ] && [ "$(now | cut -d. -f1)" -lt $deadline ]; do sleep 1; incoming=$(xl list 2>/dev/null | awk '$1 ~ /--incoming/ { print $1 }'); done
+        if [ -z "$incoming" ] && [ -n "$(ask_counter)" ]; then
+            pass "planned stop $run: protection ended, no incoming domain left, the guest runs on ($(xl list | awk 'NR > 1 { print $1 }' | tr '\n' ' '))"
+        else
+            fail "planned stop $run: left ${incoming:-nothing}; guest answers: $(ask_counter)"; show /tmp/protect-stop$run.log /tmp/receive-stop$run.log
+        fi
+    else
+        fail "protection run $run after a stop took no checkpoint"; show /tmp/protect-stop$run.log /tmp/receive-stop$run.log
+    fi
+    kill "$(pid_of "remusd receive *")" 2>/dev/null; wait_gone "remusd receive *" 30
+done
+
+# --- 10. Failover: the primary domain destroyed under a running remusd ---------------------
+kill "$udp_listener" 2>/dev/null
+start_udp /tmp/udp-destroy.log
+start_receive /tmp/receive-destroy.log
+wait_for_line /tmp/receive-destroy.log "listening" 30 > /dev/null
+start_protect /tmp/protect-destroy.log
+if wait_for_line /tmp/protect-destroy.log "protecting: first checkpoint" 300 > /dev/null; then
+    sleep 10
+    counter_before=$(ask_counter)
+    t_kill=$(now)
+    xl destroy guest
+    await_answer "$t_kill" 120
+    if [ -n "$answered" ] && [ "$((answer + 3))" -ge "${counter_before:-0}" ]; then
+        metric remusd_destroy_answer_s "$answered"
+        pass "failover after 'xl destroy' of the primary: the backup answers $answered s later at counter $answer (${counter_before:-?} before); primary said: $(grep -ao 'GUEST LOST[^;]*' /tmp/protect-destroy.log | head -1)"
+    else
+        fail "no failover after 'xl destroy' of the primary (answer ${answer:-none}, before ${counter_before:-?})"; show /tmp/protect-destroy.log /tmp/receive-destroy.log
+    fi
+    dups=$(udp_repeats /tmp/udp-destroy.log); received=$(grep -ao 'COUNTER [0-9]*' /tmp/udp-destroy.log | wc -l)
+    [ "$dups" -eq 0 ] && [ "$received" -gt 5 ] && pass "no counter line reached dom0 twice across the destroy failover ($received received)" || fail "$dups of $received counter lines reached dom0 twice after the destroy failover (or too few arrived)"
+else
+    fail "protection for the destroy test took no checkpoint"; show /tmp/protect-destroy.log /tmp/receive-destroy.log
+fi
+kill "$udp_listener" 2>/dev/null
+for p in $(pids_matching "remusd *"); do kill "$p" 2>/dev/null; done
 cleanup_domains
