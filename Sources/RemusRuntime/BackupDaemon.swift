@@ -45,6 +45,8 @@ public final class BackupDaemon: @unchecked Sendable {
     /// output; set up at start so a missing tap or plug qdisc is reported before any takeover.
     private var tapSink: (any PacketSink)?
     private var plug: PlugOutputBuffer?
+    /// Builds the replica for a Xen stream; tests put a fake here (off Xen there is no libxl).
+    var makeXenReplica: () throws -> any ReplicaTarget = { try XenBackend.makeReplica() }
 
     public init(_ config: ReceiveConfiguration) {
         self.config = config
@@ -360,7 +362,7 @@ public final class BackupDaemon: @unchecked Sendable {
     private func makeReplica(for header: StreamHeader) throws -> any ReplicaTarget {
         switch header.backend {
         case .simulated: return SimulatedBackend.makeReplica(sink: tapSink ?? SimulatedBackend.sink(config.nicSink), clock: clock)
-        case .xen: return try XenBackend.makeReplica()
+        case .xen: return try makeXenReplica()
         }
     }
 
