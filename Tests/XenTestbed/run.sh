@@ -208,10 +208,11 @@ fi
 # --- 7. dom0 overlay: kernel modules, remusd and its libraries, the guest, the scripts -------
 # Appended to the base as a second cpio archive: the kernel unpacks both into one root.
 dom0_modules=(xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-netback xen-blkback
-              bridge ifb sch_plug sch_ingress act_mirred cls_u32 tun loop)
+              bridge ifb sch_plug sch_ingress act_mirred cls_u32 tun loop
+              virtio_pci virtio_net)   # the two-host mode's wire (two-hosts.sh)
 overlay_hash=$( {
     echo "$kver $base_hash $remus_seconds $interval_ms ${dom0_modules[*]}"
-    sha256sum "$vmlinuz" "$remusd" "$guest_initrd" "$here/dom0-init.sh" "$here/xen-tests.sh" "$here/run.sh" "$here/../TestbedLib/initramfs.sh"
+    sha256sum "$vmlinuz" "$remusd" "$guest_initrd" "$here/dom0-init.sh" "$here/xen-tests.sh" "$here/host-role.sh" "$here/run.sh" "$here/../TestbedLib/initramfs.sh"
     if [ -x "$swift_tests" ]; then sha256sum "$swift_tests"; fi
 } | sha256sum | cut -c1-16)
 overlay=$cache/dom0-overlay-$overlay_hash.cpio.gz
@@ -252,7 +253,8 @@ else
     cp "$guest_initrd" "$root/guest/initrd.cpio.gz"
     cp "$here/dom0-init.sh" "$root/init"
     cp "$here/xen-tests.sh" "$root/xen-tests.sh"
-    chmod +x "$root/init" "$root/xen-tests.sh"
+    cp "$here/host-role.sh" "$root/host-role.sh"
+    chmod +x "$root/init" "$root/xen-tests.sh" "$root/host-role.sh"
     printf 'REMUS_SECONDS=%s\nINTERVAL_MS=%s\n' "$remus_seconds" "$interval_ms" > "$root/xen-testbed.conf"
     # Only entries below usr/, guest/ and the top-level files: never a directory entry that
     # would collide with the base's /lib -> usr/lib symlink.
