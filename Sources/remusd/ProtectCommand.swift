@@ -18,7 +18,7 @@ struct Protect: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Protect a running guest by checkpointing it to a backup host.",
         discussion: """
-            Runs until stopped (SIGINT/SIGTERM or 'remusd stop'). With the simulated backend the guest is created here and runs inside this process.
+            Runs until stopped (SIGINT/SIGTERM or 'remusd stop'). With the simulated backend the guest is created here and runs inside this process. With the Xen backend (Xen 4.17 dom0, root) the guest is a running PV domain created with 'xl create'; every vif of it is buffered by plug qdiscs, and the backup builds it as '<domain>--incoming' (see Docs/xen.md).
             """)
 
     @Argument(help: "The guest to protect (a Xen domain name, or a name for the simulated guest).")
@@ -65,7 +65,7 @@ struct Protect: ParsableCommand {
 
     func run() throws {
         let kind = backend ?? (xenHypervisorPresent() ? .xen : .simulated)
-        let settings = timing.settings()
+        let settings = timing.settings(backend: kind)
         var config = ProtectConfiguration(
             domain: domain,
             backup: Endpoint(parsing: backup, defaultPort: defaultPort)!,

@@ -32,8 +32,8 @@ struct TimingOptions: ParsableArguments {
     @Option(name: .customLong("fence-grace"), help: ArgumentHelp("How long a primary that lost its backup keeps the guest's output held while reconnecting, before it flows unprotected (the backup may be fencing it meanwhile).", valueName: "ms"))
     var fenceGrace: UInt64 = 2000
 
-    @Option(name: .customLong("max-pause"), help: ArgumentHelp("Longest pause per checkpoint to aim for; a bigger dirty set is deferred and the overload policy applies (0: no bound). On a backup: for protecting onwards after a takeover.", valueName: "ms"))
-    var maxPause: UInt64 = 50
+    @Option(name: .customLong("max-pause"), help: ArgumentHelp("Longest pause per checkpoint to aim for; a bigger dirty set is deferred and the overload policy applies (0: no bound). Default 50 for the simulated guest, 0 for Xen (its pause includes the guest's own suspend, which a throttled guest does more slowly). On a backup: for protecting onwards after a takeover.", valueName: "ms"))
+    var maxPause: UInt64?
 
     @Option(name: .customLong("on-overload"), help: ArgumentHelp("When the guest dirties memory faster than it can be protected: throttle (slow its vCPUs), degrade (longer epochs), or abort (stop protecting, keep it running here).", valueName: "policy"))
     var onOverload: OverloadPolicy = .throttle
@@ -46,9 +46,12 @@ struct TimingOptions: ParsableArguments {
 
     var witnessConfiguration: WitnessConfiguration? { witness.map { WitnessConfiguration(url: $0, ttlSeconds: witnessTTL) } }
 
-    func settings() -> ProtectionSettings {
-        ProtectionSettings(intervalNs: interval * 1_000_000, heartbeatNs: heartbeat * 1_000_000, timeoutNs: timeout * 1_000_000,
-                           fenceGraceNs: fenceGrace * 1_000_000, maxPauseNs: maxPause * 1_000_000, overload: onOverload)
+    /// The engine's settings for a guest of `backend`: the pause bound defaults to none on Xen,
+    /// where throttling the guest's CPU also slows the suspend it answers at every checkpoint.
+    func settings(backend: BackendKind = .simulated) -> ProtectionSettings {
+        let pauseMs = maxPause ?? (backend == .xen ? 0 : 50)
+        return ProtectionSettings(intervalNs: interval * 1_000_000, heartbeatNs: heartbeat * 1_000_000, timeoutNs: timeout * 1_000_000,
+                                  fenceGraceNs: fenceGrace * 1_000_000, maxPauseNs: pauseMs * 1_000_000, overload: onOverload)
     }
 
     func validate() throws {
@@ -93,7 +96,7 @@ struct SimNICTapOptions: ParsableArguments {
     @Option(name: .customLong("netbuf"), help: ArgumentHelp("Interfaces whose output plug qdiscs hold until the backup acknowledged it, comma-separated; must include the --sim-nic-tap tap (default: that tap).", valueName: "if[,if]"))
     var netbuf: String?
 
-    @Option(name: .customLong("netbuf-limit"), help: ArgumentHelp("Bytes each plug may hold before it drops packets (10 MiB).", valueName: "bytes"))
+    @Option(name: .customLong("netbuf-limit"), help: ArgumentHelp("Bytes each plug may hold before it drops packets (10 MiB); with --backend xen, each plug on the domain's vifs.", valueName: "bytes"))
     var netbufLimit: Int = NetbufPlumbing.defaultLimitBytes
 
     var interfaces: [String] {

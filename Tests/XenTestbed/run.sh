@@ -11,7 +11,8 @@
 #   REMUSD_XEN_TESTBED_KERNEL         dom0 and guest kernel version [newest /boot/vmlinuz-* with modules]
 #   REMUSD_XEN_TESTBED_TIMEOUT        seconds before QEMU is killed [900]
 #   REMUSD_XEN_TESTBED_REMUS_SECONDS  how long `xl remus` protects the guest before the kill [60]
-#   REMUSD_XEN_TESTBED_INTERVAL_MS    `xl remus -i` checkpoint interval in ms [200]
+#   REMUSD_XEN_TESTBED_INTERVAL_MS    checkpoint interval of `xl remus -i` and `remusd protect --interval`, ms [200]
+#   REMUSD_XEN_TESTBED_XL=0           leave out the `xl remus` baseline (remusd's tests only)
 #   REMUSD_XEN_TESTBED_HYPERVISOR     xen-hypervisor-4.17-amd64 version [newest with shadow paging]
 #   REMUSD_XEN_TESTBED_MIRROR         Debian mirror for debootstrap [the host's first Debian apt source]
 #   REMUSD_XEN_TESTBED_SKIP_BUILD=1   reuse the cached remusd build instead of running swift build
@@ -25,6 +26,7 @@ cache=${REMUSD_XEN_TESTBED_CACHE:-$HOME/.cache/remusd-xen-testbed}
 timeout_s=${REMUSD_XEN_TESTBED_TIMEOUT:-900}
 remus_seconds=${REMUSD_XEN_TESTBED_REMUS_SECONDS:-60}
 interval_ms=${REMUSD_XEN_TESTBED_INTERVAL_MS:-200}
+xl_baseline=${REMUSD_XEN_TESTBED_XL:-1}
 suite=bookworm
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)
@@ -109,7 +111,8 @@ say "hypervisor $hv_version, dom0 tools $xen_version"
 # --- 4. dom0 base image: debootstrap minbase + Xen's tools, trimmed -----------------------
 mirror=${REMUSD_XEN_TESTBED_MIRROR:-$(grep -hoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null | head -1 | tr -d ' ' || true)}
 mirror=${mirror:-http://deb.debian.org/debian}
-base_packages="kmod,iproute2,procps,busybox-static,psmisc,sysvinit-utils"
+# socat: the tests' UDP receiver for the guest's counter lines (busybox's nc has no UDP).
+base_packages="kmod,iproute2,procps,busybox-static,psmisc,sysvinit-utils,socat"
 xen_packages="xen-utils-4.17=$xen_version xen-utils-common=$xen_version xenstore-utils=$xen_version"
 
 build_dom0_base() {
@@ -211,7 +214,7 @@ dom0_modules=(xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-netback x
               bridge ifb sch_plug sch_ingress act_mirred cls_u32 tun loop
               virtio_pci virtio_net)   # the two-host mode's wire (two-hosts.sh)
 overlay_hash=$( {
-    echo "$kver $base_hash $remus_seconds $interval_ms ${dom0_modules[*]}"
+    echo "$kver $base_hash $remus_seconds $interval_ms $xl_baseline ${dom0_modules[*]}"
     sha256sum "$vmlinuz" "$remusd" "$guest_initrd" "$here/dom0-init.sh" "$here/xen-tests.sh" "$here/host-role.sh" "$here/run.sh" "$here/../TestbedLib/initramfs.sh"
     if [ -x "$swift_tests" ]; then sha256sum "$swift_tests"; fi
 } | sha256sum | cut -c1-16)
@@ -255,7 +258,7 @@ else
     cp "$here/xen-tests.sh" "$root/xen-tests.sh"
     cp "$here/host-role.sh" "$root/host-role.sh"
     chmod +x "$root/init" "$root/xen-tests.sh" "$root/host-role.sh"
-    printf 'REMUS_SECONDS=%s\nINTERVAL_MS=%s\n' "$remus_seconds" "$interval_ms" > "$root/xen-testbed.conf"
+    printf 'REMUS_SECONDS=%s\nINTERVAL_MS=%s\nXL_BASELINE=%s\n' "$remus_seconds" "$interval_ms" "$xl_baseline" > "$root/xen-testbed.conf"
     # Only entries below usr/, guest/ and the top-level files: never a directory entry that
     # would collide with the base's /lib -> usr/lib symlink.
     (cd "$root" && find . -mindepth 1 -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$overlay.tmp"
@@ -321,6 +324,22 @@ row "failover: kill to backup unpaused" "$(metric failover_running_s)" "s"
 row "failover: kill to guest answering TCP on the backup" "$(metric failover_answer_s)" "s"
 row "guest counter before kill / after failover" "$(metric counter_before_kill) / $(metric counter_after_failover)" ""
 row "counter lines printed again by the backup" "$(metric counter_repeated)" "lines"
+echo
+# Side by side: the same guest, the same interval, the same length of protection, one run.
+row2() { printf '  %-56s %18s %18s  %s\n' "$1" "${2:-—}" "${3:-—}" "$4"; }
+gap_over=$(awk -v g="$(metric checkpoint_gap_ms)" -v i="$interval_ms" 'BEGIN { if (g != "") printf "%.0f", g - i }')
+echo "Side by side: xl remus -F -n -i $interval_ms and remusd protect --interval $interval_ms (netbuf on the vif), backup on the same dom0"
+row2 "measure" "xl remus" "remusd" "unit"
+row2 "start to first checkpoint (live pre-copy of 128 MiB)" "$(metric remus_sync_s)" "$(metric remusd_sync_s)" "s"
+row2 "checkpoints per second (asked: $(awk -v i="$interval_ms" 'BEGIN { printf "%.1f", 1000 / i }'))" "$(metric checkpoints_per_s)" "$(metric remusd_checkpoints_per_s)" "1/s"
+row2 "guest counter rate, protected (unprotected: $(metric counter_rate_free))" "$(metric counter_rate_protected)" "$(metric remusd_counter_rate)" "1/s"
+row2 "pause per checkpoint, p50 / p99 (xl: gap - interval)" "${gap_over:+~$gap_over}" "$(metric remusd_pause_p50_ms) / $(metric remusd_pause_p99_ms)" "ms"
+row2 "ping round trip while protected (unprotected: $(metric free_ping_rtt_ms))" "" "$(metric remusd_ping_rtt_ms)" "ms"
+row2 "failover: kill to the guest answering TCP" "$(metric failover_answer_s)" "$(metric remusd_failover_answer_s)" "s"
+row2 "failover: primary domain destroyed, to the guest answering" "none" "$(metric remusd_destroy_answer_s)" "s"
+row2 "counter lines the outside received twice (UDP)" "$(metric udp_repeated)" "$(metric remusd_udp_repeated)" "lines"
+row2 "output held until the backup has the checkpoint" "no" "yes" ""
+echo "  (xl remus detects nothing but a broken stream: its failover starts at the kill; remusd's after --timeout 3000 ms of silence and the fence)"
 echo
 echo "xen-testbed: timing: total $(elapsed "$t_start") s, QEMU $run_s s (dom0 kernel to /init ${booted:-?} s)"
 if [ "$qemu_status" -eq 124 ]; then

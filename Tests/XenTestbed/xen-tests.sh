@@ -251,7 +251,7 @@ start_receive() {
     remusd receive --listen 127.0.0.1:7788 $timing --fence "$fence" 2>&1 | stamp > "$1" &
 }
 start_protect() {
-    remusd protect guest 127.0.0.1:7788 --backend xen $timing --max-pause 0 2>&1 | stamp > "$1" &
+    remusd protect guest 127.0.0.1:7788 --backend xen $timing 2>&1 | stamp > "$1" &
 }
 # Waits until a log shows a line matching $2, at most $3 seconds; prints the uptime it did.
 wait_for_line() {
@@ -393,6 +393,22 @@ for run in 1 2; do
     wait_for_line /tmp/receive-stop$run.log "listening" 30 > /dev/null
     start_protect /tmp/protect-stop$run.log
     if wait_for_line /tmp/protect-stop$run.log "protecting: first checkpoint" 300 > /dev/null; then
+        if [ $run = 1 ]; then
+            # The backup's remusd dies (its restore helper finishes the incoming domain and
+            # leaves it paused): a new backup replaces that stale domain and the primary, which
+            # kept its guest running, synchronises again.
+            kill -9 "$(pid_of "remusd receive *")"
+            wait_gone "remusd receive *" 30
+            t_lost=$(now)
+            start_receive /tmp/receive-again.log
+            deadline=$(( ${t_lost%.*} + 240 ))
+            while [ "$(grep -ac 'protecting: first checkpoint' /tmp/protect-stop$run.log)" -lt 2 ] && [ "$(now | cut -d. -f1)" -lt $deadline ]; do sleep 1; done
+            if [ "$(grep -ac 'protecting: first checkpoint' /tmp/protect-stop$run.log)" -ge 2 ]; then
+                pass "backup lost and back: the primary protects again $(since "$t_lost") s after the new backup started ($(grep -ao 'destroyed the stale incoming domain[^(]*' /tmp/receive-again.log | head -1 || echo 'no stale domain was left'))"
+            else
+                fail "the primary did not protect again after its backup came back"; show /tmp/protect-stop$run.log /tmp/receive-again.log
+            fi
+        fi
         remusd stop guest > /tmp/stop.out 2>&1
         wait_gone "remusd protect *" 60
         incoming=$(xl list 2>/dev/null | awk '$1 ~ /--incoming/ { print $1 }')
