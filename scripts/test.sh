@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The README's test command (and CI's): unit and property tests, 200+ verified failovers,
-# a bounded fuzz run, and the kernel testbed for the plug qdisc.
-# REMUSD_SKIP_TESTBED=1 skips the QEMU testbed; REMUSD_FUZZ_SECONDS sets the fuzz time (default 60).
+# a bounded fuzz run, the kernel testbed for the plug qdisc, and the Xen testbed (remusd and
+# xl remus protecting a real Xen PV domain, on one host and across two).
+# REMUSD_SKIP_TESTBED=1 skips every QEMU testbed; REMUSD_SKIP_XEN_TESTBED=1 only the Xen ones;
+# REMUSD_FUZZ_SECONDS sets the fuzz time (default 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh release
@@ -31,6 +33,15 @@ fi
 if [ -f Tests/Testbed/run.sh ] && [ "${REMUSD_SKIP_TESTBED:-0}" != 1 ]; then
     step "kernel testbed: plug qdisc under QEMU"
     bash Tests/Testbed/run.sh
+fi
+
+if [ -f Tests/XenTestbed/run.sh ] && [ "${REMUSD_SKIP_TESTBED:-0}" != 1 ] && [ "${REMUSD_SKIP_XEN_TESTBED:-0}" != 1 ]; then
+    step "Xen testbed: remusd and xl remus protecting a Xen PV domain under QEMU"
+    bash Tests/XenTestbed/run.sh
+    if [ -f Tests/XenTestbed/two-hosts.sh ]; then
+        step "Xen testbed, two hosts: the primary host's QEMU killed, the backup host takes over"
+        bash Tests/XenTestbed/two-hosts.sh
+    fi
 fi
 
 step "all green"

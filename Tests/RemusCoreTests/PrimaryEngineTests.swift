@@ -238,6 +238,23 @@ struct PrimaryEngineTests {
         guard case .degraded = e.state else { Issue.record("state \(e.state)"); return }
     }
 
+    @Test func aVanishedGuestEndsTheStreamWithAnErrorAndKeepsOutputHeld() {
+        var (e, t) = protectingEngine()
+        _ = e.onAck(1, now: t)
+        t += 100 * ms
+        _ = e.onPeerActivity(now: t)
+        let due = e.onTick(now: t)
+        #expect(due.contains(.checkpoint(2, .checkpoint)))
+        // Checkpoint 2 fails because the domain is gone: the backup must take over from 1.
+        let d = e.onGuestLost(reason: "domain destroyed", now: t)
+        #expect(d.first == .sendStreamEnd(.error, lastEpoch: 1), "the failed checkpoint 2 never completed")
+        #expect(!d.contains(.releaseAllOutput), "output of epochs the backup may not have must stay held")
+        #expect(!d.contains { if case .releaseOutput = $0 { return true } else { return false } })
+        #expect(e.state == .stopped)
+        t += 10_000 * ms
+        #expect(e.onTick(now: t) == [], "a stopped engine neither reconnects nor releases")
+    }
+
     @Test func plannedStopSendsStreamEndWithTheLastCapturedEpoch() {
         var (e, t) = protectingEngine()
         _ = e.onAck(1, now: t)

@@ -355,7 +355,9 @@ public struct PrimaryEngine: Sendable {
     /// which a backup treats as the loss of the primary.
     public mutating func onGuestLost(reason: String, now: UInt64) -> [Directive] {
         let connected = isConnectedState
-        let last = acknowledgedEpoch
+        // The checkpoint being taken when the guest vanished never completed; every one before
+        // it is queued ahead of STREAM_END.
+        let last = capturedEpoch > streamFirstEpoch ? capturedEpoch - 1 : 0
         state = .stopped
         outputHeldSince = nil
         return (connected ? [.sendStreamEnd(.error, lastEpoch: last)] : [.closeConnection])
