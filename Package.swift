@@ -31,7 +31,7 @@ let package = Package(
         // tun/tap ioctls (TUNSETIFF and friends are macros, ioctl is variadic): the simulated
         // guest's NIC over a real tap, so the plug qdisc path runs end to end.
         .target(name: "CTap"),
-        .target(name: "RemusNetbuf", dependencies: ["RemusCore", "CNetlink", "CTap"]),
+        .target(name: "RemusNetbuf", dependencies: ["RemusCore", "RemusThreads", "CNetlink", "CTap"]),
         // The Xen 4.17 toolstack libraries (libxen-dev) and the few C shims Swift cannot import;
         // RemusXen owns their handles and is the Xen backend (libxenguest primary, libxl replica).
         .systemLibrary(name: "CXen", pkgConfig: "xenlight", providers: [.apt(["libxen-dev"])]),

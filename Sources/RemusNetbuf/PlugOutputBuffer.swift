@@ -1,6 +1,7 @@
 import CNetlink
 import Glibc
 import RemusCore
+import RemusThreads
 import Synchronization
 
 /// Counters of one interface's plug, read from the kernel.
@@ -239,11 +240,4 @@ public final class PlugOutputBuffer: OutputBuffer, Sendable {
             usleep(1_000)
         }
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds.
-func monotonicNanoseconds() -> UInt64 {
-    var now = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
 }

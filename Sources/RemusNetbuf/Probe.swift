@@ -1,5 +1,6 @@
 import CNetlink
 import Glibc
+import RemusThreads
 
 /// Small traffic tools for the testbed (`remusd netbuf probe-…`): numbered raw Ethernet frames of
 /// any ethertype, a frame listener, and a TCP echo/round-trip pair. They exist because busybox

@@ -67,3 +67,10 @@ public func startThread(name: String, _ body: @escaping @Sendable () -> Void) {
     precondition(rc == 0, "pthread_create failed: \(rc)")
     pthread_detach(thread)
 }
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `MonitorLock`'s deadlines.
+public func monotonicNanoseconds() -> UInt64 {
+    var now = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+}

@@ -170,14 +170,21 @@ final class SaveSession: @unchecked Sendable {
     private static let scratchBytes = 1 << 20
     private let scratch = UnsafeMutableRawPointer.allocate(byteCount: SaveSession.scratchBytes, alignment: 4096)
 
+    /// A place where the save thread waits for the shell: before suspending the guest (in the
+    /// `suspend` callback) and before resuming it (in `postcopy`).
+    private struct HandOff {
+        /// The save thread is there, waiting.
+        var waiting = false
+        /// The shell lets it go on.
+        var permitted = false
+        /// How often the step after it succeeded.
+        var done = 0
+    }
+
     private let monitor = MonitorLock()
     // Guarded by `monitor`:
-    private var atSuspend = false
-    private var goAhead = false
-    private var suspensions = 0
-    private var atPostcopy = false
-    private var mayResume = false
-    private var resumptions = 0
+    private var suspendPoint = HandOff()
+    private var resumePoint = HandOff()
     private var aborting = false
     private var finished = false
     private var failure: String?
@@ -238,40 +245,57 @@ final class SaveSession: @unchecked Sendable {
     // MARK: - Callbacks (on the save thread)
 
     private func suspendCallback() -> Int32 {
-        let proceed = monitor.withLock { () -> Bool in
-            atSuspend = true
-            monitor.broadcast()
-            while !goAhead && !aborting { monitor.wait(untilMonotonic: nil) }
-            atSuspend = false
-            goAhead = false
-            return !aborting
-        }
-        guard proceed else { return 0 }
-        let result = suspendDomain()
-        monitor.withLock {
-            if let result { failure = result } else { suspensions += 1 }
-            monitor.broadcast()
-        }
-        return result == nil ? 1 : 0
+        guard arrive(at: \.suspendPoint) else { return 0 }
+        let failure = suspendDomain()
+        finish(\.suspendPoint, failure: failure)
+        return failure == nil ? 1 : 0
     }
 
     private func postcopyCallback() -> Int32 {
-        let proceed = monitor.withLock { () -> Bool in
-            atPostcopy = true
-            monitor.broadcast()
-            while !mayResume && !aborting { monitor.wait(untilMonotonic: nil) }
-            atPostcopy = false
-            mayResume = false
-            return !aborting
-        }
-        guard proceed else { return 0 }
+        guard arrive(at: \.resumePoint) else { return 0 }
         let rc = xc_domain_resume(control.handle, domid, 1)
         let code = errno
+        finish(\.resumePoint, failure: rc == 0 ? nil : "xc_domain_resume(\(domid), fast) failed: \(String(cString: strerror(code)))")
+        return rc == 0 ? 1 : 0
+    }
+
+    /// The save thread waits at `point` until the shell lets it go on (true) or the save is
+    /// being ended (false).
+    private func arrive(at point: ReferenceWritableKeyPath<SaveSession, HandOff>) -> Bool {
         monitor.withLock {
-            if rc == 0 { resumptions += 1 } else { failure = "xc_domain_resume(\(domid), fast) failed: \(String(cString: strerror(code)))" }
+            self[keyPath: point].waiting = true
+            monitor.broadcast()
+            while !self[keyPath: point].permitted && !aborting { monitor.wait(untilMonotonic: nil) }
+            self[keyPath: point] = HandOff(waiting: false, permitted: false, done: self[keyPath: point].done)
+            return !aborting
+        }
+    }
+
+    /// The step after `point` succeeded (failure nil) or failed.
+    private func finish(_ point: ReferenceWritableKeyPath<SaveSession, HandOff>, failure: String?) {
+        monitor.withLock {
+            if let failure { self.failure = failure } else { self[keyPath: point].done += 1 }
             monitor.broadcast()
         }
-        return rc == 0 ? 1 : 0
+    }
+
+    /// The shell's side of `point`: waits for the save thread to get there, lets it go on and
+    /// waits until the step after it is done.
+    private func pass(_ point: ReferenceWritableKeyPath<SaveSession, HandOff>, before what: String) throws {
+        let deadline = monotonicNanoseconds() + deadlineNs
+        try monitor.withLock { () throws -> Void in
+            while !self[keyPath: point].waiting && !finished && failure == nil && monotonicNanoseconds() < deadline {
+                monitor.wait(untilMonotonic: deadline)
+            }
+            guard self[keyPath: point].waiting, failure == nil else {
+                throw XenBackendError(failure != nil || finished ? failureText() : "libxenguest did not get to \(what) within \(deadlineNs / 1_000_000_000) s")
+            }
+            let before = self[keyPath: point].done
+            self[keyPath: point].permitted = true
+            monitor.broadcast()
+            while self[keyPath: point].done == before && !finished && failure == nil { monitor.wait(untilMonotonic: nil) }
+            guard self[keyPath: point].done > before else { throw XenBackendError(failureText()) }
+        }
     }
 
     private func checkpointCallback() -> Int32 {
@@ -285,9 +309,9 @@ final class SaveSession: @unchecked Sendable {
         guard xs_write(store.handle, xs_transaction_t(XBT_NULL), path, "suspend", 7) else {
             return "writing 'suspend' to \(path) failed: \(String(cString: strerror(errno)))"
         }
-        let deadline = monotonicNs() + deadlineNs
+        let deadline = monotonicNanoseconds() + deadlineNs
         var waitNs = 50_000
-        while monotonicNs() < deadline {
+        while monotonicNanoseconds() < deadline {
             guard let info = XenDomainInfo.read(control, domid: domid) else { return "domain \(domid) disappeared while suspending" }
             if info.isSuspended { return nil }
             if info.isShutDown || info.isDying { return "domain \(domid) shut down (reason \(info.shutdownReason)) instead of suspending" }
@@ -319,7 +343,7 @@ final class SaveSession: @unchecked Sendable {
             preambleSent = true
             out = LibxlStream.preamble
         }
-        let waiting = monitor.withLock { atSuspend }
+        let waiting = monitor.withLock { suspendPoint.waiting }
         let start = out.count
         let n = try readSome(into: &out, max: maxBytes, waitMs: waiting ? 0 : 100)
         // Follow the framing from the first byte, so that checkpoints can be cut later.
@@ -333,20 +357,7 @@ final class SaveSession: @unchecked Sendable {
     }
 
     /// Lets the save thread suspend the guest and waits until it is suspended.
-    func suspendForCheckpoint() throws {
-        let deadline = monotonicNs() + deadlineNs
-        try monitor.withLock { () throws -> Void in
-            while !atSuspend && !finished && failure == nil && monotonicNs() < deadline { monitor.wait(untilMonotonic: deadline) }
-            guard atSuspend, failure == nil else {
-                throw XenBackendError(failure != nil || finished ? failureText() : "libxenguest did not come back for the next checkpoint within \(deadlineNs / 1_000_000_000) s")
-            }
-            let before = suspensions
-            goAhead = true
-            monitor.broadcast()
-            while suspensions == before && !finished && failure == nil { monitor.wait(untilMonotonic: nil) }
-            guard suspensions > before else { throw XenBackendError(failureText()) }
-        }
-    }
+    func suspendForCheckpoint() throws { try pass(\.suspendPoint, before: "the next checkpoint") }
 
     /// Reads libxenguest's records of the checkpoint being written, up to its CHECKPOINT
     /// record, and returns them followed by libxl's CHECKPOINT_END.
@@ -357,7 +368,7 @@ final class SaveSession: @unchecked Sendable {
             out = carry
             carry.removeAll()
         }
-        let deadline = monotonicNs() + deadlineNs
+        let deadline = monotonicNanoseconds() + deadlineNs
         let checkpointsBefore = framer.checkpoints
         while true {
             // Frame what is there (carried bytes first, then each read).
@@ -369,7 +380,7 @@ final class SaveSession: @unchecked Sendable {
                 out.append(contentsOf: LibxlStream.checkpointEnd)
                 return out
             }
-            guard monotonicNs() < deadline else {
+            guard monotonicNanoseconds() < deadline else {
                 throw XenBackendError("libxenguest did not finish writing the checkpoint within \(deadlineNs / 1_000_000_000) s")
             }
             let n = try readSome(into: &out, max: 4 << 20, waitMs: 100)
@@ -381,18 +392,7 @@ final class SaveSession: @unchecked Sendable {
     }
 
     /// Lets the save thread resume the guest and waits until it has.
-    func resumeAfterCheckpoint() throws {
-        let deadline = monotonicNs() + deadlineNs
-        try monitor.withLock { () throws -> Void in
-            while !atPostcopy && !finished && failure == nil && monotonicNs() < deadline { monitor.wait(untilMonotonic: deadline) }
-            guard atPostcopy else { throw XenBackendError(failure != nil || finished ? failureText() : "libxenguest did not finish the checkpoint within \(deadlineNs / 1_000_000_000) s") }
-            let before = resumptions
-            mayResume = true
-            monitor.broadcast()
-            while resumptions == before && !finished && failure == nil { monitor.wait(untilMonotonic: nil) }
-            guard resumptions > before else { throw XenBackendError(failureText()) }
-        }
-    }
+    func resumeAfterCheckpoint() throws { try pass(\.resumePoint, before: "the end of the checkpoint") }
 
     /// Ends the save: the callbacks return 0, libxenguest stops (turning log-dirty mode off),
     /// and the guest runs on here unless `resumeGuest` is false (handed over).
@@ -403,9 +403,9 @@ final class SaveSession: @unchecked Sendable {
         }
         // A save blocked writing into a full socket gets EPIPE once nobody can read.
         shutdown(readFd, Int32(SHUT_RDWR))
-        let deadline = monotonicNs() + deadlineNs
+        let deadline = monotonicNanoseconds() + deadlineNs
         monitor.withLock {
-            while !finished && monotonicNs() < deadline { monitor.wait(untilMonotonic: deadline) }
+            while !finished && monotonicNanoseconds() < deadline { monitor.wait(untilMonotonic: deadline) }
         }
         if resumeGuest, let info = XenDomainInfo.read(shell, domid: domid), info.isSuspended {
             // Suspended for a checkpoint that will not be completed: a cancelled suspend.
@@ -444,9 +444,3 @@ final class SaveSession: @unchecked Sendable {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds.
-func monotonicNs() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-}

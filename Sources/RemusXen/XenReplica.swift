@@ -174,7 +174,7 @@ public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
     /// Waits until every queued byte is in the pipe (or the feeder failed).
     private func drain(until deadline: UInt64) {
         monitor.withLock {
-            while (feeding || !queue.isEmpty) && feedFailure == nil && monotonicNs() < deadline {
+            while (feeding || !queue.isEmpty) && feedFailure == nil && monotonicNanoseconds() < deadline {
                 monitor.wait(untilMonotonic: deadline)
             }
         }
@@ -187,7 +187,7 @@ public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
 
     /// Failover: the last complete checkpoint becomes the running domain.
     public func activate(clock: any HostClock) throws {
-        let deadline = monotonicNs() + deadlineNs
+        let deadline = monotonicNanoseconds() + deadlineNs
         drain(until: deadline)
         let fed = monitor.withLock { fedCheckpoints }
         guard fed > 0 else {
@@ -223,8 +223,8 @@ public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
         if rename() { return }
         reportLine("a domain named '\(name)' still exists on this host (the old primary, dying?); the backup runs as '\(incoming)' until that name is free")
         startThread(name: "xen-rename") { [self] in
-            let deadline = monotonicNs() + 300_000_000_000
-            while monotonicNs() < deadline {
+            let deadline = monotonicNanoseconds() + 300_000_000_000
+            while monotonicNanoseconds() < deadline {
                 if rename() {
                     reportLine("the backup domain \(domid) runs as '\(name)' now")
                     return
@@ -247,7 +247,7 @@ public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
             close(writeFd)
             writeFd = -1
         }
-        let result = try? waitForRestore(until: monotonicNs() + deadlineNs)
+        let result = try? waitForRestore(until: monotonicNanoseconds() + deadlineNs)
         if let result, result.rc == 0, result.domid != 0 {
             try? light.destroy(domid: result.domid)
         }
@@ -260,7 +260,7 @@ public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
 
     private func waitForRestore(until deadline: UInt64) throws -> (rc: Int32, domid: UInt32, log: [String]) {
         try monitor.withLock { () throws -> (rc: Int32, domid: UInt32, log: [String]) in
-            while !restoreDone && monotonicNs() < deadline { monitor.wait(untilMonotonic: deadline) }
+            while !restoreDone && monotonicNanoseconds() < deadline { monitor.wait(untilMonotonic: deadline) }
             guard restoreDone else {
                 throw XenBackendError("libxl did not finish the domain within \(deadlineNs / 1_000_000_000) s of the stream's end")
             }

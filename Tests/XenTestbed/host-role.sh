@@ -15,31 +15,10 @@ host_a=10.0.0.1
 guest_ip=10.0.0.2
 host_b=10.0.0.3
 port=7788
-console_dir=/var/log/xen/console
 
-pass() { echo "TESTBED PASS: $*"; }
-fail() { echo "TESTBED FAIL: $*"; }
-info() { echo "TESTBED INFO: $*"; }
-metric() { echo "TESTBED METRIC $1 $2"; }
-now() { read -r up _ < /proc/uptime; echo "$up"; }
+. /dom0-lib.sh
 now_s() { now | cut -d. -f1; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 diff_s() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
-show() { for f in "$@"; do echo "    --- $f"; tail -40 "$f" 2>/dev/null | sed 's/^/    | /'; done; }
-# Timestamps every line with dom0's uptime (seconds), so the log can be measured afterwards.
-stamp() { while IFS= read -r line; do read -r up _ < /proc/uptime; printf '%s %s\n' "$up" "$line"; done; }
-# Process ids whose command line matches a shell pattern.
-pids_matching() {
-    for d in /proc/[0-9]*; do
-        c=$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null) || continue
-        case "$c" in $1) echo "${d#/proc/}" ;; esac
-    done
-}
-# The last counter value a console log shows (empty if none yet).
-last_counter() { grep -ao 'COUNTER [0-9]*' "$1" 2>/dev/null | tail -1 | cut -d' ' -f2; }
-# The counter as the guest answers it over TCP (empty if it does not answer). busybox nc's -w
-# bounds only the connect: `timeout` bounds a guest that vanishes mid-answer (its host killed).
-ask_counter() { timeout 3 busybox nc -w 1 "$guest_ip" 7 < /dev/null 2>/dev/null | sed -n 's/^COUNTER \([0-9]*\).*/\1/p' | head -1; }
 # The uptime stamp of the first line of a stamped log matching a pattern (empty if none).
 stamp_of() { awk -v p="$2" '$0 ~ p { print $1; exit }' "$1" 2>/dev/null; }
 # State column of `xl list` for a domain name ("r-----", "--p---", …; empty if it does not exist).
@@ -110,19 +89,7 @@ primary() {
     bridge_up "$host_a" || kill_me
     wait_for_peer "$host_b" "host B" || kill_me
 
-    # The guest: the same as xen-tests.sh's (section 3).
-    cat > /etc/xen/guest.cfg <<CFG
-name = "guest"
-type = "pv"
-kernel = "/guest/vmlinuz"
-ramdisk = "/guest/initrd.cpio.gz"
-extra = "console=hvc0 loglevel=4"
-memory = 128
-maxmem = 128
-vcpus = 1
-vif = [ 'mac=00:16:3e:5e:00:02,bridge=xenbr0' ]
-on_crash = "preserve"
-CFG
+    write_guest_config
     t=$(now)
     if xl create /etc/xen/guest.cfg > /tmp/xl-create.log 2>&1; then
         metric xl_create_s "$(since "$t")"

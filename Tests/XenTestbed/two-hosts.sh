@@ -45,8 +45,9 @@ copy_checked() {
     # The overlay is the second gzip member: unpack the scripts and compare.
     check=$(mktemp -d)
     tail -c +"$(( $(stat -c %s "$base") + 1 ))" "$initrd.tmp" | gzip -dc \
-        | cpio -id --quiet -D "$check" init host-role.sh xen-testbed.conf 2>/dev/null || true
+        | cpio -id --quiet -D "$check" init host-role.sh dom0-lib.sh xen-testbed.conf 2>/dev/null || true
     if cmp -s "$check/init" "$here/dom0-init.sh" && cmp -s "$check/host-role.sh" "$here/host-role.sh" \
+        && cmp -s "$check/dom0-lib.sh" "$here/dom0-lib.sh" \
         && grep -qx "REMUS_SECONDS=$remus_seconds" "$check/xen-testbed.conf" \
         && grep -qx "INTERVAL_MS=$interval_ms" "$check/xen-testbed.conf"; then
         rm -rf "$check"; mv "$initrd.tmp" "$initrd"

@@ -7,31 +7,11 @@
 # the metrics into the result table).
 . /xen-testbed.conf   # REMUS_SECONDS INTERVAL_MS
 
-pass() { echo "TESTBED PASS: $*"; }
-fail() { echo "TESTBED FAIL: $*"; }
-info() { echo "TESTBED INFO: $*"; }
-metric() { echo "TESTBED METRIC $1 $2"; }
-now() { read -r up _ < /proc/uptime; echo "$up"; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
-show() { for f in "$@"; do echo "    --- $f"; tail -40 "$f" | sed 's/^/    | /'; done; }
-# Timestamps every line with dom0's uptime (seconds), so the log can be measured afterwards.
-stamp() { while IFS= read -r line; do read -r up _ < /proc/uptime; printf '%s %s\n' "$up" "$line"; done; }
-# Process ids whose command line matches a shell pattern.
-pids_matching() {
-    for d in /proc/[0-9]*; do
-        c=$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null) || continue
-        case "$c" in $1) echo "${d#/proc/}" ;; esac
-    done
-}
-# The last counter value a console log shows (empty if none yet).
-last_counter() { grep -ao 'COUNTER [0-9]*' "$1" 2>/dev/null | tail -1 | cut -d' ' -f2; }
-# The counter as the guest answers it over TCP (empty if it does not answer within 1 s).
-ask_counter() { busybox nc -w 1 10.0.0.2 7 < /dev/null 2>/dev/null | sed -n 's/^COUNTER \([0-9]*\).*/\1/p' | head -1; }
+. /dom0-lib.sh
 # State column of `xl list` for a domain id ("r-----", "--p---", …; empty if it does not exist).
 domain_state() { timeout 20 xl list 2>/dev/null | awk -v id="$1" '$2 == id { print $5 }'; }
 cleanup_domains() { for id in $(xl list 2>/dev/null | awk 'NR > 1 && $2 != 0 { print $2 }'); do xl destroy "$id" > /dev/null 2>&1; done; }
 
-console_dir=/var/log/xen/console
 
 # --- 1. Xen's services --------------------------------------------------------------------
 t=$(now)
@@ -72,18 +52,7 @@ modprobe xen-netback
 modprobe bridge
 ip link add xenbr0 type bridge && ip addr add 10.0.0.1/24 dev xenbr0 && ip link set xenbr0 up \
     || fail "bridge xenbr0"
-cat > /etc/xen/guest.cfg <<CFG
-name = "guest"
-type = "pv"
-kernel = "/guest/vmlinuz"
-ramdisk = "/guest/initrd.cpio.gz"
-extra = "console=hvc0 loglevel=4"
-memory = 128
-maxmem = 128
-vcpus = 1
-vif = [ 'mac=00:16:3e:5e:00:02,bridge=xenbr0' ]
-on_crash = "preserve"
-CFG
+write_guest_config
 # The guest's counter lines over UDP: what the outside world receives from it.
 socat -u UDP-RECV:9000 STDOUT > /tmp/udp-xl.log 2>/dev/null &
 udp_listener=$!

@@ -30,11 +30,7 @@ func syscall<T: BinaryInteger>(_ call: @autoclosure () -> String, _ body: () -> 
 /// Monotonic and wall clocks of this host.
 public struct SystemClock: HostClock {
     public init() {}
-    public func monotonicNs() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-    }
+    public func monotonicNs() -> UInt64 { monotonicNanoseconds() }
     public func wallNs() -> Int64 {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
