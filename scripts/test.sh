@@ -14,7 +14,7 @@ step() { echo; echo "=== $1 ($(( $(date +%s) - start )) s)"; }
 
 step "unit and property tests (swift test)"
 # Build chatter and per-test lines are dropped; failures and the closing "Test run with N tests" stay.
-swift test --parallel 2>&1 | grep -Ev "^\[[0-9]+/[0-9]+\]|^Compiling|^Building|^Write|^Emitting|^[^ ]* Test [^r].* passed after|^[^ ]* Suite .* passed after|started\.$" 
+swift test --parallel 2>&1 | grep -Ev "^\[[0-9]+/[0-9]+\]|^Compiling|^Building|^Write|^Emitting|^[^ ]* Test [^ ]+\(.*passed after|^[^ ]* Suite .* passed after|started\.$" 
 
 step "drills: 200 failovers at random kill points, each verified"
 .build/release/remusd drill --failovers 200 --quiet
