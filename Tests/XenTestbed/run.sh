@@ -338,6 +338,7 @@ row2 "pause per checkpoint, p50 / p99 (xl: gap - interval)" "${gap_over:+~$gap_o
 row2 "ping round trip while protected (unprotected: $(metric free_ping_rtt_ms))" "" "$(metric remusd_ping_rtt_ms)" "ms"
 row2 "failover: kill to the guest answering TCP" "$(metric failover_answer_s)" "$(metric remusd_failover_answer_s)" "s"
 row2 "failover: primary domain destroyed, to the guest answering" "$([ "$xl_baseline" = 1 ] && echo none)" "$(metric remusd_destroy_answer_s)" "s"
+row2 "planned switchover: command to the guest answering" "$([ "$xl_baseline" = 1 ] && echo none)" "$(metric remusd_switchover_answer_s)" "s"
 row2 "counter lines the outside received twice (UDP)" "$(metric udp_repeated)" "$(metric remusd_udp_repeated)" "lines"
 row2 "output held until the backup has the checkpoint" "$([ "$xl_baseline" = 1 ] && echo no)" "yes" ""
 echo "  (xl remus detects nothing but a broken stream: its failover starts at the kill; remusd's after --timeout 3000 ms of silence and the fence)"

@@ -412,10 +412,43 @@ if wait_for_line /tmp/protect-destroy.log "protecting: first checkpoint" 300 > /
     else
         fail "no failover after 'xl destroy' of the primary (answer ${answer:-none}, before ${counter_before:-?})"; show /tmp/protect-destroy.log /tmp/receive-destroy.log
     fi
+    busybox ping -c 2 -W 2 10.0.0.2 > /dev/null 2>&1 && pass "the guest answers ping after the destroy failover" || fail "no ping answer after the destroy failover"
     dups=$(udp_repeats /tmp/udp-destroy.log); received=$(grep -ao 'COUNTER [0-9]*' /tmp/udp-destroy.log | wc -l)
     [ "$dups" -eq 0 ] && [ "$received" -gt 5 ] && pass "no counter line reached dom0 twice across the destroy failover ($received received)" || fail "$dups of $received counter lines reached dom0 twice after the destroy failover (or too few arrived)"
 else
     fail "protection for the destroy test took no checkpoint"; show /tmp/protect-destroy.log /tmp/receive-destroy.log
+fi
+kill "$udp_listener" 2>/dev/null
+for p in $(pids_matching "remusd *"); do kill "$p" 2>/dev/null; done
+wait_gone "remusd *" 30
+
+# --- 11. Planned switchover: the backup runs the guest, nothing lost or doubled -----------
+start_udp /tmp/udp-switchover.log
+start_receive /tmp/receive-switchover.log
+wait_for_line /tmp/receive-switchover.log "listening" 30 > /dev/null
+start_protect /tmp/protect-switchover.log
+if wait_for_line /tmp/protect-switchover.log "protecting: first checkpoint" 300 > /dev/null; then
+    sleep 5
+    counter_before=$(ask_counter)
+    t_switch=$(now)
+    remusd failover guest > /tmp/switchover.out 2>&1
+    await_answer "$t_switch" 120
+    later=""; [ -n "$answer" ] && { sleep 3; later=$(ask_counter); }
+    if [ -n "$answered" ] && [ -n "$later" ] && [ "$later" -gt "$answer" ] && [ "$((answer + 1))" -ge "${counter_before:-0}" ]; then
+        metric remusd_switchover_answer_s "$answered"
+        pass "planned switchover: the backup runs the guest $answered s after 'remusd failover guest' (counter ${counter_before:-?} before, $answer, then $later)"
+    else
+        fail "planned switchover: answer ${answer:-none} after ${answered:-?} s, then ${later:-none} (before: ${counter_before:-?})"; show /tmp/switchover.out /tmp/protect-switchover.log /tmp/receive-switchover.log
+    fi
+    wait_gone "remusd protect *" 60 && pass "the old primary's remusd ended after the hand-over" || fail "remusd protect still runs after the switchover"
+    dups=$(udp_repeats /tmp/udp-switchover.log); received=$(grep -ao 'COUNTER [0-9]*' /tmp/udp-switchover.log | wc -l)
+    [ "$dups" -eq 0 ] && [ "$received" -gt 5 ] && pass "no counter line reached dom0 twice across the switchover ($received received)" || fail "$dups of $received counter lines reached dom0 twice across the switchover (or too few arrived)"
+    deadline=$(( $(now | cut -d. -f1) + 60 ))
+    while [ "$(xl list 2>/dev/null | awk 'NR > 2' | wc -l)" -ne 1 ] && [ "$(now | cut -d. -f1)" -lt $deadline ]; do sleep 1; done
+    domains=$(xl list 2>/dev/null | awk 'NR > 2 { print $1 }' | tr '\n' ' ')
+    [ "$domains" = "guest " ] && pass "after the switchover one domain remains, named guest" || fail "after the switchover the domains are: $domains"
+else
+    fail "protection for the switchover test took no checkpoint"; show /tmp/protect-switchover.log /tmp/receive-switchover.log
 fi
 kill "$udp_listener" 2>/dev/null
 for p in $(pids_matching "remusd *"); do kill "$p" 2>/dev/null; done
