@@ -327,7 +327,12 @@ public final class BackupDaemon: @unchecked Sendable {
 
     /// After taking over: the guest runs here; protect it towards the next backup if asked.
     private func continueAsPrimary(replica: any ReplicaTarget, header: StreamHeader) throws {
-        guard let running = SimulatedBackend.runningGuest(from: replica) else { return }
+        guard let running = SimulatedBackend.runningGuest(from: replica) else {
+            if let next = config.reprotectTo {
+                Log.warning("--reprotect-to is not available for \(header.backend) guests yet: the guest runs here unprotected; protect it with 'remusd protect \(header.guestName) \(next)'")
+            }
+            return
+        }
         guard let next = config.reprotectTo else {
             // Nothing will acknowledge its output: let it out.
             if let plug { try plug.releaseAll() }

@@ -165,6 +165,28 @@ struct ProcessTests {
         #expect(log.contains("keeps checkpoint 1"))
     }
 
+    @Test func aXenStreamOffXenIsRefusedAndTheBackupKeepsListening() throws {
+        guard !xenHypervisorPresent() else { return }  // in a dom0 the backup would build the domain
+        let backup = try Backup.start()
+        defer { backup.stop() }
+        let channel = try TCPChannel.connect(to: Endpoint(host: "127.0.0.1", port: backup.port))
+        let reader = StreamReader(channel: channel, direction: .backupToPrimary)
+        _ = try reader.readHeader()
+        let header = StreamHeader(features: [], pageSize: 4096, backend: .xen, role: .primary,
+                                  guestUUID: GuestUUID(high: 1, low: 2), guestName: "guest", senderVersion: remusdVersion)
+        try RecordWriter.writePreamble(header: header, config: DomainConfig(format: .libxlJSON, bytes: Array("{}".utf8)), to: channel)
+        // The primary is told why, in an ERROR record, before the backup closes the connection.
+        var refusal: PeerError?
+        while let event = try reader.next() {
+            if case .peerError(let e) = event { refusal = e; break }
+        }
+        let message = refusal?.message ?? ""
+        #expect(message.contains("cannot receive a Xen guest"), "\(message)")
+        #expect(message.contains("dom0 of Xen 4.17"), "the refusal says what the backup needs: \(message)")
+        let status = try StatusSocket.query(backup.directory + "/backup.sock")
+        #expect(status.contains("LISTENING"), "a refused primary must not change the backup's state: \(status)")
+    }
+
     @Test func garbageInsteadOfAStreamIsRefusedWithAClearError() throws {
         let backup = try Backup.start()
         defer { backup.stop() }
