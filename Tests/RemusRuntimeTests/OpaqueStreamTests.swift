@@ -99,19 +99,6 @@ private enum Session {
     }()
 }
 
-/// A byte channel that keeps what is written.
-private final class RecordingChannel: ByteChannel, @unchecked Sendable {  // used by one thread
-    var bytes: [UInt8] = []
-    let peer = "memory"
-    func read(into buffer: UnsafeMutableRawBufferPointer) throws -> Int { 0 }
-    func write(segments: UnsafeMutableBufferPointer<iovec>) throws {
-        for s in segments where s.iov_len > 0 {
-            bytes += UnsafeRawBufferPointer(start: s.iov_base, count: s.iov_len)
-        }
-    }
-    func shutdown() {}
-    func shutdownWrite() {}
-}
 
 /// A connection that hands out `bytes` in reads of seeded random sizes and then reports the
 /// peer gone: a primary that stopped at a chosen byte, without threads.

@@ -22,19 +22,6 @@ private func runRemusd(_ arguments: [String]) throws -> (Int32, String) {
     return try runShell(quoted + " 2>&1")
 }
 
-/// A byte channel that keeps what is written (to cut or corrupt a checkpoint before sending it).
-private final class RecordingChannel: ByteChannel, @unchecked Sendable {
-    var bytes: [UInt8] = []
-    let peer = "memory"
-    func read(into buffer: UnsafeMutableRawBufferPointer) throws -> Int { 0 }
-    func write(segments: UnsafeMutableBufferPointer<iovec>) throws {
-        for s in segments where s.iov_len > 0 {
-            bytes += UnsafeRawBufferPointer(start: s.iov_base, count: s.iov_len)
-        }
-    }
-    func shutdown() {}
-    func shutdownWrite() {}
-}
 
 /// A primary written by hand: a stepped simulated guest whose checkpoints the test encodes and
 /// sends itself, so it can cut or corrupt one on purpose.

@@ -145,14 +145,4 @@ grep -E "^TESTBED (PASS|FAIL|INFO|SKIP)" "$log.txt" || true
 [ -x "$swift_tests" ] || echo "TESTBED SKIP: the package's Swift tests were not run inside the testbed (not built)"
 booted=$(sed -n 's/.*TESTBED BOOTED uptime=\([0-9.]*\).*/\1/p' "$log.txt" | head -1)
 echo "testbed: timing: total $(elapsed "$t_start") s, QEMU $run_s s (kernel to /init ${booted:-?} s guest time)"
-if [ "$qemu_status" -eq 124 ]; then
-    echo "TESTBED FAIL: QEMU did not power off within $timeout_s s (see $log)"; exit 1
-fi
-if ! grep -q "^TESTBED DONE" "$log.txt"; then
-    echo "TESTBED FAIL: the test script did not finish (QEMU status $qemu_status); last console lines:"
-    tail -20 "$log.txt"; exit 1
-fi
-if grep -q "^TESTBED FAIL" "$log.txt" || ! grep -q "^TESTBED PASS" "$log.txt"; then
-    echo "testbed: FAILED"; exit 1
-fi
-echo "testbed: all $(grep -c '^TESTBED PASS' "$log.txt") checks passed"
+testbed_verdict testbed "$log.txt" "$qemu_status" "$timeout_s"

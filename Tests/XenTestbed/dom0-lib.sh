@@ -1,5 +1,5 @@
 # Shared by the dom0 scripts of the Xen testbed (xen-tests.sh, host-role.sh): verdict lines,
-# uptime arithmetic, processes, the guest's counter, and the guest's configuration.
+# uptime arithmetic, processes, the guest's counter, the guest's configuration and its start.
 # Console lines: TESTBED PASS|FAIL|INFO: …  and  TESTBED METRIC <name> <value>.
 guest_ip=${guest_ip:-10.0.0.2}
 console_dir=/var/log/xen/console
@@ -40,4 +40,27 @@ vcpus = 1
 vif = [ 'mac=00:16:3e:5e:00:02,bridge=xenbr0' ]
 on_crash = "preserve"
 CFG
+}
+
+# Creates the guest and waits (at most 180 s) until its console shows the counter running;
+# verdicts and metrics say how long each took. Returns 1 after a FAIL line.
+start_guest() {
+    write_guest_config
+    t=$(now)
+    if ! xl create /etc/xen/guest.cfg > /tmp/xl-create.log 2>&1; then
+        fail "xl create guest$1"; show /tmp/xl-create.log; return 1
+    fi
+    metric xl_create_s "$(since "$t")"
+    pass "xl create guest$1 ($(since "$t") s)"
+    guest_log=$console_dir/guest-guest.log
+    deadline=$(( ${t%.*} + 180 ))
+    while [ "$(last_counter "$guest_log")" = "" ] || [ "$(last_counter "$guest_log")" -lt 2 ]; do
+        [ "$(now | cut -d. -f1)" -lt $deadline ] || break
+        sleep 1
+    done
+    if [ -z "$(last_counter "$guest_log")" ]; then
+        fail "no counter from the guest within 180 s"; show "$guest_log" /tmp/xl-create.log; return 1
+    fi
+    metric guest_counter_s "$(since "$t")"
+    pass "guest counter runs$1: $(grep -a COUNTER "$guest_log" | tail -1)"
 }

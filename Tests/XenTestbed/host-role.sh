@@ -89,26 +89,8 @@ primary() {
     bridge_up "$host_a" || kill_me
     wait_for_peer "$host_b" "host B" || kill_me
 
-    write_guest_config
-    t=$(now)
-    if xl create /etc/xen/guest.cfg > /tmp/xl-create.log 2>&1; then
-        metric xl_create_s "$(since "$t")"
-        pass "xl create guest on host A ($(since "$t") s)"
-    else
-        fail "xl create guest"; show /tmp/xl-create.log; kill_me
-    fi
-    log=$console_dir/guest-guest.log
-    deadline=$(( ${t%.*} + 180 ))
-    while [ "$(last_counter "$log")" = "" ] || [ "$(last_counter "$log")" -lt 2 ]; do
-        [ "$(now_s)" -lt $deadline ] || break
-        sleep 1
-    done
-    if [ -n "$(last_counter "$log")" ]; then
-        metric guest_counter_s "$(since "$t")"
-        pass "guest counter runs on host A: $(grep -a COUNTER "$log" | tail -1)"
-    else
-        fail "no counter from the guest within 180 s"; show "$log" /tmp/xl-create.log; kill_me
-    fi
+    start_guest " on host A" || kill_me
+    log=$guest_log
     answer=$(ask_counter)
     if [ -n "$answer" ]; then pass "guest answers TCP on port 7 from host A (counter $answer)"; else fail "guest does not answer TCP on port 7 from host A"; fi
     # The counter's rate unprotected: the reference for the protected rate.

@@ -344,14 +344,4 @@ row2 "output held until the backup has the checkpoint" "$([ "$xl_baseline" = 1 ]
 echo "  (xl remus detects nothing but a broken stream: its failover starts at the kill; remusd's after --timeout 3000 ms of silence and the fence)"
 echo
 echo "xen-testbed: timing: total $(elapsed "$t_start") s, QEMU $run_s s (dom0 kernel to /init ${booted:-?} s)"
-if [ "$qemu_status" -eq 124 ]; then
-    echo "TESTBED FAIL: QEMU did not power off within $timeout_s s (see $log)"; exit 1
-fi
-if ! grep -aq "^TESTBED DONE" "$log.txt"; then
-    echo "TESTBED FAIL: the dom0 tests did not finish (QEMU status $qemu_status); last console lines:"
-    tail -25 "$log.txt"; exit 1
-fi
-if grep -aq "^TESTBED FAIL" "$log.txt" || ! grep -aq "^TESTBED PASS" "$log.txt"; then
-    echo "xen-testbed: FAILED"; exit 1
-fi
-echo "xen-testbed: all $(grep -ac '^TESTBED PASS' "$log.txt") checks passed"
+testbed_verdict xen-testbed "$log.txt" "$qemu_status" "$timeout_s"

@@ -52,30 +52,12 @@ modprobe xen-netback
 modprobe bridge
 ip link add xenbr0 type bridge && ip addr add 10.0.0.1/24 dev xenbr0 && ip link set xenbr0 up \
     || fail "bridge xenbr0"
-write_guest_config
 # The guest's counter lines over UDP: what the outside world receives from it.
 socat -u UDP-RECV:9000 STDOUT > /tmp/udp-xl.log 2>/dev/null &
 udp_listener=$!
-t=$(now)
-if xl create /etc/xen/guest.cfg > /tmp/xl-create.log 2>&1; then
-    metric xl_create_s "$(since "$t")"
-    pass "xl create guest ($(since "$t") s)"
-else
-    fail "xl create guest"; show /tmp/xl-create.log; exit 0
-fi
+start_guest "" || { cleanup_domains; exit 0; }
 primary_id=$(xl domid guest)
-primary_log=$console_dir/guest-guest.log
-deadline=$(( ${t%.*} + 180 ))
-while [ "$(last_counter "$primary_log")" = "" ] || [ "$(last_counter "$primary_log")" -lt 2 ]; do
-    [ "$(now | cut -d. -f1)" -lt $deadline ] || break
-    sleep 1
-done
-if [ -n "$(last_counter "$primary_log")" ]; then
-    metric guest_counter_s "$(since "$t")"
-    pass "guest counter runs: $(grep -a COUNTER "$primary_log" | tail -1)"
-else
-    fail "no counter from the guest within 180 s"; show "$primary_log" /tmp/xl-create.log; cleanup_domains; exit 0
-fi
+primary_log=$guest_log
 if busybox ping -c 3 -W 2 10.0.0.2 > /tmp/ping.txt 2>&1; then pass "guest answers ping"; else fail "guest does not answer ping"; show /tmp/ping.txt "$primary_log"; fi
 answer=$(ask_counter)
 if [ -n "$answer" ]; then pass "guest answers TCP on port 7 (counter $answer)"; else fail "guest does not answer TCP on port 7"; fi
@@ -254,6 +236,35 @@ await_answer() {
     return 1
 }
 
+# Starts a UDP listener, a backup and a primary for one test (logs /tmp/*-$1.log); returns
+# once the first checkpoint is committed, 1 after a FAIL line if none came within 300 s.
+protect_afresh() {
+    start_udp /tmp/udp-$1.log
+    start_receive /tmp/receive-$1.log
+    wait_for_line /tmp/receive-$1.log "listening" 30 > /dev/null
+    start_protect /tmp/protect-$1.log
+    wait_for_line /tmp/protect-$1.log "protecting: first checkpoint" 300 > /dev/null && return 0
+    fail "protection for the $1 test took no checkpoint"; show /tmp/protect-$1.log /tmp/receive-$1.log
+    return 1
+}
+# PASS if no counter line reached dom0 twice over UDP ($1) and enough arrived to tell ($2: across what).
+check_no_repeats() {
+    dups=$(udp_repeats "$1"); received=$(grep -ao 'COUNTER [0-9]*' "$1" | wc -l)
+    if [ "$dups" -eq 0 ] && [ "$received" -gt 5 ]; then
+        pass "no counter line reached dom0 twice over the network across $2 ($received received)"
+    else
+        fail "$dups of $received counter lines reached dom0 twice across $2 (output escaped before its checkpoint was committed), or too few arrived to tell"
+    fi
+}
+# Waits until no process matches $1, at most $2 s; true when none is left.
+wait_gone() { deadline=$(( $(now | cut -d. -f1) + $2 )); while [ -n "$(pid_of "$1")" ] && [ "$(now | cut -d. -f1)" -lt $deadline ]; do sleep 1; done; [ -z "$(pid_of "$1")" ]; }
+# Ends every remusd and the UDP listener of a test.
+end_test() {
+    kill "$udp_listener" 2>/dev/null
+    for p in $(pids_matching "remusd *"); do kill "$p" 2>/dev/null; done
+    wait_gone "remusd *" 30
+}
+
 start_udp /tmp/udp-remusd.log
 t=$(now)
 if ! xl create /etc/xen/guest.cfg > /tmp/xl-create2.log 2>&1; then
@@ -335,14 +346,8 @@ fi
 sleep 5
 later=$(ask_counter)
 [ -n "$later" ] && [ -n "$answer" ] && [ "$later" -gt "$answer" ] && pass "the counter keeps running on the backup ($answer -> $later in 5 s)" || fail "the counter does not advance after failover (${answer:-?} -> ${later:-?})"
-dups=$(udp_repeats /tmp/udp-remusd.log)
-metric remusd_udp_repeated "$dups"
-received=$(grep -ao 'COUNTER [0-9]*' /tmp/udp-remusd.log | wc -l)
-if [ "$dups" -eq 0 ] && [ "$received" -gt 5 ]; then
-    pass "no counter line reached dom0 twice over the network ($received lines received across the failover)"
-else
-    fail "$dups of $received counter lines reached dom0 twice (output escaped before its checkpoint was committed), or too few arrived to tell"
-fi
+metric remusd_udp_repeated "$(udp_repeats /tmp/udp-remusd.log)"
+check_no_repeats /tmp/udp-remusd.log "the failover"
 back=$(uptime_back /tmp/udp-remusd.log); gap=$(uptime_gap /tmp/udp-remusd.log)
 metric remusd_clock_back_s "$back"; metric remusd_clock_gap_s "$gap"
 # I4: the guest's clock continues from the checkpoint: never back, and forward by no more than
@@ -355,7 +360,6 @@ fi
 
 # --- 9. Planned stop, and protection again: nothing stale, the second run works -----------
 kill "$(pid_of "remusd receive *")" 2>/dev/null
-wait_gone() { deadline=$(( $(now | cut -d. -f1) + $2 )); while [ -n "$(pid_of "$1")" ] && [ "$(now | cut -d. -f1)" -lt $deadline ]; do sleep 1; done; [ -z "$(pid_of "$1")" ]; }
 wait_gone "remusd receive *" 30 || kill -9 "$(pid_of "remusd receive *")"
 for run in 1 2; do
     start_receive /tmp/receive-stop$run.log
@@ -396,11 +400,7 @@ done
 
 # --- 10. Failover: the primary domain destroyed under a running remusd ---------------------
 kill "$udp_listener" 2>/dev/null
-start_udp /tmp/udp-destroy.log
-start_receive /tmp/receive-destroy.log
-wait_for_line /tmp/receive-destroy.log "listening" 30 > /dev/null
-start_protect /tmp/protect-destroy.log
-if wait_for_line /tmp/protect-destroy.log "protecting: first checkpoint" 300 > /dev/null; then
+if protect_afresh destroy; then
     sleep 10
     counter_before=$(ask_counter)
     t_kill=$(now)
@@ -413,21 +413,12 @@ if wait_for_line /tmp/protect-destroy.log "protecting: first checkpoint" 300 > /
         fail "no failover after 'xl destroy' of the primary (answer ${answer:-none}, before ${counter_before:-?})"; show /tmp/protect-destroy.log /tmp/receive-destroy.log
     fi
     busybox ping -c 2 -W 2 10.0.0.2 > /dev/null 2>&1 && pass "the guest answers ping after the destroy failover" || fail "no ping answer after the destroy failover"
-    dups=$(udp_repeats /tmp/udp-destroy.log); received=$(grep -ao 'COUNTER [0-9]*' /tmp/udp-destroy.log | wc -l)
-    [ "$dups" -eq 0 ] && [ "$received" -gt 5 ] && pass "no counter line reached dom0 twice across the destroy failover ($received received)" || fail "$dups of $received counter lines reached dom0 twice after the destroy failover (or too few arrived)"
-else
-    fail "protection for the destroy test took no checkpoint"; show /tmp/protect-destroy.log /tmp/receive-destroy.log
+    check_no_repeats /tmp/udp-destroy.log "the destroy failover"
 fi
-kill "$udp_listener" 2>/dev/null
-for p in $(pids_matching "remusd *"); do kill "$p" 2>/dev/null; done
-wait_gone "remusd *" 30
+end_test
 
 # --- 11. Planned switchover: the backup runs the guest, nothing lost or doubled -----------
-start_udp /tmp/udp-switchover.log
-start_receive /tmp/receive-switchover.log
-wait_for_line /tmp/receive-switchover.log "listening" 30 > /dev/null
-start_protect /tmp/protect-switchover.log
-if wait_for_line /tmp/protect-switchover.log "protecting: first checkpoint" 300 > /dev/null; then
+if protect_afresh switchover; then
     sleep 5
     counter_before=$(ask_counter)
     t_switch=$(now)
@@ -441,15 +432,11 @@ if wait_for_line /tmp/protect-switchover.log "protecting: first checkpoint" 300 
         fail "planned switchover: answer ${answer:-none} after ${answered:-?} s, then ${later:-none} (before: ${counter_before:-?})"; show /tmp/switchover.out /tmp/protect-switchover.log /tmp/receive-switchover.log
     fi
     wait_gone "remusd protect *" 60 && pass "the old primary's remusd ended after the hand-over" || fail "remusd protect still runs after the switchover"
-    dups=$(udp_repeats /tmp/udp-switchover.log); received=$(grep -ao 'COUNTER [0-9]*' /tmp/udp-switchover.log | wc -l)
-    [ "$dups" -eq 0 ] && [ "$received" -gt 5 ] && pass "no counter line reached dom0 twice across the switchover ($received received)" || fail "$dups of $received counter lines reached dom0 twice across the switchover (or too few arrived)"
+    check_no_repeats /tmp/udp-switchover.log "the switchover"
     deadline=$(( $(now | cut -d. -f1) + 60 ))
     while [ "$(xl list 2>/dev/null | awk 'NR > 2' | wc -l)" -ne 1 ] && [ "$(now | cut -d. -f1)" -lt $deadline ]; do sleep 1; done
     domains=$(xl list 2>/dev/null | awk 'NR > 2 { print $1 }' | tr '\n' ' ')
     [ "$domains" = "guest " ] && pass "after the switchover one domain remains, named guest" || fail "after the switchover the domains are: $domains"
-else
-    fail "protection for the switchover test took no checkpoint"; show /tmp/protect-switchover.log /tmp/receive-switchover.log
 fi
-kill "$udp_listener" 2>/dev/null
-for p in $(pids_matching "remusd *"); do kill "$p" 2>/dev/null; done
+end_test
 cleanup_domains
