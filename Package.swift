@@ -32,9 +32,11 @@ let package = Package(
         // guest's NIC over a real tap, so the plug qdisc path runs end to end.
         .target(name: "CTap"),
         .target(name: "RemusNetbuf", dependencies: ["RemusCore", "RemusThreads", "CNetlink", "CTap"]),
-        // The Xen 4.17 toolstack libraries (libxen-dev) and the few C shims Swift cannot import;
-        // RemusXen owns their handles and is the Xen backend (libxenguest primary, libxl replica).
-        .systemLibrary(name: "CXen", pkgConfig: "xenlight", providers: [.apt(["libxen-dev"])]),
+        // The Xen toolstack's headers (libxen-dev) and the few C shims Swift cannot import. The
+        // libraries are not linked: CXen opens them with dlopen when the Xen backend is first used,
+        // so the same binary runs the simulated guest on a host without Xen. RemusXen owns their
+        // handles and is the Xen backend (libxenguest primary, libxl replica).
+        .target(name: "CXen", linkerSettings: [.linkedLibrary("dl")]),
         .target(name: "RemusXen", dependencies: ["CXen", "RemusCore", "RemusThreads"]),
         .target(name: "RemusRuntime", dependencies: ["RemusCore", "RemusSim", "RemusNetbuf", "RemusThreads", "RemusXen"]),
         .executableTarget(

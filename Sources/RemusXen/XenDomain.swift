@@ -37,7 +37,7 @@ struct XenDomainInfo {
     /// The domain `domid`, nil when it does not exist.
     static func read(_ control: XenControl, domid: UInt32) -> XenDomainInfo? {
         var info = xc_domaininfo_t()
-        let n = xc_domain_getinfolist(control.handle, domid, 1, &info)
+        let n = cxen_xc_domain_getinfolist(control.handle, domid, 1, &info)
         guard n == 1, UInt32(info.domain) == domid else { return nil }
         let handle = withUnsafeBytes(of: info.handle) { Array($0) }
         return XenDomainInfo(domid: domid, flags: info.flags, maxPages: UInt64(info.max_pages), handle: handle)
@@ -49,19 +49,19 @@ extension XenLight {
     /// The id of the domain named `name`, nil when there is none.
     public func domid(named name: String) -> UInt32? {
         var id: UInt32 = 0
-        return libxl_name_to_domid(context, name, &id) == 0 ? id : nil
+        return cxen_libxl_name_to_domid(context, name, &id) == 0 ? id : nil
     }
 
     /// The domain's configuration as libxl keeps it (`libxl_retrieve_domain_configuration`),
     /// in libxl's JSON: what `xl` itself sends ahead of a migration.
     public func configurationJSON(domid: UInt32) throws(XenError) -> String {
         var config = libxl_domain_config()
-        libxl_domain_config_init(&config)
-        defer { libxl_domain_config_dispose(&config) }
+        cxen_libxl_domain_config_init(&config)
+        defer { cxen_libxl_domain_config_dispose(&config) }
         let before = log.count
-        let rc = libxl_retrieve_domain_configuration(context, domid, &config, nil)
+        let rc = cxen_libxl_retrieve_domain_configuration(context, domid, &config, nil)
         guard rc == 0 else { throw XenError(call: "libxl_retrieve_domain_configuration(\(domid))", libxl: rc, log: log.lines(since: before).map(\.description)) }
-        guard let json = libxl_domain_config_to_json(context, &config) else {
+        guard let json = cxen_libxl_domain_config_to_json(context, &config) else {
             throw XenError(call: "libxl_domain_config_to_json", libxl: -1, log: log.lines(since: before).map(\.description))
         }
         defer { free(json) }
@@ -71,7 +71,7 @@ extension XenLight {
     /// Destroys the domain (`libxl_domain_destroy`: devices, xenstore entries, the domain).
     public func destroy(domid: UInt32) throws(XenError) {
         let before = log.count
-        let rc = libxl_domain_destroy(context, domid, nil)
+        let rc = cxen_libxl_domain_destroy(context, domid, nil)
         guard rc == 0 else { throw XenError(call: "libxl_domain_destroy(\(domid))", libxl: rc, log: log.lines(since: before).map(\.description)) }
     }
 
@@ -79,13 +79,13 @@ extension XenLight {
     /// running scheduler's cap (credit and credit2 both have one).
     public func setCap(domid: UInt32, percent: Int) throws(XenError) {
         var params = libxl_domain_sched_params()
-        libxl_domain_sched_params_init(&params)
-        defer { libxl_domain_sched_params_dispose(&params) }
+        cxen_libxl_domain_sched_params_init(&params)
+        defer { cxen_libxl_domain_sched_params_dispose(&params) }
         let before = log.count
-        var rc = libxl_domain_sched_params_get(context, domid, &params)
+        var rc = cxen_libxl_domain_sched_params_get(context, domid, &params)
         if rc == 0 {
             params.cap = percent >= 100 ? 0 : Int32(max(1, percent))
-            rc = libxl_domain_sched_params_set(context, domid, &params)
+            rc = cxen_libxl_domain_sched_params_set(context, domid, &params)
         }
         guard rc == 0 else { throw XenError(call: "libxl_domain_sched_params_set(\(domid), cap \(percent))", libxl: rc, log: log.lines(since: before).map(\.description)) }
     }
@@ -99,7 +99,7 @@ extension XenLight {
         // are leaked deliberately (one small struct per context).
         let kept = UnsafeMutablePointer<libxl_childproc_hooks>.allocate(capacity: 1)
         kept.initialize(to: hooks)
-        libxl_childproc_setmode(context, kept, nil)
+        cxen_libxl_childproc_setmode(context, kept, nil)
     }
 }
 

@@ -14,6 +14,8 @@ public struct XenError: Error, Equatable, Sendable, CustomStringConvertible {
         case errno(Int32)
         /// A libxl error, negative (`ERROR_FAIL` is -3), see `libxl_error` in `_libxl_types.h`.
         case libxl(Int32)
+        /// The Xen libraries could not be opened (dlopen's or dlsym's words).
+        case libraryMissing(String)
     }
 
     /// The library function that failed, e.g. `"xc_interface_open"`.
@@ -37,6 +39,14 @@ public struct XenError: Error, Equatable, Sendable, CustomStringConvertible {
         self.log = log
     }
 
+    /// The Xen libraries are not there: `why` is dlopen's message, e.g. "libxenlight.so.4.17:
+    /// cannot open shared object file: No such file or directory".
+    public init(call: String, libraryMissing why: String) {
+        self.call = call
+        self.code = .libraryMissing(why)
+        self.log = []
+    }
+
     /// The `errno` value, nil for a libxl error.
     public var errno: Int32? {
         if case .errno(let value) = code { return value }
@@ -54,8 +64,10 @@ public struct XenError: Error, Equatable, Sendable, CustomStringConvertible {
         case .libxl(let value):
             // SAFETY: libxl_error_to_string returns a pointer into a static table, or NULL for an
             // unknown value.
-            let name = libxl_error_to_string(libxl_error(value)).map { String(cString: $0) }
+            let name = (try? XenLibraries.load()) != nil ? cxen_libxl_error_to_string(libxl_error(value)).map { String(cString: $0) } : nil
             return "\(name ?? "unknown error") (libxl error \(value))"
+        case .libraryMissing(let why):
+            return "the Xen \(XenLibraries.release) libraries are not installed or incomplete (\(why)); Debian: apt-get install libxenmisc\(XenLibraries.release) (or xen-utils-\(XenLibraries.release), which brings it)"
         }
     }
 

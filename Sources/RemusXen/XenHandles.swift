@@ -14,25 +14,26 @@ public final class XenControl {
 
     /// Opens the interface; throws `XenError(call: "xc_interface_open", …)` when it cannot.
     public init(log: XenLog) throws(XenError) {
-        let handle = try log.check("xc_interface_open", { xc_interface_open(log.pointer, log.pointer, 0) }, failed: { $0 == nil })
+        try XenLibraries.load()
+        let handle = try log.check("xc_interface_open", { cxen_xc_interface_open(log.pointer, log.pointer, 0) }, failed: { $0 == nil })
         self.handle = handle!
         self.log = log
         XenHandleCensus.opened()
     }
 
     deinit {
-        xc_interface_close(handle)
+        cxen_xc_interface_close(handle)
         XenHandleCensus.closed()
     }
 
     /// The running hypervisor's version, e.g. 4.17 with extra version ".5".
     public func version() throws(XenError) -> XenVersion {
-        let packed = try log.check("xc_version(XENVER_version)", { xc_version(handle, XENVER_version, nil) }, failed: { $0 < 0 })
+        let packed = try log.check("xc_version(XENVER_version)", { cxen_xc_version(handle, XENVER_version, nil) }, failed: { $0 < 0 })
         var extra = xen_extraversion_t(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         // SAFETY: XENVER_extraversion writes at most XEN_EXTRAVERSION_LEN (16) bytes into `extra`,
         // which is exactly that large; the last byte is forced to NUL before reading.
         let extraText = try withUnsafeMutableBytes(of: &extra) { bytes throws(XenError) -> String in
-            _ = try log.check("xc_version(XENVER_extraversion)", { xc_version(handle, XENVER_extraversion, bytes.baseAddress) }, failed: { $0 < 0 })
+            _ = try log.check("xc_version(XENVER_extraversion)", { cxen_xc_version(handle, XENVER_extraversion, bytes.baseAddress) }, failed: { $0 < 0 })
             bytes[bytes.count - 1] = 0
             return String(cString: bytes.baseAddress!.assumingMemoryBound(to: CChar.self))
         }
@@ -70,22 +71,23 @@ public final class XenStoreConnection {
 
     /// Connects; throws `XenError(call: "xs_open", …)` when xenstored is not reachable.
     public init(log: XenLog) throws(XenError) {
+        try XenLibraries.load()
         // libxenstore does not take a logger: its failure is the errno alone.
-        let handle = try log.check("xs_open", { xs_open(0) }, failed: { $0 == nil })
+        let handle = try log.check("xs_open", { cxen_xs_open(0) }, failed: { $0 == nil })
         self.handle = handle!
         self.log = log
         XenHandleCensus.opened()
     }
 
     deinit {
-        xs_close(handle)
+        cxen_xs_close(handle)
         XenHandleCensus.closed()
     }
 
     /// Reads one key outside a transaction; nil when it does not exist.
     public func read(_ path: String) -> String? {
         var length: UInt32 = 0
-        guard let value = xs_read(handle, xs_transaction_t(XBT_NULL), path, &length) else { return nil }
+        guard let value = cxen_xs_read(handle, xs_transaction_t(XBT_NULL), path, &length) else { return nil }
         defer { free(value) }
         // SAFETY: xs_read returns `length` bytes (plus a NUL) allocated with malloc.
         let bytes = UnsafeRawBufferPointer(start: value, count: Int(length))
@@ -102,14 +104,15 @@ public final class XenEventChannels {
 
     /// Opens the interface; throws `XenError(call: "xenevtchn_open", …)`.
     public init(log: XenLog) throws(XenError) {
-        let handle = try log.check("xenevtchn_open", { xenevtchn_open(log.pointer, 0) }, failed: { $0 == nil })
+        try XenLibraries.load()
+        let handle = try log.check("xenevtchn_open", { cxen_xenevtchn_open(log.pointer, 0) }, failed: { $0 == nil })
         self.handle = handle!
         self.log = log
         XenHandleCensus.opened()
     }
 
     deinit {
-        xenevtchn_close(handle)
+        cxen_xenevtchn_close(handle)
         XenHandleCensus.closed()
     }
 }
@@ -124,14 +127,15 @@ public final class XenForeignMemory {
 
     /// Opens the interface; throws `XenError(call: "xenforeignmemory_open", …)`.
     public init(log: XenLog) throws(XenError) {
-        let handle = try log.check("xenforeignmemory_open", { xenforeignmemory_open(log.pointer, 0) }, failed: { $0 == nil })
+        try XenLibraries.load()
+        let handle = try log.check("xenforeignmemory_open", { cxen_xenforeignmemory_open(log.pointer, 0) }, failed: { $0 == nil })
         self.handle = handle!
         self.log = log
         XenHandleCensus.opened()
     }
 
     deinit {
-        xenforeignmemory_close(handle)
+        cxen_xenforeignmemory_close(handle)
         XenHandleCensus.closed()
     }
 }
@@ -146,9 +150,10 @@ public final class XenLight {
 
     /// Allocates the context; throws `XenError(call: "libxl_ctx_alloc", libxl: …)`.
     public init(log: XenLog) throws(XenError) {
+        try XenLibraries.load()
         let before = log.count
         var context: OpaquePointer?
-        let rc = libxl_ctx_alloc(&context, LIBXL_VERSION, 0, log.pointer)
+        let rc = cxen_libxl_ctx_alloc(&context, LIBXL_VERSION, 0, log.pointer)
         guard rc == 0, let context else {
             throw XenError(call: "libxl_ctx_alloc", libxl: rc, log: log.lines(since: before).map(\.description))
         }
@@ -158,7 +163,7 @@ public final class XenLight {
     }
 
     deinit {
-        libxl_ctx_free(context)
+        cxen_libxl_ctx_free(context)
         XenHandleCensus.closed()
     }
 }
@@ -184,7 +189,7 @@ public final class XenHypercallPages {
         let memory: UnsafeMutableRawPointer?
         do {
             memory = try control.log.check("xc_hypercall_buffer_alloc_pages(\(pages))",
-                                           { xc__hypercall_buffer_alloc_pages(control.handle, shadow, Int32(pages)) },
+                                           { cxen_xc__hypercall_buffer_alloc_pages(control.handle, shadow, Int32(pages)) },
                                            failed: { $0 == nil })
         } catch {
             shadow.deallocate()
@@ -203,7 +208,7 @@ public final class XenHypercallPages {
     public var buffer: UnsafeMutablePointer<xc_hypercall_buffer_t> { shadow }
 
     deinit {
-        xc__hypercall_buffer_free_pages(control.handle, shadow, Int32(pages))
+        cxen_xc__hypercall_buffer_free_pages(control.handle, shadow, Int32(pages))
         shadow.deallocate()
         XenHandleCensus.closed()
     }

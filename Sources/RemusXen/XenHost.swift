@@ -41,6 +41,9 @@ public struct XenUnavailable: Error, Sendable, Equatable, CustomStringConvertibl
         case notControlDomain(String)
         /// No privcmd device: the xen-privcmd module is not loaded.
         case noPrivcmd
+        /// The Xen toolstack libraries of the release remusd was built for could not be opened
+        /// (dlopen's words).
+        case librariesMissing(String)
         /// A toolstack interface did not open.
         case interfaceFailed(XenError)
         /// The hypervisor is not the version these libraries speak.
@@ -80,6 +83,8 @@ public struct XenUnavailable: Error, Sendable, Equatable, CustomStringConvertibl
             "this is a Xen guest (domU), not the control domain (dom0)"
         case .noPrivcmd:
             "no privcmd device: the xen-privcmd module is not loaded (modprobe xen-privcmd)"
+        case .librariesMissing(let why):
+            "the Xen \(XenLibraries.release) toolstack libraries are missing (\(why)); Debian: apt-get install libxenmisc\(XenLibraries.release)"
         case .interfaceFailed(let error):
             "a toolstack interface did not open: \(error)" + Self.hint(for: error)
         case .unsupportedVersion(let version):
@@ -91,7 +96,7 @@ public struct XenUnavailable: Error, Sendable, Equatable, CustomStringConvertibl
     public var description: String {
         "no usable Xen on this host: \(summary). Looked at: "
             + observations.map(\.description).joined(separator: "; ")
-            + ". The Xen backend runs as root in dom0 of Xen 4.17 with xenstored running."
+            + ". The Xen backend runs as root in dom0 of Xen \(XenLibraries.release) with xenstored running."
     }
 
     private static func hint(for error: XenError) -> String {
@@ -106,7 +111,7 @@ public struct XenUnavailable: Error, Sendable, Equatable, CustomStringConvertibl
 /// hypervisor said about itself. Dropping the host closes them all.
 public final class XenHost {
     /// The Xen release whose libraries (libxen-dev) this package is built against.
-    public static let supportedVersion = (major: 4, minor: 17)
+    public static let supportedVersion = (major: 4, minor: Int(CXEN_XEN_MINOR))
 
     /// The logger every handle below logs through.
     public let log: XenLog
@@ -187,7 +192,18 @@ public final class XenHost {
         }
         note(privcmd, "a device node", "present")
 
-        // 4. The interfaces. Each handle closes itself when this scope unwinds on a failure.
+        // 4. The toolstack libraries this build speaks (opened now, not linked).
+        let libraries = "Xen \(XenLibraries.release) libraries (dlopen)"
+        do {
+            try XenLibraries.load()
+            note(libraries, "loaded", "loaded")
+        } catch {
+            guard case .libraryMissing(let why) = error.code else { throw fail(.interfaceFailed(error)) }
+            note(libraries, "loaded", why)
+            throw fail(.librariesMissing(why))
+        }
+
+        // 5. The interfaces. Each handle closes itself when this scope unwinds on a failure.
         func openInterface<H>(_ subject: String, _ body: () throws(XenError) -> H) throws(XenUnavailable) -> H {
             do {
                 let handle = try body()

@@ -83,14 +83,14 @@ public final class XenPrimaryGuest: StreamingPrimaryGuest, @unchecked Sendable {
             return
         }
         // Outside a checkpoint (self-fencing, or no stream): stop the vCPUs where they are.
-        _ = try log.check("xc_domain_pause(\(domid))", { xc_domain_pause(control.handle, domid) }, failed: { $0 != 0 })
+        _ = try log.check("xc_domain_pause(\(domid))", { cxen_xc_domain_pause(control.handle, domid) }, failed: { $0 != 0 })
         pausedOutsideCheckpoint = true
     }
 
     public func resume() throws {
         if pausedOutsideCheckpoint {
             pausedOutsideCheckpoint = false
-            _ = try log.check("xc_domain_unpause(\(domid))", { xc_domain_unpause(control.handle, domid) }, failed: { $0 != 0 })
+            _ = try log.check("xc_domain_unpause(\(domid))", { cxen_xc_domain_unpause(control.handle, domid) }, failed: { $0 != 0 })
             return
         }
         guard let session else { return }
@@ -229,7 +229,7 @@ final class SaveSession: @unchecked Sendable {
 
     private func run() {
         let before = log.count
-        let rc = xc_domain_save(control.handle, writeFd, domid, UInt32(XCFLAGS_LIVE), callbacks, XC_STREAM_REMUS, -1)
+        let rc = cxen_xc_domain_save(control.handle, writeFd, domid, UInt32(XCFLAGS_LIVE), callbacks, XC_STREAM_REMUS, -1)
         let code = errno
         close(writeFd)  // the reader sees the end of the stream
         monitor.withLock {
@@ -253,7 +253,7 @@ final class SaveSession: @unchecked Sendable {
 
     private func postcopyCallback() -> Int32 {
         guard arrive(at: \.resumePoint) else { return 0 }
-        let rc = xc_domain_resume(control.handle, domid, 1)
+        let rc = cxen_xc_domain_resume(control.handle, domid, 1)
         let code = errno
         finish(\.resumePoint, failure: rc == 0 ? nil : "xc_domain_resume(\(domid), fast) failed: \(String(cString: strerror(code)))")
         return rc == 0 ? 1 : 0
@@ -306,7 +306,7 @@ final class SaveSession: @unchecked Sendable {
     /// suspend. Returns why it failed, nil on success.
     private func suspendDomain() -> String? {
         let path = "/local/domain/\(domid)/control/shutdown"
-        guard xs_write(store.handle, xs_transaction_t(XBT_NULL), path, "suspend", 7) else {
+        guard cxen_xs_write(store.handle, xs_transaction_t(XBT_NULL), path, "suspend", 7) else {
             return "writing 'suspend' to \(path) failed: \(String(cString: strerror(errno)))"
         }
         let deadline = monotonicNanoseconds() + deadlineNs
@@ -322,7 +322,7 @@ final class SaveSession: @unchecked Sendable {
             waitNs = min(waitNs * 2, 2_000_000)
         }
         // Withdraw the request, so that a late guest does not suspend with nobody to resume it.
-        _ = xs_write(store.handle, xs_transaction_t(XBT_NULL), path, "", 0)
+        _ = cxen_xs_write(store.handle, xs_transaction_t(XBT_NULL), path, "", 0)
         return "domain \(domid) did not suspend within \(deadlineNs / 1_000_000_000) s of the xenstore request (its kernel needs Xen PV suspend support)"
     }
 
@@ -409,7 +409,7 @@ final class SaveSession: @unchecked Sendable {
         }
         if resumeGuest, let info = XenDomainInfo.read(shell, domid: domid), info.isSuspended {
             // Suspended for a checkpoint that will not be completed: a cancelled suspend.
-            _ = xc_domain_resume(shell.handle, domid, 1)
+            _ = cxen_xc_domain_resume(shell.handle, domid, 1)
         }
     }
 

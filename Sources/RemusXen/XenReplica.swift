@@ -59,11 +59,11 @@ public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
         }
         let json = String(decoding: config.bytes, as: UTF8.self)
         var d = libxl_domain_config()
-        libxl_domain_config_init(&d)
+        cxen_libxl_domain_config_init(&d)
         let before = log.count
-        let parsed = libxl_domain_config_from_json(light.context, &d, json)
+        let parsed = cxen_libxl_domain_config_from_json(light.context, &d, json)
         guard parsed == 0, let original = d.c_info.name.map({ String(cString: $0) }) else {
-            libxl_domain_config_dispose(&d)
+            cxen_libxl_domain_config_dispose(&d)
             throw XenBackendError("the primary's domain configuration is not valid libxl JSON (libxl: \(log.lines(since: before).map(\.description).joined(separator: " | "))); nothing was built")
         }
         name = original
@@ -75,7 +75,7 @@ public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
                 try light.destroy(domid: stale)
                 reportLine("destroyed the stale incoming domain '\(incomingName)' (id \(stale)) left by an earlier attempt")
             } catch {
-                libxl_domain_config_dispose(&d)
+                cxen_libxl_domain_config_dispose(&d)
                 throw XenBackendError("a stale domain '\(incomingName)' (id \(stale)) exists and could not be destroyed: \(error); destroy it with 'xl destroy \(incomingName)' and retry")
             }
         }
@@ -84,7 +84,7 @@ public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
 
         var fds: [Int32] = [-1, -1]
         guard pipe(&fds) == 0 else {
-            libxl_domain_config_dispose(&d)
+            cxen_libxl_domain_config_dispose(&d)
             throw XenError(call: "pipe", errno: errno)
         }
         // Close-on-exec: only libxl's restore helper gets the read end (libxl dups it for the
@@ -102,15 +102,15 @@ public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
     /// Runs libxl's checkpointed restore until the stream ends; keeps its result.
     private func restore(config: ConfigBox, readFd: Int32) {
         var params = libxl_domain_restore_params()
-        libxl_domain_restore_params_init(&params)
+        cxen_libxl_domain_restore_params_init(&params)
         params.checkpointed_stream = Int32(LIBXL_CHECKPOINTED_STREAM_REMUS.rawValue)
         params.stream_version = 2
         var domid: UInt32 = 0
         let before = log.count
-        let rc = libxl_domain_create_restore(light.context, &config.value, &domid, readFd, -1, &params, nil, nil)
+        let rc = cxen_libxl_domain_create_restore(light.context, &config.value, &domid, readFd, -1, &params, nil, nil)
         let said = log.lines(since: before, atLeast: .error).suffix(6).map(\.description)
-        libxl_domain_restore_params_dispose(&params)
-        libxl_domain_config_dispose(&config.value)
+        cxen_libxl_domain_restore_params_dispose(&params)
+        cxen_libxl_domain_config_dispose(&config.value)
         close(readFd)
         monitor.withLock {
             restoreDone = true
@@ -204,7 +204,7 @@ public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
         }
         let domid = result.domid
         let before = log.count
-        let rc = libxl_domain_unpause(light.context, domid, nil)
+        let rc = cxen_libxl_domain_unpause(light.context, domid, nil)
         guard rc == 0 else {
             throw XenError(call: "libxl_domain_unpause(\(domid))", libxl: rc, log: log.lines(since: before).map(\.description))
         }
@@ -218,7 +218,7 @@ public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
         let (name, incoming) = (self.name, self.incomingName)
         let rename: @Sendable () -> Bool = { [self] in
             guard light.domid(named: name) == nil else { return false }
-            return libxl_domain_rename(light.context, domid, incoming, name) == 0
+            return cxen_libxl_domain_rename(light.context, domid, incoming, name) == 0
         }
         if rename() { return }
         reportLine("a domain named '\(name)' still exists on this host (the old primary, dying?); the backup runs as '\(incoming)' until that name is free")

@@ -26,6 +26,14 @@ struct XenErrorTests {
         #expect(XenError(call: "x", libxl: -999).meaning == "unknown error (libxl error -999)")
     }
 
+    @Test("Missing Xen libraries are named with the package that brings them")
+    func missingLibrariesAreNamed() {
+        let error = XenError(call: "dlopen", libraryMissing: "libxenlight.so.4.17: cannot open shared object file")
+        #expect(error.errno == nil)
+        #expect(error.description.contains("libxenlight.so.4.17: cannot open shared object file"))
+        #expect(error.description.contains("apt-get install libxenmisc\(XenLibraries.release)"))
+    }
+
     @Test("What the library logged travels with the error")
     func libraryLinesAreAttached() {
         let error = XenError(call: "xc_interface_open", errno: ENOENT, log: ["xencall: error: Could not obtain handle"])
@@ -33,11 +41,12 @@ struct XenErrorTests {
     }
 
     @Test("The C logger hands Swift formatted lines with level, errno and context")
-    func loggerFormatsInC() {
+    func loggerFormatsInC() throws {
+        try XenLibraries.load()  // xtl_logv lives in libxentoollog, opened on first use
         let log = XenLog(capacity: 4)
-        withVaList([Int32(42), Int32(7)]) { xtl_logv(log.pointer, XTL_ERROR, ENOENT, "test", "value %d of %d", $0) }
-        withVaList([]) { xtl_logv(log.pointer, XTL_DEBUG, -1, nil, "no context", $0) }
-        xtl_progress(log.pointer, "xc", "Frames", 50, 200)
+        withVaList([Int32(42), Int32(7)]) { cxen_xtl_logv(log.pointer, XTL_ERROR, ENOENT, "test", "value %d of %d", $0) }
+        withVaList([]) { cxen_xtl_logv(log.pointer, XTL_DEBUG, -1, nil, "no context", $0) }
+        cxen_xtl_progress(log.pointer, "xc", "Frames", 50, 200)
         #expect(log.lines == [
             XenLog.Line(level: .error, errno: ENOENT, context: "test", message: "value 42 of 7"),
             XenLog.Line(level: .debug, errno: nil, context: "", message: "no context"),
@@ -48,25 +57,27 @@ struct XenErrorTests {
     }
 
     @Test("The log keeps the newest lines and reports only a call's own warnings")
-    func logIsBoundedAndSliced() {
+    func logIsBoundedAndSliced() throws {
+        try XenLibraries.load()  // xtl_logv lives in libxentoollog, opened on first use
         let log = XenLog(capacity: 3)
-        for i in 0..<5 { withVaList([Int32(i)]) { xtl_logv(log.pointer, XTL_INFO, -1, "t", "line %d", $0) } }
+        for i in 0..<5 { withVaList([Int32(i)]) { cxen_xtl_logv(log.pointer, XTL_INFO, -1, "t", "line %d", $0) } }
         #expect(log.count == 5)
         #expect(log.lines.map(\.message) == ["line 2", "line 3", "line 4"])
         let before = log.count
-        withVaList([]) { xtl_logv(log.pointer, XTL_DEBUG, -1, "t", "chatter", $0) }
-        withVaList([]) { xtl_logv(log.pointer, XTL_WARN, -1, "t", "careful", $0) }
+        withVaList([]) { cxen_xtl_logv(log.pointer, XTL_DEBUG, -1, "t", "chatter", $0) }
+        withVaList([]) { cxen_xtl_logv(log.pointer, XTL_WARN, -1, "t", "careful", $0) }
         #expect(log.lines(since: before).map(\.message) == ["careful"])
         #expect(log.lines(since: before, atLeast: .debug).map(\.message) == ["chatter", "careful"])
         #expect(log.lines(since: log.count).isEmpty)
     }
 
     @Test("Messages longer than the C buffer are cut, not overrun")
-    func longMessagesAreCut() {
+    func longMessagesAreCut() throws {
+        try XenLibraries.load()  // xtl_logv lives in libxentoollog, opened on first use
         let log = XenLog()
         let long = String(repeating: "x", count: 5000)
         long.withCString { text in
-            withVaList([text]) { xtl_logv(log.pointer, XTL_ERROR, -1, "t", "%s", $0) }
+            withVaList([text]) { cxen_xtl_logv(log.pointer, XTL_ERROR, -1, "t", "%s", $0) }
         }
         #expect(log.lines.last?.message.utf8.count == Int(CXEN_LOG_MESSAGE_MAX) - 1)
     }

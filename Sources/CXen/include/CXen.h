@@ -1,6 +1,7 @@
-// The Xen 4.17 toolstack libraries as remusd sees them (Debian: libxen-dev), plus the few
-// things Swift cannot import: the hypercall-buffer initialiser macro and a logger whose
-// va_list callback formats in C and hands Swift a finished string.
+// The Xen toolstack libraries as remusd sees them (Debian: libxen-dev; headers only: the
+// libraries themselves are opened on first use, see cxen_functions.h), plus the few things
+// Swift cannot import: the hypercall-buffer initialiser macro and a logger whose va_list
+// callback formats in C and hands Swift a finished string.
 //
 // Order matters: xenctrl.h first with __XEN_TOOLS__ defined (the domctl/sysctl headers refuse
 // to be read without it), then xenguest.h, which needs xenctrl.h's types.
@@ -22,6 +23,35 @@
 #include <xenforeignmemory.h>
 #include <libxl.h>
 #include <libxl_utils.h>
+
+#include "cxen_functions.h"
+
+// MARK: which release
+
+// The Xen release these headers belong to, which names the sonames to open. The domctl
+// interface version changes with every release that matters to us; add a line per release.
+#if XEN_DOMCTL_INTERFACE_VERSION == 0x00000015
+#define CXEN_XEN_RELEASE "4.17"
+#define CXEN_XEN_MINOR 17
+#else
+#error "unknown Xen headers (XEN_DOMCTL_INTERFACE_VERSION): add their release to CXen.h"
+#endif
+
+// MARK: loading
+
+/// Opens the Xen libraries once (later calls return the first outcome). Returns 0 when every
+/// library and function was found; otherwise -1 with `*failure` naming what was missing (a
+/// static string).
+int cxen_load(const char **failure);
+
+/// The release whose libraries this build opens, e.g. "4.17".
+const char *cxen_xen_release(void);
+
+#define CXEN_DECLARE(lib, ret, name, params, args) ret cxen_##name params;
+#define CXEN_DECLARE_VOID(lib, name, params, args) void cxen_##name params;
+CXEN_FUNCTIONS(CXEN_DECLARE, CXEN_DECLARE_VOID)
+#undef CXEN_DECLARE
+#undef CXEN_DECLARE_VOID
 
 // MARK: hypercall buffers
 
