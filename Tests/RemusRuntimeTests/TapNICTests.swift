@@ -4,6 +4,7 @@ import RemusNetbuf
 @testable import RemusRuntime
 import RemusSim
 import Testing
+import RemusTestSupport
 
 /// The built `remusd` next to the test bundle.
 private var remusd: String {
@@ -16,15 +17,6 @@ private func packet(_ vcpu: UInt32, _ seq: UInt64) -> SimPacket {
     SimPacket(vcpu: vcpu, seq: seq, opCount: seq * 64 + 3, digest: 0x1234_5678_9ABC_DEF0 ^ seq)
 }
 
-/// Waits for `condition` with a deadline (the kernel and the observer's thread deliver asynchronously).
-private func eventually(within seconds: Double = 10, _ condition: () -> Bool) -> Bool {
-    let deadline = SystemClock().monotonicNs() + UInt64(seconds * 1e9)
-    while !condition() {
-        if SystemClock().monotonicNs() > deadline { return false }
-        usleep(1_000)
-    }
-    return true
-}
 
 /// Sends raw datagrams to 127.0.0.1:`port`.
 private func sendDatagrams(_ datagrams: [[UInt8]], to port: UInt16) throws {
@@ -76,7 +68,7 @@ struct SimNICDatagramTests {
         datagrams.insert(Array(repeating: 0x55, count: 40), at: 10)
         datagrams.insert(Array("not a packet".utf8), at: 20)
         try sendDatagrams(datagrams, to: observer.endpoint.port)
-        #expect(eventually { observer.datagramCounts().received == 302 }, "counts: \(observer.datagramCounts())")
+        #expect(eventually(deadline: .after(seconds: 10)) { observer.datagramCounts().received == 302 }, "counts: \(observer.datagramCounts())")
         let counts = observer.datagramCounts()
         #expect(counts.malformed == 2)
         let seen = observer.packets()
@@ -91,7 +83,7 @@ struct SimNICDatagramTests {
         let observer = try PacketObserver(udp: true)
         let sink = TCPPacketSink(endpoint: observer.endpoint)
         sink.deliver((0..<5).map { packet(0, $0) })
-        #expect(eventually { observer.packets().count == 5 })
+        #expect(eventually(deadline: .after(seconds: 10)) { observer.packets().count == 5 })
         #expect(observer.packets().allSatisfy { $0.pid == UInt64(getpid()) })
         #expect(observer.datagramCounts().received == 0)
     }
@@ -105,7 +97,7 @@ struct SimNICDatagramTests {
             let observer = try PacketObserver(udp: true)
             let sink = TapPacketSink(device: try TapDevice(attaching: "nic0"), port: observer.endpoint.port)
             sink.deliver((0..<100).map { packet(UInt32($0 % 3), $0) })
-            _ = eventually { observer.packets().count >= 100 }
+            _ = eventually(deadline: .after(seconds: 10)) { observer.packets().count >= 100 }
             return (sink.addressing, observer.packets())
         }
         #expect(addressing.source == IPv4Address(10, 99, 0, 2) && addressing.destination == IPv4Address(10, 99, 0, 1))
