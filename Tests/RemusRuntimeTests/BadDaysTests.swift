@@ -44,7 +44,7 @@ private struct Pair {
 @Suite("Bad days, with real processes", .serialized)
 struct BadDaysTests {
     @Test func drillSurvivesEveryFaultInTurn() throws {
-        let (status, output) = try runShell("'\(remusdPath)' drill --failovers 5 --seed 21 --quiet --sim-memory 128 --fault crash switchover silence backup-kill overload 2>&1")
+        let (status, output) = try runTestShell("'\(remusdPath)' drill --failovers 5 --seed 21 --quiet --sim-memory 128 --fault crash switchover silence backup-kill overload 2>&1")
         #expect(status == 0, "\(output)")
         #expect(output.contains("drill: 5 passed, 0 failed"))
     }
@@ -54,7 +54,7 @@ struct BadDaysTests {
     func partitionWithAWitnessLeavesExactlyOneRunningCopy() throws {
         // Each partition round cuts the primary off from its backup and from etcd; the drill checks
         // the primary self-fenced before the backup activated, then verifies the takeover as usual.
-        let (status, output) = try runShell("'\(remusdPath)' drill --failovers 4 --seed 33 --quiet --sim-memory 128 --fault partition crash 2>&1")
+        let (status, output) = try runTestShell("'\(remusdPath)' drill --failovers 4 --seed 33 --quiet --sim-memory 128 --fault partition crash 2>&1")
         #expect(status == 0, "\(output)")
         #expect(output.contains("drill: 4 passed, 0 failed"))
         #expect(output.components(separatedBy: "primary self-fenced").count - 1 == 2, "\(output)")
@@ -64,7 +64,7 @@ struct BadDaysTests {
         let pair = try Pair.start(primaryArguments: [])
         defer { pair.stop() }
         #expect(eventually(deadline: .after(seconds: 20)) { pair.status("g").contains("state: PROTECTED") })
-        let (rc, reply) = try runShell("REMUSD_RUN_DIR='\(pair.directory)' '\(remusdPath)' stop g 2>&1")
+        let (rc, reply) = try runTestShell("REMUSD_RUN_DIR='\(pair.directory)' '\(remusdPath)' stop g 2>&1")
         #expect(rc == 0 && reply.contains("the backup discards its image"), "\(reply)")
         #expect(eventually(deadline: .after(seconds: 10)) { pair.log("backup").contains("will not be activated") })
         // Long past the timeout, with --unsafe-no-fence, it still has not activated.
@@ -98,7 +98,7 @@ struct BadDaysTests {
         pair.primary.wait()
         #expect(eventually(deadline: .after(seconds: 10)) { pair.status("backup").contains("waiting for 'remusd failover --activate'") })
         #expect(!pair.log("backup").contains("ACTIVATED"))
-        let (rc, reply) = try runShell("REMUSD_RUN_DIR='\(pair.directory)' '\(remusdPath)' failover --activate --socket '\(pair.directory)/backup.sock' 2>&1")
+        let (rc, reply) = try runTestShell("REMUSD_RUN_DIR='\(pair.directory)' '\(remusdPath)' failover --activate --socket '\(pair.directory)/backup.sock' 2>&1")
         #expect(rc == 0, "\(reply)")
         #expect(eventually(deadline: .after(seconds: 10)) { pair.log("backup").contains("ACTIVATED") })
     }

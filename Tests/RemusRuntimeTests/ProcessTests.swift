@@ -20,7 +20,7 @@ private func temporaryDirectory() throws -> String {
 /// Runs remusd to completion; returns exit code and combined output.
 private func runRemusd(_ arguments: [String]) throws -> (Int32, String) {
     let quoted = ([remusdPath] + arguments).map { "'\($0)'" }.joined(separator: " ")
-    return try runShell(quoted + " 2>&1")
+    return try runTestShell(quoted + " 2>&1")
 }
 
 

@@ -112,10 +112,10 @@ struct SimNICDatagramTests {
 struct SimNICTapCommandTests {
     @Test("protect and receive refuse a missing tap with what to do; nothing starts")
     func missingTap() throws {
-        let (status, output) = try runShell("'\(remusd)' protect g 127.0.0.1:1 --backend sim --sim-memory 8 --sim-nic-tap rmsnone9 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnone9.sock 2>&1")
+        let (status, output) = try runTestShell("'\(remusd)' protect g 127.0.0.1:1 --backend sim --sim-memory 8 --sim-nic-tap rmsnone9 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnone9.sock 2>&1")
         #expect(status != 0)
         #expect(output.contains("tap 'rmsnone9' does not exist") && output.contains("ip tuntap add mode tap rmsnone9"), "\(output)")
-        let (rs, ro) = try runShell("'\(remusd)' receive --listen 127.0.0.1:0 --sim-nic-tap rmsnone9 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnone9r.sock 2>&1")
+        let (rs, ro) = try runTestShell("'\(remusd)' receive --listen 127.0.0.1:0 --sim-nic-tap rmsnone9 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnone9r.sock 2>&1")
         #expect(rs != 0 && ro.contains("does not exist"), "\(ro)")
     }
 
@@ -128,14 +128,14 @@ struct SimNICTapCommandTests {
             ("--sim-nic-tap rt0 --nic-sink 127.0.0.1:9 --unsafe --no-netbuf --netbuf rt0", "contradict"),
             ("--sim-nic-tap rt0 --nic-sink 127.0.0.1:9 --netbuf-limit 0", "--netbuf-limit"),
         ] {
-            let (status, output) = try runShell("'\(remusd)' protect g 127.0.0.1:1 --backend sim \(args) 2>&1")
+            let (status, output) = try runTestShell("'\(remusd)' protect g 127.0.0.1:1 --backend sim \(args) 2>&1")
             #expect(status != 0 && output.contains(expected), "\(args): \(output)")
         }
     }
 
     @Test("The drill names the taps it needs and how to create them")
     func drillNeedsTaps() throws {
-        let (status, output) = try runShell("'\(remusd)' drill --failovers 2 --sim-nic-taps rmsz 2>&1")
+        let (status, output) = try runTestShell("'\(remusd)' drill --failovers 2 --sim-nic-taps rmsz 2>&1")
         #expect(status != 0)
         #expect(output.contains("rmsz0 … rmsz3") && output.contains("ip tuntap add mode tap rmsz$i") && output.contains(testbedCommand), "\(output)")
     }
@@ -147,7 +147,7 @@ struct SimNICTapCommandTests {
             try TapAdministration.create("nic1")
             try TapAdministration.configure("nic1", address: IPv4Address(10, 99, 1, 1), prefixLength: 24)
             // Spawned from this thread, the process lives in the throwaway namespace too.
-            return try runShell("timeout 20 '\(remusd)' protect g 127.0.0.1:1 --backend sim --sim-memory 8 --sim-nic-tap nic1 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnic1-\(getpid()).sock 2>&1")
+            return try runTestShell("timeout 20 '\(remusd)' protect g 127.0.0.1:1 --backend sim --sim-memory 8 --sim-nic-tap nic1 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnic1-\(getpid()).sock 2>&1")
         }
         guard !output.contains("protecting 'g'") else {
             // This kernel has sch_plug: the plug path is the testbed's drill, not this check.

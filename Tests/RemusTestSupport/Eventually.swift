@@ -17,7 +17,7 @@ public func eventually(
 /// Runs `/bin/sh -c command` (output captured, 1 MiB at most) for a test, with a generous
 /// deadline (`timeoutMs`, default 5 minutes) so a hung child fails the test instead of the run.
 /// Returns the exit code (128 + signal if a signal ended it) and the output.
-public func runShell(_ command: String, timeoutMs: Int = 300_000) throws -> (status: Int32, output: String) {
+public func runTestShell(_ command: String, timeoutMs: Int = 300_000) throws -> (status: Int32, output: String) {
     let outcome = try RemusSystem.runShell(command, timeoutMs: timeoutMs, outputLimit: 1 << 20)
     if let ms = outcome.timedOutAfterMs { return (124, outcome.text + "\n[timed out after \(ms) ms]") }
     return (outcome.exitCode, outcome.text)

@@ -13,8 +13,7 @@ public enum RunDirectory {
 
     /// Creates the run directory 0700 if it is missing; refuses one that another user owns or
     /// that group or others may write (someone could put a fake status socket there).
-    public static func ensure() throws {
-        let dir = path
+    public static func ensure(_ dir: String = path) throws {
         if mkdir(dir, 0o700) == 0 {
             try syscall("chmod(\(dir), 700)") { chmod(dir, 0o700) }
             return
