@@ -98,7 +98,7 @@ struct Receive: ParsableCommand {
     @Option(help: ArgumentHelp("Command that makes sure the primary is off (exit 0: it is). Retried every heartbeat until it succeeds. Alternatives: --witness, --unsafe-no-fence; with none the backup waits for 'remusd failover --activate'.", valueName: "command"))
     var fence: String?
 
-    @Option(name: .customLong("fence-timeout"), help: ArgumentHelp("Longest time the --fence command may run, in ms (default: \(defaultFenceTimeoutMs)); then its process group is killed and the primary counts as not fenced.", valueName: "ms"))
+    @Option(name: .customLong("fence-timeout"), help: ArgumentHelp("Longest time the --fence command may run, in ms; then its process group is killed and the primary counts as not fenced.", valueName: "ms"))
     var fenceTimeout: Int = defaultFenceTimeoutMs
 
     @Flag(name: .customLong("unsafe-no-fence"), help: "Take over as soon as the primary is lost, without fencing it (xl remus's behaviour; risks two running copies).")
