@@ -14,15 +14,16 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
     ],
     targets: [
         // CRC32C with the SSE4.2 instruction where the CPU has it; a table fallback elsewhere.
         .target(name: "CCRC32C", cSettings: [.unsafeFlags(["-O3"])]),
         .target(name: "RemusCore", dependencies: ["CCRC32C"]),
-        .target(name: "RemusSim", dependencies: ["RemusCore"]),
-        // Our own threads and the monitor lock (pthreads, CLOCK_MONOTONIC deadlines), for the
-        // runtime and the backends that block in C libraries.
-        .target(name: "RemusThreads"),
+        // The one system layer: the errno error type, the syscall choke point, owned descriptors,
+        // sockets and child processes with deadlines, our threads and the monitor lock.
+        .target(name: "RemusSystem", dependencies: [.product(name: "SystemPackage", package: "swift-system")]),
+        .target(name: "RemusSim", dependencies: ["RemusCore", "RemusSystem"]),
         .systemLibrary(
             name: "CNetlink",
             pkgConfig: "libnl-route-3.0",
@@ -31,14 +32,14 @@ let package = Package(
         // tun/tap ioctls (TUNSETIFF and friends are macros, ioctl is variadic): the simulated
         // guest's NIC over a real tap, so the plug qdisc path runs end to end.
         .target(name: "CTap"),
-        .target(name: "RemusNetbuf", dependencies: ["RemusCore", "RemusThreads", "CNetlink", "CTap"]),
+        .target(name: "RemusNetbuf", dependencies: ["RemusCore", "RemusSystem", "CNetlink", "CTap"]),
         // The Xen toolstack's headers (libxen-dev) and the few C shims Swift cannot import. The
         // libraries are not linked: CXen opens them with dlopen when the Xen backend is first used,
         // so the same binary runs the simulated guest on a host without Xen. RemusXen owns their
         // handles and is the Xen backend (libxenguest primary, libxl replica).
         .target(name: "CXen", linkerSettings: [.linkedLibrary("dl")]),
-        .target(name: "RemusXen", dependencies: ["CXen", "RemusCore", "RemusThreads"]),
-        .target(name: "RemusRuntime", dependencies: ["RemusCore", "RemusSim", "RemusNetbuf", "RemusThreads", "RemusXen"]),
+        .target(name: "RemusXen", dependencies: ["CXen", "RemusCore", "RemusSystem"]),
+        .target(name: "RemusRuntime", dependencies: ["RemusCore", "RemusSim", "RemusNetbuf", "RemusSystem", "RemusXen"]),
         .executableTarget(
             name: "remusd",
             dependencies: [
@@ -47,11 +48,14 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // Helpers every test target shares (`eventually(deadline:)`).
+        .target(name: "RemusTestSupport", dependencies: ["RemusSystem"], path: "Tests/RemusTestSupport"),
+        .testTarget(name: "RemusSystemTests", dependencies: ["RemusSystem", "RemusTestSupport"]),
         .testTarget(name: "RemusCoreTests", dependencies: ["RemusCore"], resources: [.copy("Golden")]),
-        .testTarget(name: "RemusSimTests", dependencies: ["RemusSim", "RemusCore"]),
-        .testTarget(name: "RemusNetbufTests", dependencies: ["RemusNetbuf", "RemusCore"]),
-        .testTarget(name: "RemusXenTests", dependencies: ["RemusXen", "CXen", "RemusCore"]),
-        .testTarget(name: "RemusRuntimeTests", dependencies: ["RemusRuntime", "RemusSim", "RemusCore", "RemusNetbuf"]),
+        .testTarget(name: "RemusSimTests", dependencies: ["RemusSim", "RemusCore", "RemusSystem"]),
+        .testTarget(name: "RemusNetbufTests", dependencies: ["RemusNetbuf", "RemusCore", "RemusSystem", "RemusTestSupport"]),
+        .testTarget(name: "RemusXenTests", dependencies: ["RemusXen", "CXen", "RemusCore", "RemusSystem"]),
+        .testTarget(name: "RemusRuntimeTests", dependencies: ["RemusRuntime", "RemusSim", "RemusCore", "RemusNetbuf", "RemusTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

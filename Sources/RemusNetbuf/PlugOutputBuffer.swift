@@ -1,7 +1,7 @@
 import CNetlink
 import Glibc
 import RemusCore
-import RemusThreads
+import RemusSystem
 import Synchronization
 
 /// Counters of one interface's plug, read from the kernel.

@@ -1,6 +1,6 @@
 import CNetlink
 import Glibc
-import RemusThreads
+import RemusSystem
 
 /// Small traffic tools for the testbed (`remusd netbuf probe-…`): numbered raw Ethernet frames of
 /// any ethertype, a frame listener, and a TCP echo/round-trip pair. They exist because busybox
@@ -9,29 +9,12 @@ public enum NetbufProbe {
     /// Marks our frames: 8 bytes after the Ethernet header, followed by a big-endian UInt64 number.
     public static let magic: [UInt8] = Array("RMSDPRB1".utf8)
 
-    /// A socket call that failed, with errno read at once.
-    public struct SystemError: Error, CustomStringConvertible, Sendable {
-        public let call: String
-        public let errno: Int32
-        public var description: String { "\(call): \(String(cString: strerror(errno))) (errno \(errno))" }
-    }
-
-    private static func check(_ call: String, _ result: Int32) throws(SystemError) -> Int32 {
-        if result < 0 { throw SystemError(call: call, errno: Glibc.errno) }
-        return result
-    }
-
-    private static func check(_ call: String, _ result: Int) throws(SystemError) -> Int {
-        if result < 0 { throw SystemError(call: call, errno: Glibc.errno) }
-        return result
-    }
-
     /// Opens an AF_PACKET socket bound to `interface`, receiving every protocol.
     private static func packetSocket(interface: String) throws(SystemError) -> (fd: Int32, ifindex: Int32) {
         let ifindex = Int32(if_nametoindex(interface))
         guard ifindex > 0 else { throw SystemError(call: "if_nametoindex(\(interface))", errno: ENODEV) }
         let protocolAll = Int32(UInt16(ETH_P_ALL).bigEndian)
-        let fd = try check("socket(AF_PACKET)", socket(AF_PACKET, Int32(SOCK_RAW.rawValue), protocolAll))
+        let fd = try syscall("socket(AF_PACKET)") { socket(AF_PACKET, Int32(SOCK_RAW.rawValue), protocolAll) }
         var address = sockaddr_ll()
         address.sll_family = UInt16(AF_PACKET)
         address.sll_protocol = UInt16(ETH_P_ALL).bigEndian
@@ -67,8 +50,7 @@ public enum NetbufProbe {
             let sequenceStart = 14 + magic.count
             for byte in 0..<8 { frame[sequenceStart + byte] = UInt8(truncatingIfNeeded: number >> (56 - 8 * UInt64(byte))) }
             // SAFETY: send reads `count` bytes of the frame while the closure holds it.
-            let sent = frame.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
-            _ = try check("send(frame \(number))", sent)
+            try syscall("send(frame \(number))") { frame.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) } }
         }
     }
 
@@ -117,7 +99,7 @@ public enum NetbufProbe {
     /// Accepts connections on `port` (IPv4, any address) and echoes every byte back, one
     /// connection at a time, until killed.
     public static func tcpEcho(port: UInt16) throws(SystemError) -> Never {
-        let listener = try check("socket(AF_INET)", socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0))
+        let listener = try syscall("socket(AF_INET)") { socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0) }
         var one: Int32 = 1
         _ = setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
         var address = sockaddr_in()
@@ -127,10 +109,10 @@ public enum NetbufProbe {
         // SAFETY: sockaddr_in is a plain C struct of the size passed.
         _ = try withUnsafePointer(to: &address) { pointer throws(SystemError) in
             try pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { raw throws(SystemError) in
-                try check("bind(:\(port))", bind(listener, raw, socklen_t(MemoryLayout<sockaddr_in>.size)))
+                try syscall("bind(:\(port))") { bind(listener, raw, socklen_t(MemoryLayout<sockaddr_in>.size)) }
             }
         }
-        _ = try check("listen", Glibc.listen(listener, 4))
+        _ = try syscall("listen") { Glibc.listen(listener, 4) }
         var buffer = [UInt8](repeating: 0, count: 4096)
         while true {
             let connection = accept(listener, nil, nil)
@@ -153,7 +135,7 @@ public enum NetbufProbe {
     public static func tcpRoundTrips(
         host: String, port: UInt16, count: Int, intervalMicroseconds: UInt32, randomPause: Bool = false
     ) throws(SystemError) -> [UInt64] {
-        let fd = try check("socket(AF_INET)", socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0))
+        let fd = try syscall("socket(AF_INET)") { socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0) }
         defer { close(fd) }
         var one: Int32 = 1
         _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
@@ -166,7 +148,7 @@ public enum NetbufProbe {
         // SAFETY: sockaddr_in is a plain C struct of the size passed.
         _ = try withUnsafePointer(to: &address) { pointer throws(SystemError) in
             try pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { raw throws(SystemError) in
-                try check("connect(\(host):\(port))", connect(fd, raw, socklen_t(MemoryLayout<sockaddr_in>.size)))
+                try syscall("connect(\(host):\(port))") { connect(fd, raw, socklen_t(MemoryLayout<sockaddr_in>.size)) }
             }
         }
         var message = [UInt8](repeating: 0x5A, count: 64)
@@ -177,8 +159,7 @@ public enum NetbufProbe {
             message[0] = UInt8(truncatingIfNeeded: round)
             let start = monotonicNanoseconds()
             // SAFETY: send reads the message's bytes while the closure holds them.
-            let sent = message.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            _ = try check("send(round \(round))", sent)
+            try syscall("send(round \(round))") { message.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) } }
             var got = 0
             while got < reply.count {
                 // SAFETY: recv writes at most `count - got` bytes after offset `got` of the reply.

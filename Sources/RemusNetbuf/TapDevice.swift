@@ -1,5 +1,6 @@
 import CTap
 import Glibc
+import RemusSystem
 
 /// Why a tap device could not be used. Every message says what to do next.
 public enum TapError: Error, Equatable, CustomStringConvertible, Sendable {
@@ -20,7 +21,7 @@ public enum TapError: Error, Equatable, CustomStringConvertible, Sendable {
     /// The interface name is empty or longer than 15 bytes.
     case invalidName(String)
     /// A system call failed.
-    case system(call: String, errno: Int32)
+    case system(SystemError)
 
     public var description: String {
         switch self {
@@ -45,8 +46,8 @@ public enum TapError: Error, Equatable, CustomStringConvertible, Sendable {
             return "not allowed to attach to tap '\(name)' (\(String(cString: strerror(errno)))); run as root or with CAP_NET_ADMIN"
         case .invalidName(let name):
             return "'\(name)' is not an interface name (1 to \(CTAP_NAME_MAX) bytes)"
-        case .system(let call, let errno):
-            return "\(call): \(String(cString: strerror(errno))) (errno \(errno))"
+        case .system(let error):
+            return "\(error)"
         }
     }
 }
@@ -85,18 +86,18 @@ public final class TapDevice: Sendable {
             case EBUSY: throw .busy(name)
             case EPERM, EACCES: throw .permissionDenied(name, errno: -fd)
             case ENOENT: throw .noTunDevice(errno: -fd)
-            default: throw .system(call: "attaching to tap \(name) (TUNSETIFF)", errno: -fd)
+            default: throw .system(SystemError(call: "attaching to tap \(name) (TUNSETIFF)", errno: -fd))
             }
         }
         do throws(TapError) {
             var mac = [UInt8](repeating: 0, count: 6)
             let rc = mac.withUnsafeMutableBufferPointer { ctap_hardware_address(name, $0.baseAddress!) }
-            if rc < 0 { throw TapError.system(call: "SIOCGIFHWADDR(\(name))", errno: -rc) }
+            if rc < 0 { throw TapError.system(SystemError(call: "SIOCGIFHWADDR(\(name))", errno: -rc)) }
             var address: UInt32 = 0
             var netmask: UInt32 = 0
             let ipRC = ctap_ipv4_address(name, &address, &netmask)
             if ipRC == -EADDRNOTAVAIL { throw TapError.noGuestAddress(name, detail: "has no IPv4 address") }
-            if ipRC < 0 { throw TapError.system(call: "SIOCGIFADDR(\(name))", errno: -ipRC) }
+            if ipRC < 0 { throw TapError.system(SystemError(call: "SIOCGIFADDR(\(name))", errno: -ipRC)) }
             let host = IPv4Address(UInt32(bigEndian: address))
             let mask = IPv4Address(UInt32(bigEndian: netmask))
             let guest = host.value &+ 1
@@ -105,7 +106,7 @@ public final class TapDevice: Sendable {
                 throw TapError.noGuestAddress(name, detail: "has address \(host)/\(mask.value.nonzeroBitCount), whose next address \(IPv4Address(guest)) is not a host of its subnet")
             }
             let up = ctap_is_up(name)
-            if up < 0 { throw TapError.system(call: "SIOCGIFFLAGS(\(name))", errno: -up) }
+            if up < 0 { throw TapError.system(SystemError(call: "SIOCGIFFLAGS(\(name))", errno: -up)) }
             if up == 0 { throw TapError.down(name) }
             self.hardwareAddress = mac
             self.address = host
@@ -125,10 +126,10 @@ public final class TapDevice: Sendable {
         while true {
             let n = Glibc.write(fd, frame.baseAddress, frame.count)
             if n == frame.count { return }
-            if n >= 0 { throw .system(call: "write(\(name)): \(n) of \(frame.count) bytes", errno: EIO) }
+            if n >= 0 { throw .system(SystemError(call: "write(\(name)): \(n) of \(frame.count) bytes", errno: EIO)) }
             let code = errno
             if code == EINTR { continue }
-            throw .system(call: "write(\(name))", errno: code)
+            throw .system(SystemError(call: "write(\(name))", errno: code))
         }
     }
 }
@@ -138,13 +139,13 @@ public enum TapAdministration {
     /// Creates the persistent tap `name` (as `ip tuntap add mode tap`).
     public static func create(_ name: String) throws(TapError) {
         let rc = ctap_create_persistent(name)
-        if rc < 0 { throw .system(call: "creating tap \(name)", errno: -rc) }
+        if rc < 0 { throw .system(SystemError(call: "creating tap \(name)", errno: -rc)) }
     }
 
     /// Deletes the persistent tap `name` (as `ip tuntap del mode tap`).
     public static func delete(_ name: String) throws(TapError) {
         let rc = ctap_delete_persistent(name)
-        if rc < 0 { throw .system(call: "deleting tap \(name)", errno: -rc) }
+        if rc < 0 { throw .system(SystemError(call: "deleting tap \(name)", errno: -rc)) }
     }
 
     /// Sets the IPv4 address and netmask of `name` and brings it up (or down).
@@ -152,6 +153,6 @@ public enum TapAdministration {
         precondition((0...32).contains(prefixLength), "prefix length \(prefixLength) is outside 0…32")
         let mask: UInt32 = prefixLength == 0 ? 0 : UInt32.max << (32 - prefixLength)
         let rc = ctap_configure_ipv4(name, address.value.bigEndian, mask.bigEndian, up ? 1 : 0)
-        if rc < 0 { throw .system(call: "configuring \(address)/\(prefixLength) on \(name)", errno: -rc) }
+        if rc < 0 { throw .system(SystemError(call: "configuring \(address)/\(prefixLength) on \(name)", errno: -rc)) }
     }
 }

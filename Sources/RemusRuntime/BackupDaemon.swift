@@ -109,10 +109,35 @@ public final class BackupDaemon: @unchecked Sendable {
 
     // MARK: - Connections
 
+    /// Accepts primaries until the listener is shut down. A failure that passes (out of
+    /// descriptors, buffers, a connection reset before we took it) is logged once per burst,
+    /// shown in the status, and retried after a short pause: the listener never dies quietly.
     private func accept(_ listener: TCPListener) {
         var gen = 0
+        var failing = false
         while true {
-            guard let ch = try? listener.accept() else { return }
+            let ch: TCPChannel
+            do { ch = try listener.accept() } catch {
+                guard TCPListener.isTransient(error) else {
+                    if error.errno != .invalidArgument {  // EINVAL: shut down at exit
+                        Log.error("stopped accepting primaries on \(listener.endpoint): \(error); the daemon keeps its state but takes no new connection — restart 'remusd receive'")
+                        setStatus("accept", "STOPPED: \(error)")
+                    }
+                    return
+                }
+                if !failing {
+                    Log.warning("accepting a primary on \(listener.endpoint) failed: \(error); still listening and retrying every 100 ms — if it persists, raise the open-file limit (ulimit -n)")
+                    setStatus("accept", "FAILING: \(error), retrying every 100 ms")
+                    failing = true
+                }
+                sleepNanoseconds(100_000_000)
+                continue
+            }
+            if failing {
+                Log.info("accepting primaries on \(listener.endpoint) again")
+                setStatus("accept", "ok (recovered from a failure burst)")
+                failing = false
+            }
             gen += 1
             let thisGeneration = gen
             startThread(name: "backup-reader") { [self] in serve(ch, generation: thisGeneration) }
@@ -279,12 +304,14 @@ public final class BackupDaemon: @unchecked Sendable {
                 return
             }
             let loop = self.loop
+            let timeoutMs = config.fenceTimeoutMs
             startThread(name: "fence") {
                 do {
-                    let (status, output) = try runShell(command)
-                    let text = output.trimmingWhitespace()
+                    // Its own process group, killed whole at the deadline: a hung fence is not a fence.
+                    let outcome = try runShell(command, timeoutMs: timeoutMs)
+                    let text = outcome.text.trimmingWhitespace()
                     if !text.isEmpty { Log.info("fence output: \(text)") }
-                    loop.post(.fenced(status == 0, "'\(command)' exited \(status)"))
+                    loop.post(.fenced(outcome.succeeded, "'\(command)' \(outcome.summary)"))
                 } catch {
                     loop.post(.fenced(false, "'\(command)' could not run: \(error)"))
                 }
@@ -377,7 +404,7 @@ public final class BackupDaemon: @unchecked Sendable {
 
     private func renderStatus() -> String {
         var lines = ["role: backup"]
-        for key in ["listen", "state", "committed", "primary", "last event"] {
+        for key in ["listen", "accept", "state", "committed", "primary", "last event"] {
             if let v = statusLines[key] { lines.append("\(key): \(v)") }
         }
         if let protection {

@@ -127,7 +127,7 @@ public enum LoopBenchmark {
                 while let n = try? buffer.withUnsafeMutableBytes({ try ch.read(into: $0) }), n > 0 { total += n }
                 done.open(with: total)
             }
-            let channel = try TCPChannel.connect(to: listener.endpoint)
+            let channel = try TCPChannel.connect(to: listener.endpoint, deadline: .after(milliseconds: 5000))
             let t0 = SystemClock().monotonicNs()
             let sent = try send(channel)
             channel.shutdown()

@@ -513,7 +513,7 @@ func touch(_ path: String) throws {
 }
 
 func removeTree(_ path: String) {
-    _ = try? runShell("rm -rf '\(path)'")
+    _ = try? runShell("rm -rf '\(path)'", timeoutMs: 60_000)
 }
 
 /// Free TCP ports on loopback (bound and released; the drill uses them a moment later).

@@ -123,6 +123,9 @@ public struct ReceiveConfiguration: Sendable {
     public var statusSocket: String
     /// The taken-over guest's NIC over this tap, with plug-qdisc buffering when protected onwards.
     public var simNICTap: SimNICTapConfiguration?
+    /// How long the `--fence` command may run before its process group is killed and the attempt
+    /// counts as not fenced, milliseconds (`--fence-timeout`, default 5000).
+    public var fenceTimeoutMs: Int = defaultFenceTimeoutMs
 
     public init(listen: Endpoint, settings: ProtectionSettings, fence: FenceConfiguration, reprotectTo: Endpoint?,
                 nicSink: Endpoint?, activationReport: String?, exitAfterProtection: Bool, statusSocket: String,
@@ -138,6 +141,9 @@ public struct ReceiveConfiguration: Sendable {
         self.statusSocket = statusSocket
     }
 }
+
+/// The default `--fence-timeout` of `remusd receive`, milliseconds.
+public let defaultFenceTimeoutMs = 5000
 
 /// The default port of `remusd receive`.
 public let defaultPort: UInt16 = 7788

@@ -52,7 +52,7 @@ final class PacketObserver: Sendable {
             guard udp else { return (listener, nil) }
             do {
                 return (listener, try UDPSocket(port: listener.port))
-            } catch let error as SystemError where error.errno == EADDRINUSE && attempt < 8 {
+            } catch let error as SystemError where error.errno == .addressInUse && attempt < 8 {
                 attempt += 1
             }
         }
@@ -313,7 +313,8 @@ final class TCPPacketSink: PacketSink, @unchecked Sendable {  // channel guarded
     func deliver(_ packets: [SimPacket]) {
         monitor.withLock {
             if channel == nil {
-                guard let ch = try? TCPChannel.connect(to: endpoint) else {
+                // Short: this runs on the output release path; an unreachable sink drops packets.
+                guard let ch = try? TCPChannel.connect(to: endpoint, deadline: .after(milliseconds: 500)) else {
                     Log.warning("the NIC sink \(endpoint) is unreachable; \(packets.count) released packets were dropped")
                     return
                 }

@@ -37,7 +37,7 @@ final class PartitionProxy: @unchecked Sendable {  // `isCut` guarded by monitor
 
     private func relay(_ client: TCPChannel) {
         waitWhileCut()
-        guard let server = try? TCPChannel.connect(to: target) else { client.shutdown(); return }
+        guard let server = try? TCPChannel.connect(to: target, deadline: .after(milliseconds: 2000)) else { client.shutdown(); return }
         let pumpDone = Gate<Bool>()
         startThread(name: "proxy-pump") { [self] in
             pump(from: server, to: client)

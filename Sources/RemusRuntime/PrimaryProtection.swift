@@ -185,9 +185,11 @@ public final class PrimaryProtection: @unchecked Sendable {
             let loop = self.loop
             let header = self.header
             let config = domainConfig
+            // A backup that drops SYNs costs the peer timeout (at least 1 s), not the kernel's minutes.
+            let connectBudgetNs = max(engine.settings.timeoutNs, 1_000_000_000)
             startThread(name: "connect") {
                 do {
-                    let ch = try TCPChannel.connect(to: endpoint)
+                    let ch = try TCPChannel.connect(to: endpoint, deadline: Deadline(afterNanoseconds: connectBudgetNs))
                     let reader = StreamReader(channel: ch, direction: .backupToPrimary)
                     let peerHeader = try reader.readHeader()
                     try Self.check(peerHeader: peerHeader, against: header)

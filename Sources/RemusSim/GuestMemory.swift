@@ -4,6 +4,7 @@
 import Glibc
 import RemusCore
 import Synchronization
+import RemusSystem
 
 /// A fixed-size bit set whose words are atomics, shared by the vCPU threads and the capture thread.
 ///
@@ -106,7 +107,7 @@ final class GuestMemory: @unchecked Sendable {
         self.pageCount = pageCount
         byteCount = pageSize * Int(pageCount)
         let mapped = mmap(nil, byteCount, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        guard let mapped, mapped != MAP_FAILED else { throw .system(call: "mmap(\(byteCount) bytes)", errno: errno) }
+        guard let mapped, mapped != MAP_FAILED else { throw .system(.last("mmap(\(byteCount) bytes)")) }
         base = mapped
         dirty = AtomicBitmap(bitCount: pageCount)
         written = AtomicBitmap(bitCount: pageCount)

@@ -2,6 +2,7 @@
 
 import Glibc
 import RemusCore
+import RemusSystem
 
 /// Why a simulated-guest operation failed.
 public enum SimError: Error, Equatable, Sendable, CustomStringConvertible {
@@ -9,8 +10,8 @@ public enum SimError: Error, Equatable, Sendable, CustomStringConvertible {
     case invalidConfig(String)
     /// A VCPU_STATE or DEVICE_STATE body that does not decode.
     case invalidState(String)
-    /// A system call failed; `errno` is the value read right after it.
-    case system(call: String, errno: Int32)
+    /// A system call failed.
+    case system(SystemError)
     /// The operation needs the guest suspended (all vCPUs parked) and it is running.
     case notSuspended(operation: String)
     /// The caller's bitmap does not cover the guest's PFN space.
@@ -32,8 +33,8 @@ public enum SimError: Error, Equatable, Sendable, CustomStringConvertible {
             return "simulated guest config rejected: \(why)"
         case .invalidState(let why):
             return "simulated guest state rejected: \(why)"
-        case .system(let call, let errno):
-            return "\(call) failed: errno \(errno) (\(String(cString: strerror(errno))))"
+        case .system(let error):
+            return "\(error)"
         case .notSuspended(let operation):
             return "\(operation) needs the guest suspended, but its vCPUs are running; call suspend() first"
         case .bitmapSize(let expected, let found):

@@ -11,6 +11,7 @@
 
 import RemusCore
 import Synchronization
+import RemusSystem
 
 /// One vCPU's register file and throttle state.
 ///
@@ -99,7 +100,7 @@ final class GuestMachine: @unchecked Sendable {
     let progressWaiters = Atomic<Int>(0)
     /// Ops between two publications of a vCPU's op count (a power of two).
     static let progressInterval: UInt64 = 1024
-    let control = ConditionLock()
+    let control = MonitorLock()
     // Guarded by `control`:
     var suspendRequested = false
     var halting = false
@@ -127,11 +128,11 @@ final class GuestMachine: @unchecked Sendable {
         defer { control.unlock() }
         for slot in slots {
             running += 1
-            do {
+            do throws(SystemError) {
                 threads.append(try JoinableThread(name: "vcpu\(slot.index)-\(name)") { [self] in runVCPU(slot) })
             } catch {
                 running -= 1
-                throw error
+                throw .system(error)
             }
         }
     }

@@ -2,6 +2,7 @@
 
 import RemusCore
 import Synchronization
+import RemusSystem
 
 /// Where released packets go: an observer socket, a recorder in a test.
 public protocol PacketSink: AnyObject, Sendable {
@@ -167,7 +168,7 @@ public final class SimOutputBuffer: OutputBuffer, Sendable {
 ///
 /// `@unchecked Sendable`: `packets` is only touched with `lock` held.
 public final class SimPacketRecorder: PacketSink, @unchecked Sendable {
-    private let lock = ConditionLock()
+    private let lock = MonitorLock()
     private var packets: [SimPacket] = []
 
     public init() {}

@@ -1,5 +1,6 @@
 import CXen
 import Glibc
+import RemusSystem
 
 /// A Xen toolstack call that failed, translated once at the library boundary.
 ///
@@ -11,7 +12,7 @@ public struct XenError: Error, Equatable, Sendable, CustomStringConvertible {
     /// What the failed call returned.
     public enum Code: Equatable, Sendable {
         /// An `errno` value (libxenctrl and the small libraries).
-        case errno(Int32)
+        case errno(Errno)
         /// A libxl error, negative (`ERROR_FAIL` is -3), see `libxl_error` in `_libxl_types.h`.
         case libxl(Int32)
         /// The Xen libraries could not be opened (dlopen's or dlsym's words).
@@ -28,7 +29,7 @@ public struct XenError: Error, Equatable, Sendable, CustomStringConvertible {
     /// Wraps an `errno`-style failure.
     public init(call: String, errno: Int32, log: [String] = []) {
         self.call = call
-        self.code = .errno(errno)
+        self.code = .errno(Errno(rawValue: errno))
         self.log = log
     }
 
@@ -49,7 +50,13 @@ public struct XenError: Error, Equatable, Sendable, CustomStringConvertible {
 
     /// The `errno` value, nil for a libxl error.
     public var errno: Int32? {
-        if case .errno(let value) = code { return value }
+        if case .errno(let value) = code { return value.rawValue }
+        return nil
+    }
+
+    /// The failure as the system layer's error, nil for a libxl error.
+    public var systemError: SystemError? {
+        if case .errno(let value) = code { return SystemError(call: call, errno: value) }
         return nil
     }
 
@@ -57,10 +64,7 @@ public struct XenError: Error, Equatable, Sendable, CustomStringConvertible {
     public var meaning: String {
         switch code {
         case .errno(let value):
-            let name = ErrnoName.of(value).map { " (\($0))" } ?? " (errno \(value))"
-            // SAFETY: strerror returns a pointer to a NUL-terminated string valid until the next call
-            // on this thread; it is copied at once.
-            return String(cString: strerror(value)) + name
+            return "\(value) (\(value.symbol))"
         case .libxl(let value):
             // SAFETY: libxl_error_to_string returns a pointer into a static table, or NULL for an
             // unknown value.
@@ -79,39 +83,9 @@ public struct XenError: Error, Equatable, Sendable, CustomStringConvertible {
     }
 
     /// The caller lacks the privilege (`EPERM`, `EACCES`): the toolstack needs root in dom0.
-    public var isPermissionDenied: Bool { code == .errno(EPERM) || code == .errno(EACCES) }
+    public var isPermissionDenied: Bool { code == .errno(.notPermitted) || code == .errno(.permissionDenied) }
     /// A device node or socket does not exist (`ENOENT`, `ENODEV`, `ENXIO`).
-    public var isMissingDevice: Bool { code == .errno(ENOENT) || code == .errno(ENODEV) || code == .errno(ENXIO) }
-}
-
-/// Symbolic names for the errno values the Xen libraries leave most often.
-enum ErrnoName {
-    static func of(_ value: Int32) -> String? {
-        switch value {
-        case EPERM: "EPERM"
-        case ENOENT: "ENOENT"
-        case ESRCH: "ESRCH"
-        case EINTR: "EINTR"
-        case EIO: "EIO"
-        case ENXIO: "ENXIO"
-        case E2BIG: "E2BIG"
-        case EBADF: "EBADF"
-        case EAGAIN: "EAGAIN"
-        case ENOMEM: "ENOMEM"
-        case EACCES: "EACCES"
-        case EFAULT: "EFAULT"
-        case EBUSY: "EBUSY"
-        case EEXIST: "EEXIST"
-        case ENODEV: "ENODEV"
-        case EINVAL: "EINVAL"
-        case ENOSPC: "ENOSPC"
-        case EPIPE: "EPIPE"
-        case ERANGE: "ERANGE"
-        case ENOSYS: "ENOSYS"
-        case EOPNOTSUPP: "EOPNOTSUPP"
-        case ECONNREFUSED: "ECONNREFUSED"
-        case ETIMEDOUT: "ETIMEDOUT"
-        default: nil
-        }
+    public var isMissingDevice: Bool {
+        code == .errno(.noSuchFileOrDirectory) || code == .errno(.noSuchAddressOrDevice) || code == .errno(Errno(rawValue: ENODEV))
     }
 }

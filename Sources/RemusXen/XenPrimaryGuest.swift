@@ -1,7 +1,7 @@
 import CXen
 import Glibc
 import RemusCore
-import RemusThreads
+import RemusSystem
 
 /// A running Xen PV domain protected through libxenguest's checkpointed save
 /// (`xc_domain_save(…, XCFLAGS_LIVE, callbacks, XC_STREAM_REMUS, …)`).

@@ -1,7 +1,7 @@
 import CXen
 import Glibc
 import RemusCore
-import RemusThreads
+import RemusSystem
 
 /// The backup's Xen domain: libxl's checkpointed restore (`libxl_domain_create_restore` with
 /// `LIBXL_CHECKPOINTED_STREAM_REMUS`, stream version 2) on a thread of its own, fed through a

@@ -98,6 +98,9 @@ struct Receive: ParsableCommand {
     @Option(help: ArgumentHelp("Command that makes sure the primary is off (exit 0: it is). Retried every heartbeat until it succeeds. Alternatives: --witness, --unsafe-no-fence; with none the backup waits for 'remusd failover --activate'.", valueName: "command"))
     var fence: String?
 
+    @Option(name: .customLong("fence-timeout"), help: ArgumentHelp("Longest time the --fence command may run, in ms; then its process group is killed and the primary counts as not fenced.", valueName: "ms"))
+    var fenceTimeout: Int = defaultFenceTimeoutMs
+
     @Flag(name: .customLong("unsafe-no-fence"), help: "Take over as soon as the primary is lost, without fencing it (xl remus's behaviour; risks two running copies).")
     var unsafeNoFence = false
 
@@ -126,6 +129,7 @@ struct Receive: ParsableCommand {
         for (flag, value) in [("--reprotect-to", reprotectTo), ("--nic-sink", nicSink)] {
             if let value, Endpoint(parsing: value, defaultPort: defaultPort) == nil { throw ValidationError("\(flag) '\(value)' is not host:port") }
         }
+        if fenceTimeout < 1 { throw ValidationError("--fence-timeout must be at least 1 ms") }
         if tap.tap != nil && nicSink == nil {
             throw ValidationError("--sim-nic-tap needs --nic-sink host:port: its port is the UDP port the taken-over guest's frames go to")
         }
@@ -135,13 +139,14 @@ struct Receive: ParsableCommand {
         let endpoint = Endpoint(parsing: listen, defaultPort: defaultPort)!
         let fenceConfig: FenceConfiguration = timing.witnessConfiguration.map { .witness($0) }
             ?? fence.map { .command($0) } ?? (unsafeNoFence ? .unsafeNoFence : .operatorOnly)
-        let config = ReceiveConfiguration(
+        var config = ReceiveConfiguration(
             listen: endpoint, settings: timing.settings(), fence: fenceConfig,
             reprotectTo: reprotectTo.flatMap { Endpoint(parsing: $0, defaultPort: defaultPort) },
             nicSink: nicSink.flatMap { Endpoint(parsing: $0, defaultPort: defaultPort) },
             activationReport: activationReport, exitAfterProtection: exitAfterProtection,
             statusSocket: statusSocket ?? RunDirectory.socketPath(for: "receive-\(endpoint.port)"),
             simNICTap: tap.configuration(holding: true))
+        config.fenceTimeoutMs = fenceTimeout
         let code = try BackupDaemon(config).run()
         if code != 0 { throw ExitCode(code) }
     }

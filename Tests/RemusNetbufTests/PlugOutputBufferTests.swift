@@ -1,6 +1,7 @@
 import Glibc
 @testable import RemusNetbuf
 import Testing
+import RemusTestSupport
 
 /// The OutputBuffer on a real plug: runs where the kernel has sch_plug (the QEMU testbed runs
 /// the same behaviours through `remusd netbuf drive`; see Tests/Testbed).
@@ -19,16 +20,16 @@ struct PlugOutputBufferTests {
 
             try NetbufProbe.sendFrames(interface: p1.name, ethertype: 0x0806, first: 1, count: 3, size: 60)
             try NetbufProbe.sendFrames(interface: p2.name, ethertype: 0x86DD, first: 1, count: 2, size: 60)
-            #expect(try eventually { try held() == 5 })
+            #expect(try eventually(deadline: .after(seconds: 5), pollEveryMs: 1) { try held() == 5 })
             try buffer.closeEpoch(1)
             try NetbufProbe.sendFrames(interface: p1.name, ethertype: 0x0800, first: 4, count: 4, size: 60)
-            #expect(try eventually { try held() == 9 })
+            #expect(try eventually(deadline: .after(seconds: 5), pollEveryMs: 1) { try held() == 9 })
             try buffer.release(through: 1)
-            let onlyEpochTwoHeld = try eventually { try held() == 4 }
+            let onlyEpochTwoHeld = try eventually(deadline: .after(seconds: 5), pollEveryMs: 1) { try held() == 4 }
             #expect(onlyEpochTwoHeld, "epoch 1 left, epoch 2 stays: held \(String(describing: try? held()))")
             try buffer.closeEpoch(2)
             try buffer.release(through: 2)
-            #expect(try eventually { try held() == 0 })
+            #expect(try eventually(deadline: .after(seconds: 5), pollEveryMs: 1) { try held() == 0 })
             try buffer.teardown()
         }
     }
@@ -42,7 +43,7 @@ struct PlugOutputBufferTests {
             try NetbufProbe.sendFrames(interface: peer.name, ethertype: 0x0800, first: 1, count: 20, size: 1000)
             // newDrops counts since the previous read: the read that first sees drops reports them.
             var first: InterfaceBufferStatistics?
-            let overflowed = try eventually {
+            let overflowed = try eventually(deadline: .after(seconds: 5), pollEveryMs: 1) {
                 let stats = try #require(try buffer.interfaceStatistics().first)
                 if stats.drops > 0 { first = stats }
                 return stats.drops > 0

@@ -2,6 +2,7 @@ import CNetlink
 import Glibc
 @testable import RemusNetbuf
 import Testing
+import RemusTestSupport
 
 /// Setup, redirect and teardown on veth pairs in throwaway network namespaces: everything but the
 /// plug itself, which the build machine's kernel may lack (see PlugOutputBufferTests).
@@ -78,7 +79,7 @@ struct PlumbingTests {
             for (offset, ethertype) in [UInt16(0x0800), 0x0806, 0x86DD, 0x88B5].enumerated() {
                 try NetbufProbe.sendFrames(interface: peer.name, ethertype: ethertype, first: UInt64(offset * 10), count: 3, size: 60)
             }
-            let redirected = try eventually { try ifbTransmitted() - before >= 12 }
+            let redirected = try eventually(deadline: .after(seconds: 5), pollEveryMs: 1) { try ifbTransmitted() - before >= 12 }
             #expect(redirected, "ifb saw \(String(describing: try? ifbTransmitted() - before)) of 12 frames")
             // Without the redirect the ifb sees nothing.
             try NetbufPlumbing.cleanup(interface: guest.name, socket: socket)

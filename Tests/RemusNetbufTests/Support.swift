@@ -1,6 +1,8 @@
 import Glibc
 import RemusNetbuf
 import Testing
+import RemusSystem
+import RemusTestSupport
 
 /// Where the tests that need a kernel with sch_plug run.
 let testbedCommand = "bash Tests/Testbed/run.sh"
@@ -96,20 +98,6 @@ enum Kernel {
         "this kernel has no sch_plug qdisc; run the plug tests in the QEMU testbed: bash Tests/Testbed/run.sh"
 }
 
-/// Polls `condition` every millisecond until it holds or `seconds` pass; the kernel delivers
-/// packets asynchronously (softirq), so tests wait for a state, never for a fixed time.
-func eventually(within seconds: Double = 5, _ condition: () throws -> Bool) rethrows -> Bool {
-    var start = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &start)
-    while true {
-        if try condition() { return true }
-        var now = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &now)
-        let elapsed = Double(now.tv_sec - start.tv_sec) + Double(now.tv_nsec - start.tv_nsec) / 1e9
-        if elapsed > seconds { return false }
-        usleep(1_000)
-    }
-}
 
 /// Everything about the namespace's interfaces that setup may touch, to compare before/after.
 struct NetworkSnapshot: Equatable, CustomStringConvertible {

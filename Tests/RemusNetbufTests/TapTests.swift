@@ -2,6 +2,7 @@ import Glibc
 import RemusCore
 @testable import RemusNetbuf
 import Testing
+import RemusTestSupport
 
 private let tapMAC: [UInt8] = [0x0A, 0x1B, 0x2C, 0x3D, 0x4E, 0x5F]
 private let guestMAC: [UInt8] = [0x02, 0x52, 0x4D, 0x55, 0x53, 0x00]
@@ -180,7 +181,7 @@ struct TapAttachTests {
                 try frame.withUnsafeBytes { try tap.write(frame: $0) }
             }
             var got: [(payload: [UInt8], from: IPv4Address, port: UInt16)] = []
-            #expect(eventually { got += receiver.drain(); return got.count == 50 }, "received \(got.count) of 50")
+            #expect(eventually(deadline: .after(seconds: 5), pollEveryMs: 1) { got += receiver.drain(); return got.count == 50 }, "received \(got.count) of 50")
             #expect(got.map(\.payload[0]) == (0..<50).map { UInt8($0) }, "every datagram once, in order")
             #expect(got.allSatisfy { $0.from == tap.guestAddress && $0.port == 7790 && $0.payload.count == 40 })
 
@@ -191,7 +192,7 @@ struct TapAttachTests {
             let marker = UDPFrame.make(addressing: a, identification: 100, payload: Array(repeating: 2, count: 40))
             try marker.withUnsafeBytes { try tap.write(frame: $0) }
             var after: [(payload: [UInt8], from: IPv4Address, port: UInt16)] = []
-            #expect(eventually { after += receiver.drain(); return !after.isEmpty })
+            #expect(eventually(deadline: .after(seconds: 5), pollEveryMs: 1) { after += receiver.drain(); return !after.isEmpty })
             #expect(after.map(\.payload[0]) == [2], "the frame with the bad checksum never arrived")
         }
     }
@@ -222,20 +223,20 @@ struct TapPlugTests {
             var got: [UInt8] = []
             func drain() { got += receiver.drain().map(\.payload[0]) }
             try send(0..<5)
-            #expect(try eventually { try buffer.statistics().heldPackets == 5 })
+            #expect(try eventually(deadline: .after(seconds: 5), pollEveryMs: 1) { try buffer.statistics().heldPackets == 5 })
             drain()
             #expect(got.isEmpty, "nothing leaves while the kernel reports 5 held: \(got)")
             try buffer.closeEpoch(1)
             try send(5..<8)
-            #expect(try eventually { try buffer.statistics().heldPackets == 8 })
+            #expect(try eventually(deadline: .after(seconds: 5), pollEveryMs: 1) { try buffer.statistics().heldPackets == 8 })
             try buffer.release(through: 1)
-            #expect(eventually { drain(); return got.count >= 5 })
-            #expect(try eventually { try buffer.statistics().heldPackets == 3 })
+            #expect(eventually(deadline: .after(seconds: 5), pollEveryMs: 1) { drain(); return got.count >= 5 })
+            #expect(try eventually(deadline: .after(seconds: 5), pollEveryMs: 1) { try buffer.statistics().heldPackets == 3 })
             drain()
             #expect(got == [0, 1, 2, 3, 4], "exactly epoch 1")
             try buffer.closeEpoch(2)
             try buffer.release(through: 2)
-            #expect(eventually { drain(); return got.count == 8 })
+            #expect(eventually(deadline: .after(seconds: 5), pollEveryMs: 1) { drain(); return got.count == 8 })
             #expect(got == (0..<8).map { UInt8($0) })
             try buffer.teardown()
         }
@@ -262,7 +263,7 @@ private final class UDPReceiver {
 
     init() throws {
         let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
-        guard fd >= 0 else { throw TapError.system(call: "socket", errno: errno) }
+        guard fd >= 0 else { throw TapError.system(.last("socket")) }
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
         var length = socklen_t(Swift.MemoryLayout<sockaddr_in>.size)
@@ -274,7 +275,7 @@ private final class UDPReceiver {
         }
         guard rc == 0 else {
             close(fd)
-            throw TapError.system(call: "bind/getsockname", errno: errno)
+            throw TapError.system(.last("bind/getsockname"))
         }
         self.fd = fd
         port = UInt16(bigEndian: address.sin_port)

@@ -2,6 +2,7 @@ import Foundation
 import RemusCore
 @testable import RemusRuntime
 import Testing
+import RemusTestSupport
 
 private var remusdPath: String {
     URL(fileURLWithPath: ProcessEnvironment.executablePath).deletingLastPathComponent().appendingPathComponent("remusd").path
@@ -33,15 +34,6 @@ private struct Pair {
     func log(_ name: String) -> String { (try? String(contentsOfFile: directory + "/\(name).log", encoding: .utf8)) ?? "" }
     func status(_ name: String) -> String { (try? StatusSocket.query(directory + "/\(name).sock")) ?? "" }
 
-    /// Polls `condition` until it holds or `seconds` pass.
-    func eventually(_ seconds: Double, _ condition: () -> Bool) -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
-        while Date() < deadline {
-            if condition() { return true }
-            pauseBriefly(ms: 20)
-        }
-        return condition()
-    }
 
     func stop() {
         for p in [primary, backup] { p.signal(SIGKILL); p.wait() }
@@ -52,7 +44,7 @@ private struct Pair {
 @Suite("Bad days, with real processes", .serialized)
 struct BadDaysTests {
     @Test func drillSurvivesEveryFaultInTurn() throws {
-        let (status, output) = try runShell("'\(remusdPath)' drill --failovers 5 --seed 21 --quiet --sim-memory 128 --fault crash switchover silence backup-kill overload 2>&1")
+        let (status, output) = try runTestShell("'\(remusdPath)' drill --failovers 5 --seed 21 --quiet --sim-memory 128 --fault crash switchover silence backup-kill overload 2>&1")
         #expect(status == 0, "\(output)")
         #expect(output.contains("drill: 5 passed, 0 failed"))
     }
@@ -62,7 +54,7 @@ struct BadDaysTests {
     func partitionWithAWitnessLeavesExactlyOneRunningCopy() throws {
         // Each partition round cuts the primary off from its backup and from etcd; the drill checks
         // the primary self-fenced before the backup activated, then verifies the takeover as usual.
-        let (status, output) = try runShell("'\(remusdPath)' drill --failovers 4 --seed 33 --quiet --sim-memory 128 --fault partition crash 2>&1")
+        let (status, output) = try runTestShell("'\(remusdPath)' drill --failovers 4 --seed 33 --quiet --sim-memory 128 --fault partition crash 2>&1")
         #expect(status == 0, "\(output)")
         #expect(output.contains("drill: 4 passed, 0 failed"))
         #expect(output.components(separatedBy: "primary self-fenced").count - 1 == 2, "\(output)")
@@ -71,10 +63,10 @@ struct BadDaysTests {
     @Test func stopEndsProtectionAndTheBackupNeverActivates() throws {
         let pair = try Pair.start(primaryArguments: [])
         defer { pair.stop() }
-        #expect(pair.eventually(20) { pair.status("g").contains("state: PROTECTED") })
-        let (rc, reply) = try runShell("REMUSD_RUN_DIR='\(pair.directory)' '\(remusdPath)' stop g 2>&1")
+        #expect(eventually(deadline: .after(seconds: 20)) { pair.status("g").contains("state: PROTECTED") })
+        let (rc, reply) = try runTestShell("REMUSD_RUN_DIR='\(pair.directory)' '\(remusdPath)' stop g 2>&1")
         #expect(rc == 0 && reply.contains("the backup discards its image"), "\(reply)")
-        #expect(pair.eventually(10) { pair.log("backup").contains("will not be activated") })
+        #expect(eventually(deadline: .after(seconds: 10)) { pair.log("backup").contains("will not be activated") })
         // Long past the timeout, with --unsafe-no-fence, it still has not activated.
         pauseBriefly(ms: 600)
         #expect(!pair.log("backup").contains("ACTIVATED"))
@@ -84,8 +76,8 @@ struct BadDaysTests {
     @Test func abortPolicyStopsProtectingAndKeepsTheGuestRunning() throws {
         let pair = try Pair.start(primaryArguments: ["--sim-dirty-rate", "0", "--max-pause", "1", "--on-overload", "abort"])
         defer { pair.stop() }
-        #expect(pair.eventually(20) { pair.log("primary").contains("protection ABORTED") }, "\(pair.log("primary"))")
-        #expect(pair.eventually(10) { pair.log("backup").contains("will not be activated") })
+        #expect(eventually(deadline: .after(seconds: 20)) { pair.log("primary").contains("protection ABORTED") }, "\(pair.log("primary"))")
+        #expect(eventually(deadline: .after(seconds: 10)) { pair.log("backup").contains("will not be activated") })
         #expect(pair.primary.poll() == nil, "the primary daemon and its guest keep running")
         #expect(pair.status("g").contains("STOPPED"))
     }
@@ -93,7 +85,7 @@ struct BadDaysTests {
     @Test func degradePolicyLengthensEpochsInsteadOfSlowingTheGuest() throws {
         let pair = try Pair.start(primaryArguments: ["--sim-dirty-rate", "0", "--max-pause", "1", "--on-overload", "degrade"])
         defer { pair.stop() }
-        #expect(pair.eventually(20) { pair.log("primary").contains("epochs lengthened") }, "\(pair.log("primary"))")
+        #expect(eventually(deadline: .after(seconds: 20)) { pair.log("primary").contains("epochs lengthened") }, "\(pair.log("primary"))")
         #expect(!pair.status("g").contains("guest speed"), "degrade never throttles the guest")
         #expect(pair.status("g").contains("state: PROTECTED"))
     }
@@ -101,13 +93,13 @@ struct BadDaysTests {
     @Test func withoutAFenceTheBackupWaitsForTheOperator() throws {
         let pair = try Pair.start(backupArguments: [], primaryArguments: [])
         defer { pair.stop() }
-        #expect(pair.eventually(20) { pair.status("g").contains("state: PROTECTED") })
+        #expect(eventually(deadline: .after(seconds: 20)) { pair.status("g").contains("state: PROTECTED") })
         pair.primary.signal(SIGKILL)
         pair.primary.wait()
-        #expect(pair.eventually(10) { pair.status("backup").contains("waiting for 'remusd failover --activate'") })
+        #expect(eventually(deadline: .after(seconds: 10)) { pair.status("backup").contains("waiting for 'remusd failover --activate'") })
         #expect(!pair.log("backup").contains("ACTIVATED"))
-        let (rc, reply) = try runShell("REMUSD_RUN_DIR='\(pair.directory)' '\(remusdPath)' failover --activate --socket '\(pair.directory)/backup.sock' 2>&1")
+        let (rc, reply) = try runTestShell("REMUSD_RUN_DIR='\(pair.directory)' '\(remusdPath)' failover --activate --socket '\(pair.directory)/backup.sock' 2>&1")
         #expect(rc == 0, "\(reply)")
-        #expect(pair.eventually(10) { pair.log("backup").contains("ACTIVATED") })
+        #expect(eventually(deadline: .after(seconds: 10)) { pair.log("backup").contains("ACTIVATED") })
     }
 }

@@ -139,7 +139,7 @@ private func socketPair() throws -> (primary: TCPChannel, backup: TCPChannel) {
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, size)
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, size)
     }
-    return (TCPChannel(fd: fds[0], peer: "primary end"), TCPChannel(fd: fds[1], peer: "backup end"))
+    return (TCPChannel(adopting: fds[0], peer: "primary end"), TCPChannel(adopting: fds[1], peer: "backup end"))
 }
 
 /// The outcome of work on another thread, awaited with a deadline.

@@ -2,6 +2,7 @@ import Foundation
 import RemusCore
 @testable import RemusRuntime
 import RemusSim
+import RemusTestSupport
 import Testing
 
 /// The built `remusd` next to the test bundle.
@@ -19,7 +20,7 @@ private func temporaryDirectory() throws -> String {
 /// Runs remusd to completion; returns exit code and combined output.
 private func runRemusd(_ arguments: [String]) throws -> (Int32, String) {
     let quoted = ([remusdPath] + arguments).map { "'\($0)'" }.joined(separator: " ")
-    return try runShell(quoted + " 2>&1")
+    return try runTestShell(quoted + " 2>&1")
 }
 
 
@@ -37,7 +38,7 @@ private final class HandDrivenPrimary {
         var config = SimConfig(memoryBytes: 16 << 20, vcpus: 1, seed: 99)
         config.workingSetFraction = 0.5
         guest = try SimGuest(config: config, clock: SystemClock(), nic: nil, name: "hand", autoRun: false)
-        channel = try TCPChannel.connect(to: Endpoint(host: "127.0.0.1", port: port))
+        channel = try TCPChannel.connect(to: Endpoint(host: "127.0.0.1", port: port), deadline: .after(milliseconds: 5000))
         reader = StreamReader(channel: channel, direction: .backupToPrimary)
         _ = try reader.readHeader()
         let d = guest.descriptor
@@ -156,7 +157,7 @@ struct ProcessTests {
         guard !xenHypervisorPresent() else { return }  // in a dom0 the backup would build the domain
         let backup = try Backup.start()
         defer { backup.stop() }
-        let channel = try TCPChannel.connect(to: Endpoint(host: "127.0.0.1", port: backup.port))
+        let channel = try TCPChannel.connect(to: Endpoint(host: "127.0.0.1", port: backup.port), deadline: .after(milliseconds: 5000))
         let reader = StreamReader(channel: channel, direction: .backupToPrimary)
         _ = try reader.readHeader()
         let header = StreamHeader(features: [], pageSize: 4096, backend: .xen, role: .primary,
@@ -177,7 +178,7 @@ struct ProcessTests {
     @Test func garbageInsteadOfAStreamIsRefusedWithAClearError() throws {
         let backup = try Backup.start()
         defer { backup.stop() }
-        let channel = try TCPChannel.connect(to: Endpoint(host: "127.0.0.1", port: backup.port))
+        let channel = try TCPChannel.connect(to: Endpoint(host: "127.0.0.1", port: backup.port), deadline: .after(milliseconds: 5000))
         try channel.write(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8) + [UInt8](repeating: 0, count: 64))
         var buffer = [UInt8](repeating: 0, count: 4096)
         // The backup answers with its header, then closes on us.

@@ -2,6 +2,7 @@ import Glibc
 import RemusCore
 @testable import RemusRuntime  // BackupDaemon.makeXenReplica, its loop (to terminate it), freePorts
 import Testing
+import RemusTestSupport
 
 // The Xen backend's flow without Xen: a real PrimaryProtection ships a fake libxenguest stream
 // (StreamingPrimaryGuest) over loopback TCP to a real BackupDaemon, whose Xen replica is a fake
@@ -366,7 +367,7 @@ private final class WireTap: @unchecked Sendable {
         startThread(name: "test-tap") { [self] in
             while let primary = try? listener.accept() {
                 ledger.update { $0.connections += 1 }
-                guard let backup = try? TCPChannel.connect(to: target) else { primary.shutdown(); continue }
+                guard let backup = try? TCPChannel.connect(to: target, deadline: .after(milliseconds: 5000)) else { primary.shutdown(); continue }
                 startThread(name: "test-tap-acks") { [self] in pump(from: backup, to: primary, fromPrimary: false) }
                 startThread(name: "test-tap-stream") { [self] in pump(from: primary, to: backup, fromPrimary: true) }
             }
@@ -453,15 +454,6 @@ private final class Outcome<Value: Sendable>: @unchecked Sendable {  // `value` 
     var current: Value? { monitor.withLock { value } }
 }
 
-/// Polls `condition` (a status socket, a file) until it holds or `seconds` pass.
-private func eventually(_ seconds: Double, _ condition: () -> Bool) -> Bool {
-    let deadline = SystemClock().monotonicNs() + UInt64(seconds * 1e9)
-    while SystemClock().monotonicNs() < deadline {
-        if condition() { return true }
-        pauseBriefly(ms: 5)
-    }
-    return condition()
-}
 
 /// A BackupDaemon with the recording replica and a PrimaryProtection of the fake guest, on loopback.
 private final class Flow {
@@ -498,7 +490,7 @@ private final class Flow {
         let (daemon, backupExit, statusPath) = (self.daemon, self.backupExit, directory + "/backup.sock")
         startThread(name: "test-backup") { backupExit.set(Result { try daemon.run() }) }
         // The listener is up before the status socket appears.
-        guard eventually(10, { access(statusPath, F_OK) == 0 || backupExit.current != nil }), backupExit.current == nil else {
+        guard eventually(deadline: .after(seconds: 10), { access(statusPath, F_OK) == 0 || backupExit.current != nil }), backupExit.current == nil else {
             throw ProtocolError("the in-process backup did not start: \(backupExit.current.map { "\($0)" } ?? "no status socket within 10 s")")
         }
         // Cannot throw after the backup runs: the fake's domainConfig() does not throw.
@@ -603,7 +595,7 @@ struct StreamingGuestFlowTests {
         #expect(flow.ledger.wait(seconds: 30) { $0.checkpoints.count >= 3 || !$0.violations.isEmpty }, "\(flow.ledger.snapshot.recent)")
         flow.stopProtection()
         #expect(flow.ledger.wait(seconds: 10) { $0.discards > 0 && $0.primaryFinished != nil || !$0.activations.isEmpty }, "\(flow.ledger.snapshot.recent)")
-        #expect(eventually(10) { flow.backupStatus().contains("state: STOPPED: protection stopped by the primary's operator") }, "\(flow.backupStatus())")
+        #expect(eventually(deadline: .after(seconds: 10)) { flow.backupStatus().contains("state: STOPPED: protection stopped by the primary's operator") }, "\(flow.backupStatus())")
         // With --unsafe-no-fence a backup that took the stop for a loss would activate at once, or
         // at the latest when its 500 ms silence timeout fires: watch past that.
         let activated = flow.ledger.wait(seconds: 1) { !$0.activations.isEmpty }
@@ -645,7 +637,7 @@ struct StreamingGuestFlowTests {
         // The backup has every checkpoint before the vanish, whole, and activated the last of them.
         #expect(r.activations == [n - 1], "activated with \(r.activations) checkpoints committed, want \(n - 1)")
         #expect(replicaDifference(r, checkpoints: n - 1) == nil, "\(replicaDifference(r, checkpoints: n - 1) ?? "")")
-        #expect(eventually(10) { flow.backupStatus().contains("state: ACTIVE (guest resumed from checkpoint \(n - 1))") }, "\(flow.backupStatus())")
+        #expect(eventually(deadline: .after(seconds: 10)) { flow.backupStatus().contains("state: ACTIVE (guest resumed from checkpoint \(n - 1))") }, "\(flow.backupStatus())")
         // The primary: epoch n was never closed nor released, and no release passed an ACK (checked
         // at each call), before the vanish or after it.
         #expect(r.closed == (1...Epoch(n - 1)).map { $0 })

@@ -4,6 +4,7 @@ import RemusNetbuf
 @testable import RemusRuntime
 import RemusSim
 import Testing
+import RemusTestSupport
 
 /// The built `remusd` next to the test bundle.
 private var remusd: String {
@@ -16,15 +17,6 @@ private func packet(_ vcpu: UInt32, _ seq: UInt64) -> SimPacket {
     SimPacket(vcpu: vcpu, seq: seq, opCount: seq * 64 + 3, digest: 0x1234_5678_9ABC_DEF0 ^ seq)
 }
 
-/// Waits for `condition` with a deadline (the kernel and the observer's thread deliver asynchronously).
-private func eventually(within seconds: Double = 10, _ condition: () -> Bool) -> Bool {
-    let deadline = SystemClock().monotonicNs() + UInt64(seconds * 1e9)
-    while !condition() {
-        if SystemClock().monotonicNs() > deadline { return false }
-        usleep(1_000)
-    }
-    return true
-}
 
 /// Sends raw datagrams to 127.0.0.1:`port`.
 private func sendDatagrams(_ datagrams: [[UInt8]], to port: UInt16) throws {
@@ -76,7 +68,7 @@ struct SimNICDatagramTests {
         datagrams.insert(Array(repeating: 0x55, count: 40), at: 10)
         datagrams.insert(Array("not a packet".utf8), at: 20)
         try sendDatagrams(datagrams, to: observer.endpoint.port)
-        #expect(eventually { observer.datagramCounts().received == 302 }, "counts: \(observer.datagramCounts())")
+        #expect(eventually(deadline: .after(seconds: 10)) { observer.datagramCounts().received == 302 }, "counts: \(observer.datagramCounts())")
         let counts = observer.datagramCounts()
         #expect(counts.malformed == 2)
         let seen = observer.packets()
@@ -91,7 +83,7 @@ struct SimNICDatagramTests {
         let observer = try PacketObserver(udp: true)
         let sink = TCPPacketSink(endpoint: observer.endpoint)
         sink.deliver((0..<5).map { packet(0, $0) })
-        #expect(eventually { observer.packets().count == 5 })
+        #expect(eventually(deadline: .after(seconds: 10)) { observer.packets().count == 5 })
         #expect(observer.packets().allSatisfy { $0.pid == UInt64(getpid()) })
         #expect(observer.datagramCounts().received == 0)
     }
@@ -105,7 +97,7 @@ struct SimNICDatagramTests {
             let observer = try PacketObserver(udp: true)
             let sink = TapPacketSink(device: try TapDevice(attaching: "nic0"), port: observer.endpoint.port)
             sink.deliver((0..<100).map { packet(UInt32($0 % 3), $0) })
-            _ = eventually { observer.packets().count >= 100 }
+            _ = eventually(deadline: .after(seconds: 10)) { observer.packets().count >= 100 }
             return (sink.addressing, observer.packets())
         }
         #expect(addressing.source == IPv4Address(10, 99, 0, 2) && addressing.destination == IPv4Address(10, 99, 0, 1))
@@ -120,10 +112,10 @@ struct SimNICDatagramTests {
 struct SimNICTapCommandTests {
     @Test("protect and receive refuse a missing tap with what to do; nothing starts")
     func missingTap() throws {
-        let (status, output) = try runShell("'\(remusd)' protect g 127.0.0.1:1 --backend sim --sim-memory 8 --sim-nic-tap rmsnone9 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnone9.sock 2>&1")
+        let (status, output) = try runTestShell("'\(remusd)' protect g 127.0.0.1:1 --backend sim --sim-memory 8 --sim-nic-tap rmsnone9 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnone9.sock 2>&1")
         #expect(status != 0)
         #expect(output.contains("tap 'rmsnone9' does not exist") && output.contains("ip tuntap add mode tap rmsnone9"), "\(output)")
-        let (rs, ro) = try runShell("'\(remusd)' receive --listen 127.0.0.1:0 --sim-nic-tap rmsnone9 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnone9r.sock 2>&1")
+        let (rs, ro) = try runTestShell("'\(remusd)' receive --listen 127.0.0.1:0 --sim-nic-tap rmsnone9 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnone9r.sock 2>&1")
         #expect(rs != 0 && ro.contains("does not exist"), "\(ro)")
     }
 
@@ -136,14 +128,14 @@ struct SimNICTapCommandTests {
             ("--sim-nic-tap rt0 --nic-sink 127.0.0.1:9 --unsafe --no-netbuf --netbuf rt0", "contradict"),
             ("--sim-nic-tap rt0 --nic-sink 127.0.0.1:9 --netbuf-limit 0", "--netbuf-limit"),
         ] {
-            let (status, output) = try runShell("'\(remusd)' protect g 127.0.0.1:1 --backend sim \(args) 2>&1")
+            let (status, output) = try runTestShell("'\(remusd)' protect g 127.0.0.1:1 --backend sim \(args) 2>&1")
             #expect(status != 0 && output.contains(expected), "\(args): \(output)")
         }
     }
 
     @Test("The drill names the taps it needs and how to create them")
     func drillNeedsTaps() throws {
-        let (status, output) = try runShell("'\(remusd)' drill --failovers 2 --sim-nic-taps rmsz 2>&1")
+        let (status, output) = try runTestShell("'\(remusd)' drill --failovers 2 --sim-nic-taps rmsz 2>&1")
         #expect(status != 0)
         #expect(output.contains("rmsz0 … rmsz3") && output.contains("ip tuntap add mode tap rmsz$i") && output.contains(testbedCommand), "\(output)")
     }
@@ -155,7 +147,7 @@ struct SimNICTapCommandTests {
             try TapAdministration.create("nic1")
             try TapAdministration.configure("nic1", address: IPv4Address(10, 99, 1, 1), prefixLength: 24)
             // Spawned from this thread, the process lives in the throwaway namespace too.
-            return try runShell("timeout 20 '\(remusd)' protect g 127.0.0.1:1 --backend sim --sim-memory 8 --sim-nic-tap nic1 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnic1-\(getpid()).sock 2>&1")
+            return try runTestShell("timeout 20 '\(remusd)' protect g 127.0.0.1:1 --backend sim --sim-memory 8 --sim-nic-tap nic1 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnic1-\(getpid()).sock 2>&1")
         }
         guard !output.contains("protecting 'g'") else {
             // This kernel has sch_plug: the plug path is the testbed's drill, not this check.

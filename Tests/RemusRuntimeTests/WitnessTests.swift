@@ -1,6 +1,7 @@
 import Foundation
 @testable import RemusRuntime
 import Testing
+import RemusTestSupport
 
 // MARK: - Helpers
 
@@ -15,15 +16,6 @@ private let etcdMissing = "etcd not found: install etcd-server (apt-get install 
 
 private func monotonicNs() -> UInt64 { SystemClock().monotonicNs() }
 
-/// Polls `condition` every `intervalMs` until it holds or `seconds` pass; returns whether it held.
-private func eventually(within seconds: Double, intervalMs: UInt32 = 50, _ condition: () throws -> Bool) rethrows -> Bool {
-    let deadline = monotonicNs() + UInt64(seconds * 1e9)
-    while true {
-        if try condition() { return true }
-        if monotonicNs() >= deadline { return false }
-        usleep(intervalMs * 1000)
-    }
-}
 
 /// Two distinct ports that were free a moment ago (bound to port 0, then closed).
 private func freePorts() throws -> (UInt16, UInt16) {
@@ -75,7 +67,7 @@ private final class EtcdServer {
     /// Polls GET /health until etcd answers {"health":"true"}, or gives up at the deadline.
     private func waitUntilHealthy(seconds: Double) throws {
         let endpoint = Endpoint(host: "127.0.0.1", port: clientPort)
-        let healthy = eventually(within: seconds) {
+        let healthy = eventually(deadline: .after(seconds: Double(seconds))) {
             guard process.isRunning else { return true }  // reported below
             guard let response = try? httpExchange(endpoint: endpoint, method: "GET", path: "/health", body: [], timeoutMs: 500)
             else { return false }
@@ -93,7 +85,7 @@ private final class EtcdServer {
     /// reports the process stopped (state 'T'), since the signal is delivered asynchronously.
     func freeze() -> Bool {
         kill(process.processIdentifier, SIGSTOP)
-        return eventually(within: 5, intervalMs: 5) {
+        return eventually(deadline: .after(seconds: Double(5)), pollEveryMs: 5) {
             let stat = (try? String(contentsOfFile: "/proc/\(process.processIdentifier)/stat", encoding: .utf8)) ?? ""
             // "pid (comm) S ...": the state follows the command's closing parenthesis.
             guard let close = stat.lastIndex(of: ")") else { return false }
@@ -211,7 +203,7 @@ extension WitnessTests {
                 let last = try a.renew()  // A's last renewal; it stops renewing now
 
                 var acquiredAt: UInt64 = 0
-                let acquired = try eventually(within: 15, intervalMs: 100) {
+                let acquired = try eventually(deadline: .after(seconds: Double(15)), pollEveryMs: 100) {
                     let won = try b.acquire(owner: "backup:hostB:2", ttlSeconds: 2)
                     acquiredAt = WitnessLease.clockNs()
                     return won

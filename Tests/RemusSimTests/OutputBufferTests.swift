@@ -2,6 +2,7 @@ import RemusCore
 @testable import RemusSim
 import Synchronization
 import Testing
+import RemusSystem
 
 @Suite("SimOutputBuffer epoch barriers")
 struct OutputBufferTests {

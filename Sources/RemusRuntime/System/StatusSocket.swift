@@ -1,15 +1,52 @@
 import Glibc
 
-/// Where daemons put their status sockets: $REMUSD_RUN_DIR, else /run/remusd as root, else /tmp/remusd-<uid>.
+/// Where daemons put their status sockets: $REMUSD_RUN_DIR; else /run/remusd as root; else
+/// $XDG_RUNTIME_DIR/remusd (a directory only this user can write); else /tmp/remusd-<uid>.
 public enum RunDirectory {
     public static var path: String {
-        if let dir = ProcessEnvironment.current["REMUSD_RUN_DIR"], !dir.isEmpty { return dir }
-        return getuid() == 0 ? "/run/remusd" : "/tmp/remusd-\(getuid())"
+        let environment = ProcessEnvironment.current
+        if let dir = environment["REMUSD_RUN_DIR"], !dir.isEmpty { return dir }
+        if getuid() == 0 { return "/run/remusd" }
+        if let runtime = environment["XDG_RUNTIME_DIR"], !runtime.isEmpty { return "\(runtime)/remusd" }
+        return "/tmp/remusd-\(getuid())"
     }
 
-    /// Creates the directory if needed.
-    public static func ensure() throws {
-        if mkdir(path, 0o755) != 0 && errno != EEXIST { throw SystemError(call: "mkdir(\(path))", errno: errno) }
+    /// Creates the run directory 0700 if it is missing; refuses one that another user owns or
+    /// that group or others may write (someone could put a fake status socket there).
+    public static func ensure(_ dir: String = path) throws {
+        if mkdir(dir, 0o700) == 0 {
+            try syscall("chmod(\(dir), 700)") { chmod(dir, 0o700) }
+            return
+        }
+        let code = errno
+        guard code == EEXIST else {
+            throw ControlSocketError("cannot create the run directory \(dir): \(SystemError(call: "mkdir(\(dir))", errno: code)); "
+                + "no daemon was started — create it (mode 0700) or set REMUSD_RUN_DIR to a directory only you can write")
+        }
+        try checkOwnDirectory(dir)
+    }
+
+    /// A directory the daemon may put its socket in: ours, a directory, not group/other-writable.
+    static func checkOwnDirectory(_ dir: String) throws {
+        let info: FileOwnership
+        do { info = try FileOwnership.of(dir) } catch {
+            throw ControlSocketError("cannot check the run directory \(dir): \(error); no daemon was started")
+        }
+        let advice = getuid() == 0
+            ? "remove it (rm -r \(dir)) and start again: remusd recreates it 0700"
+            : "remove it if you can, or set XDG_RUNTIME_DIR or REMUSD_RUN_DIR to a directory only you can write "
+              + "(\(dir) under /tmp can be created by any user first)"
+        guard info.type == UInt32(S_IFDIR) else {
+            throw ControlSocketError("the run directory \(dir) is not a directory (a symbolic link or a file); no daemon was started — \(advice)")
+        }
+        guard info.uid == getuid() else {
+            throw ControlSocketError("the run directory \(dir) belongs to uid \(info.uid), not to this user (uid \(getuid())): "
+                + "another user could fake status replies or catch control commands there; no daemon was started — \(advice)")
+        }
+        guard info.permissions & 0o022 == 0 else {
+            throw ControlSocketError("the run directory \(dir) has mode \(String(info.permissions, radix: 8)): group or others "
+                + "may write it and plant a fake socket; no daemon was started — chmod 700 \(dir), or \(advice)")
+        }
     }
 
     /// Status socket path for a daemon name.
@@ -32,107 +69,132 @@ public enum RunDirectory {
     }
 }
 
+/// A control socket that cannot be used safely, or did not answer; the text says what to do.
+public struct ControlSocketError: Error, CustomStringConvertible, Sendable {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
+
 /// A Unix socket that answers every connection with a status snapshot (text lines) and closes.
 /// Also accepts one-line commands ("stop", "failover", "activate") for the control subcommands.
-public final class StatusSocket: @unchecked Sendable {  // fd and path are immutable; handlers are called on its own thread
-    private let fd: Int32
+///
+/// The socket is 0600 whatever the umask; a client whose uid is neither root nor ours is
+/// refused (SO_PEERCRED); each client has its own thread and a read deadline, and at most
+/// `maxClients` are served at once, so one idle client never blocks `remusd stop`.
+public final class StatusSocket: @unchecked Sendable {  // listener and path are immutable; `serving` is guarded by `monitor`
+    private let listener: UnixListener
     public let path: String
     /// Requests being answered now (guarded by `monitor`), so a daemon can finish its replies before exiting.
     private let monitor = MonitorLock()
     private var serving = 0
 
+    /// Clients served at once; more are told to retry.
+    public static let maxClients = 8
+    /// How long a client may take to send its command line, milliseconds.
+    public static let readDeadlineMs = 3000
+
     /// - Parameters:
-    ///   - snapshot: the status text, called on the socket's thread.
+    ///   - snapshot: the status text, called on the client's thread.
     ///   - command: handles a command line and returns the reply.
     public init(path: String, snapshot: @escaping @Sendable () -> String, command: @escaping @Sendable (String) -> String) throws {
         self.path = path
-        try RunDirectory.ensure()
-        unlink(path)
-        fd = try syscall("socket(AF_UNIX)") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0) }
-        let fd = self.fd
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
-            throw SystemError(call: "bind(\(path)): path too long", errno: ENAMETOOLONG)
+        let runDirectory = RunDirectory.path
+        if path.hasPrefix(runDirectory + "/") && !path.dropFirst(runDirectory.count + 1).contains("/") {
+            try RunDirectory.ensure()
         }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
+        let listener: UnixListener
+        do { listener = try UnixListener(path: path, mode: 0o600) } catch {
+            throw ControlSocketError("cannot create the status socket \(path): \(error); nothing was started — "
+                + "check the directory exists and is writable, or choose another with --status-socket")
         }
-        try withUnsafePointer(to: &address) { (p) throws in
-            try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { (sa) throws in
-                try syscall("bind(\(path))") { bind(fd, sa, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-        }
-        try syscall("listen(\(path))") { listen(fd, 8) }
-        let monitor = self.monitor
-        startThread(name: "status") { [unowned self] in
-            while true {
-                let client = Glibc.accept(fd, nil, nil)
-                if client < 0 {
-                    if errno == EINTR { continue }
-                    return
-                }
-                monitor.withLock { self.serving += 1 }
-                defer { monitor.withLock { self.serving -= 1; monitor.broadcast() } }
-                var buffer = [UInt8](repeating: 0, count: 256)
-                // A status reader sends nothing and half-closes; a control client sends one line.
-                var received: [UInt8] = []
-                while received.count < 256 {
-                    let n = buffer.withUnsafeMutableBytes { read(client, $0.baseAddress, $0.count) }
-                    if n <= 0 { break }
-                    received += buffer[0..<n]
-                    if received.contains(10) { break }
-                }
-                let line = String(decoding: received, as: UTF8.self).trimmingWhitespace()
-                let reply = line.isEmpty ? snapshot() : command(line)
-                let out = Array(reply.utf8)
-                _ = out.withUnsafeBytes { write(client, $0.baseAddress, $0.count) }
-                close(client)
-            }
-        }
+        self.listener = listener
+        startThread(name: "status") { [self] in acceptClients(snapshot: snapshot, command: command) }
     }
 
     deinit {
-        Glibc.shutdown(fd, Int32(SHUT_RDWR))
-        close(fd)
+        listener.shutdown()
         unlink(path)
+    }
+
+    private func acceptClients(snapshot: @escaping @Sendable () -> String, command: @escaping @Sendable (String) -> String) {
+        let ourUID = getuid()
+        while true {
+            let client: UnixConnection
+            do { client = try listener.accept() } catch {
+                guard TCPListener.isTransient(error) else { return }  // shut down
+                sleepNanoseconds(100_000_000)
+                continue
+            }
+            let quick = Deadline.after(milliseconds: 200)
+            guard client.peer.uid == 0 || client.peer.uid == ourUID else {
+                let reply = "refused: uid \(client.peer.uid) may not use this daemon's control socket (only root and uid \(ourUID)); run the command as one of them\n"
+                try? client.write(Array(reply.utf8), until: quick)
+                continue
+            }
+            let admitted = monitor.withLock {
+                guard serving < Self.maxClients else { return false }
+                serving += 1
+                return true
+            }
+            guard admitted else {
+                try? client.write(Array("busy: \(Self.maxClients) control clients are being served; try again\n".utf8), until: quick)
+                continue
+            }
+            startThread(name: "status-client") { [self] in
+                defer { monitor.withLock { serving -= 1; monitor.broadcast() } }
+                // A status reader sends nothing and half-closes; a control client sends one line.
+                guard let received = try? client.readLine(limit: 256, until: .after(milliseconds: Self.readDeadlineMs)) else { return }
+                let line = String(decoding: received, as: UTF8.self).trimmingWhitespace()
+                let reply = line.isEmpty ? snapshot() : command(line)
+                try? client.write(Array(reply.utf8), until: .after(milliseconds: Self.readDeadlineMs))
+            }
+        }
     }
 
     /// Removes the socket file, after the replies in progress (at most `timeoutMs`) went out.
     public func remove(timeoutMs: UInt64 = 1000) {
-        let deadline = SystemClock().monotonicNs() + timeoutMs * 1_000_000
+        let deadline = monotonicNanoseconds() + timeoutMs * 1_000_000
         monitor.withLock {
-            while serving > 0 && SystemClock().monotonicNs() < deadline { monitor.wait(untilMonotonic: deadline) }
+            while serving > 0 && monotonicNanoseconds() < deadline { monitor.wait(untilMonotonic: deadline) }
         }
         unlink(path)
     }
 
-    /// Connects to a status socket, sends `command` (empty for a snapshot) and returns the reply.
-    public static func query(_ path: String, command: String = "") throws -> String {
-        let fd = try syscall("socket(AF_UNIX)") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0) }
-        defer { close(fd) }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            raw.copyBytes(from: bytes.prefix(raw.count - 1))
-        }
-        try withUnsafePointer(to: &address) { (p) throws in
-            try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { (sa) throws in
-                try syscall("connect(\(path))") { connect(fd, sa, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    /// Refuses a socket, or a directory holding it, that belongs to neither root nor us: its
+    /// replies could be forged and our commands caught.
+    static func checkTrusted(_ path: String) throws {
+        let me = getuid()
+        let dir = path.lastIndex(of: "/").map { String(path[..<$0]) }.map { $0.isEmpty ? "/" : $0 } ?? "."
+        for (what, file) in [("directory", dir), ("socket", path)] {
+            let info: FileOwnership
+            do { info = try FileOwnership.of(file) } catch {
+                throw ControlSocketError("no daemon answers at \(path): \(error); is it running? ('remusd status' lists the sockets here)")
+            }
+            guard info.uid == 0 || info.uid == me else {
+                throw ControlSocketError("the status \(what) \(file) belongs to uid \(info.uid), neither root nor you (uid \(me)): "
+                    + "it may be another user's fake, so remusd did not talk to it; remove it, or name the daemon's socket with --socket")
             }
         }
-        let request = Array((command + "\n").utf8)
-        if command.isEmpty { Glibc.shutdown(fd, Int32(SHUT_WR)) } else { _ = request.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) } }
-        var out: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if n > 0 { out += buffer[0..<n] } else if n == 0 || errno != EINTR { break }
+        guard try FileOwnership.of(path).type == UInt32(S_IFSOCK) else {
+            throw ControlSocketError("\(path) is not a socket; remove it, or name the daemon's socket with --socket")
         }
-        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// Connects to a status socket, sends `command` (empty for a snapshot) and returns the reply,
+    /// all within `timeoutMs`.
+    public static func query(_ path: String, command: String = "", timeoutMs: Int = 10_000) throws -> String {
+        try checkTrusted(path)
+        let deadline = Deadline.after(milliseconds: timeoutMs)
+        do {
+            let connection = try UnixConnection.connect(path: path, deadline: deadline)
+            if command.isEmpty { connection.shutdownWrite() } else { try connection.write(Array((command + "\n").utf8), until: deadline) }
+            return String(decoding: try connection.readAll(limit: 1 << 20, until: deadline), as: UTF8.self)
+        } catch {
+            if error.isTimeout {
+                throw ControlSocketError("the daemon at \(path) did not answer within \(timeoutMs) ms (\(error)); it may be stuck — check its log")
+            }
+            throw error
+        }
     }
 }
 

@@ -61,41 +61,85 @@ public struct Endpoint: Equatable, Sendable, CustomStringConvertible {
     public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
 }
 
-/// A connected TCP socket with TCP_NODELAY and large buffers.
+
+/// A connected TCP socket with TCP_NODELAY and large buffers. Reads and writes block (the
+/// caller's thread is dedicated); connecting is bounded by a deadline.
 public final class TCPChannel: ByteChannel {
-    private let fd: Int32
+    private let descriptor: OwnedDescriptor
     public let peer: String
 
-    init(fd: Int32, peer: String) {
-        self.fd = fd
+    init(_ descriptor: consuming OwnedDescriptor, peer: String) {
+        let fd = descriptor.raw
+        self.descriptor = descriptor
         self.peer = peer
-        var one: Int32 = 1
-        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-        var size: Int32 = 8 << 20
-        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
-        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        setOption(fd, Int32(IPPROTO_TCP), TCP_NODELAY, 1)
+        setOption(fd, SOL_SOCKET, SO_SNDBUF, 8 << 20)
+        setOption(fd, SOL_SOCKET, SO_RCVBUF, 8 << 20)
     }
 
-    deinit { Glibc.close(fd) }
+    /// Takes ownership of a connected stream socket (e.g. one end of a socketpair in a test).
+    public convenience init(adopting fd: Int32, peer: String) {
+        self.init(OwnedDescriptor(adopting: fd), peer: peer)
+    }
 
-    /// Connects to `endpoint`, trying each address it resolves to.
-    public static func connect(to endpoint: Endpoint) throws -> TCPChannel {
-        var lastError = SystemError(call: "connect(\(endpoint))", errno: EHOSTUNREACH)
+    /// The descriptor, for poll; owned by the channel.
+    public var fd: Int32 { descriptor.raw }
+
+    /// Connects to `endpoint`, trying each address it resolves to, without blocking past
+    /// `deadline`: a host that drops SYNs costs the deadline, not the kernel's two minutes.
+    /// Throws ETIMEDOUT ("no answer within N ms") when the deadline passes first.
+    public static func connect(to endpoint: Endpoint, deadline: Deadline) throws(SystemError) -> TCPChannel {
+        var lastError = SystemError(call: "connect(\(endpoint))", errno: .noRouteToHost, detail: "no address to try")
         for address in try resolve(endpoint, passive: false) {
-            let fd = socket(address.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            if fd < 0 { lastError = SystemError(call: "socket", errno: errno); continue }
-            let rc = withUnsafeBytes(of: address.storage) { raw in
-                Glibc.connect(fd, raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), address.length)
+            let socket = OwnedDescriptor(adopting: try syscall("socket(\(endpoint))") {
+                Glibc.socket(address.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+            })
+            let fd = socket.raw
+            do throws(SystemError) {
+                try finishConnect(fd, to: address, endpoint: endpoint, deadline: deadline)
+            } catch {
+                if error.isTimeout { throw error }
+                lastError = error
+                continue
             }
-            if rc == 0 { return TCPChannel(fd: fd, peer: endpoint.description) }
-            lastError = SystemError(call: "connect(\(endpoint))", errno: errno)
-            Glibc.close(fd)
+            // Back to blocking mode: the channel's reads and writes block on their own thread.
+            let flags = fcntl(fd, F_GETFL)
+            _ = fcntl(fd, F_SETFL, flags & ~Int32(O_NONBLOCK))
+            return TCPChannel(socket, peer: endpoint.description)
         }
         throw lastError
     }
 
+    private static func finishConnect(_ fd: Int32, to address: ResolvedAddress, endpoint: Endpoint, deadline: Deadline) throws(SystemError) {
+        let call = "connect(\(endpoint))"
+        let started = try withUnsafeBytes(of: address.storage) { (raw) throws(SystemError) in
+            try syscallOrWouldBlock(call) { Glibc.connect(fd, raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), address.length) }
+        }
+        if case .done = started { return }
+        guard try waitReady(fd, events: Int16(POLLOUT), until: deadline, call: call) else {
+            throw SystemError(call: call, errno: .timedOut, detail: "no answer within \(deadline.budgetMs) ms")
+        }
+        var soError: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        try syscall("getsockopt(SO_ERROR)") { getsockopt(fd, SOL_SOCKET, SO_ERROR, &soError, &length) }
+        if soError != 0 { throw SystemError(call: call, errno: soError) }
+    }
+
     public func read(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         try syscall("read(\(peer))") { Glibc.read(fd, buffer.baseAddress, buffer.count) }
+    }
+
+    /// Waits until a read would not block (data, end of input or an error) or the deadline
+    /// passes; false at the deadline.
+    public func waitReadable(until deadline: Deadline) throws(SystemError) -> Bool {
+        try waitReady(fd, events: Int16(POLLIN), until: deadline, call: "read(\(peer))")
+    }
+
+    /// Bounds each blocking write to `nanoseconds` (SO_SNDTIMEO; at least 1 µs, as 0 means none).
+    public func setSendTimeout(nanoseconds: UInt64) {
+        let bounded = max(nanoseconds, 1_000)
+        var tv = timeval(tv_sec: Int(bounded / 1_000_000_000), tv_usec: Int(bounded % 1_000_000_000 / 1_000))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
     public func write(segments: UnsafeMutableBufferPointer<iovec>) throws {
@@ -125,29 +169,25 @@ public final class TCPChannel: ByteChannel {
 }
 
 /// A listening TCP socket.
-public final class TCPListener: @unchecked Sendable {  // fd is immutable; accept/shutdown are thread-safe syscalls
-    private let fd: Int32
+public final class TCPListener: Sendable {
+    private let descriptor: OwnedDescriptor
     /// The port actually bound (useful with port 0).
     public let port: UInt16
     public let endpoint: Endpoint
 
-    public init(endpoint: Endpoint) throws {
+    public init(endpoint: Endpoint, backlog: Int32 = 16) throws(SystemError) {
         guard let address = try resolve(endpoint, passive: true).first else {
-            throw SystemError(call: "getaddrinfo(\(endpoint))", errno: EADDRNOTAVAIL)
+            throw SystemError(call: "getaddrinfo(\(endpoint))", errno: .addressNotAvailable)
         }
-        fd = try syscall("socket") { socket(address.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
-        var one: Int32 = 1
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        let fd = self.fd
-        do {
-            try withUnsafeBytes(of: address.storage) { (raw) throws in
-                try syscall("bind(\(endpoint))") { bind(fd, raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), address.length) }
-            }
-            try syscall("listen(\(endpoint))") { listen(fd, 16) }
-        } catch {
-            Glibc.close(fd)
-            throw error
+        let socket = OwnedDescriptor(adopting: try syscall("socket(\(endpoint))") {
+            Glibc.socket(address.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        })
+        let fd = socket.raw
+        setOption(fd, SOL_SOCKET, SO_REUSEADDR, 1)
+        _ = try withUnsafeBytes(of: address.storage) { (raw) throws(SystemError) in
+            try syscall("bind(\(endpoint))") { bind(fd, raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), address.length) }
         }
+        try syscall("listen(\(endpoint))") { listen(fd, backlog) }
         var storage = sockaddr_storage()
         var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
         withUnsafeMutablePointer(to: &storage) { p in
@@ -159,26 +199,41 @@ public final class TCPListener: @unchecked Sendable {  // fd is immutable; accep
         }
         port = bound
         self.endpoint = Endpoint(host: endpoint.host, port: bound)
+        descriptor = socket
     }
 
-    deinit { Glibc.close(fd) }
-
-    /// Waits for the next connection.
-    public func accept() throws -> TCPChannel {
+    /// Waits for the next connection. A failure that passes (`isTransient`) leaves the listener
+    /// usable; any other means it was shut down or broke.
+    public func accept() throws(SystemError) -> TCPChannel {
         var storage = sockaddr_storage()
         var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        let fd = self.fd
-        let client = try withUnsafeMutablePointer(to: &storage) { (p) throws in
-            try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { (sa) throws in
+        let fd = descriptor.raw
+        let client = try withUnsafeMutablePointer(to: &storage) { (p) throws(SystemError) in
+            try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { (sa) throws(SystemError) in
                 try syscall("accept(\(endpoint))") { Glibc.accept(fd, sa, &length) }
             }
         }
-        _ = fcntl(client, F_SETFD, FD_CLOEXEC)
-        return TCPChannel(fd: client, peer: describe(storage))
+        _ = fcntl(client, F_SETFD, FD_CLOEXEC)  // accept4 is hidden behind _GNU_SOURCE
+        return TCPChannel(OwnedDescriptor(adopting: client), peer: describe(storage))
+    }
+
+    /// Whether an accept failure passes with time: out of descriptors (EMFILE, ENFILE), of
+    /// buffers or memory, or a connection that was reset before we took it (ECONNABORTED,
+    /// EPROTO). The listener keeps working; the caller backs off and accepts again.
+    public static func isTransient(_ error: SystemError) -> Bool {
+        switch error.errno.rawValue {
+        case EMFILE, ENFILE, ENOBUFS, ENOMEM, ECONNABORTED, EPROTO, EPERM: true
+        default: false
+        }
     }
 
     /// Makes a blocked `accept` fail so its thread can end.
-    public func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+    public func shutdown() { _ = Glibc.shutdown(descriptor.raw, Int32(SHUT_RDWR)) }
+}
+
+private func setOption(_ fd: Int32, _ level: Int32, _ option: Int32, _ value: Int32) {
+    var value = value
+    setsockopt(fd, level, option, &value, socklen_t(MemoryLayout<Int32>.size))
 }
 
 private struct ResolvedAddress {
@@ -187,14 +242,16 @@ private struct ResolvedAddress {
     var length: socklen_t
 }
 
-private func resolve(_ endpoint: Endpoint, passive: Bool) throws -> [ResolvedAddress] {
+/// getaddrinfo for one endpoint. (A name, not a numeric address, may wait on DNS: remusd's
+/// peers are normally given as addresses.)
+private func resolve(_ endpoint: Endpoint, passive: Bool) throws(SystemError) -> [ResolvedAddress] {
     var hints = addrinfo()
     hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-    hints.ai_flags = passive ? AI_PASSIVE : 0
+    hints.ai_flags = (passive ? AI_PASSIVE : 0) | AI_NUMERICSERV
     var list: UnsafeMutablePointer<addrinfo>?
     let rc = getaddrinfo(endpoint.host, String(endpoint.port), &hints, &list)
     guard rc == 0 else {
-        throw SystemError(call: "getaddrinfo(\(endpoint.host)): \(String(cString: gai_strerror(rc)))", errno: EHOSTUNREACH)
+        throw SystemError(call: "getaddrinfo(\(endpoint.host))", errno: .noRouteToHost, detail: String(cString: gai_strerror(rc)))
     }
     defer { freeaddrinfo(list) }
     var out: [ResolvedAddress] = []
@@ -202,6 +259,7 @@ private func resolve(_ endpoint: Endpoint, passive: Bool) throws -> [ResolvedAdd
     while let n = node {
         var storage = sockaddr_storage()
         withUnsafeMutableBytes(of: &storage) { dst in
+            // SAFETY: ai_addr points at ai_addrlen bytes (at most sizeof(sockaddr_storage)) owned by the list.
             dst.copyMemory(from: UnsafeRawBufferPointer(start: n.pointee.ai_addr, count: Int(n.pointee.ai_addrlen)))
         }
         out.append(ResolvedAddress(family: n.pointee.ai_family, storage: storage, length: n.pointee.ai_addrlen))

@@ -1,0 +1,116 @@
+import Glibc
+
+/// A mutex and condition variable pair whose timed waits use CLOCK_MONOTONIC, so deadlines
+/// come from the same clock the engines are fed.
+///
+/// `@unchecked Sendable`: the pthread objects are designed for sharing between threads; they live
+/// at fixed heap addresses for the object's lifetime, and every access to the state they guard
+/// happens with the mutex held.
+public final class MonitorLock: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+
+    public init() {
+        // SAFETY: both pointers are freshly allocated and initialised here exactly once.
+        mutex.initialize(to: pthread_mutex_t())
+        cond.initialize(to: pthread_cond_t())
+        var attr = pthread_condattr_t()
+        pthread_condattr_init(&attr)
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+        precondition(pthread_mutex_init(mutex, nil) == 0 && pthread_cond_init(cond, &attr) == 0)
+        pthread_condattr_destroy(&attr)
+    }
+
+    deinit {
+        pthread_cond_destroy(cond)
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+        cond.deallocate()
+    }
+
+    public func lock() { pthread_mutex_lock(mutex) }
+    public func unlock() { pthread_mutex_unlock(mutex) }
+
+    /// Runs `body` with the mutex held.
+    @discardableResult @inline(__always)
+    public func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        lock()
+        defer { unlock() }
+        return try body()
+    }
+
+    /// Wakes every waiter. Call with the lock held.
+    public func broadcast() { pthread_cond_broadcast(cond) }
+
+    /// Waits (lock held) until signalled.
+    public func wait() { pthread_cond_wait(cond, mutex) }
+
+    /// Waits (lock held) until signalled or until the monotonic deadline (ns) passes; nil waits
+    /// without a deadline. Returns false on timeout.
+    @discardableResult
+    public func wait(untilMonotonic deadline: UInt64?) -> Bool {
+        guard let deadline else {
+            pthread_cond_wait(cond, mutex)
+            return true
+        }
+        var ts = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
+        return pthread_cond_timedwait(cond, mutex, &ts) != ETIMEDOUT
+    }
+
+    /// Waits (lock held) until signalled or `nanoseconds` of monotonic time passed. Returns false
+    /// on timeout.
+    @discardableResult
+    public func wait(nanoseconds: UInt64) -> Bool {
+        wait(untilMonotonic: monotonicNanoseconds() &+ nanoseconds)
+    }
+}
+
+/// A thread of our own for blocking work (hypercalls, socket reads, capture), never the Swift
+/// concurrency pool. Detached: nobody joins it.
+public func startThread(name: String, _ body: @escaping @Sendable () -> Void) {
+    do {
+        let thread = try JoinableThread(name: name, body)
+        pthread_detach(thread.handle)
+    } catch {
+        preconditionFailure("\(error)")
+    }
+}
+
+/// A started pthread that must be joined (vCPU threads, emitters in tests).
+public struct JoinableThread: Sendable {
+    // pthread_t is an integer handle on Linux.
+    fileprivate let handle: pthread_t
+
+    private final class Start {
+        let body: @Sendable () -> Void
+        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    }
+
+    /// Starts a thread running `body`. (`name` is for diagnostics; Glibc's module map hides
+    /// pthread_setname_np, so it is not applied to the thread yet.)
+    public init(name: String, _ body: @escaping @Sendable () -> Void) throws(SystemError) {
+        let start = Unmanaged.passRetained(Start(body)).toOpaque()
+        var thread = pthread_t()
+        let rc = pthread_create(&thread, nil, { context in
+            // SAFETY: `context` is the retained Start passed below; it is consumed exactly once here.
+            let start = Unmanaged<Start>.fromOpaque(context!).takeRetainedValue()
+            start.body()
+            return nil
+        }, start)
+        guard rc == 0 else {
+            Unmanaged<Start>.fromOpaque(start).release()
+            throw SystemError(call: "pthread_create(\(name))", errno: rc)
+        }
+        handle = thread
+    }
+
+    /// Waits for the thread to finish.
+    public func join() { pthread_join(handle, nil) }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `MonitorLock`'s deadlines.
+public func monotonicNanoseconds() -> UInt64 {
+    var now = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+}
