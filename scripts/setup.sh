@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs what remusd needs to build on Debian 12 (only what is missing), then builds it.
-# Usage: bash scripts/setup.sh [debug|release]   (default: release)
+# Usage: bash scripts/setup.sh [debug|release] [tests]   (default: release; "tests" adds what
+# the test suite uses besides: nftables for the black-holed connect, stress-ng for the run under load)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config="${1:-release}"
 
+packages=(libnl-3-dev libnl-route-3-dev pkg-config etcd-server libxen-dev)
+[ "${2:-}" = tests ] && packages+=(nftables stress-ng)
 need=()
-for pkg in libnl-3-dev libnl-route-3-dev pkg-config etcd-server libxen-dev; do
+for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then

@@ -6,7 +6,7 @@
 # REMUSD_FUZZ_SECONDS sets the fuzz time (default 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh release
+bash scripts/setup.sh release tests
 [ -x /opt/swift/usr/bin/swift ] && export PATH="/opt/swift/usr/bin:$PATH"
 
 start=$(date +%s)

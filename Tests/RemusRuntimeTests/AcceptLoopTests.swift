@@ -9,12 +9,9 @@ private var remusdPath: String {
 
 @Suite("The backup's accept loop", .serialized)
 struct AcceptLoopTests {
-    @Test("Out of descriptors (prlimit --nofile=64, 80 connections) the backup keeps listening; a real primary is protected afterwards")
+    @Test("Out of descriptors (prlimit --nofile=64, 80 connections) the backup keeps listening; a real primary is protected afterwards",
+          .enabled(if: access("/usr/bin/prlimit", X_OK) == 0, "needs prlimit (util-linux)"))
     func acceptSurvivesDescriptorExhaustion() throws {
-        guard access("/usr/bin/prlimit", X_OK) == 0 else {
-            print("SKIPPED acceptSurvivesDescriptorExhaustion: needs prlimit (util-linux)")
-            return
-        }
         let dir = NSTemporaryDirectory() + "remusd-accept-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
