@@ -20,7 +20,8 @@ public final class BackupDaemon: @unchecked Sendable {
         case rejected(generation: Int, String)
         case lost(generation: Int, String)
         case activity(generation: Int)
-        case fenced(Bool, String)
+        /// Fence run number `run` finished; a run the committer already gave up on is ignored.
+        case fenced(run: Int, Bool, String)
         case operatorActivate
         case terminate
         case protectionFinished
@@ -39,6 +40,8 @@ public final class BackupDaemon: @unchecked Sendable {
     private var exitCode: Int32 = 0
     private var protection: PrimaryProtection?
     private var activationTiming: (lostAt: UInt64, activatedAt: UInt64)?
+    /// The number of the last fence run started (loop thread).
+    private var fenceRun = 0
     private let statsLock = MonitorLock()
     private var statusLines: [String: String] = [:]
     /// The NIC of a taken-over guest over a tap (`--sim-nic-tap`), and the plug that holds its
@@ -57,7 +60,11 @@ public final class BackupDaemon: @unchecked Sendable {
         case .operatorOnly: policy = .operatorOnly
         case .unsafeNoFence: policy = .unsafeNoFence
         }
-        committer = BackupCommitter(settings: config.settings, fencePolicy: policy)
+        // The engine's fence deadline backs up the child's own (--fence-timeout, then SIGTERM and
+        // SIGKILL of its process group within half a second): it only fires if that kill itself hangs.
+        var settings = config.settings
+        if case .command = config.fence { settings.fenceTimeoutNs = UInt64(config.fenceTimeoutMs + 2_000) * 1_000_000 }
+        committer = BackupCommitter(settings: settings, fencePolicy: policy)
     }
 
     /// Runs until the daemon is told to terminate (or, with `exitAfterProtection`, until the guest
@@ -101,7 +108,16 @@ public final class BackupDaemon: @unchecked Sendable {
         setStatus("listen", "\(listener.endpoint)")
         setStatus("state", describe(committer.state))
         startThread(name: "listener") { [self] in accept(listener) }
-        loop.run(handle: handle, tick: { [self] now in execute(committer.onTick(now: now)) })
+        // After every event and tick the loop's one deadline is the committer's, from its state.
+        loop.run(
+            handle: { [self] event in
+                handle(event)
+                loop.setDeadline(committer.nextDeadline)
+            },
+            tick: { [self] now in
+                execute(committer.onTick(now: now))
+                loop.setDeadline(committer.nextDeadline)
+            })
         listener.shutdown()
         status.remove()
         return exitCode
@@ -246,7 +262,8 @@ public final class BackupDaemon: @unchecked Sendable {
         case .activity(let gen):
             guard gen == generation else { return }
             execute(committer.onPeerActivity(now: now))
-        case .fenced(let ok, let detail):
+        case .fenced(let run, let ok, let detail):
+            guard run == fenceRun else { return }
             execute(committer.onFenced(success: ok, detail: detail, now: now))
         case .operatorActivate:
             execute(committer.onOperatorActivate(now: now))
@@ -295,12 +312,16 @@ public final class BackupDaemon: @unchecked Sendable {
             writer = nil
             generation += 1_000_000  // ignore the old reader's events
         case .fencePrimary:
+            // Each run is numbered: once the committer gave up on a run (fence timeout) and
+            // started the next, the old one's late report is not taken for the new one's.
+            fenceRun += 1
+            let run = fenceRun
             if case .witness(let w) = config.fence {
-                acquireWitness(w)
+                acquireWitness(w, run: run)
                 return
             }
             guard case .command(let command) = config.fence else {
-                loop.post(.fenced(true, "no fence needed"))
+                loop.post(.fenced(run: run, true, "no fence needed"))
                 return
             }
             let loop = self.loop
@@ -311,9 +332,9 @@ public final class BackupDaemon: @unchecked Sendable {
                     let outcome = try runShell(command, timeoutMs: timeoutMs)
                     let text = outcome.text.trimmingWhitespace()
                     if !text.isEmpty { Log.info("fence output: \(text)") }
-                    loop.post(.fenced(outcome.succeeded, "'\(command)' \(outcome.summary)"))
+                    loop.post(.fenced(run: run, outcome.succeeded, "'\(command)' \(outcome.summary)"))
                 } catch {
-                    loop.post(.fenced(false, "'\(command)' could not run: \(error)"))
+                    loop.post(.fenced(run: run, false, "'\(command)' could not run: \(error)"))
                 }
             }
         case .activate(let epoch):
@@ -322,8 +343,6 @@ public final class BackupDaemon: @unchecked Sendable {
             replica?.discard()
             replica = nil
             replicaLock.withLock { replicaForReaders = nil }
-        case .scheduleTick(let at):
-            loop.scheduleTick(at: at)
         case .report(let text):
             Log.info(text)
             setStatus("last event", text)
@@ -417,8 +436,8 @@ public final class BackupDaemon: @unchecked Sendable {
     private func describe(_ state: BackupCommitter.State) -> String {
         switch state {
         case .listening: return "LISTENING"
-        case .receiving(let c): return c == 0 ? "SYNCHRONIZING" : "RECEIVING (committed \(c))"
-        case .fencing(let c, let attempt): return "FENCING the primary (attempt \(attempt)), holding checkpoint \(c)"
+        case .receiving(let c, _): return c == 0 ? "SYNCHRONIZING" : "RECEIVING (committed \(c))"
+        case .fencing(let c, let attempt, _): return "FENCING the primary (attempt \(attempt)), holding checkpoint \(c)"
         case .awaitingOperator(let c): return "PRIMARY LOST, waiting for 'remusd failover --activate' (holding checkpoint \(c))"
         case .activating(let c): return "ACTIVATING checkpoint \(c)"
         case .active(let c): return "ACTIVE (guest resumed from checkpoint \(c))"
@@ -428,19 +447,19 @@ public final class BackupDaemon: @unchecked Sendable {
 
     /// The witness as a fence: holding the key means the primary's lease ran out, so it stopped
     /// releasing output and paused its guest.
-    private func acquireWitness(_ config: WitnessConfiguration) {
+    private func acquireWitness(_ config: WitnessConfiguration, run: Int) {
         let loop = self.loop
         startThread(name: "witness-acquire") { [self] in
             do {
                 let w = try witnessClient(config)
                 if try w.acquire(owner: EtcdWitness.ownerName(role: "backup"), ttlSeconds: config.ttlSeconds) {
-                    loop.post(.fenced(true, "this backup holds the witness key \(config.url)"))
+                    loop.post(.fenced(run: run, true, "this backup holds the witness key \(config.url)"))
                 } else {
                     let holder = (try? w.holder()).flatMap { $0 } ?? "someone"
-                    loop.post(.fenced(false, "the witness key is still held by \(holder): the primary may be alive and releasing output"))
+                    loop.post(.fenced(run: run, false, "the witness key is still held by \(holder): the primary may be alive and releasing output"))
                 }
             } catch {
-                loop.post(.fenced(false, "\(error)"))
+                loop.post(.fenced(run: run, false, "\(error)"))
             }
         }
     }

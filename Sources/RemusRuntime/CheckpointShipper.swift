@@ -201,12 +201,12 @@ struct PrimaryStatistics {
     private func describe(_ state: PrimaryEngine.State) -> String {
         switch state {
         case .idle: return "IDLE"
-        case .connecting(let attempt): return "CONNECTING (attempt \(attempt))"
-        case .synchronizing(let round):
+        case .connecting(let attempt, _, _): return "CONNECTING (attempt \(attempt))"
+        case .synchronizing(let round, _):
             return "SYNCHRONIZING (pre-copy round \(round)) " + progressBar(syncProgress.sent, syncProgress.total)
         case .protecting: return "PROTECTED"
-        case .degraded(let reason, _): return "DEGRADED: \(reason)"
-        case .switchingOver(let final): return "SWITCHING OVER (final checkpoint \(final), guest suspended)"
+        case .degraded(let reason, _, _): return "DEGRADED: \(reason)"
+        case .switchingOver(let final, _): return "SWITCHING OVER (final checkpoint \(final), guest suspended)"
         case .handedOff(let text): return "HANDED OFF: \(text)"
         case .selfFenced(let text): return "SELF-FENCED: \(text)"
         case .stopping: return "STOPPING"

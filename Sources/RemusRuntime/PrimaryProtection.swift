@@ -22,6 +22,8 @@ public final class PrimaryProtection: @unchecked Sendable {
         case stop(StreamEndReason)
         case switchover
         case witnessLost(String)
+        /// The witness thread renewed the lease: its deadline moved.
+        case leaseRenewed
     }
 
     public let guest: any PrimaryGuest
@@ -82,11 +84,19 @@ public final class PrimaryProtection: @unchecked Sendable {
             do { try output.releaseAll() } catch { Log.error("could not open the output buffer: \(error)") }
             execute(engine.start(now: clock.monotonicNs()))
             startWitnessRenewal()
-            loop.run(handle: handle, tick: { [self] now in
-                checkWitnessDeadline()
-                execute(engine.onTick(now: now))
-                finishIfStopped()
-            })
+            armDeadline()
+            loop.run(
+                handle: { [self] event in
+                    handle(event)
+                    finishIfStopped()
+                    armDeadline()
+                },
+                tick: { [self] now in
+                    checkWitnessDeadline()
+                    execute(engine.onTick(now: now))
+                    finishIfStopped()
+                    armDeadline()
+                })
         }
     }
 
@@ -153,8 +163,16 @@ public final class PrimaryProtection: @unchecked Sendable {
             execute(engine.switchover(now: now))
         case .witnessLost(let reason):
             execute(engine.onWitnessLost(reason: reason, now: now))
+        case .leaseRenewed:
+            armWitnessDeadline()
         }
-        finishIfStopped()
+    }
+
+    /// Sets the loop's one deadline after every event and tick: the earliest of the engine's own
+    /// (derived from its state) and the witness lease's. Neither is ever dropped: both are
+    /// recomputed here each time from what they depend on.
+    private func armDeadline() {
+        loop.setDeadline([engine.nextDeadline, witnessDeadline].compactMap { $0 }.min())
     }
 
     private var finished = false
@@ -276,8 +294,6 @@ public final class PrimaryProtection: @unchecked Sendable {
                 _ = witnessHandedOver.set()
                 do { try w.release() } catch { Log.warning("releasing the witness after the switchover failed: \(error); the backup gets it when the lease runs out") }
             }
-        case .scheduleTick(let at):
-            loop.scheduleTick(at: at)
         case .report(let report):
             let text: String
             switch report {
@@ -329,12 +345,31 @@ public final class PrimaryProtection: @unchecked Sendable {
         return true
     }
 
-    /// Self-fences the moment the lease deadline passes (a tick is scheduled for it after every
-    /// renewal), without waiting for a renewal stuck in its request timeout.
+    /// When the witness lease's usable time runs out (the loop's clock, ns) while this primary
+    /// relies on it; nil without a witness, once handed over, or once self-fenced. Loop thread only.
+    private var witnessDeadline: UInt64?
+
+    /// Recomputes `witnessDeadline` from the lease as last renewed.
+    private func armWitnessDeadline() {
+        guard let (w, config) = witness, !witnessHandedOver.isSet, let lease = w.lease else {
+            witnessDeadline = nil
+            return
+        }
+        witnessDeadline = clock.monotonicNs() + lease.remainingNs(marginNs: config.marginNs)
+    }
+
+    /// Self-fences the moment the lease deadline passes (the loop wakes at `witnessDeadline`),
+    /// without waiting for a renewal stuck in its request timeout.
     private func checkWitnessDeadline() {
-        guard let (w, config) = witness, !witnessHandedOver.isSet else { return }
+        guard let (w, config) = witness, !witnessHandedOver.isSet else {
+            witnessDeadline = nil
+            return
+        }
         if let lease = w.lease, lease.remainingNs(marginNs: config.marginNs) == 0 {
+            witnessDeadline = nil
             execute(engine.onWitnessLost(reason: "no renewal confirmed within \(config.ttlSeconds) s minus the margin", now: clock.monotonicNs()))
+        } else {
+            armWitnessDeadline()
         }
     }
 
@@ -343,7 +378,7 @@ public final class PrimaryProtection: @unchecked Sendable {
         guard let (w, config) = witness else { return }
         let loop = self.loop
         let heartbeat = engine.settings.heartbeatNs
-        if let lease = w.lease { loop.scheduleTick(at: SystemClock().monotonicNs() + lease.remainingNs(marginNs: config.marginNs)) }
+        armWitnessDeadline()
         startThread(name: "witness") { [weak self] in
             var lastError = ""
             while true {
@@ -354,10 +389,10 @@ public final class PrimaryProtection: @unchecked Sendable {
                     return
                 }
                 do {
-                    let lease = try w.renew()
+                    _ = try w.renew()
                     lastError = ""
-                    // Wake the loop at the deadline this renewal gives, in case the next ones fail.
-                    loop.scheduleTick(at: SystemClock().monotonicNs() + lease.remainingNs(marginNs: config.marginNs))
+                    // The loop moves its wake-up to the deadline this renewal gives, in case the next ones fail.
+                    loop.post(.leaseRenewed)
                 } catch {
                     if let e = error as? WitnessError, case .lost = e {
                         loop.post(.witnessLost("\(error)"))

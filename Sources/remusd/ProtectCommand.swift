@@ -34,6 +34,9 @@ struct Protect: ParsableCommand {
     @OptionGroup var sim: SimulatedGuestOptions
     @OptionGroup var tap: SimNICTapOptions
 
+    @Option(name: .customLong("connect-timeout"), help: ArgumentHelp("Longest one connection attempt to the backup may take, handshake included; then it counts as failed and is retried with backoff (a frozen backup accepts the TCP connection but never answers).", valueName: "ms"))
+    var connectTimeout: UInt64 = 3000
+
     @Option(name: .customLong("max-checkpoint"), help: ArgumentHelp("Largest checkpoint the staging area holds.", valueName: "MiB"))
     var maxCheckpointMiB: Int = 256
 
@@ -57,6 +60,7 @@ struct Protect: ParsableCommand {
             throw ValidationError("backup '\(backup)' is not host[:port] (IPv6 as [addr]:port)")
         }
         if maxCheckpointMiB < 1 { throw ValidationError("--max-checkpoint must be at least 1 MiB") }
+        if connectTimeout < 1 || connectTimeout > 3_600_000 { throw ValidationError("--connect-timeout must be between 1 ms and one hour, got \(connectTimeout) ms") }
         if noNetbuf && tap.netbuf != nil { throw ValidationError("--no-netbuf and --netbuf contradict each other; choose one") }
         if tap.tap != nil && sim.nicSink == nil {
             throw ValidationError("--sim-nic-tap needs --nic-sink host:port: its port is the UDP port the guest's frames go to")
@@ -65,7 +69,8 @@ struct Protect: ParsableCommand {
 
     func run() throws {
         let kind = backend ?? (xenHypervisorPresent() ? .xen : .simulated)
-        let settings = timing.settings(backend: kind)
+        var settings = timing.settings(backend: kind)
+        settings.connectTimeoutNs = connectTimeout * 1_000_000
         var config = ProtectConfiguration(
             domain: domain,
             backup: Endpoint(parsing: backup, defaultPort: defaultPort)!,

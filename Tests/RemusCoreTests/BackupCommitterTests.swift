@@ -52,7 +52,7 @@ struct BackupCommitterTests {
         #expect(d.first == .discardStaged, "the half-received checkpoint 3 is dropped (I2)")
         #expect(d.contains(.fencePrimary))
         #expect(!d.contains { if case .activate = $0 { true } else { false } }, "no activation before fencing (I7)")
-        #expect(c.state == .fencing(committed: 2, attempt: 1))
+        #expect(c.state == .fencing(committed: 2, attempt: 1, fence: .running(deadline: 11 + settings.fenceTimeoutNs)))
         #expect(c.onFenced(success: true, detail: "primary process gone", now: 12).contains(.activate(2)))
         _ = c.onActivated(now: 13)
         #expect(c.state == .active(from: 2))
@@ -60,13 +60,14 @@ struct BackupCommitterTests {
 
     @Test func aPrimaryThatComesBackBeforeItIsFencedIsTakenBack() {
         var c = receiving(committed: 3)
-        _ = c.onTick(now: 400 * ms)  // silence: fencing starts
+        // Silence: heartbeat ticks go out until the timeout, then fencing starts.
+        #expect(runTicks(&c, from: 0, through: 400 * ms).contains(.fencePrimary))
         #expect(!c.acceptsPrimary, "not while the fence is running: it may be switching the primary off")
         _ = c.onFenced(success: false, detail: "primary still up", now: 401 * ms)
         #expect(c.acceptsPrimary)
         let d = c.onPrimaryConnected(now: 402 * ms)
         #expect(d.contains { if case .report(let r) = $0 { r.contains("fencing called off") } else { false } })
-        #expect(c.state == .receiving(committed: 0))
+        #expect(c.state == .receiving(committed: 0, connected: true))
         #expect(c.onFenced(success: true, detail: "late", now: 403 * ms) == [], "a late fence result changes nothing")
     }
 
@@ -76,14 +77,15 @@ struct BackupCommitterTests {
         let d = c.onFenced(success: false, detail: "fence agent exit 1", now: 1)
         #expect(!d.contains { if case .activate = $0 { true } else { false } })
         #expect(c.onTick(now: 1 + 50 * ms) == [.fencePrimary])
-        #expect(c.state == .fencing(committed: 1, attempt: 2))
+        #expect(c.state == .fencing(committed: 1, attempt: 2, fence: .running(deadline: 1 + 50 * ms + settings.fenceTimeoutNs)))
     }
 
     @Test func silenceIsDetectedByTimeoutWithoutAClosedConnection() {
         var c = receiving(committed: 1)
+        _ = runTicks(&c, from: 0, through: 99 * ms)
         _ = c.onPeerActivity(now: 100 * ms)
-        #expect(!c.onTick(now: 399 * ms).contains(.fencePrimary))
-        let d = c.onTick(now: 400 * ms)
+        #expect(!runTicks(&c, from: 100 * ms, through: 399 * ms).contains(.fencePrimary))
+        let d = runTicks(&c, from: 399 * ms, through: 400 * ms)
         #expect(d.contains(.closeConnection))
         #expect(d.contains(.fencePrimary))
         #expect(c.lossDetectedAt == 400 * ms)

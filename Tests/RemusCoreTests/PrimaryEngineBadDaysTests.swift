@@ -62,7 +62,7 @@ struct PrimaryEngineBadDaysTests {
         #expect(d.contains(.sendStreamEnd(.plannedStop, lastEpoch: 2)))
         #expect(d.contains(.releaseAllOutput))
         #expect(!d.contains(.stopGuest))
-        #expect(e.state == .stopping(.plannedStop))
+        #expect(e.state == .stopping(.plannedStop, since: t))
     }
 
     @Test func aDirtySetOverThePauseBoundIsDeferredNotCaptured() {
@@ -89,7 +89,7 @@ struct PrimaryEngineBadDaysTests {
         t += 10 * ms
         let d = e.switchover(now: t)
         #expect(d == [.checkpoint(2, .final)])
-        #expect(e.state == .switchingOver(final: 2))
+        #expect(e.state == .switchingOver(final: 2, outputHeldSince: nil))
         #expect(e.onCheckpointCaptured(2, pauseNs: 1 * ms, pages: 10, now: t) == [.ship(2)])
         _ = e.onCheckpointShipped(2, now: t)
         // No further checkpoint while the guest is handed over.
@@ -107,8 +107,9 @@ struct PrimaryEngineBadDaysTests {
         _ = e.switchover(now: t)
         _ = e.onCheckpointCaptured(2, now: t)
         _ = e.onCheckpointShipped(2, now: t)
+        // The backup falls silent; the shell ticks at each deadline until it counts as lost.
+        let d = runTicks(&e, from: t, through: t + 400 * ms)
         t += 400 * ms
-        let d = e.onTick(now: t)
         #expect(d.contains(.closeConnection))
         #expect(!d.contains(.releaseAllOutput))
         #expect(!d.contains { if case .releaseOutput = $0 { true } else { false } })

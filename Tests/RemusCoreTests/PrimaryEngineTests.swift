@@ -27,7 +27,7 @@ struct PrimaryEngineTests {
         #expect(e.start(now: 0) == [.connect])
         let d = e.onConnected(now: 5)
         #expect(d.starts(with: [.startDirtyLogging, .precopyRound(1)]))
-        #expect(e.state == .synchronizing(round: 1))
+        #expect(e.state == .synchronizing(round: 1, outputHeldSince: nil))
     }
 
     @Test func precopyContinuesWhileDirtySetIsLargeAndStopsAtRoundLimit() {
@@ -40,7 +40,7 @@ struct PrimaryEngineTests {
         let d = e.onPrecopyRoundShipped(round: 3, remainingDirty: 500, now: 3)
         #expect(d.contains(.checkpoint(1, .checkpoint)))
         #expect(d.first == .holdOutput, "output must be held before the first checkpoint closes its epoch")
-        #expect(e.state == .protecting)
+        #expect(e.state == .protecting(switchoverPending: false, outputHeldSince: nil))
     }
 
     @Test func precopyStopsEarlyWhenConverged() {
@@ -56,7 +56,7 @@ struct PrimaryEngineTests {
         _ = e.start(now: 0)
         _ = e.onConnected(now: 0)
         #expect(e.onPrecopyRoundShipped(round: 7, remainingDirty: 0, now: 1) == [])
-        #expect(e.state == .synchronizing(round: 1))
+        #expect(e.state == .synchronizing(round: 1, outputHeldSince: nil))
     }
 
     @Test func capturedCheckpointIsShipped() {
@@ -111,7 +111,7 @@ struct PrimaryEngineTests {
         // The writer thread has not reported checkpoint 2 shipped yet, but its ACK is here.
         let d = e.onAck(2, now: t + 1)
         #expect(d.first == .releaseOutput(through: 2))
-        #expect(e.state == .protecting)
+        #expect(e.state == .protecting(switchoverPending: false, outputHeldSince: nil))
         #expect(e.onCheckpointShipped(2, now: t + 2) == [])
     }
 
@@ -161,17 +161,18 @@ struct PrimaryEngineTests {
     }
 
     @Test func silenceBeyondTheTimeoutDegradesButHoldsOutputForTheFenceGrace() {
-        var (e, _) = protectingEngine()
+        var (e, t) = protectingEngine()
         let lastHeard = e.lastHeardAt
-        #expect(!e.onTick(now: lastHeard + 299 * ms).contains(.closeConnection))
+        // Heartbeats and checkpoints at their deadlines, as the shell ticks; the backup says nothing.
+        #expect(!runTicks(&e, from: t, through: lastHeard + 299 * ms).contains(.closeConnection))
         let lost = lastHeard + 300 * ms
-        let d = e.onTick(now: lost)
+        let d = runTicks(&e, from: lastHeard + 299 * ms, through: lost)
         #expect(d.contains(.closeConnection))
         #expect(!d.contains(.releaseAllOutput), "the backup may be fencing us: unacknowledged output stays held")
-        guard case .degraded(let reason, _) = e.state else { Issue.record("state \(e.state)"); return }
+        guard case .degraded(let reason, _, _) = e.state else { Issue.record("state \(e.state)"); return }
         #expect(reason.contains("300 ms"))
         // Reconnection attempts fail; once the grace is over the output flows unprotected.
-        var t = lost
+        t = lost
         var released = false
         while t < lost + settings.fenceGraceNs + 1_000 * ms && !released {
             t += 10 * ms
@@ -203,14 +204,15 @@ struct PrimaryEngineTests {
         var (e, t) = protectingEngine()
         let d = e.onConnectionLost(reason: "reset by peer", now: t)
         #expect(d.contains(.closeConnection))
-        guard case .degraded(_, let retryAt) = e.state else { Issue.record("state \(e.state)"); return }
+        guard case .degraded(_, let retryAt, _) = e.state else { Issue.record("state \(e.state)"); return }
         #expect(retryAt == t + settings.retryNs)
-        #expect(e.onTick(now: retryAt - 1) == [.scheduleTick(at: retryAt)])
+        #expect(e.nextDeadline == retryAt)
+        #expect(e.onTick(now: retryAt - 1) == [])
         #expect(e.onTick(now: retryAt).contains(.connect))
         // The second failure doubles the delay.
         t = retryAt
         _ = e.onConnectionLost(reason: "refused", now: t)
-        guard case .degraded(_, let retry2) = e.state else { Issue.record("state \(e.state)"); return }
+        guard case .degraded(_, let retry2, _) = e.state else { Issue.record("state \(e.state)"); return }
         #expect(retry2 == t + 2 * settings.retryNs)
     }
 
@@ -261,7 +263,7 @@ struct PrimaryEngineTests {
         t += 1
         let d = e.stop(reason: .plannedStop, now: t)
         #expect(d.first == .sendStreamEnd(.plannedStop, lastEpoch: 1))
-        #expect(e.state == .stopping(.plannedStop))
+        #expect(e.state == .stopping(.plannedStop, since: t))
         _ = e.onConnectionLost(reason: "closed", now: t)
         #expect(e.state == .stopped)
     }

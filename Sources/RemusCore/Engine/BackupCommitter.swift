@@ -9,14 +9,18 @@
 /// - I2: a checkpoint is committed only from `onCheckpointComplete`; anything else discards staging.
 /// - I7: `.activate` only after `onFenced(success: true)` (or a planned switchover, where the
 ///   primary itself handed over).
+///
+/// Deadlines are part of the state: `nextDeadline` is derived from it alone and read by the shell
+/// after every event and tick; receiving and fencing always have one.
 public struct BackupCommitter: Sendable {
     public enum State: Equatable, Sendable {
         /// Waiting for a primary to connect.
         case listening
-        /// A primary is connected and streaming; `committed` is the last committed epoch (0: none).
-        case receiving(committed: Epoch)
+        /// A primary streams; `committed` is the last committed epoch (0: none). `connected` is
+        /// false after its stream was rejected: it gets one timeout to reconnect.
+        case receiving(committed: Epoch, connected: Bool)
         /// The primary is lost; fencing it before taking over (attempt number, from 1).
-        case fencing(committed: Epoch, attempt: Int)
+        case fencing(committed: Epoch, attempt: Int, fence: Fence)
         /// Fencing is not configured: waiting for the operator (`remusd failover --activate`).
         case awaitingOperator(committed: Epoch)
         /// Resuming the guest from `committed`.
@@ -25,6 +29,14 @@ public struct BackupCommitter: Sendable {
         case active(from: Epoch)
         /// Protection ended without activation (planned stop, or nothing to activate).
         case stopped(String)
+    }
+
+    /// Where the current fencing attempt stands.
+    public enum Fence: Equatable, Sendable {
+        /// The fence runs; without a report by `deadline` it counts as failed.
+        case running(deadline: UInt64)
+        /// The last fence failed; the next attempt starts at `retryAt`.
+        case failed(retryAt: UInt64)
     }
 
     /// How the backup may make sure the primary is off before taking over (I7).
@@ -54,8 +66,6 @@ public struct BackupCommitter: Sendable {
         case activate(Epoch)
         /// Throw the replica away.
         case discardReplica
-        /// Call `onTick` no later than this monotonic time.
-        case scheduleTick(at: UInt64)
         /// Tell the operator.
         case report(String)
     }
@@ -65,18 +75,29 @@ public struct BackupCommitter: Sendable {
     public private(set) var state: State = .listening
     /// When anything was last heard from the primary (monotonic ns).
     public private(set) var lastHeardAt: UInt64 = 0
+    /// Start of the window in which the primary's silence counts: `lastHeardAt`, or later when
+    /// this process itself was stalled (see `noticeStall`).
+    private var silenceSince: UInt64 = 0
     /// When the primary was found lost (monotonic ns), for detection and activation times.
     public private(set) var lossDetectedAt: UInt64?
     /// Whether a checkpoint was partly received when the primary was found lost (it was dropped).
     public private(set) var lostWhileStaging = false
     private var lastHeartbeatAt: UInt64 = 0
     private var heartbeatSequence: UInt64 = 0
-    /// The checkpoint being staged, if any.
+    /// The checkpoint being staged, if any (only while receiving).
     private var staging: CheckpointBegin?
+
     /// Whether a primary's connection is open.
-    public private(set) var connected = false
+    public var connected: Bool {
+        if case .receiving(_, true) = state { return true }
+        return false
+    }
+
     /// Whether a fence is running now (its outcome is not known yet).
-    public private(set) var fenceInFlight = false
+    public var fenceInFlight: Bool {
+        if case .fencing(_, _, .running) = state { return true }
+        return false
+    }
 
     public init(settings: ProtectionSettings, fencePolicy: FencePolicy) {
         self.settings = settings
@@ -87,8 +108,25 @@ public struct BackupCommitter: Sendable {
     public var committedEpoch: Epoch {
         switch state {
         case .listening, .stopped: return 0
-        case .receiving(let c), .fencing(let c, _), .awaitingOperator(let c), .activating(let c): return c
+        case .receiving(let c, _), .fencing(let c, _, _), .awaitingOperator(let c), .activating(let c): return c
         case .active(let from): return from
+        }
+    }
+
+    /// When the committer needs `onTick` next (monotonic ns), derived from the state alone; nil
+    /// when it waits for nothing that time ends (listening, waiting for the operator — on purpose:
+    /// only a human may decide then —, activating, active, stopped). A tick at or after it moves it
+    /// forward; an early or extra tick changes nothing.
+    public var nextDeadline: UInt64? {
+        switch state {
+        case .receiving(_, let connected):
+            return earliest(connected ? lastHeartbeatAt + settings.heartbeatNs : nil, silenceSince + settings.timeoutNs)
+        case .fencing(_, _, .running(let deadline)):
+            return deadline
+        case .fencing(_, _, .failed(let retryAt)):
+            return retryAt
+        case .listening, .awaitingOperator, .activating, .active, .stopped:
+            return nil
         }
     }
 
@@ -98,7 +136,7 @@ public struct BackupCommitter: Sendable {
     public var acceptsPrimary: Bool {
         switch state {
         case .listening, .stopped: return true
-        case .receiving: return !connected
+        case .receiving(_, let connected): return !connected
         // A primary that reconnects while we fence it is alive: take it back (it held its output),
         // unless a fence is running right now and may be switching it off.
         case .fencing: return !fenceInFlight
@@ -111,28 +149,28 @@ public struct BackupCommitter: Sendable {
     public mutating func onPrimaryConnected(now: UInt64) -> [Directive] {
         precondition(acceptsPrimary, "primary connected in state \(state)")
         var out: [Directive] = []
-        if case .fencing(let committed, _) = state {
+        if case .fencing(let committed, _, _) = state {
             out.append(.report("the primary came back before it was fenced: fencing called off, checkpoint \(committed) superseded, resynchronising"))
         }
         lossDetectedAt = nil
         lostWhileStaging = false
-        state = .receiving(committed: 0)
-        connected = true
+        state = .receiving(committed: 0, connected: true)
         staging = nil
         lastHeardAt = now
+        silenceSince = now
         lastHeartbeatAt = now
-        return out + [.scheduleTick(at: now + settings.heartbeatNs)]
+        return out
     }
 
     /// Bytes arrived from the primary.
     public mutating func onPeerActivity(now: UInt64) -> [Directive] {
-        lastHeardAt = max(lastHeardAt, now)
+        heard(now)
         return []
     }
 
     /// CHECKPOINT_BEGIN was accepted by the validator.
     public mutating func onCheckpointBegan(_ begin: CheckpointBegin, now: UInt64) -> [Directive] {
-        lastHeardAt = now
+        heard(now)
         guard case .receiving = state else { return [.discardStaged] }
         staging = begin
         return []
@@ -140,7 +178,7 @@ public struct BackupCommitter: Sendable {
 
     /// CHECKPOINT_END arrived and the validator verified count, digest and epoch; content staged.
     public mutating func onCheckpointComplete(_ end: CheckpointEnd, now: UInt64) -> [Directive] {
-        lastHeardAt = now
+        heard(now)
         guard case .receiving = state, let begin = staging, begin.epoch == end.epoch else {
             staging = nil
             return [.discardStaged]
@@ -150,7 +188,7 @@ public struct BackupCommitter: Sendable {
 
     /// The replica applied `epoch`.
     public mutating func onCommitted(_ epoch: Epoch, now: UInt64) -> [Directive] {
-        guard case .receiving = state, let begin = staging, begin.epoch == epoch else {
+        guard case .receiving(_, let connected) = state, let begin = staging, begin.epoch == epoch else {
             preconditionFailure("committed \(epoch) in state \(state) staging \(String(describing: staging))")
         }
         staging = nil
@@ -159,7 +197,7 @@ public struct BackupCommitter: Sendable {
             // Pre-copy pages build the image but are no checkpoint: nothing to acknowledge.
             return []
         case .checkpoint:
-            state = .receiving(committed: epoch)
+            state = .receiving(committed: epoch, connected: connected)
             return [.sendAck(epoch)]
         case .final:
             // A planned switchover: the primary stopped its guest and handed it over.
@@ -178,10 +216,10 @@ public struct BackupCommitter: Sendable {
     /// committed checkpoint; the primary is not assumed dead, the connection is dropped.
     public mutating func onStreamRejected(_ description: String, now: UInt64) -> [Directive] {
         staging = nil
-        guard case .receiving(let committed) = state else { return [] }
-        connected = false
+        guard case .receiving(let committed, _) = state else { return [] }
         // The primary may well be alive (a bad link, a bad release): give it the timeout to
         // reconnect before counting it as lost (onTick).
+        state = .receiving(committed: committed, connected: false)
         return [
             .discardStaged, .closeConnection,
             .report("rejected the primary's stream: \(description); the replica keeps checkpoint \(committed); waiting \(settings.timeoutNs / 1_000_000) ms for the primary to reconnect"),
@@ -190,13 +228,11 @@ public struct BackupCommitter: Sendable {
 
     /// The primary ended the stream on purpose.
     public mutating func onStreamEnd(_ end: StreamEnd, now: UInt64) -> [Directive] {
-        guard case .receiving(let committed) = state else {
+        guard case .receiving(let committed, _) = state else {
             // After a final checkpoint we already took over: just say goodbye.
-            connected = false
             return [.closeConnection]
         }
         staging = nil
-        connected = false
         switch end.reason {
         case .plannedStop:
             state = .stopped("protection stopped by the primary's operator")
@@ -218,36 +254,36 @@ public struct BackupCommitter: Sendable {
     public mutating func onConnectionLost(reason: String, now: UInt64) -> [Directive] {
         let wasStaging = staging != nil
         staging = nil
-        guard case .receiving(let committed) = state, connected else { return [] }
-        connected = false
+        guard case .receiving(let committed, true) = state else { return [] }
         return [.discardStaged, .closeConnection] + primaryLost(committed: committed, reason: "connection lost: \(reason)", now: now, wasStaging: wasStaging)
     }
 
-    /// Time passed.
+    /// Time passed. The shell calls this at `nextDeadline`; an early or extra call is harmless.
     public mutating func onTick(now: UInt64) -> [Directive] {
+        noticeStall(now: now)
         switch state {
-        case .receiving(let committed):
-            if now >= lastHeardAt + settings.timeoutNs {
+        case .receiving(let committed, let connected):
+            if now >= silenceSince + settings.timeoutNs {
                 let wasStaging = staging != nil
                 staging = nil
-                connected = false
                 let ms = (now - lastHeardAt) / 1_000_000
                 return [.discardStaged, .closeConnection]
                     + primaryLost(committed: committed, reason: "nothing heard for \(ms) ms", now: now, wasStaging: wasStaging)
             }
-            var out: [Directive] = []
-            if connected && now >= lastHeartbeatAt + settings.heartbeatNs {
-                heartbeatSequence += 1
-                lastHeartbeatAt = now
-                out.append(.sendHeartbeat(heartbeatSequence))
-            }
-            out.append(.scheduleTick(at: min(lastHeartbeatAt + settings.heartbeatNs, lastHeardAt + settings.timeoutNs)))
-            return out
-        case .fencing(let committed, let attempt):
+            guard connected && now >= lastHeartbeatAt + settings.heartbeatNs else { return [] }
+            heartbeatSequence += 1
+            lastHeartbeatAt = now
+            return [.sendHeartbeat(heartbeatSequence)]
+        case .fencing(let committed, let attempt, .running(let deadline)):
+            guard now >= deadline else { return [] }
+            // No report within the fence timeout: counted as failed and tried again at once (the
+            // shell ignores whatever the abandoned attempt reports later).
+            state = .fencing(committed: committed, attempt: attempt + 1, fence: .running(deadline: now + settings.fenceTimeoutNs))
+            return [.report("fencing the primary did not finish within \(settings.fenceTimeoutNs / 1_000_000) ms (attempt \(attempt)); counted as failed; the guest stays down here; retrying"), .fencePrimary]
+        case .fencing(let committed, let attempt, .failed(let retryAt)):
             // A failed fence is retried every heartbeat interval; the guest stays down meanwhile.
-            guard !fenceInFlight else { return [] }
-            state = .fencing(committed: committed, attempt: attempt + 1)
-            fenceInFlight = true
+            guard now >= retryAt else { return [] }
+            state = .fencing(committed: committed, attempt: attempt + 1, fence: .running(deadline: now + settings.fenceTimeoutNs))
             return [.fencePrimary]
         case .listening, .awaitingOperator, .activating, .active, .stopped:
             return []
@@ -256,13 +292,13 @@ public struct BackupCommitter: Sendable {
 
     /// The fence finished.
     public mutating func onFenced(success: Bool, detail: String, now: UInt64) -> [Directive] {
-        guard case .fencing(let committed, let attempt) = state else { return [] }
-        fenceInFlight = false
+        // A report with no fence running belongs to an attempt already counted as failed.
+        guard case .fencing(let committed, let attempt, .running) = state else { return [] }
         guard success else {
+            state = .fencing(committed: committed, attempt: attempt, fence: .failed(retryAt: now + settings.heartbeatNs))
             // Said once, then every 20th attempt: a lease running out takes a few seconds of retries.
             let say = attempt == 1 || attempt % 20 == 0
-            return (say ? [.report("fencing the primary failed (attempt \(attempt)): \(detail); the guest stays down here until fencing succeeds; retrying every heartbeat")] : [])
-                + [.scheduleTick(at: now + settings.heartbeatNs)]
+            return say ? [.report("fencing the primary failed (attempt \(attempt)): \(detail); the guest stays down here until fencing succeeds; retrying every heartbeat")] : []
         }
         state = .activating(committed: committed)
         return [.report("primary fenced (\(detail)); activating checkpoint \(committed)"), .activate(committed)]
@@ -271,7 +307,7 @@ public struct BackupCommitter: Sendable {
     /// The operator says the primary is off (`remusd failover --activate`).
     public mutating func onOperatorActivate(now: UInt64) -> [Directive] {
         switch state {
-        case .awaitingOperator(let committed), .fencing(let committed, _):
+        case .awaitingOperator(let committed), .fencing(let committed, _, _):
             state = .activating(committed: committed)
             return [.report("activation confirmed by the operator; activating checkpoint \(committed)"), .activate(committed)]
         default:
@@ -288,6 +324,22 @@ public struct BackupCommitter: Sendable {
 
     // MARK: - Helpers
 
+    /// Something came from the primary: its silence ends here.
+    private mutating func heard(_ now: UInt64) {
+        lastHeardAt = max(lastHeardAt, now)
+        silenceSince = max(silenceSince, now)
+    }
+
+    /// A tick arriving more than a heartbeat after the deadline this state asked for means this
+    /// process did not run meanwhile (SIGSTOP, a stalled host, a long commit on the loop thread):
+    /// that time is no evidence against the primary, whose records may sit unread in our socket.
+    /// The silence window restarts now, which gives the reader a full timeout to deliver them
+    /// (a STREAM_END of a planned stop must not turn into a takeover).
+    private mutating func noticeStall(now: UInt64) {
+        guard case .receiving = state, let due = nextDeadline, now > due + settings.heartbeatNs else { return }
+        silenceSince = max(silenceSince, now)
+    }
+
     private mutating func primaryLost(committed: Epoch, reason: String, now: UInt64, wasStaging: Bool = false) -> [Directive] {
         lossDetectedAt = now
         lostWhileStaging = wasStaging
@@ -297,8 +349,7 @@ public struct BackupCommitter: Sendable {
         }
         switch fencePolicy {
         case .fence:
-            state = .fencing(committed: committed, attempt: 1)
-            fenceInFlight = true
+            state = .fencing(committed: committed, attempt: 1, fence: .running(deadline: now + settings.fenceTimeoutNs))
             return [.report("primary lost (\(reason)); fencing it before taking over checkpoint \(committed)"), .fencePrimary]
         case .unsafeNoFence:
             state = .activating(committed: committed)

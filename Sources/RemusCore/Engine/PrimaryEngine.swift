@@ -9,22 +9,31 @@
 ///   of N (or `.releaseAllOutput` once protection is given up, when nothing protects it anyway).
 /// - I6: a checkpoint is started only when a staging arena is free; the guest is never held
 ///   suspended waiting for the network.
+///
+/// Deadlines are part of the state: `nextDeadline` is derived from it alone, and the shell reads
+/// it after every event and tick. Every state that waits for something (connecting, stopping, a
+/// switchover, a lost backup) has one, so nothing the engine waits for can be forgotten.
 public struct PrimaryEngine: Sendable {
-    /// Where the loop stands.
+    /// Where the loop stands. `outputHeldSince` (monotonic ns) in a payload: output has been held
+    /// since then although no backup acknowledges it (the backup was lost; the fence grace runs
+    /// from it), nil when every held epoch belongs to the current stream.
     public enum State: Equatable, Sendable {
         /// Not started.
         case idle
-        /// Connecting to the backup (attempt number, from 1).
-        case connecting(attempt: Int)
+        /// Connecting to the backup (attempt number, from 1) since `since`; the attempt counts as
+        /// failed at `since + connectTimeoutNs`.
+        case connecting(attempt: Int, since: UInt64, outputHeldSince: UInt64?)
         /// Live pre-copy of the initial synchronisation: round number, from 1.
-        case synchronizing(round: Int)
-        /// Taking and shipping checkpoints.
-        case protecting
-        /// The backup is lost: output flows unprotected, the guest runs on; a reconnection is due at `retryAt`.
-        case degraded(reason: String, retryAt: UInt64)
+        case synchronizing(round: Int, outputHeldSince: UInt64?)
+        /// Taking and shipping checkpoints; `switchoverPending`: a planned switchover waits for a
+        /// free staging arena to take its final checkpoint.
+        case protecting(switchoverPending: Bool, outputHeldSince: UInt64?)
+        /// The backup is lost: the guest runs on; a reconnection is due at `retryAt`. Output stays
+        /// held until the fence grace after `outputHeldSince` ends, then flows unprotected.
+        case degraded(reason: String, retryAt: UInt64, outputHeldSince: UInt64?)
         /// Planned switchover: the guest stays suspended after the final checkpoint `final` until
-        /// the backup acknowledges it.
-        case switchingOver(final: Epoch)
+        /// the backup acknowledges it (or the backup's silence hands it off).
+        case switchingOver(final: Epoch, outputHeldSince: UInt64?)
         /// The switchover's outcome is unknown (no ACK of the final checkpoint): the guest stays
         /// suspended here; the backup takes over (from the final checkpoint, or after fencing from
         /// the one before). It must not be resumed here.
@@ -32,8 +41,9 @@ public struct PrimaryEngine: Sendable {
         /// The witness lease could not be renewed in time: output stays held and the guest paused,
         /// because the backup may hold the key and run the guest now.
         case selfFenced(String)
-        /// A planned end: STREAM_END sent, waiting for the writer to drain.
-        case stopping(StreamEndReason)
+        /// A planned end since `since`: STREAM_END sent, waiting for the backup to close its
+        /// side; at `since + timeoutNs` this side closes anyway.
+        case stopping(StreamEndReason, since: UInt64)
         /// Done.
         case stopped
     }
@@ -70,10 +80,9 @@ public struct PrimaryEngine: Sendable {
         case sendHeartbeat(UInt64)
         /// Send STREAM_END and close the connection once written.
         case sendStreamEnd(StreamEndReason, lastEpoch: Epoch)
-        /// Drop the connection (and any checkpoint not yet written).
+        /// Drop the connection (and any checkpoint not yet written), or abandon the attempt to
+        /// open one: whatever that attempt reports later is ignored.
         case closeConnection
-        /// Call `onTick` no later than this monotonic time.
-        case scheduleTick(at: UInt64)
         /// Tell the operator (log and status).
         case report(Report)
     }
@@ -105,6 +114,9 @@ public struct PrimaryEngine: Sendable {
     public private(set) var lastCheckpointAt: UInt64 = 0
     /// When anything was last heard from the backup (monotonic ns).
     public private(set) var lastHeardAt: UInt64 = 0
+    /// Start of the window in which the backup's silence counts: `lastHeardAt`, or later when this
+    /// process itself was stalled (see `noticeStall`).
+    private var silenceSince: UInt64 = 0
     /// When a heartbeat was last sent.
     private var lastHeartbeatAt: UInt64 = 0
     private var heartbeatSequence: UInt64 = 0
@@ -112,8 +124,6 @@ public struct PrimaryEngine: Sendable {
     private var streamFirstEpoch: Epoch = 1
     /// Current reconnection delay.
     private var retryDelay: UInt64
-    /// Since when output has been held although no backup acknowledges it (backup lost, fence grace running).
-    public private(set) var outputHeldSince: UInt64?
     /// Guest speed the throttle policy asks for, percent.
     public private(set) var speedPercent = 100
     /// Interval multiplier of the degrade policy (1…16).
@@ -129,12 +139,8 @@ public struct PrimaryEngine: Sendable {
     }
     /// Checkpoints in a row that stayed well inside the pause bound (to relax a policy).
     private var calmStreak = 0
-    /// A planned switchover waits for a free staging arena.
-    private var switchoverPending = false
     /// The last checkpoint attempt was deferred.
     private var deferredLast = false
-    /// When a planned end began: the backup gets one timeout to close its side.
-    private var stoppingSince: UInt64 = 0
 
     public init(settings: ProtectionSettings) {
         self.settings = settings
@@ -144,19 +150,62 @@ public struct PrimaryEngine: Sendable {
     /// Checkpoints captured and not acknowledged.
     public var unacknowledged: Int { Int(capturedEpoch - min(acknowledgedEpoch, capturedEpoch)) }
 
+    /// Since when output has been held although no backup acknowledges it (the backup was lost;
+    /// the fence grace runs from here); nil when there is no such output.
+    public var outputHeldSince: UInt64? {
+        switch state {
+        case .connecting(_, _, let held), .synchronizing(_, let held), .protecting(_, let held),
+             .degraded(_, _, let held), .switchingOver(_, let held):
+            return held
+        case .idle, .handedOff, .selfFenced, .stopping, .stopped:
+            return nil
+        }
+    }
+
+    // MARK: - Deadlines
+
+    /// When the engine needs `onTick` next (monotonic ns), derived from the state alone; nil when
+    /// it waits for nothing that time can end (idle, stopped, handed off, self-fenced). The shell
+    /// reads it after every event and every tick and wakes the engine then; a tick at or after it
+    /// moves it forward, and a tick before it (or an extra one) changes nothing.
+    public var nextDeadline: UInt64? {
+        switch state {
+        case .idle, .stopped, .handedOff, .selfFenced:
+            return nil
+        case .connecting(_, let since, let held):
+            return earliest(since + settings.connectTimeoutNs, graceEnd(held))
+        case .degraded(_, let retryAt, let held):
+            return earliest(retryAt, graceEnd(held))
+        case .synchronizing(_, let held), .switchingOver(_, let held):
+            return earliest(heartbeatDue, silenceDeadline, graceEnd(held))
+        case .protecting(_, let held):
+            // A checkpoint blocked on arenas or ACKs is taken by the event that frees the slot, so
+            // its (past) due time is no deadline: it would only spin the loop.
+            return earliest(heartbeatDue, silenceDeadline, graceEnd(held), mayCheckpoint ? checkpointDue : nil)
+        case .stopping(_, let since):
+            return since + settings.timeoutNs
+        }
+    }
+
+    private var heartbeatDue: UInt64 { lastHeartbeatAt + settings.heartbeatNs }
+    private var silenceDeadline: UInt64 { silenceSince + settings.timeoutNs }
+    private var checkpointDue: UInt64 { lastCheckpointAt + settings.intervalNs * intervalScale }
+    private func graceEnd(_ held: UInt64?) -> UInt64? { held.map { $0 + settings.fenceGraceNs } }
+
     // MARK: - Events
 
     /// Begin protecting: connect to the backup.
     public mutating func start(now: UInt64) -> [Directive] {
         guard case .idle = state else { preconditionFailure("start in state \(state)") }
-        state = .connecting(attempt: 1)
+        state = .connecting(attempt: 1, since: now, outputHeldSince: nil)
         return [.connect]
     }
 
     /// The connection is up and the backup's stream header was accepted.
     public mutating func onConnected(now: UInt64) -> [Directive] {
-        guard case .connecting = state else { return [] }
+        guard case .connecting(_, _, let held) = state else { return [] }
         lastHeardAt = now
+        silenceSince = now
         lastHeartbeatAt = now
         retryDelay = settings.retryNs
         shipping = 0
@@ -164,20 +213,20 @@ public struct PrimaryEngine: Sendable {
         streamFirstEpoch = capturedEpoch + 1
         acknowledgedEpoch = capturedEpoch
         shippedEpoch = capturedEpoch
-        state = .synchronizing(round: 1)
-        return [.startDirtyLogging, .precopyRound(1), .scheduleTick(at: now + settings.heartbeatNs)]
+        state = .synchronizing(round: 1, outputHeldSince: held)
+        return [.startDirtyLogging, .precopyRound(1)]
     }
 
     /// A pre-copy round was written; `remainingDirty` pages were dirtied meanwhile.
     public mutating func onPrecopyRoundShipped(round: Int, remainingDirty: Int, now: UInt64) -> [Directive] {
-        guard case .synchronizing(let current) = state, current == round else { return [] }
+        guard case .synchronizing(let current, let held) = state, current == round else { return [] }
         if remainingDirty > settings.precopyTargetPages && round < settings.maxPrecopyRounds {
-            state = .synchronizing(round: round + 1)
+            state = .synchronizing(round: round + 1, outputHeldSince: held)
             return [.precopyRound(round + 1)]
         }
         // Converged, or out of rounds: the first consistent checkpoint bounds the pause itself (I6),
         // so a busy guest never keeps the synchronisation going forever.
-        state = .protecting
+        state = .protecting(switchoverPending: false, outputHeldSince: held)
         // Output emitted from now on belongs to the first checkpoint of this stream.
         return [.holdOutput] + takeCheckpoint(now: now) + [.report(.protecting(firstEpoch: capturedEpoch))]
     }
@@ -232,7 +281,7 @@ public struct PrimaryEngine: Sendable {
 
     /// The backup committed `epoch` and everything before it.
     public mutating func onAck(_ epoch: Epoch, now: UInt64) -> [Directive] {
-        lastHeardAt = now
+        heard(now)
         guard isConnectedState else { return [] }
         // An ACK may overtake the writer's report that the checkpoint went out (two threads post
         // to the loop), so it is checked against what was captured, not what was reported shipped.
@@ -243,39 +292,29 @@ public struct PrimaryEngine: Sendable {
         }
         guard epoch > acknowledgedEpoch else { return [] }
         acknowledgedEpoch = epoch
-        if case .switchingOver(let final) = state, epoch == final {
+        if case .switchingOver(let final, _) = state, epoch == final {
             // The backup holds the final state and runs the guest now: everything up to it goes
-            // out, the guest here is stopped for good, nothing is released twice.
-            state = .stopping(.switchover)
-            stoppingSince = now
-            outputHeldSince = nil
-            return [.releaseOutput(through: final), .stopGuest, .sendStreamEnd(.switchover, lastEpoch: final), .report(.switchedOver(final)),
-                    .scheduleTick(at: now + settings.timeoutNs)]
+            // out, the guest here is stopped for good, nothing is released twice. The backup gets
+            // one timeout to close its side.
+            state = .stopping(.switchover, since: now)
+            return [.releaseOutput(through: final), .stopGuest, .sendStreamEnd(.switchover, lastEpoch: final), .report(.switchedOver(final))]
         }
         // Output held since the backup was lost belongs to epochs up to this one: it is covered now.
-        outputHeldSince = nil
+        clearOutputHeldSince()
         return [.releaseOutput(through: epoch)] + dueCheckpoint(now: now)
     }
 
     /// Anything at all arrived from the backup (a heartbeat, bytes of a record).
     public mutating func onPeerActivity(now: UInt64) -> [Directive] {
-        lastHeardAt = max(lastHeardAt, now)
+        heard(now)
         return []
     }
 
     /// The connection closed, failed, or could not be opened.
     public mutating func onConnectionLost(reason: String, now: UInt64) -> [Directive] {
         switch state {
-        case .connecting(let attempt):
-            let retryAt = now + retryDelay
-            retryDelay = min(retryDelay * 2, settings.maxRetryNs)
-            if attempt == 1 && capturedEpoch == 0 {
-                // Never protected yet: keep trying, but say the guest runs unprotected meanwhile.
-                state = .degraded(reason: reason, retryAt: retryAt)
-                return [.releaseAllOutput, .report(.degraded("cannot reach the backup (\(reason)); the guest runs unprotected; retrying")), .scheduleTick(at: retryAt)]
-            }
-            state = .degraded(reason: reason, retryAt: retryAt)
-            return [.scheduleTick(at: min(retryAt, outputHeldSince.map { $0 + settings.fenceGraceNs } ?? .max))]
+        case .connecting(let attempt, _, let held):
+            return connectFailed(attempt: attempt, reason: reason, outputHeldSince: held, now: now)
         case .synchronizing, .protecting, .switchingOver:
             return giveUpProtection(reason: "connection to the backup lost: \(reason)", now: now)
         case .stopping:
@@ -286,39 +325,39 @@ public struct PrimaryEngine: Sendable {
         }
     }
 
-    /// Time passed; the shell calls this at scheduled ticks (and may call it more often).
+    /// Time passed. The shell calls this at `nextDeadline`; an early or extra call is harmless.
     public mutating func onTick(now: UInt64) -> [Directive] {
+        noticeStall(now: now)
         switch state {
         case .synchronizing, .protecting, .switchingOver:
-            let released = graceExpired(now: now)
-            if !released.isEmpty { return released + [.scheduleTick(at: nextTick())] }
-            if now >= lastHeardAt + settings.timeoutNs {
+            var out = graceExpired(now: now)
+            if now >= silenceDeadline {
                 let ms = (now - lastHeardAt) / 1_000_000
-                return giveUpProtection(
+                return out + giveUpProtection(
                     reason: "backup stopped answering after epoch \(acknowledgedEpoch) (nothing heard for \(ms) ms)", now: now)
             }
-            var out: [Directive] = []
-            if now >= lastHeartbeatAt + settings.heartbeatNs {
+            if now >= heartbeatDue {
                 heartbeatSequence += 1
                 lastHeartbeatAt = now
                 out.append(.sendHeartbeat(heartbeatSequence))
             }
-            out += dueCheckpoint(now: now)
-            out.append(.scheduleTick(at: nextTick()))
-            return out
-        case .degraded(_, let retryAt):
+            return out + dueCheckpoint(now: now)
+        case .degraded(_, let retryAt, _):
             let released = graceExpired(now: now)
-            guard now >= retryAt else {
-                let graceEnds = outputHeldSince.map { $0 + settings.fenceGraceNs } ?? retryAt
-                return released + [.scheduleTick(at: min(retryAt, graceEnds))]
-            }
-            state = .connecting(attempt: 2)
-            return released + [.connect] + (outputHeldSince.map { [.scheduleTick(at: $0 + settings.fenceGraceNs)] } ?? [])
-        case .connecting:
-            return graceExpired(now: now)
-        case .stopping:
+            guard now >= retryAt else { return released }
+            state = .connecting(attempt: 2, since: now, outputHeldSince: outputHeldSince)
+            return released + [.connect]
+        case .connecting(let attempt, let since, _):
+            let released = graceExpired(now: now)
+            guard now >= since + settings.connectTimeoutNs else { return released }
+            // The attempt counts as failed, exactly as if it had reported so; the shell abandons
+            // it, so a late connection from it is closed unused.
+            let reason = "no connection and stream header within \(settings.connectTimeoutNs / 1_000_000) ms"
+            return released + [.closeConnection]
+                + connectFailed(attempt: attempt, reason: reason, outputHeldSince: outputHeldSince, now: now)
+        case .stopping(_, let since):
             // The backup did not close its side in time: close ours.
-            guard now >= stoppingSince + settings.timeoutNs else { return [] }
+            guard now >= since + settings.timeoutNs else { return [] }
             state = .stopped
             return [.closeConnection]
         case .idle, .stopped, .handedOff, .selfFenced:
@@ -330,15 +369,13 @@ public struct PrimaryEngine: Sendable {
     public mutating func stop(reason: StreamEndReason, now: UInt64) -> [Directive] {
         switch state {
         case .synchronizing, .protecting:
-            state = .stopping(reason)
-            stoppingSince = now
-            outputHeldSince = nil
+            // The backup gets one timeout to close its side (nextDeadline), then this side closes.
+            state = .stopping(reason, since: now)
             // Every captured checkpoint is queued ahead of STREAM_END, so the last one sent is the last captured.
             let last = capturedEpoch >= streamFirstEpoch ? capturedEpoch : 0
-            return [.sendStreamEnd(reason, lastEpoch: last), .releaseAllOutput, .report(.stopped(reason)), .scheduleTick(at: now + settings.timeoutNs)]
+            return [.sendStreamEnd(reason, lastEpoch: last), .releaseAllOutput, .report(.stopped(reason))]
         case .idle, .connecting, .degraded:
             state = .stopped
-            outputHeldSince = nil
             return [.releaseAllOutput, .closeConnection, .report(.stopped(reason))]
         case .handedOff, .selfFenced:
             // The guest stays paused and its output held: another copy may be the active one.
@@ -359,7 +396,6 @@ public struct PrimaryEngine: Sendable {
         // it is queued ahead of STREAM_END.
         let last = capturedEpoch > streamFirstEpoch ? capturedEpoch - 1 : 0
         state = .stopped
-        outputHeldSince = nil
         return (connected ? [.sendStreamEnd(.error, lastEpoch: last)] : [.closeConnection])
             + [.report(.guestLost(reason))]
     }
@@ -382,19 +418,17 @@ public struct PrimaryEngine: Sendable {
     public mutating func onOutputPressure(dropped: UInt64, now: UInt64) -> [Directive] {
         guard case .protecting = state else { return [] }
         var out: [Directive] = [.report(.overload("the output buffer is full: \(dropped) packets were dropped since the last check (the guest's TCP retransmits them); taking checkpoints early"))]
-        if shipping < settings.maxShipping && unacknowledged < settings.maxUnacknowledged && !switchoverPending {
-            out += takeCheckpoint(now: now)
-        }
+        if mayCheckpoint { out += takeCheckpoint(now: now) }
         return out
     }
 
     /// A planned switchover: a final checkpoint with the guest left suspended, handed to the
     /// backup once it acknowledges it.
     public mutating func switchover(now: UInt64) -> [Directive] {
-        guard case .protecting = state else {
+        guard case .protecting(_, let held) = state else {
             return [.report(.handOffUnknown("a switchover needs an established protection (state: \(state)); nothing was changed"))]
         }
-        switchoverPending = true
+        state = .protecting(switchoverPending: true, outputHeldSince: held)
         return dueSwitchover(now: now)
     }
 
@@ -412,10 +446,9 @@ public struct PrimaryEngine: Sendable {
             intervalScale *= 2
             return [.report(.degraded("\(why); epochs lengthened to \(settings.intervalNs * intervalScale / 1_000_000) ms: protection continues with more output latency (DEGRADED)"))]
         case .abort:
-            state = .stopping(.plannedStop)
-            stoppingSince = now
+            state = .stopping(.plannedStop, since: now)
             let last = capturedEpoch >= streamFirstEpoch ? capturedEpoch : 0
-            return [.sendStreamEnd(.plannedStop, lastEpoch: last), .releaseAllOutput, .scheduleTick(at: now + settings.timeoutNs),
+            return [.sendStreamEnd(.plannedStop, lastEpoch: last), .releaseAllOutput,
                     .report(.overload("\(why); protection ABORTED (--on-overload abort): the guest keeps running here, unprotected; the backup discards its image"))]
         }
     }
@@ -434,8 +467,7 @@ public struct PrimaryEngine: Sendable {
     }
 
     private mutating func dueSwitchover(now: UInt64) -> [Directive] {
-        guard switchoverPending, case .protecting = state, shipping < settings.maxShipping else { return [] }
-        switchoverPending = false
+        guard case .protecting(true, _) = state, shipping < settings.maxShipping else { return [] }
         return takeFinal(now: now)
     }
 
@@ -443,7 +475,7 @@ public struct PrimaryEngine: Sendable {
         capturedEpoch += 1
         shipping += 1
         lastCheckpointAt = now
-        state = .switchingOver(final: capturedEpoch)
+        state = .switchingOver(final: capturedEpoch, outputHeldSince: outputHeldSince)
         return [.checkpoint(capturedEpoch, .final)]
     }
 
@@ -456,19 +488,31 @@ public struct PrimaryEngine: Sendable {
         }
     }
 
-    private func nextTick() -> UInt64 {
-        let heartbeatDue = lastHeartbeatAt + settings.heartbeatNs
-        let checkpointDue = lastCheckpointAt + settings.intervalNs * intervalScale
-        let timeoutDue = lastHeardAt + settings.timeoutNs
-        let graceDue = outputHeldSince.map { $0 + settings.fenceGraceNs } ?? .max
-        if case .protecting = state { return min(heartbeatDue, checkpointDue, timeoutDue, graceDue) }
-        return min(heartbeatDue, timeoutDue, graceDue)
+    /// Something came from the backup: its silence ends here.
+    private mutating func heard(_ now: UInt64) {
+        lastHeardAt = max(lastHeardAt, now)
+        silenceSince = max(silenceSince, now)
+    }
+
+    /// A tick arriving more than a heartbeat after the deadline this state asked for means this
+    /// process did not run meanwhile (SIGSTOP, a stalled host, a loop busy elsewhere): that time is
+    /// no evidence that the backup went silent. The silence window restarts now, which also gives
+    /// the reader thread a full timeout to deliver what is queued in the socket.
+    private mutating func noticeStall(now: UInt64) {
+        guard let due = nextDeadline, now > due + settings.heartbeatNs else { return }
+        silenceSince = max(silenceSince, now)
+    }
+
+    /// Whether a regular checkpoint may start now (a free arena, room for one more unacknowledged,
+    /// no switchover waiting for the arena).
+    private var mayCheckpoint: Bool {
+        guard case .protecting(false, _) = state else { return false }
+        return shipping < settings.maxShipping && unacknowledged < settings.maxUnacknowledged
     }
 
     /// A checkpoint if one is due and allowed.
     private mutating func dueCheckpoint(now: UInt64) -> [Directive] {
-        guard case .protecting = state, now >= lastCheckpointAt + settings.intervalNs * intervalScale else { return [] }
-        guard shipping < settings.maxShipping, unacknowledged < settings.maxUnacknowledged else { return [] }
+        guard mayCheckpoint, now >= checkpointDue else { return [] }
         return takeCheckpoint(now: now)
     }
 
@@ -479,8 +523,20 @@ public struct PrimaryEngine: Sendable {
         return [.checkpoint(capturedEpoch, .checkpoint)]
     }
 
+    /// A connection attempt failed (reported, or past its deadline): retry with backoff.
+    private mutating func connectFailed(attempt: Int, reason: String, outputHeldSince held: UInt64?, now: UInt64) -> [Directive] {
+        let retryAt = now + retryDelay
+        retryDelay = min(retryDelay * 2, settings.maxRetryNs)
+        state = .degraded(reason: reason, retryAt: retryAt, outputHeldSince: held)
+        if attempt == 1 && capturedEpoch == 0 {
+            // Never protected yet: keep trying, but say the guest runs unprotected meanwhile.
+            return [.releaseAllOutput, .report(.degraded("cannot reach the backup (\(reason)); the guest runs unprotected; retrying"))]
+        }
+        return []
+    }
+
     private mutating func giveUpProtection(reason: String, now: UInt64) -> [Directive] {
-        if case .switchingOver(let final) = state {
+        if case .switchingOver(let final, _) = state {
             // The backup may have committed the final checkpoint and be running the guest: it
             // must never run here again. Output stays held; the backup's takeover covers it.
             let text = "\(reason) during the switchover: no acknowledgement of final checkpoint \(final); the guest stays SUSPENDED here and must not be resumed — the backup takes over (from checkpoint \(final), or after fencing this host from \(acknowledgedEpoch))"
@@ -489,23 +545,38 @@ public struct PrimaryEngine: Sendable {
         }
         let retryAt = now + retryDelay
         retryDelay = min(retryDelay * 2, settings.maxRetryNs)
-        state = .degraded(reason: reason, retryAt: retryAt)
         shipping = 0
         // The backup may be fencing us right now: keep what it never committed held for the fence
         // grace while reconnecting; a backup that takes us back resynchronises and then covers it.
-        if outputHeldSince == nil { outputHeldSince = now }
-        let graceEnds = outputHeldSince! + settings.fenceGraceNs
+        let heldSince = outputHeldSince ?? now
+        state = .degraded(reason: reason, retryAt: retryAt, outputHeldSince: heldSince)
         return [
             .closeConnection,
             .report(.degraded("\(reason); the guest keeps running on this host; its output stays held for up to \(settings.fenceGraceNs / 1_000_000) ms while reconnecting, then flows unprotected (DEGRADED)")),
-            .scheduleTick(at: min(retryAt, graceEnds)),
         ]
     }
 
     /// Releases held output once the fence grace is over.
     private mutating func graceExpired(now: UInt64) -> [Directive] {
         guard let since = outputHeldSince, now >= since + settings.fenceGraceNs else { return [] }
-        outputHeldSince = nil
+        clearOutputHeldSince()
         return [.releaseAllOutput, .report(.degraded("no backup took this guest back within the fence grace (\(settings.fenceGraceNs / 1_000_000) ms): its output now flows unprotected; protection is DEGRADED; still reconnecting"))]
     }
+
+    /// No output is held any more that the current stream does not cover (acknowledged, or let out).
+    private mutating func clearOutputHeldSince() {
+        switch state {
+        case .connecting(let attempt, let since, _): state = .connecting(attempt: attempt, since: since, outputHeldSince: nil)
+        case .synchronizing(let round, _): state = .synchronizing(round: round, outputHeldSince: nil)
+        case .protecting(let pending, _): state = .protecting(switchoverPending: pending, outputHeldSince: nil)
+        case .degraded(let reason, let retryAt, _): state = .degraded(reason: reason, retryAt: retryAt, outputHeldSince: nil)
+        case .switchingOver(let final, _): state = .switchingOver(final: final, outputHeldSince: nil)
+        case .idle, .handedOff, .selfFenced, .stopping, .stopped: break
+        }
+    }
+}
+
+/// The earliest of some optional times; nil when there is none.
+func earliest(_ times: UInt64?...) -> UInt64? {
+    times.compactMap { $0 }.min()
 }

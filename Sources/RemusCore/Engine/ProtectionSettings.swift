@@ -39,13 +39,23 @@ public struct ProtectionSettings: Equatable, Sendable {
     public var maxPauseNs: UInt64
     /// What to do when checkpoints do not fit (`--on-overload`, default throttle).
     public var overload: OverloadPolicy
+    /// Longest a connection attempt to the backup may take, handshake included (`--connect-timeout`,
+    /// default 3 s). A backup that accepts the TCP connection but never answers (frozen, overloaded)
+    /// otherwise keeps the primary CONNECTING for ever; past it the attempt counts as failed.
+    public var connectTimeoutNs: UInt64
+    /// Longest a fence may run before the backup counts it as failed and retries (default 30 s:
+    /// a power fence through a management controller can take several seconds).
+    public var fenceTimeoutNs: UInt64
 
     public init(
         intervalNs: UInt64 = 100_000_000, heartbeatNs: UInt64 = 100_000_000, timeoutNs: UInt64 = 600_000_000,
         maxPrecopyRounds: Int = 5, precopyTargetPages: Int = 50, maxUnacknowledged: Int = 8, maxShipping: Int = 2,
         retryNs: UInt64 = 500_000_000, maxRetryNs: UInt64 = 10_000_000_000, fenceGraceNs: UInt64 = 2_000_000_000,
-        maxPauseNs: UInt64 = 50_000_000, overload: OverloadPolicy = .throttle
+        maxPauseNs: UInt64 = 50_000_000, overload: OverloadPolicy = .throttle,
+        connectTimeoutNs: UInt64 = 3_000_000_000, fenceTimeoutNs: UInt64 = 30_000_000_000
     ) {
+        self.connectTimeoutNs = connectTimeoutNs
+        self.fenceTimeoutNs = fenceTimeoutNs
         self.fenceGraceNs = fenceGraceNs
         self.maxPauseNs = maxPauseNs
         self.overload = overload
@@ -69,6 +79,9 @@ public struct ProtectionSettings: Equatable, Sendable {
         }
         if maxPrecopyRounds < 1 { return "at least one pre-copy round is needed" }
         if maxUnacknowledged < 1 || maxShipping < 1 { return "at least one checkpoint must be allowed in flight" }
+        if retryNs == 0 { return "the reconnection delay must be above 0 ms" }
+        if connectTimeoutNs == 0 { return "the connect timeout must be above 0 ms" }
+        if fenceTimeoutNs == 0 { return "the fence timeout must be above 0 ms" }
         return nil
     }
 }

@@ -1,8 +1,10 @@
 import RemusCore
 
 /// A serial executor for one engine: other threads post events; one thread takes them in order
-/// and runs the handler, which calls the engine and carries out its directives. Ticks are
-/// delivered when the earliest scheduled deadline passes.
+/// and runs the handler, which calls the engine and carries out its directives. A tick is
+/// delivered when the deadline passes; the shell sets the deadline after every event and tick
+/// from the engine's `nextDeadline` (and its own), so the loop keeps exactly one value and never
+/// drops a deadline someone still needs. Events go before a due tick.
 ///
 /// `@unchecked Sendable`: all mutable state is guarded by `monitor`.
 public final class EventLoop<Event: Sendable>: @unchecked Sendable {
@@ -22,10 +24,12 @@ public final class EventLoop<Event: Sendable>: @unchecked Sendable {
         }
     }
 
-    /// Asks for a tick no later than `at` (monotonic ns); the earliest request wins.
-    public func scheduleTick(at: UInt64) {
+    /// Sets when the next tick is due (monotonic ns), replacing the previous deadline; nil: no
+    /// tick until a new one is set. A deadline already past gives a tick at once (after queued
+    /// events); it stays set until replaced, so the shell must set a new one after every tick.
+    public func setDeadline(_ newDeadline: UInt64?) {
         monitor.withLock {
-            if deadline == nil || at < deadline! { deadline = at }
+            deadline = newDeadline
             monitor.broadcast()
         }
     }
@@ -52,7 +56,6 @@ public final class EventLoop<Event: Sendable>: @unchecked Sendable {
                 if !queue.isEmpty {
                     next = queue.removeFirst()
                 } else {
-                    deadline = nil
                     tickNow = clock.monotonicNs()
                 }
             }
