@@ -318,10 +318,10 @@ private final class RecordingReplica: StreamingReplicaTarget, @unchecked Sendabl
     }
 
     func configure(header: StreamHeader, config: DomainConfig) throws { ledger.update { $0.configured = (header, config) } }
-    func committedPage(_ pfn: PFN) -> UnsafeRawBufferPointer? { nil }
+    func withCommittedPage<R>(_ pfn: PFN, _ body: (UnsafeRawBufferPointer?) throws -> R) rethrows -> R { try body(nil) }
 
-    func commit(_ pages: StagingArena, state: GuestState?) throws {
-        ledger.update { $0.violation("commit(_:state:) on a streaming replica: epoch \(pages.epoch), \(pages.count) pages") }
+    func commit(_ arenas: [StagingArena], state: GuestState?) throws {
+        ledger.update { $0.violation("commit(_:state:) on a streaming replica: epoch \(arenas.first?.epoch ?? 0), \(arenas.reduce(0) { $0 + $1.count }) pages") }
     }
 
     func commitStream(_ bytes: [UInt8], checkpoint: Bool) throws {
