@@ -102,7 +102,7 @@ struct Receive: ParsableCommand {
 
     @OptionGroup var timing: TimingOptions
 
-    @Option(help: ArgumentHelp("Command that makes sure the primary is off (exit 0: it is). Retried every heartbeat until it succeeds. Alternatives: --witness, --unsafe-no-fence; with none the backup waits for 'remusd failover --activate'.", valueName: "command"))
+    @Option(help: ArgumentHelp("Command that makes sure the primary is off (exit 0: it is; an empty command is refused). Retried every heartbeat until it succeeds. Alternatives: --witness, --unsafe-no-fence; with none the backup waits for 'remusd failover --activate'.", valueName: "command"))
     var fence: String?
 
     @Flag(name: .customLong("unsafe-no-fence"), help: "Take over as soon as the primary is lost, without fencing it (xl remus's behaviour; risks two running copies).")
