@@ -575,7 +575,10 @@ struct StreamingGuestFlowTests {
         #expect(reached, "12 checkpoints committed and released within 30 s: \(flow.ledger.snapshot.recent)")
         // Every captured checkpoint goes out ahead of STREAM_END: after the stop the replica has them all.
         flow.stopProtection()
-        #expect(flow.ledger.wait(seconds: 10) { $0.primaryFinished != nil && $0.discards > 0 }, "\(flow.ledger.snapshot.recent)")
+        // The relay records how the primary's direction ended only after the primary finished:
+        // wait for that too before checking it.
+        #expect(flow.ledger.wait(seconds: 10) { $0.primaryFinished != nil && $0.discards > 0 && $0.primaryStreamClosed != nil },
+                "\(flow.ledger.snapshot.recent)")
 
         let r = flow.ledger.snapshot
         #expect(r.violations.isEmpty, "\(r.violations)")
@@ -602,7 +605,8 @@ struct StreamingGuestFlowTests {
         flow.start()
         #expect(flow.ledger.wait(seconds: 30) { $0.checkpoints.count >= 3 || !$0.violations.isEmpty }, "\(flow.ledger.snapshot.recent)")
         flow.stopProtection()
-        #expect(flow.ledger.wait(seconds: 10) { $0.discards > 0 && $0.primaryFinished != nil || !$0.activations.isEmpty }, "\(flow.ledger.snapshot.recent)")
+        #expect(flow.ledger.wait(seconds: 10) { $0.discards > 0 && $0.primaryFinished != nil && $0.primaryStreamClosed != nil || !$0.activations.isEmpty },
+                "\(flow.ledger.snapshot.recent)")
         #expect(eventually(10) { flow.backupStatus().contains("state: STOPPED: protection stopped by the primary's operator") }, "\(flow.backupStatus())")
         // With --unsafe-no-fence a backup that took the stop for a loss would activate at once, or
         // at the latest when its 500 ms silence timeout fires: watch past that.
@@ -632,7 +636,8 @@ struct StreamingGuestFlowTests {
             r.steps.append("test: vanish at the next suspend")
             return r.maxReleased
         }
-        #expect(flow.ledger.wait(seconds: 20) { !$0.activations.isEmpty && $0.primaryFinished != nil }, "\(flow.ledger.snapshot.recent)")
+        #expect(flow.ledger.wait(seconds: 20) { !$0.activations.isEmpty && $0.primaryFinished != nil && $0.primaryStreamClosed != nil },
+                "\(flow.ledger.snapshot.recent)")
 
         let r = flow.ledger.snapshot
         let n = try #require(r.vanishedAt, "the guest never reached another suspend: \(r.recent)")
