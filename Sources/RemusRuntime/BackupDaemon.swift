@@ -44,6 +44,8 @@ public final class BackupDaemon: @unchecked Sendable {
     private var fenceRun = 0
     private let statsLock = MonitorLock()
     private var statusLines: [String: String] = [:]
+    /// The fence attempt running now (guarded by `statsLock`): `status` says how long it has run.
+    private var fenceAttempt: (number: Int, holding: Epoch, startedAt: UInt64)?
     /// The NIC of a taken-over guest over a tap (`--sim-nic-tap`), and the plug that holds its
     /// output; set up at start so a missing tap or plug qdisc is reported before any takeover.
     private var tapSink: (any PacketSink)?
@@ -264,6 +266,7 @@ public final class BackupDaemon: @unchecked Sendable {
             execute(committer.onPeerActivity(now: now))
         case .fenced(let run, let ok, let detail):
             guard run == fenceRun else { return }
+            statsLock.withLock { fenceAttempt = nil }
             execute(committer.onFenced(success: ok, detail: detail, now: now))
         case .operatorActivate:
             execute(committer.onOperatorActivate(now: now))
@@ -316,6 +319,9 @@ public final class BackupDaemon: @unchecked Sendable {
             // started the next, the old one's late report is not taken for the new one's.
             fenceRun += 1
             let run = fenceRun
+            if case .fencing(let holding, let attempt, _) = committer.state {
+                statsLock.withLock { fenceAttempt = (attempt, holding, now) }
+            }
             if case .witness(let w) = config.fence {
                 acquireWitness(w, run: run)
                 return
@@ -424,6 +430,12 @@ public final class BackupDaemon: @unchecked Sendable {
     private func renderStatus() -> String {
         var lines = ["role: backup"]
         for key in ["listen", "accept", "state", "committed", "primary", "last event"] {
+            if key == "state", let f = fenceAttempt, statusLines[key]?.hasPrefix("FENCING") == true {
+                // A fence command may hang: say how long this attempt has been running.
+                let tenths = (clock.monotonicNs() - min(f.startedAt, clock.monotonicNs())) / 100_000_000
+                lines.append("state: FENCING the primary (attempt \(f.number), running for \(tenths / 10).\(tenths % 10) s), holding checkpoint \(f.holding)")
+                continue
+            }
             if let v = statusLines[key] { lines.append("\(key): \(v)") }
         }
         if let protection {

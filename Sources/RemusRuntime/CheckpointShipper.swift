@@ -1,13 +1,51 @@
 import RemusCore
 
+/// The staging arenas of one protected guest: taken by the loop thread for a capture or a
+/// pre-copy round, given back by whichever thread is done with them.
+///
+/// Every arena handed to a `CheckpointShipper` comes back here exactly once: when its job was
+/// written, failed, or was dropped with its connection. A pool that runs dry is therefore a bug
+/// of ours, never something a peer can cause by refusing or cutting connections.
+///
+/// `@unchecked Sendable`: `free` is guarded by `monitor`; arenas are owned by one thread at a time.
+final class ArenaPool: @unchecked Sendable {
+    private let monitor = MonitorLock()
+    private var free: [StagingArena]
+    /// Arenas the pool was made with.
+    let total: Int
+
+    init(_ arenas: [StagingArena]) {
+        free = arenas
+        total = arenas.count
+    }
+
+    /// A free arena, or nil when all are in use.
+    func take() -> StagingArena? { monitor.withLock { free.popLast() } }
+
+    /// Hands an arena back (any thread).
+    func give(_ arena: StagingArena) {
+        monitor.withLock {
+            precondition(free.count < total && !free.contains { $0 === arena }, "arena given back twice")
+            free.append(arena)
+        }
+    }
+
+    /// Arenas free now.
+    var available: Int { monitor.withLock { free.count } }
+}
+
 /// The writer thread of one connection: encodes and writes jobs in order while the guest runs.
+///
+/// Arenas: the shipper owns the arena of every job it was given until it gives it back through
+/// `giveBack`: after the job was written or failed, or when it drops the job (abandoned or
+/// stopped connection). No job's arena is ever left behind.
 ///
 /// `@unchecked Sendable`: the job queue is guarded by `monitor`; the channel and encoder are used
 /// only on the writer thread.
 final class CheckpointShipper: @unchecked Sendable {
     enum Job {
         /// One live pre-copy round: harvest, then copy and write the dirty set in arena-sized chunks.
-        case precopy(round: Int, guest: any PrimaryGuest, dirty: DirtyLog, arena: StagingArena, done: @Sendable (StagingArena) -> Void,
+        case precopy(round: Int, guest: any PrimaryGuest, dirty: DirtyLog, arena: StagingArena,
                      progress: @Sendable (_ sent: Int, _ total: Int) -> Void)
         case checkpoint(arena: StagingArena, state: GuestState)
         case heartbeat(Heartbeat)
@@ -15,44 +53,68 @@ final class CheckpointShipper: @unchecked Sendable {
         case streamEnd(StreamEnd)
         /// Shut the connection down once everything before has been written.
         case close
+
+        /// The staging arena the job owns, if any.
+        var arena: StagingArena? {
+            switch self {
+            case .precopy(_, _, _, let arena, _), .checkpoint(let arena, _): return arena
+            case .heartbeat, .ack, .streamEnd, .close: return nil
+            }
+        }
     }
 
     private let monitor = MonitorLock()
     private var jobs: [Job] = []
     private var abandoned = false
+    /// The writer thread has ended: jobs enqueued from now on are dropped at once.
+    private var ended = false
     private let channel: any ByteChannel
     private let generation: Int
     private let blackhole: Bool
     private let post: @Sendable (PrimaryProtection.Event) -> Void
+    private let giveBack: @Sendable (StagingArena) -> Void
 
+    /// - Parameters:
+    ///   - giveBack: receives every arena of every job, once, on the writer thread or the thread
+    ///     that abandons the shipper; needed by a shipper that is given arena jobs.
+    ///   - post: the connection's events (shipped, lost) for the loop.
     init(channel: any ByteChannel, generation: Int, header: StreamHeader, blackhole: Bool,
+         giveBack: @escaping @Sendable (StagingArena) -> Void = { _ in preconditionFailure("an arena job on a shipper without an arena pool") },
          post: @escaping @Sendable (PrimaryProtection.Event) -> Void) {
         self.channel = channel
         self.generation = generation
         self.blackhole = blackhole
+        self.giveBack = giveBack
         self.post = post
         startThread(name: "shipper") { [self] in run(pageSize: Int(header.pageSize)) }
     }
 
     func enqueue(_ job: Job) {
-        monitor.withLock {
+        let dropped: Job? = monitor.withLock {
+            if abandoned || ended { return job }
             jobs.append(job)
             monitor.broadcast()
+            return nil
         }
+        if let arena = dropped?.arena { giveBack(arena) }
     }
 
-    /// Drops queued jobs and ends the thread after the job in progress.
+    /// Drops queued jobs (their arenas go back at once) and ends the thread after the job in
+    /// progress (its arena goes back when it ends).
     func abandon() {
-        monitor.withLock {
+        let dropped: [Job] = monitor.withLock {
             abandoned = true
-            jobs.removeAll()
+            defer { jobs.removeAll() }
             monitor.broadcast()
+            return jobs
         }
+        for case let arena? in dropped.map(\.arena) { giveBack(arena) }
     }
 
     private let stopped = Gate<Bool>()
 
-    /// Waits until the writer thread has ended (after `abandon`, or a failed or closed connection).
+    /// Waits until the writer thread has ended (after `abandon`, or a failed or closed
+    /// connection); every arena it was given is back by then.
     func waitUntilStopped() { _ = stopped.wait() }
 
     private func nextJob() -> Job? {
@@ -62,21 +124,36 @@ final class CheckpointShipper: @unchecked Sendable {
         }
     }
 
+    /// The thread is ending: later jobs are refused, queued ones dropped, their arenas given back.
+    private func end() {
+        let dropped: [Job] = monitor.withLock {
+            ended = true
+            defer { jobs.removeAll() }
+            return jobs
+        }
+        for case let arena? in dropped.map(\.arena) { giveBack(arena) }
+    }
+
     private func run(pageSize: Int) {
-        defer { stopped.open(with: true) }
+        defer {
+            end()
+            stopped.open(with: true)
+        }
         let writer = RecordWriter(channel: channel, pageSize: pageSize)
         while let job = nextJob() {
             do {
                 switch job {
-                case .precopy(let round, let guest, let dirty, let arena, let done, let progress):
+                case .precopy(let round, let guest, let dirty, let arena, let progress):
                     // The arena goes back before the loop hears of the round, so the next job finds it free.
                     let result = Result { try precopy(guest: guest, dirty: dirty, arena: arena, writer: writer, progress: progress) }
-                    done(arena)
+                    giveBack(arena)
                     let (pages, remaining) = try result.get()
                     post(.precopyShipped(generation: generation, round: round, remainingDirty: remaining, pages: pages))
                 case .checkpoint(let arena, let state):
-                    let bytes = blackhole ? 0 : try writer.writeCheckpoint(arena, state: state)
-                    post(.shipped(generation: generation, epoch: arena.epoch, bytes: bytes))
+                    let epoch = arena.epoch
+                    let result = Result { blackhole ? 0 : try writer.writeCheckpoint(arena, state: state) }
+                    giveBack(arena)
+                    post(.shipped(generation: generation, epoch: epoch, bytes: try result.get()))
                 case .heartbeat(let heartbeat):
                     try writer.write(heartbeat)
                 case .ack(let ack):

@@ -33,7 +33,9 @@ public final class PrimaryProtection: @unchecked Sendable {
     let loop: EventLoop<Event>
     private var engine: PrimaryEngine
     private let dirty: DirtyLog
-    private var freeArenas: [StagingArena]
+    /// The staging arenas: taken for a capture or a pre-copy round, given back by the writer.
+    let arenas: ArenaPool
+    /// Checkpoints captured and not yet handed to the writer (which then owns their arenas).
     private var capturedArenas: [Epoch: (StagingArena, GuestState)] = [:]
     private var generation = 0
     private var channel: (any ByteChannel)?
@@ -70,7 +72,7 @@ public final class PrimaryProtection: @unchecked Sendable {
         dirty = DirtyLog(pageCount: d.pageCount)
         // A guest whose library writes its own stream (Xen) stages no pages of ours.
         let capacity = guest is any StreamingPrimaryGuest ? 1 : max(1, min(maxCheckpointPages, Int(d.pageCount)))
-        freeArenas = (0..<settings.maxShipping).map { _ in StagingArena(pageSize: d.pageSize, capacityPages: capacity) }
+        arenas = ArenaPool((0..<settings.maxShipping).map { _ in StagingArena(pageSize: d.pageSize, capacityPages: capacity) })
         header = StreamHeader(
             features: [], pageSize: UInt32(d.pageSize), backend: d.backend, role: .primary,
             guestUUID: d.uuid, guestName: d.name, senderVersion: remusdVersion)
@@ -122,7 +124,8 @@ public final class PrimaryProtection: @unchecked Sendable {
         case .connected(let gen, let ch, let reader):
             guard gen == generation else { ch.shutdown(); return }
             channel = ch
-            writer = CheckpointShipper(channel: ch, generation: gen, header: header, blackhole: blackhole) { [loop] in loop.post($0) }
+            writer = CheckpointShipper(channel: ch, generation: gen, header: header, blackhole: blackhole,
+                                       giveBack: { [arenas] in arenas.give($0) }, post: { [loop] in loop.post($0) })
             startReader(reader.reader, generation: gen)
             Log.info("connected to the backup \(backup); initial synchronisation")
             execute(engine.onConnected(now: now))
@@ -135,7 +138,6 @@ public final class PrimaryProtection: @unchecked Sendable {
             execute(engine.onPrecopyRoundShipped(round: round, remainingDirty: remaining, now: now))
         case .shipped(let gen, let epoch, let bytes):
             guard gen == generation else { return }
-            if let (arena, _) = capturedArenas.removeValue(forKey: epoch) { freeArenas.append(arena) }
             updateStats {
                 $0.shippedBytes += UInt64(bytes)
                 $0.lastCheckpointBytes = UInt64(bytes)
@@ -229,12 +231,17 @@ public final class PrimaryProtection: @unchecked Sendable {
                 execute(engine.onCaptureFailed(engine.capturedEpoch, reason: "\(error)", now: now))
             }
         case .precopyRound(let round):
-            collectReturnedArenas()
-            guard let writer, let arena = freeArenas.popLast() else { preconditionFailure("pre-copy without a connection or arena") }
+            // A round is asked for only on a live connection, after the last round gave its arena
+            // back; should either be missing, end this connection rather than the process.
+            guard let writer, let arena = arenas.take() else {
+                let missing = writer == nil ? "no connection" : "no free staging arena (\(arenas.total) in use)"
+                Log.error("pre-copy round \(round) cannot start: \(missing); this is a bug in remusd; reconnecting")
+                execute(engine.onConnectionLost(reason: "pre-copy round \(round) found \(missing)", now: now))
+                return
+            }
             // Progress on the status line, and in the log at every quarter of the first round.
             writer.enqueue(.precopy(
                 round: round, guest: guest, dirty: dirty, arena: arena,
-                done: { [self] arena in returnArena(arena) },
                 progress: { [self] sent, total in
                     var logIt = false
                     updateStats {
@@ -247,7 +254,8 @@ public final class PrimaryProtection: @unchecked Sendable {
         case .checkpoint(let epoch, let kind):
             capture(epoch: epoch, kind: kind)
         case .ship(let epoch):
-            guard let writer, let (arena, state) = capturedArenas[epoch] else { return }
+            // From here the writer owns the arena and gives it back once written or dropped.
+            guard let writer, let (arena, state) = capturedArenas.removeValue(forKey: epoch) else { return }
             writer.enqueue(.checkpoint(arena: arena, state: state))
         case .releaseOutput(let epoch):
             guard witnessAllowsRelease() else { return }
@@ -271,7 +279,8 @@ public final class PrimaryProtection: @unchecked Sendable {
             channel = nil
             writer = nil
             generation += 1  // events of the old connection are ignored from now on
-            for (_, (arena, _)) in capturedArenas { freeArenas.append(arena) }
+            // Arenas the old writer holds come back from it; those it never got come back here.
+            for (_, (arena, _)) in capturedArenas { arenas.give(arena) }
             capturedArenas.removeAll()
             updateStats { $0.unacknowledgedBytes.removeAll() }
         case .throttleGuest(let percent):
@@ -410,26 +419,16 @@ public final class PrimaryProtection: @unchecked Sendable {
         }
     }
 
-    private let arenaLock = MonitorLock()
-    private var returnedArenas: [StagingArena] = []
-
-    /// Pre-copy arenas come back from the writer thread; they are collected on the loop thread.
-    private func returnArena(_ arena: StagingArena) {
-        arenaLock.withLock { returnedArenas.append(arena) }
-    }
-
-    private func collectReturnedArenas() {
-        arenaLock.withLock {
-            freeArenas += returnedArenas
-            returnedArenas.removeAll()
-        }
-    }
-
     /// The pause: suspend, harvest, copy, state, close the output epoch, resume (a final
     /// checkpoint leaves the guest suspended for the hand-over).
     private func capture(epoch: Epoch, kind: CheckpointKind) {
-        collectReturnedArenas()
-        guard let arena = freeArenas.popLast() else { preconditionFailure("checkpoint \(epoch) without a free arena") }
+        // The engine keeps at most as many checkpoints in flight as there are arenas; a missing
+        // one is a bug of ours: give protection up for this checkpoint rather than crash.
+        guard let arena = arenas.take() else {
+            Log.error("checkpoint \(epoch) found no free staging arena (\(arenas.total) in use); this is a bug in remusd")
+            execute(engine.onCaptureFailed(epoch, reason: "no free staging arena (all \(arenas.total) in use)", now: clock.monotonicNs()))
+            return
+        }
         let start = clock.monotonicNs()
         let limit = kind == .final ? arena.capacityPages : min(arena.capacityPages, engine.capturePageLimit)
         var failure: String?
@@ -459,13 +458,13 @@ public final class PrimaryProtection: @unchecked Sendable {
         }
         let pause = clock.monotonicNs() - start
         if let pages = deferred {
-            freeArenas.append(arena)
+            arenas.give(arena)
             updateStats { $0.deferred += 1 }
             execute(engine.onCaptureDeferred(epoch, pages: pages, limit: limit, now: clock.monotonicNs()))
             return
         }
         guard failure == nil, let state else {
-            freeArenas.append(arena)
+            arenas.give(arena)
             if guest.hasVanished {
                 execute(engine.onGuestLost(reason: "the guest vanished from this host while checkpoint \(epoch) was taken (\(failure ?? "no state")); the backup takes over from its last committed checkpoint; output held here is never released", now: clock.monotonicNs()))
                 return

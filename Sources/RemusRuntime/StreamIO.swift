@@ -222,8 +222,9 @@ final class StagedCheckpoint: @unchecked Sendable {
         return GuestState(vcpus: vcpus, devices: devices, clock: clock, layout: layout, stream: stream)
     }
 
-    /// Applies the staged checkpoint to the replica: every arena of pages, the state with the
-    /// last; a replica built from a hypervisor library's stream gets that stream's bytes.
+    /// Applies the staged checkpoint to the replica as one unit: all its arenas of pages with
+    /// the state (I2: a checkpoint larger than one arena is still one checkpoint); a replica built
+    /// from a hypervisor library's stream gets that stream's bytes.
     func commit(to replica: any ReplicaTarget) throws {
         if let streaming = replica as? any StreamingReplicaTarget {
             if !stream.isEmpty || begin.kind != .precopy {
@@ -231,9 +232,7 @@ final class StagedCheckpoint: @unchecked Sendable {
             }
             return
         }
-        for i in 0...current {
-            try replica.commit(arenas[i], state: i == current ? state : nil)
-        }
+        try replica.commit(Array(arenas[0...current]), state: state)
     }
 }
 
@@ -284,12 +283,18 @@ final class CheckpointReceiver {
                         case .zero, .absent:
                             arena.append(pfn: entry.pfn, encoding: entry.encoding)
                         case .delta:
-                            guard let base = replica()?.committedPage(entry.pfn) else {
+                            let dst = arena.append(pfn: entry.pfn, encoding: .raw)!
+                            // The base is read while the replica holds off a discard (the loop
+                            // thread may throw the replica away meanwhile).
+                            let based = replica()?.withCommittedPage(entry.pfn) { base -> Bool in
+                                guard let base else { return false }
+                                dst.copyMemory(from: base)
+                                return true
+                            } ?? false
+                            guard based else {
                                 throw StreamDecodeError(.malformedBody, typeCode: RecordType.pageBatch.rawValue, offset: 0,
                                                         "delta page \(entry.pfn) has no base in the replica")
                             }
-                            let dst = arena.append(pfn: entry.pfn, encoding: .raw)!
-                            dst.copyMemory(from: base)
                             try PageDelta.apply(entry.data, to: dst)
                         }
                     }

@@ -74,29 +74,32 @@ public final class SimReplica: ReplicaTarget, Sendable {
         }
     }
 
-    /// The view points into the replica's memory: valid until the next `commit` changes the page,
-    /// and never after `activate` or `discard`.
-    public func committedPage(_ pfn: PFN) -> UnsafeRawBufferPointer? {
-        phase.withLock { phase -> UnsafeRawBufferPointer? in
+    /// `body` runs with the replica's lock held: a `commit`, `activate` or `discard` on another
+    /// thread (which would change or unmap the page) waits until it returns.
+    public func withCommittedPage<R>(_ pfn: PFN, _ body: (UnsafeRawBufferPointer?) throws -> R) rethrows -> R {
+        try phase.withLock { phase in
             guard case .ready(let image) = phase, pfn < image.memory.pageCount, !image.memory.absent.test(pfn) else {
-                return nil
+                return try body(nil)
             }
-            return image.memory.pageBytes(pfn)
+            // SAFETY: the image (and its mapping) stays alive while the lock is held.
+            return try body(image.memory.pageBytes(pfn))
         }
     }
 
-    public func commit(_ pages: StagingArena, state: GuestState?) throws {
+    public func commit(_ arenas: [StagingArena], state: GuestState?) throws {
         let commitTime = clock.monotonicNs()
         try phase.withLock { phase throws(SimError) in
+            let epoch = arenas.first?.epoch ?? 0
             guard case .ready(var image) = phase else {
-                throw .replicaState("commit of epoch \(pages.epoch) while not ready (unconfigured, activated or discarded)")
+                throw .replicaState("commit of epoch \(epoch) while not ready (unconfigured, activated or discarded)")
             }
-            try Self.validate(pages, state: state, image: image)
-            Self.apply(pages, to: image.memory)
+            // Every arena is checked before any page is applied: all of the checkpoint or none (I2).
+            try Self.validate(arenas, state: state, image: image)
+            for pages in arenas { Self.apply(pages, to: image.memory) }
             if let state {
                 Self.applyLayout(state.layout, to: image.memory)
                 image.committed = state
-                image.committedEpoch = pages.epoch
+                image.committedEpoch = epoch
                 image.committedAtHostNs = commitTime
             }
             phase = .ready(image)
@@ -187,36 +190,51 @@ public final class SimReplica: ReplicaTarget, Sendable {
 
     // MARK: Applying a checkpoint
 
-    private static func validate(_ pages: StagingArena, state: GuestState?, image: Image) throws(SimError) {
+    private static func validate(_ arenas: [StagingArena], state: GuestState?, image: Image) throws(SimError) {
         let memory = image.memory
-        guard pages.pageSize == memory.pageSize else {
-            throw .inconsistentCheckpoint("epoch \(pages.epoch) pages are \(pages.pageSize) bytes, the guest's \(memory.pageSize)")
+        guard let first = arenas.first else { throw .inconsistentCheckpoint("a checkpoint with no staging arena") }
+        let epoch = first.epoch
+        for (i, pages) in arenas.enumerated() {
+            guard pages.pageSize == memory.pageSize else {
+                throw .inconsistentCheckpoint("epoch \(epoch) pages are \(pages.pageSize) bytes, the guest's \(memory.pageSize)")
+            }
+            guard pages.epoch == epoch, pages.kind == first.kind else {
+                throw .inconsistentCheckpoint("epoch \(epoch): staging arena \(i) holds epoch \(pages.epoch) (\(pages.kind))")
+            }
         }
         if let state {
-            if let last = image.committedEpoch, pages.epoch <= last {
-                throw .inconsistentCheckpoint("epoch \(pages.epoch) is not after the committed epoch \(last)")
+            if let last = image.committedEpoch, epoch <= last {
+                throw .inconsistentCheckpoint("epoch \(epoch) is not after the committed epoch \(last)")
             }
             guard state.vcpus.count == image.config.vcpus else {
-                throw .inconsistentCheckpoint("epoch \(pages.epoch) has \(state.vcpus.count) vCPUs, the guest \(image.config.vcpus)")
+                throw .inconsistentCheckpoint("epoch \(epoch) has \(state.vcpus.count) vCPUs, the guest \(image.config.vcpus)")
             }
             for (index, vcpu) in state.vcpus.enumerated() {
                 guard vcpu.vcpu == UInt32(index) else {
-                    throw .inconsistentCheckpoint("epoch \(pages.epoch): VCPU_STATE \(index) is for vCPU \(vcpu.vcpu)")
+                    throw .inconsistentCheckpoint("epoch \(epoch): VCPU_STATE \(index) is for vCPU \(vcpu.vcpu)")
                 }
                 _ = try SimRegisters(vcpu)
             }
             var end: PFN = 0
             for (i, range) in state.layout.ranges.enumerated() {
                 guard range.count > 0, range.start >= end, (i == 0 || range.start > end), range.end <= memory.pageCount else {
-                    throw .inconsistentCheckpoint("epoch \(pages.epoch): layout range \(i) (\(range.start)+\(range.count)) "
+                    throw .inconsistentCheckpoint("epoch \(epoch): layout range \(i) (\(range.start)+\(range.count)) "
                         + "is empty, unsorted, adjacent or beyond \(memory.pageCount) pages")
                 }
                 end = range.end
             }
         } else if image.committed != nil {
-            throw .inconsistentCheckpoint("pre-copy pages (epoch \(pages.epoch)) after a committed checkpoint")
+            throw .inconsistentCheckpoint("pre-copy pages (epoch \(epoch)) after a committed checkpoint")
         }
+        // PFNs ascend across the arenas too: one checkpoint, split only by the arenas' size.
         var previous: PFN?
+        for pages in arenas {
+            try validatePages(pages, state: state, memory: memory, previous: &previous)
+        }
+    }
+
+    private static func validatePages(_ pages: StagingArena, state: GuestState?, memory: GuestMemory,
+                                      previous: inout PFN?) throws(SimError) {
         for index in 0..<pages.count {
             let entry = pages.entry(index)
             guard entry.pfn < memory.pageCount else { throw .pageOutOfRange(pfn: entry.pfn, pageCount: memory.pageCount) }

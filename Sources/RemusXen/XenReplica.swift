@@ -119,9 +119,12 @@ public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
         }
     }
 
-    public func committedPage(_ pfn: PFN) -> UnsafeRawBufferPointer? { nil }
+    /// libxl holds the pages; a Xen stream carries no page deltas against them.
+    public func withCommittedPage<R>(_ pfn: PFN, _ body: (UnsafeRawBufferPointer?) throws -> R) rethrows -> R {
+        try body(nil)
+    }
 
-    public func commit(_ pages: StagingArena, state: GuestState?) throws {
+    public func commit(_ arenas: [StagingArena], state: GuestState?) throws {
         throw XenBackendError("a Xen replica takes libxl stream bytes only (commitStream); the primary sent pages")
     }
 

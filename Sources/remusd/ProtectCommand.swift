@@ -1,4 +1,5 @@
 import ArgumentParser
+import Glibc
 import RemusCore
 import RemusRuntime
 
@@ -56,8 +57,14 @@ struct Protect: ParsableCommand {
         if (noNetbuf || blackhole) && !unsafe {
             throw ValidationError("--no-netbuf and --blackhole give up protection; they need --unsafe as well")
         }
-        guard Endpoint(parsing: backup, defaultPort: defaultPort) != nil else {
+        if domain.allSatisfy(\.isWhitespace) {
+            throw ValidationError("the guest to protect has an empty name; give the Xen domain's name (or a name for the simulated guest)")
+        }
+        guard let endpoint = Endpoint(parsing: backup, defaultPort: defaultPort) else {
             throw ValidationError("backup '\(backup)' is not host[:port] (IPv6 as [addr]:port)")
+        }
+        if endpoint.port == 0 {
+            throw ValidationError("backup '\(backup)': port 0 is no port a backup listens on; give the port of its 'remusd receive' (default \(defaultPort))")
         }
         if maxCheckpointMiB < 1 { throw ValidationError("--max-checkpoint must be at least 1 MiB") }
         if connectTimeout < 1 || connectTimeout > 3_600_000 { throw ValidationError("--connect-timeout must be between 1 ms and one hour, got \(connectTimeout) ms") }
@@ -100,7 +107,7 @@ struct Receive: ParsableCommand {
 
     @OptionGroup var timing: TimingOptions
 
-    @Option(help: ArgumentHelp("Command that makes sure the primary is off (exit 0: it is). Retried every heartbeat until it succeeds. Alternatives: --witness, --unsafe-no-fence; with none the backup waits for 'remusd failover --activate'.", valueName: "command"))
+    @Option(help: ArgumentHelp("Command that makes sure the primary is off (exit 0: it is; an empty command is refused). Retried every heartbeat until it succeeds. Alternatives: --witness, --unsafe-no-fence; with none the backup waits for 'remusd failover --activate'.", valueName: "command"))
     var fence: String?
 
     @Option(name: .customLong("fence-timeout"), help: ArgumentHelp("Longest time the --fence command may run, in ms; then its process group is killed and the primary counts as not fenced.", valueName: "ms"))
@@ -128,11 +135,16 @@ struct Receive: ParsableCommand {
 
     func validate() throws {
         guard Endpoint(parsing: listen, defaultPort: defaultPort) != nil else { throw ValidationError("--listen '\(listen)' is not host:port") }
+        if let fence, fence.allSatisfy(\.isWhitespace) {
+            throw ValidationError("--fence needs a command that makes sure the primary is off (exit status 0: it is); an empty one would count as fenced and could leave two copies of the guest running. To wait for the operator instead, leave --fence out")
+        }
         if [fence != nil, unsafeNoFence, timing.witness != nil].filter({ $0 }).count > 1 {
             throw ValidationError("choose one way to fence the primary: --fence, --witness or --unsafe-no-fence")
         }
         for (flag, value) in [("--reprotect-to", reprotectTo), ("--nic-sink", nicSink)] {
-            if let value, Endpoint(parsing: value, defaultPort: defaultPort) == nil { throw ValidationError("\(flag) '\(value)' is not host:port") }
+            guard let value else { continue }
+            guard let endpoint = Endpoint(parsing: value, defaultPort: defaultPort) else { throw ValidationError("\(flag) '\(value)' is not host:port") }
+            if endpoint.port == 0 { throw ValidationError("\(flag) '\(value)': port 0 is no port to connect to") }
         }
         if fenceTimeout < 1 { throw ValidationError("--fence-timeout must be at least 1 ms") }
         if tap.tap != nil && nicSink == nil {
@@ -167,16 +179,19 @@ struct Status: ParsableCommand {
     func run() throws {
         let sockets = socket.map { [$0] } ?? RunDirectory.sockets()
         if sockets.isEmpty {
-            print("no remusd daemon is running here (no status socket in \(RunDirectory.path))")
+            printError("no remusd daemon is running here (no status socket in \(RunDirectory.path)); start one with 'remusd protect <domain> <backup-host>' (primary) or 'remusd receive' (backup)")
             throw ExitCode(3)
         }
+        var silent = 0
         for path in sockets {
             do {
-                print(try StatusSocket.query(path), terminator: "")
+                print(try StatusClient.query(path), terminator: "")
             } catch {
-                print("\(path): no answer (\(error)); the daemon may have exited")
+                printError("\(error)")
+                silent += 1
             }
         }
+        if silent > 0 { throw ExitCode(3) }
     }
 }
 
@@ -189,7 +204,12 @@ struct Stop: ParsableCommand {
     var domain: String
 
     func run() throws {
-        print(try StatusSocket.query(RunDirectory.socketPath(for: domain), command: "stop"), terminator: "")
+        do {
+            print(try StatusClient.send("stop", toGuest: domain), terminator: "")
+        } catch let error as StatusClient.NoAnswer {
+            printError("\(error); nothing was stopped")
+            throw ExitCode(3)
+        }
     }
 }
 
@@ -218,13 +238,35 @@ struct Failover: ParsableCommand {
 
     func run() throws {
         if let domain {
-            print(try StatusSocket.query(socket ?? RunDirectory.socketPath(for: domain), command: "switchover"), terminator: "")
+            do {
+                print(try StatusClient.send("switchover", toGuest: domain, socket: socket), terminator: "")
+            } catch let error as StatusClient.NoAnswer {
+                printError("\(error); nothing was switched over")
+                throw ExitCode(3)
+            }
             return
         }
         let candidates = socket.map { [$0] } ?? RunDirectory.sockets().filter { $0.contains("/receive-") }
         guard candidates.count == 1 else {
             throw ValidationError(candidates.isEmpty ? "no backup daemon found in \(RunDirectory.path)" : "several backups run here; name one with --socket: \(candidates.joined(separator: ", "))")
         }
-        print(try StatusSocket.query(candidates[0], command: "activate"), terminator: "")
+        do {
+            print(try StatusClient.query(candidates[0], command: "activate"), terminator: "")
+        } catch let error as StatusClient.NoAnswer {
+            printError("\(error); nothing was activated")
+            throw ExitCode(3)
+        }
+    }
+}
+
+/// Writes a line to standard error (messages for a person, not output to parse).
+func printError(_ text: String) {
+    let bytes = Array(("remusd: " + text + "\n").utf8)
+    var offset = 0
+    while offset < bytes.count {
+        let written = bytes.withUnsafeBytes { write(STDERR_FILENO, $0.baseAddress! + offset, $0.count - offset) }
+        if written < 0 && errno == EINTR { continue }
+        if written <= 0 { return }
+        offset += written
     }
 }

@@ -35,9 +35,9 @@ private final class StreamLog: StreamingReplicaTarget {
     private(set) var commits: [Commit] = []
 
     func configure(header: StreamHeader, config: DomainConfig) throws {}
-    func committedPage(_ pfn: PFN) -> UnsafeRawBufferPointer? { nil }
-    func commit(_ pages: StagingArena, state: GuestState?) throws {
-        Issue.record("commit(_:state:) on a streaming replica: epoch \(pages.epoch), \(pages.count) pages, stream \(state?.stream.count ?? -1) bytes")
+    func withCommittedPage<R>(_ pfn: PFN, _ body: (UnsafeRawBufferPointer?) throws -> R) rethrows -> R { try body(nil) }
+    func commit(_ arenas: [StagingArena], state: GuestState?) throws {
+        Issue.record("commit(_:state:) on a streaming replica: epoch \(arenas.first?.epoch ?? 0), \(arenas.reduce(0) { $0 + $1.count }) pages, stream \(state?.stream.count ?? -1) bytes")
     }
     func activate(clock: any HostClock) throws { Issue.record("activate on a replica that only receives") }
     func discard() {}

@@ -319,10 +319,10 @@ private final class RecordingReplica: StreamingReplicaTarget, @unchecked Sendabl
     }
 
     func configure(header: StreamHeader, config: DomainConfig) throws { ledger.update { $0.configured = (header, config) } }
-    func committedPage(_ pfn: PFN) -> UnsafeRawBufferPointer? { nil }
+    func withCommittedPage<R>(_ pfn: PFN, _ body: (UnsafeRawBufferPointer?) throws -> R) rethrows -> R { try body(nil) }
 
-    func commit(_ pages: StagingArena, state: GuestState?) throws {
-        ledger.update { $0.violation("commit(_:state:) on a streaming replica: epoch \(pages.epoch), \(pages.count) pages") }
+    func commit(_ arenas: [StagingArena], state: GuestState?) throws {
+        ledger.update { $0.violation("commit(_:state:) on a streaming replica: epoch \(arenas.first?.epoch ?? 0), \(arenas.reduce(0) { $0 + $1.count }) pages") }
     }
 
     func commitStream(_ bytes: [UInt8], checkpoint: Bool) throws {
@@ -567,13 +567,17 @@ struct StreamingGuestFlowTests {
         #expect(reached, "12 checkpoints committed and released within 30 s: \(flow.ledger.snapshot.recent)")
         // Every captured checkpoint goes out ahead of STREAM_END: after the stop the replica has them all.
         flow.stopProtection()
-        #expect(flow.ledger.wait(seconds: 10) { $0.primaryFinished != nil && $0.discards > 0 }, "\(flow.ledger.snapshot.recent)")
+        // The relay records how the primary's direction ended only after the primary finished:
+        // wait for that too before checking it.
+        #expect(flow.ledger.wait(seconds: 10) { $0.primaryFinished != nil && $0.discards > 0 && $0.primaryStreamClosed != nil },
+                "\(flow.ledger.snapshot.recent)")
 
         let r = flow.ledger.snapshot
         #expect(r.violations.isEmpty, "\(r.violations)")
         #expect(r.captured >= 12)
         #expect(replicaDifference(r, checkpoints: r.captured) == nil, "\(replicaDifference(r, checkpoints: r.captured) ?? "")")
-        #expect(wireDifference(r, checkpoints: r.captured) == nil, "\(wireDifference(r, checkpoints: r.captured) ?? "")")
+        let wire = wireDifference(r, checkpoints: r.captured)
+        #expect(wire == nil, "\(wire ?? "")")
         #expect(r.streamEnd?.reason == .plannedStop && r.streamEnd?.lastEpoch == Epoch(r.captured), "\(String(describing: r.streamEnd))")
         // The scenario itself: pieces of the live phase, calls that found nothing, every size of the table (0 bytes too).
         #expect(r.precopy.count >= 3 && r.liveCalls > r.precopy.count + 1, "\(r.liveCalls) live calls, pieces \(r.precopy.map(\.count))")
@@ -594,7 +598,8 @@ struct StreamingGuestFlowTests {
         flow.start()
         #expect(flow.ledger.wait(seconds: 30) { $0.checkpoints.count >= 3 || !$0.violations.isEmpty }, "\(flow.ledger.snapshot.recent)")
         flow.stopProtection()
-        #expect(flow.ledger.wait(seconds: 10) { $0.discards > 0 && $0.primaryFinished != nil || !$0.activations.isEmpty }, "\(flow.ledger.snapshot.recent)")
+        #expect(flow.ledger.wait(seconds: 10) { $0.discards > 0 && $0.primaryFinished != nil && $0.primaryStreamClosed != nil || !$0.activations.isEmpty },
+                "\(flow.ledger.snapshot.recent)")
         #expect(eventually(deadline: .after(seconds: 10)) { flow.backupStatus().contains("state: STOPPED: protection stopped by the primary's operator") }, "\(flow.backupStatus())")
         // With --unsafe-no-fence a backup that took the stop for a loss would activate at once, or
         // at the latest when its 500 ms silence timeout fires: watch past that.
@@ -606,7 +611,8 @@ struct StreamingGuestFlowTests {
         #expect(r.violations.isEmpty, "\(r.violations)")
         #expect(r.discards == 1 && r.activations.isEmpty)
         #expect(r.streamEnd?.reason == .plannedStop, "\(String(describing: r.streamEnd))")
-        #expect(wireDifference(r, checkpoints: r.captured) == nil, "\(wireDifference(r, checkpoints: r.captured) ?? "")")
+        let wire = wireDifference(r, checkpoints: r.captured)
+        #expect(wire == nil, "\(wire ?? "")")
         #expect(replicaDifference(r, checkpoints: r.captured) == nil, "every captured checkpoint arrived before the discard: \(replicaDifference(r, checkpoints: r.captured) ?? "")")
         #expect(r.steps.last(where: { $0.hasPrefix("commit") || $0 == "discard" }) == "discard", "nothing committed after the discard")
         #expect(r.primaryFinished == .stopped)
@@ -624,14 +630,16 @@ struct StreamingGuestFlowTests {
             r.steps.append("test: vanish at the next suspend")
             return r.maxReleased
         }
-        #expect(flow.ledger.wait(seconds: 20) { !$0.activations.isEmpty && $0.primaryFinished != nil }, "\(flow.ledger.snapshot.recent)")
+        #expect(flow.ledger.wait(seconds: 20) { !$0.activations.isEmpty && $0.primaryFinished != nil && $0.primaryStreamClosed != nil },
+                "\(flow.ledger.snapshot.recent)")
 
         let r = flow.ledger.snapshot
         let n = try #require(r.vanishedAt, "the guest never reached another suspend: \(r.recent)")
         #expect(r.violations.isEmpty, "\(r.violations)")
         #expect(n >= 4 && r.captured == n - 1)
         // The primary ended its stream on purpose, after every checkpoint it had captured.
-        #expect(wireDifference(r, checkpoints: n - 1) == nil, "\(wireDifference(r, checkpoints: n - 1) ?? "")")
+        let wire = wireDifference(r, checkpoints: n - 1)
+        #expect(wire == nil, "\(wire ?? "")")
         #expect(r.streamEnd?.reason == .error, "\(String(describing: r.streamEnd))")
         #expect(r.streamEnd?.lastEpoch ?? 0 >= releasedBefore && r.streamEnd?.lastEpoch ?? .max < Epoch(n))
         // The backup has every checkpoint before the vanish, whole, and activated the last of them.

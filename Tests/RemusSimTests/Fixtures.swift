@@ -125,3 +125,8 @@ struct MemoryShadow {
 }
 
 let secondNs: UInt64 = 1_000_000_000
+
+extension SimReplica {
+    /// A copy of a committed page (nil when not populated or no image is held).
+    func committedCopy(_ pfn: PFN) -> [UInt8]? { withCommittedPage(pfn) { $0.map { Array($0) } } }
+}

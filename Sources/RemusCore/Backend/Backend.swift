@@ -105,14 +105,27 @@ public protocol StreamingReplicaTarget: ReplicaTarget {
 public protocol ReplicaTarget: AnyObject {
     /// Builds (or checks) the replica from the primary's DOMAIN_CONFIG and stream header.
     func configure(header: StreamHeader, config: DomainConfig) throws
-    /// The current content of a page, the base for delta-encoded pages. Nil when not populated.
-    func committedPage(_ pfn: PFN) -> UnsafeRawBufferPointer?
-    /// Applies a verified, complete checkpoint (pages decoded to raw, zero or absent). Atomic with
-    /// respect to `activate`: the replica is either at the previous checkpoint or at this one.
+    /// Runs `body` on the current content of a page (the base for a delta-encoded page), or on nil
+    /// when the page is not populated or the replica holds no image (unconfigured, activated,
+    /// discarded). The view is valid only inside `body`: the replica is neither changed, activated
+    /// nor discarded (freed) until `body` returns, whichever thread asks for that. Keep `body` short
+    /// (a copy of one page).
+    func withCommittedPage<R>(_ pfn: PFN, _ body: (UnsafeRawBufferPointer?) throws -> R) rethrows -> R
+    /// Applies one verified, complete checkpoint whose pages span `arenas`, in order (pages decoded
+    /// to raw, zero or absent; PFNs ascending across the arenas). All or nothing, and atomic with
+    /// respect to `activate`: the replica is at the previous checkpoint or at this one, never in
+    /// between; a checkpoint rejected in any of its arenas leaves the previous one intact.
     /// `state` is nil for pre-copy rounds, which carry pages only.
-    func commit(_ pages: StagingArena, state: GuestState?) throws
+    func commit(_ arenas: [StagingArena], state: GuestState?) throws
     /// Resumes the guest from the last committed checkpoint.
     func activate(clock: any HostClock) throws
-    /// Throws the replica away (planned stop).
+    /// Throws the replica away (planned stop). Waits for a `withCommittedPage` in progress.
     func discard()
+}
+
+extension ReplicaTarget {
+    /// Applies a checkpoint whose pages fit one arena (see `commit(_:state:)` for several).
+    public func commit(_ pages: StagingArena, state: GuestState?) throws {
+        try commit([pages], state: state)
+    }
 }

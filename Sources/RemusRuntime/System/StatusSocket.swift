@@ -166,17 +166,15 @@ public final class StatusSocket: @unchecked Sendable {  // listener and path are
         let me = getuid()
         let dir = path.lastIndex(of: "/").map { String(path[..<$0]) }.map { $0.isEmpty ? "/" : $0 } ?? "."
         for (what, file) in [("directory", dir), ("socket", path)] {
-            let info: FileOwnership
-            do { info = try FileOwnership.of(file) } catch {
-                throw ControlSocketError("no daemon answers at \(path): \(error); is it running? ('remusd status' lists the sockets here)")
-            }
+            // A missing file is the caller's "no daemon answers" (StatusClient says what to do).
+            let info = try FileOwnership.of(file)
             guard info.uid == 0 || info.uid == me else {
                 throw ControlSocketError("the status \(what) \(file) belongs to uid \(info.uid), neither root nor you (uid \(me)): "
                     + "it may be another user's fake, so remusd did not talk to it; remove it, or name the daemon's socket with --socket")
             }
         }
         guard try FileOwnership.of(path).type == UInt32(S_IFSOCK) else {
-            throw ControlSocketError("\(path) is not a socket; remove it, or name the daemon's socket with --socket")
+            throw SystemError(call: "connect(\(path))", errno: ENOTSOCK, detail: "not a socket")
         }
     }
 
