@@ -40,11 +40,14 @@ let package = Package(
         .target(name: "CXen", linkerSettings: [.linkedLibrary("dl")]),
         .target(name: "RemusXen", dependencies: ["CXen", "RemusCore", "RemusSystem"]),
         .target(name: "RemusRuntime", dependencies: ["RemusCore", "RemusSim", "RemusNetbuf", "RemusSystem", "RemusXen"]),
+        // `remusd netbuf probe-…`: raw frames and TCP round trips for the testbed.
+        .target(name: "RemusNetbufProbe", dependencies: ["RemusSystem", "CNetlink"]),
         .executableTarget(
             name: "remusd",
             dependencies: [
                 "RemusRuntime",
                 "RemusNetbuf",
+                "RemusNetbufProbe",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -53,7 +56,7 @@ let package = Package(
         .testTarget(name: "RemusSystemTests", dependencies: ["RemusSystem", "RemusTestSupport"]),
         .testTarget(name: "RemusCoreTests", dependencies: ["RemusCore"], resources: [.copy("Golden")]),
         .testTarget(name: "RemusSimTests", dependencies: ["RemusSim", "RemusCore", "RemusSystem"]),
-        .testTarget(name: "RemusNetbufTests", dependencies: ["RemusNetbuf", "RemusCore", "RemusSystem", "RemusTestSupport"]),
+        .testTarget(name: "RemusNetbufTests", dependencies: ["RemusNetbuf", "RemusNetbufProbe", "RemusCore", "RemusSystem", "RemusTestSupport"]),
         .testTarget(name: "RemusXenTests", dependencies: ["RemusXen", "CXen", "RemusCore", "RemusSystem"]),
         .testTarget(name: "RemusRuntimeTests", dependencies: ["RemusRuntime", "RemusSim", "RemusCore", "RemusNetbuf", "RemusTestSupport"]),
     ],
