@@ -3,7 +3,8 @@ import PackageDescription
 
 // Layers (see Docs/architecture.md): RemusCore is pure, deterministic Swift (plus one pure C compute
 // kernel for CRC32C); backends and outputs import Core; the runtime wires them to threads and sockets;
-// the remusd executable only parses the command line.
+// the drill, the benchmark and the netbuf probes are tools beside the runtime, never inside it; the
+// remusd executable only parses the command line.
 let package = Package(
     name: "remusd",
     platforms: [.macOS(.v15)],
@@ -40,11 +41,22 @@ let package = Package(
         .target(name: "CXen", linkerSettings: [.linkedLibrary("dl")]),
         .target(name: "RemusXen", dependencies: ["CXen", "RemusCore", "RemusSystem"]),
         .target(name: "RemusRuntime", dependencies: ["RemusCore", "RemusSim", "RemusNetbuf", "RemusSystem", "RemusXen"]),
+        // Tools, not production code: the daemons (RemusRuntime) import none of them.
+        // `remusd drill`: the failover drill, its packet observer, partition proxies, a local etcd
+        // and the verifier of each failover.
+        .target(name: "RemusDrill", dependencies: ["RemusRuntime", "RemusCore", "RemusSim", "RemusNetbuf", "RemusSystem"]),
+        // `remusd bench`: the replication loop beside memcpy and raw loopback TCP.
+        .target(name: "RemusBench", dependencies: ["RemusRuntime", "RemusCore", "RemusSim"]),
+        // `remusd netbuf probe-…`: raw frames and TCP round trips for the testbed.
+        .target(name: "RemusNetbufProbe", dependencies: ["RemusSystem", "CNetlink"]),
         .executableTarget(
             name: "remusd",
             dependencies: [
                 "RemusRuntime",
                 "RemusNetbuf",
+                "RemusDrill",
+                "RemusBench",
+                "RemusNetbufProbe",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -53,9 +65,9 @@ let package = Package(
         .testTarget(name: "RemusSystemTests", dependencies: ["RemusSystem", "RemusTestSupport"]),
         .testTarget(name: "RemusCoreTests", dependencies: ["RemusCore"], resources: [.copy("Golden")]),
         .testTarget(name: "RemusSimTests", dependencies: ["RemusSim", "RemusCore", "RemusSystem"]),
-        .testTarget(name: "RemusNetbufTests", dependencies: ["RemusNetbuf", "RemusCore", "RemusSystem", "RemusTestSupport"]),
+        .testTarget(name: "RemusNetbufTests", dependencies: ["RemusNetbuf", "RemusNetbufProbe", "RemusCore", "RemusSystem", "RemusTestSupport"]),
         .testTarget(name: "RemusXenTests", dependencies: ["RemusXen", "CXen", "RemusCore", "RemusSystem"]),
-        .testTarget(name: "RemusRuntimeTests", dependencies: ["RemusRuntime", "RemusSim", "RemusCore", "RemusNetbuf", "RemusTestSupport"]),
+        .testTarget(name: "RemusRuntimeTests", dependencies: ["RemusRuntime", "RemusDrill", "RemusSim", "RemusCore", "RemusNetbuf", "RemusTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -499,11 +499,12 @@ public final class BackupDaemon: @unchecked Sendable {
 }
 
 /// A one-shot hand-over of a value between threads.
-final class Gate<Value: Sendable>: @unchecked Sendable {  // value guarded by monitor
+package final class Gate<Value: Sendable>: @unchecked Sendable {  // value guarded by monitor
     private let monitor = MonitorLock()
     private var value: Value?
-    func open(with v: Value) { monitor.withLock { value = v; monitor.broadcast() } }
-    func wait() -> Value {
+    package init() {}
+    package func open(with v: Value) { monitor.withLock { value = v; monitor.broadcast() } }
+    package func wait() -> Value {
         monitor.withLock {
             while value == nil { monitor.wait(untilMonotonic: nil) }
             return value!

@@ -3,7 +3,7 @@ import RemusCore
 
 /// Writes stream records to a channel with the codec; page data goes out by writev straight from
 /// the staging arena (no copy). Used by one thread at a time (a connection's writer thread).
-final class RecordWriter {
+package final class RecordWriter {
     private let channel: any ByteChannel
     private var encoder: StreamEncoder
     private var buffer: [UInt8] = []
@@ -11,7 +11,7 @@ final class RecordWriter {
     private let iov: UnsafeMutablePointer<iovec>
     private let iovCapacity: Int
 
-    init(channel: any ByteChannel, pageSize: Int, features: StreamFeatures = []) {
+    package init(channel: any ByteChannel, pageSize: Int, features: StreamFeatures = []) {
         self.channel = channel
         encoder = StreamEncoder(pageSize: pageSize, features: features)
         buffer.reserveCapacity(64 << 10)
@@ -49,7 +49,7 @@ final class RecordWriter {
 
     /// Writes one checkpoint (or pre-copy round when `state` is nil) from `arena`; returns bytes written.
     @discardableResult
-    func writeCheckpoint(_ arena: StagingArena, state: GuestState?) throws -> Int {
+    package func writeCheckpoint(_ arena: StagingArena, state: GuestState?) throws -> Int {
         var total = 0
         buffer.removeAll(keepingCapacity: true)
         try encoder.append(.checkpointBegin(CheckpointBegin(epoch: arena.epoch, kind: arena.kind)), into: &buffer)

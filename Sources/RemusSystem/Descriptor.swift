@@ -84,3 +84,10 @@ public func sleepNanoseconds(_ nanoseconds: UInt64) {
     var remaining = timespec()
     while nanosleep(&request, &remaining) == -1 && errno == EINTR { request = remaining }
 }
+
+/// Sleeps `ms` milliseconds plus `us` microseconds: a bounded pause between polls (a witness
+/// renewal, a key still held by another host, a drill waiting for a file), never a substitute
+/// for waiting on the event itself.
+public func pauseBriefly(ms: UInt64 = 0, us: UInt64 = 0) {
+    sleepNanoseconds((ms * 1000 + us) * 1000)
+}

@@ -1,5 +1,7 @@
 import ArgumentParser
+import RemusBench
 import RemusCore
+import RemusDrill
 import RemusRuntime
 
 /// `remusd drill`
@@ -77,7 +79,7 @@ struct Drill: ParsableCommand {
         drill.simNICTapPrefix = simNICTaps
         let nic = simNICTaps.map { ", NIC over taps \($0)0 … \($0)\(failovers + 1) with plug qdiscs" } ?? ""
         print("remusd drill: \(failovers) rounds (\(fault.map(\.rawValue).joined(separator: ", "))), seed \(seed), checkpoint every \(interval) ms, timeout \(timeout) ms, guest \(memoryMiB) MiB × \(vcpus) vCPUs dirtying \(dirtyRate) pages/s\(nic)")
-        let runner = RemusRuntime.Drill(drill)
+        let runner = RemusDrill.Drill(drill)
         let results = try runner.run()
         print(DrillTable.render(results))
         for line in runner.netbufSummary { print(line) }

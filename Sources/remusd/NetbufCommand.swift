@@ -2,6 +2,7 @@ import ArgumentParser
 import Glibc
 import RemusCore
 import RemusNetbuf
+import RemusNetbufProbe
 
 /// `remusd netbuf …`: network output buffering maintenance (owned by the netbuf work).
 ///

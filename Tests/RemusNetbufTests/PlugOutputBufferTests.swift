@@ -1,5 +1,6 @@
 import Glibc
 @testable import RemusNetbuf
+import RemusNetbufProbe
 import Testing
 import RemusTestSupport
 

@@ -1,6 +1,7 @@
 import CNetlink
 import Glibc
 @testable import RemusNetbuf
+import RemusNetbufProbe
 import Testing
 import RemusTestSupport
 

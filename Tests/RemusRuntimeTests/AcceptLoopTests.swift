@@ -1,4 +1,5 @@
 import Foundation
+import RemusDrill  // freePorts, waitForFile
 @testable import RemusRuntime
 import RemusTestSupport
 import Testing

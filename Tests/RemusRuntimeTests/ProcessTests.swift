@@ -1,5 +1,6 @@
 import Foundation
 import RemusCore
+import RemusDrill  // freePorts, waitForFile
 @testable import RemusRuntime
 import RemusSim
 import RemusTestSupport

@@ -1,6 +1,7 @@
 import Glibc
 import RemusCore
-@testable import RemusRuntime  // BackupDaemon.makeXenReplica, its loop (to terminate it), freePorts
+import RemusDrill  // freePorts
+@testable import RemusRuntime  // BackupDaemon.makeXenReplica, its loop (to terminate it)
 import Testing
 import RemusTestSupport
 

@@ -1,5 +1,6 @@
 import Foundation
 import RemusCore
+import RemusDrill
 import RemusNetbuf
 @testable import RemusRuntime
 import RemusSim
@@ -48,7 +49,7 @@ struct SimNICDatagramTests {
         #expect(bytes.count == 40)
         #expect(Array(bytes[0..<8]) == [8, 7, 6, 5, 4, 3, 2, 1])
         #expect(Array(bytes[8...]) == p.encode())
-        #expect(SimNICDatagram.decode(bytes) == PacketObserver.Observed(pid: 0x0102_0304_0506_0708, packet: p))
+        #expect(SimNICDatagram.decode(bytes) == SimNICDatagram(pid: 0x0102_0304_0506_0708, packet: p))
         #expect(SimNICDatagram.decode(Array(bytes.dropLast())) == nil, "39 bytes")
         #expect(SimNICDatagram.decode(bytes + [0]) == nil, "41 bytes")
         var wrongMarker = bytes

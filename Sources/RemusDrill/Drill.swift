@@ -1,28 +1,29 @@
 import Glibc
 import RemusCore
 import RemusNetbuf
+import RemusRuntime
 
 /// What `remusd drill` runs.
-public struct DrillConfiguration: Sendable {
-    public var failovers: Int
-    public var seed: UInt64
-    public var settings: ProtectionSettings
-    public var simulated: SimulatedGuestParameters
+package struct DrillConfiguration: Sendable {
+    package var failovers: Int
+    package var seed: UInt64
+    package var settings: ProtectionSettings
+    package var simulated: SimulatedGuestParameters
     /// Work directory (logs, activation reports); kept when the drill fails or `keep` is set.
-    public var directory: String?
-    public var keep: Bool
+    package var directory: String?
+    package var keep: Bool
     /// Print a progress line per failover.
-    public var progress: Bool
+    package var progress: Bool
     /// Faults to inject, in turn.
-    public var faults: [DrillFault] = [.crash]
+    package var faults: [DrillFault] = [.crash]
     /// Fault injected on purpose to prove the verifier catches it: the first primary releases
     /// output at once instead of on ACK (`--unsafe --no-netbuf`).
-    public var injectEarlyRelease = false
+    package var injectEarlyRelease = false
     /// Back every process's simulated NIC with a real tap and its output with a plug qdisc:
     /// process i (0: the first primary, g + 1: backup g) uses the existing tap `<prefix><i>`, and
     /// the observer also receives their UDP frames. Needs a kernel with sch_plug (the testbed).
-    public var simNICTapPrefix: String?
-    public init(failovers: Int, seed: UInt64, settings: ProtectionSettings, simulated: SimulatedGuestParameters,
+    package var simNICTapPrefix: String?
+    package init(failovers: Int, seed: UInt64, settings: ProtectionSettings, simulated: SimulatedGuestParameters,
                 directory: String?, keep: Bool, progress: Bool) {
         self.failovers = failovers
         self.seed = seed
@@ -35,7 +36,7 @@ public struct DrillConfiguration: Sendable {
 }
 
 /// What a drill does to the pair each round.
-public enum DrillFault: String, Sendable, CaseIterable {
+package enum DrillFault: String, Sendable, CaseIterable {
     /// SIGKILL of the primary at a random moment; the backup takes over.
     case crash
     /// A planned switchover; nothing may be lost or doubled.
@@ -52,50 +53,50 @@ public enum DrillFault: String, Sendable, CaseIterable {
 }
 
 /// One verified (or not) failover.
-public struct FailoverResult: Sendable {
-    public var index: Int
+package struct FailoverResult: Sendable {
+    package var index: Int
     /// Epoch the backup took over from.
-    public var epoch: Epoch
+    package var epoch: Epoch
     /// The kill landed while a checkpoint was in flight to the backup (it was dropped).
-    public var cutMidCheckpoint: Bool
+    package var cutMidCheckpoint: Bool
     /// Kill to loss detected, ms.
-    public var detectionMs: Double
+    package var detectionMs: Double
     /// Loss detected to guest running, ms.
-    public var activationMs: Double
+    package var activationMs: Double
     /// Packets the outside world saw from state the backup did not commit (I1 violations).
-    public var releasedUncommitted: Int
+    package var releasedUncommitted: Int
     /// Packets emitted by the dead primary and never released (lost with it, as in any Remus).
-    public var discardedWithPrimary: Int
+    package var discardedWithPrimary: Int
     /// The backup declared the primary lost (silence) before it was killed: a false alarm that
     /// fencing and held output made harmless.
-    public var falseAlarm = false
-    public var fault: DrillFault = .crash
+    package var falseAlarm = false
+    package var fault: DrillFault = .crash
     /// Observations worth printing (throttle, output flow).
-    public var notes: [String] = []
-    public var verified: Bool
-    public var problems: [String]
+    package var notes: [String] = []
+    package var verified: Bool
+    package var problems: [String]
 }
 
 /// `remusd drill`: a backup and a primary with the simulated guest on loopback; the primary is
 /// SIGKILLed at random moments, the backup takes over, the verifier checks I1–I5, protection
 /// resumes in the other direction, and again.
-public final class Drill: @unchecked Sendable {  // driven from one thread; the observer has its own lock
+package final class Drill: @unchecked Sendable {  // driven from one thread; the observer has its own lock
     let config: DrillConfiguration
     let clock = SystemClock()
     private var rng: SplitMix64
     /// With taps: one line per tap, the kernel's plug counters read when the drill ended (before
     /// the buffers were removed), and what the observer received over UDP.
-    public private(set) var netbufSummary: [String] = []
+    package private(set) var netbufSummary: [String] = []
 
-    public init(_ config: DrillConfiguration) {
+    package init(_ config: DrillConfiguration) {
         self.config = config
         rng = SplitMix64(seed: config.seed)
     }
 
     /// Runs every failover; returns the results (all verified, or stops at the first failure).
-    public func run() throws -> [FailoverResult] {
+    package func run() throws -> [FailoverResult] {
         Log.setRole("drill")
-        SignalWatcher.ignorePipe()
+        signal(SIGPIPE, SIG_IGN)  // a peer process that died must not kill the drill mid-write
         let taps = try config.simNICTapPrefix.map { try Self.checkTaps(prefix: $0, count: config.failovers + 2) } ?? []
         // Start from clean taps: a plug left by an earlier, killed drill would hold output the
         // processes here do not know about.
@@ -480,68 +481,4 @@ public final class Drill: @unchecked Sendable {  // driven from one thread; the 
         }
         return String(cString: p)
     }
-}
-
-// MARK: - Small helpers
-
-func format(_ v: Double) -> String {
-    let r = (v * 10).rounded() / 10
-    return String(r)
-}
-
-/// Waits on a monotonic deadline without busy-spinning; used only by the drill's orchestration
-/// (choosing random kill moments, polling for files), never as synchronisation in tests.
-func pauseBriefly(ms: UInt64 = 0, us: UInt64 = 0) {
-    var ts = timespec(tv_sec: Int((ms * 1000 + us) / 1_000_000), tv_nsec: Int(((ms * 1000 + us) % 1_000_000) * 1000))
-    var remaining = timespec()
-    while nanosleep(&ts, &remaining) == -1 && errno == EINTR { ts = remaining }
-}
-
-func waitForFile(_ path: String, what: String, deadlineMs: UInt64) throws {
-    let clock = SystemClock()
-    let deadline = clock.monotonicNs() + deadlineMs * 1_000_000
-    while access(path, F_OK) != 0 {
-        if clock.monotonicNs() > deadline { throw ProtocolError("timed out after \(deadlineMs) ms waiting for \(what) (\(path))") }
-        pauseBriefly(ms: 2)
-    }
-}
-
-func touch(_ path: String) throws {
-    let fd = open(path, O_WRONLY | O_CREAT, 0o644)
-    guard fd >= 0 else { throw SystemError(call: "open(\(path))", errno: errno) }
-    close(fd)
-}
-
-func removeTree(_ path: String) {
-    _ = try? runShell("rm -rf '\(path)'", timeoutMs: 60_000)
-}
-
-/// Free TCP ports on loopback (bound and released; the drill uses them a moment later).
-///
-/// They are taken below the kernel's ephemeral range (ip_local_port_range), where no port-0 bind
-/// or outgoing connection of this machine can take them between now and their use.
-func freePorts(_ count: Int) throws -> [UInt16] {
-    let range = readWholeFile("/proc/sys/net/ipv4/ip_local_port_range")?.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" })
-    let ephemeralLow = range.flatMap { $0.first }.flatMap { Int($0) } ?? 32768
-    let low = 10_000, high = max(ephemeralLow, low + 2 * count + 100)
-    var candidate = low + Int.random(in: 0..<max(high - low - count, 1))
-    var ports: [UInt16] = []
-    var listeners: [TCPListener] = []
-    var attempts = 0
-    while ports.count < count {
-        attempts += 1
-        if attempts > 20 * count + 1000 { throw ProtocolError("no \(count) free ports below \(high) on 127.0.0.1") }
-        if candidate >= high { candidate = low }
-        if let l = try? TCPListener(endpoint: Endpoint(host: "127.0.0.1", port: UInt16(candidate))) {
-            listeners.append(l)
-            ports.append(l.port)
-        }
-        candidate += 1
-    }
-    return ports
-}
-
-
-extension SignalWatcher {
-    static func ignorePipe() { signal(SIGPIPE, SIG_IGN) }
 }

@@ -1,4 +1,5 @@
 import RemusCore
+import RemusRuntime
 import RemusSim
 
 extension DrillVerifier {

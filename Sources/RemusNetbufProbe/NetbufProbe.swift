@@ -5,9 +5,9 @@ import RemusSystem
 /// Small traffic tools for the testbed (`remusd netbuf probe-…`): numbered raw Ethernet frames of
 /// any ethertype, a frame listener, and a TCP echo/round-trip pair. They exist because busybox
 /// cannot send arbitrary ethertypes or time a TCP round trip; remusd's replication never uses them.
-public enum NetbufProbe {
+package enum NetbufProbe {
     /// Marks our frames: 8 bytes after the Ethernet header, followed by a big-endian UInt64 number.
-    public static let magic: [UInt8] = Array("RMSDPRB1".utf8)
+    package static let magic: [UInt8] = Array("RMSDPRB1".utf8)
 
     /// Opens an AF_PACKET socket bound to `interface`, receiving every protocol.
     private static func packetSocket(interface: String) throws(SystemError) -> (fd: Int32, ifindex: Int32) {
@@ -35,7 +35,7 @@ public enum NetbufProbe {
 
     /// Sends `count` broadcast frames of `ethertype` numbered `first…`, each `size` bytes long
     /// (at least 60), out of `interface`.
-    public static func sendFrames(interface: String, ethertype: UInt16, first: UInt64, count: UInt64, size: Int) throws(SystemError) {
+    package static func sendFrames(interface: String, ethertype: UInt16, first: UInt64, count: UInt64, size: Int) throws(SystemError) {
         let (fd, _) = try packetSocket(interface: interface)
         defer { close(fd) }
         let length = max(size, 14 + magic.count + 8, 60)
@@ -57,7 +57,7 @@ public enum NetbufProbe {
     /// Prints one line per frame received on `interface` (not sent by it): `0x<ethertype> <number>`
     /// for our frames, `0x<ethertype> -` for others (ARP, IPv6, …). Runs until killed or after
     /// `limit` frames. `ready` runs once the socket is bound (frames from then on are seen).
-    public static func listen(interface: String, limit: UInt64?, ready: () -> Void = {}, line: (String) -> Void) throws(SystemError) {
+    package static func listen(interface: String, limit: UInt64?, ready: () -> Void = {}, line: (String) -> Void) throws(SystemError) {
         let (fd, _) = try packetSocket(interface: interface)
         defer { close(fd) }
         ready()
@@ -98,7 +98,7 @@ public enum NetbufProbe {
 
     /// Accepts connections on `port` (IPv4, any address) and echoes every byte back, one
     /// connection at a time, until killed.
-    public static func tcpEcho(port: UInt16) throws(SystemError) -> Never {
+    package static func tcpEcho(port: UInt16) throws(SystemError) -> Never {
         let listener = try syscall("socket(AF_INET)") { socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0) }
         var one: Int32 = 1
         _ = setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
@@ -132,7 +132,7 @@ public enum NetbufProbe {
     /// Round-trip times of `count` 64-byte messages over one TCP connection, in microseconds.
     /// Between round trips it pauses `intervalMicroseconds`, or a uniformly random time up to
     /// that with `randomPause` (so requests do not phase-lock to periodic releases).
-    public static func tcpRoundTrips(
+    package static func tcpRoundTrips(
         host: String, port: UInt16, count: Int, intervalMicroseconds: UInt32, randomPause: Bool = false
     ) throws(SystemError) -> [UInt64] {
         let fd = try syscall("socket(AF_INET)") { socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0) }
@@ -177,16 +177,16 @@ public enum NetbufProbe {
 }
 
 /// Percentiles of a sample (nearest rank), for the testbed's reports.
-public struct SampleSummary: Sendable, CustomStringConvertible {
-    public var count: Int
-    public var minimum: UInt64
-    public var median: UInt64
-    public var p90: UInt64
-    public var p99: UInt64
-    public var maximum: UInt64
-    public var mean: Double
+package struct SampleSummary: Sendable, CustomStringConvertible {
+    package var count: Int
+    package var minimum: UInt64
+    package var median: UInt64
+    package var p90: UInt64
+    package var p99: UInt64
+    package var maximum: UInt64
+    package var mean: Double
 
-    public init?(_ samples: [UInt64]) {
+    package init?(_ samples: [UInt64]) {
         guard !samples.isEmpty else { return nil }
         let sorted = samples.sorted()
         // Nearest rank: the smallest sample with at least p of the samples at or below it.
@@ -203,7 +203,7 @@ public struct SampleSummary: Sendable, CustomStringConvertible {
         mean = Double(sorted.reduce(0, +)) / Double(sorted.count)
     }
 
-    public var description: String {
+    package var description: String {
         "n=\(count) min=\(minimum) median=\(median) mean=\(Int(mean.rounded())) p90=\(p90) p99=\(p99) max=\(maximum)"
     }
 }

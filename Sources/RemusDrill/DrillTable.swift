@@ -1,6 +1,6 @@
 /// The drill's table: one row per failover, then a summary.
-public enum DrillTable {
-    public static func render(_ results: [FailoverResult]) -> String {
+package enum DrillTable {
+    package static func render(_ results: [FailoverResult]) -> String {
         var rows = [["#", "fault", "epoch", "cut mid-ckpt", "detect ms", "activate ms", "uncommitted out", "lost w/ primary", "verified"]]
         for r in results {
             rows.append(["\(r.index)", r.fault.rawValue, "\(r.epoch)", r.cutMidCheckpoint ? "yes" : "no", r.falseAlarm ? "early*" : format(r.detectionMs), format(r.activationMs),

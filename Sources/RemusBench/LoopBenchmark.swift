@@ -1,23 +1,24 @@
 import Glibc
 import RemusCore
+import RemusRuntime
 import RemusSim
 
 /// `remusd bench`: the replication loop's speed beside the physical limits measured in the same
 /// run. Reports medians and spreads, never a pass/fail.
-public enum LoopBenchmark {
-    public struct Row: Sendable {
-        public var name: String
-        public var median: Double
-        public var low: Double
-        public var high: Double
-        public var unit: String
-        public var note: String
+package enum LoopBenchmark {
+    package struct Row: Sendable {
+        package var name: String
+        package var median: Double
+        package var low: Double
+        package var high: Double
+        package var unit: String
+        package var note: String
     }
 
     /// - Parameters:
     ///   - dirtyPages: pages dirtied per checkpoint (the guest is stepped until its dirty set reaches it).
     ///   - repetitions: samples per measurement.
-    public static func run(dirtyPages: Int, repetitions: Int) throws -> [Row] {
+    package static func run(dirtyPages: Int, repetitions: Int) throws -> [Row] {
         let clock = SystemClock()
         var rows: [Row] = []
         let pageSize = 4096
@@ -149,7 +150,7 @@ public enum LoopBenchmark {
         return "\(Int((ma / mb * 100).rounded())) %"
     }
 
-    public static func render(_ rows: [Row]) -> String {
+    package static func render(_ rows: [Row]) -> String {
         var out = "| measurement | median | min … max | note |\n| --- | --- | --- | --- |\n"
         for r in rows {
             out += "| \(r.name) | \(fmt(r.median)) \(r.unit) | \(fmt(r.low)) … \(fmt(r.high)) | \(r.note) |\n"

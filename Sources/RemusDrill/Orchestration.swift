@@ -1,0 +1,58 @@
+import Glibc
+import RemusRuntime
+
+// The drill's small steps: files it waits for or creates, free ports, numbers in its lines.
+// Tools, not production code: the daemons never call them.
+
+/// `v` rounded to one decimal, for the drill's lines and table.
+func format(_ v: Double) -> String {
+    let r = (v * 10).rounded() / 10
+    return String(r)
+}
+
+/// Polls for `path` to exist until `deadlineMs` passes.
+package func waitForFile(_ path: String, what: String, deadlineMs: UInt64) throws {
+    let clock = SystemClock()
+    let deadline = clock.monotonicNs() + deadlineMs * 1_000_000
+    while access(path, F_OK) != 0 {
+        if clock.monotonicNs() > deadline { throw ProtocolError("timed out after \(deadlineMs) ms waiting for \(what) (\(path))") }
+        pauseBriefly(ms: 2)
+    }
+}
+
+/// Creates `path` if it does not exist (the drill's local fence: `test -e fenced-<g>`).
+func touch(_ path: String) throws {
+    let fd = open(path, O_WRONLY | O_CREAT, 0o644)
+    guard fd >= 0 else { throw SystemError(call: "open(\(path))", errno: errno) }
+    close(fd)
+}
+
+/// Removes the drill's work directory and everything in it.
+func removeTree(_ path: String) {
+    _ = try? runShell("rm -rf '\(path)'", timeoutMs: 60_000)
+}
+
+/// Free TCP ports on loopback (bound and released; the drill uses them a moment later).
+///
+/// They are taken below the kernel's ephemeral range (ip_local_port_range), where no port-0 bind
+/// or outgoing connection of this machine can take them between now and their use.
+package func freePorts(_ count: Int) throws -> [UInt16] {
+    let range = readWholeFile("/proc/sys/net/ipv4/ip_local_port_range")?.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" })
+    let ephemeralLow = range.flatMap { $0.first }.flatMap { Int($0) } ?? 32768
+    let low = 10_000, high = max(ephemeralLow, low + 2 * count + 100)
+    var candidate = low + Int.random(in: 0..<max(high - low - count, 1))
+    var ports: [UInt16] = []
+    var listeners: [TCPListener] = []
+    var attempts = 0
+    while ports.count < count {
+        attempts += 1
+        if attempts > 20 * count + 1000 { throw ProtocolError("no \(count) free ports below \(high) on 127.0.0.1") }
+        if candidate >= high { candidate = low }
+        if let l = try? TCPListener(endpoint: Endpoint(host: "127.0.0.1", port: UInt16(candidate))) {
+            listeners.append(l)
+            ports.append(l.port)
+        }
+        candidate += 1
+    }
+    return ports
+}
