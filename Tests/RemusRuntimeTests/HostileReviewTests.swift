@@ -1,5 +1,6 @@
 import Foundation
 import RemusCore
+import RemusDrill
 @testable import RemusRuntime
 import RemusTestSupport
 import Testing
