@@ -9,73 +9,13 @@ import Testing
 // a primary that trapped after refused reconnections, checkpoints over 16,384 pages that broke
 // protection, and command lines that were accepted or answered sloppily.
 
-/// The built `remusd` next to the test bundle (`swift build --build-tests` builds it).
-private var remusdPath: String {
-    let bundle = URL(fileURLWithPath: ProcessEnvironment.executablePath).deletingLastPathComponent()
-    return bundle.appendingPathComponent("remusd").path
-}
-
-/// A fresh run directory for one test.
-private func runDirectory() throws -> String {
-    let path = NSTemporaryDirectory() + "remusd-hostile-\(UUID().uuidString.prefix(8))"
-    try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-    return path
-}
-
-/// Runs remusd to completion with `REMUSD_RUN_DIR=runDir`; returns exit status and stdout + stderr.
-private func runRemusd(_ arguments: [String], runDir: String) throws -> (Int32, String) {
-    let quoted = ([remusdPath] + arguments).map { "'\($0)'" }.joined(separator: " ")
-    // Bounded: a command line that should have been refused may start a daemon instead.
-    return try runTestShell("REMUSD_RUN_DIR='\(runDir)' " + quoted + " 2>&1", timeoutMs: 20_000)
-}
-
-/// Polls `condition` until it holds or `seconds` pass.
-private func contents(_ path: String) -> String { (try? String(contentsOfFile: path, encoding: .utf8)) ?? "" }
-
-/// A `remusd receive` and a `remusd protect` of a simulated guest towards it, in one run directory.
-private final class Pair {
-    let directory: String
-    let port: UInt16
-    let backup: ChildProcess
-    private(set) var primary: ChildProcess?
-    var backupLog: String { contents(directory + "/backup.log") }
-    var primaryLog: String { contents(directory + "/primary.log") }
-    var backupStatus: String { (try? StatusSocket.query(directory + "/backup.sock")) ?? "" }
-    var primaryStatus: String { (try? StatusSocket.query(directory + "/g1.sock")) ?? "" }
-
-    init(backupArguments: [String]) throws {
-        directory = try runDirectory()
-        port = try freePorts(1)[0]
-        backup = try ChildProcess(
-            arguments: [remusdPath, "receive", "--listen", "127.0.0.1:\(port)", "--status-socket", directory + "/backup.sock"] + backupArguments,
-            outputFile: directory + "/backup.log", environment: ["REMUSD_RUN_DIR": directory])
-        try waitForFile(directory + "/backup.sock", what: "the backup to listen", deadlineMs: 10_000)
-    }
-
-    func startPrimary(_ arguments: [String]) throws {
-        primary = try ChildProcess(
-            arguments: [remusdPath, "protect", "g1", "127.0.0.1:\(port)", "--status-socket", directory + "/g1.sock"] + arguments,
-            outputFile: directory + "/primary.log", environment: ["REMUSD_RUN_DIR": directory])
-        try waitForFile(directory + "/g1.sock", what: "the primary to start", deadlineMs: 10_000)
-    }
-
-    func stop() {
-        for process in [primary, backup].compactMap({ $0 }) {
-            process.signal(SIGCONT)
-            process.signal(SIGKILL)
-            process.wait()
-        }
-        try? FileManager.default.removeItem(atPath: directory)
-    }
-}
-
 @Suite("What a hostile review found, on real processes", .serialized)
 struct HostileReviewTests {
     // MARK: The command line
 
     @Test("An empty fence command is refused: it would count as fenced")
     func anEmptyFenceCommandIsRefused() throws {
-        let dir = try runDirectory()
+        let dir = try freshRunDirectory("hostile")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         for fence in ["", "   "] {
             let (status, output) = try runRemusd(["receive", "--listen", "127.0.0.1:\(try freePorts(1)[0])", "--fence", fence], runDir: dir)
@@ -87,7 +27,7 @@ struct HostileReviewTests {
 
     @Test("Port 0 and an empty guest name are refused")
     func portZeroAndAnEmptyGuestNameAreRefused() throws {
-        let dir = try runDirectory()
+        let dir = try freshRunDirectory("hostile")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let (s1, o1) = try runRemusd(["protect", "g1", "host:0"], runDir: dir)
         #expect(s1 != 0 && o1.contains("port 0"), "\(o1)")
@@ -101,7 +41,7 @@ struct HostileReviewTests {
 
     @Test("status fails, saying where nobody answers and how to start a daemon")
     func statusWithoutADaemonFails() throws {
-        let dir = try runDirectory()
+        let dir = try freshRunDirectory("hostile")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let (s1, o1) = try runRemusd(["status"], runDir: dir)
         #expect(s1 != 0, "\(o1)")
@@ -121,14 +61,14 @@ struct HostileReviewTests {
 
     @Test("stop of an unknown guest names it and the guests that are protected here")
     func stopOfAnUnknownGuestSaysWhatRuns() throws {
-        let dir = try runDirectory()
+        let dir = try freshRunDirectory("hostile")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let (s1, o1) = try runRemusd(["stop", "nosuch"], runDir: dir)
         #expect(s1 != 0)
         #expect(o1.contains("no remusd protects a guest named 'nosuch' on this host (no control socket at \(dir)/nosuch.sock)"), "\(o1)")
         #expect(o1.contains("none is running here"), "\(o1)")
 
-        let pair = try Pair(backupArguments: [])
+        let pair = try DaemonPair(backupArguments: [])
         defer { pair.stop() }
         let (s2, o2) = try runRemusd(["stop", "nosuch"], runDir: pair.directory)
         #expect(s2 != 0)
@@ -139,7 +79,7 @@ struct HostileReviewTests {
 
     @Test("A hung fence command: status says which attempt runs and for how long")
     func aHungFenceShowsHowLongItRuns() throws {
-        let pair = try Pair(backupArguments: ["--fence", "sleep 6", "--heartbeat", "50", "--timeout", "400"])
+        let pair = try DaemonPair(backupArguments: ["--fence", "sleep 6", "--heartbeat", "50", "--timeout", "400"])
         defer { pair.stop() }
         try pair.startPrimary(["--sim-memory", "32", "--heartbeat", "50", "--timeout", "400", "--interval", "50"])
         #expect(eventually(deadline: .after(seconds: 30)) { pair.backupStatus.contains("RECEIVING (committed") }, "\(pair.backupStatus)\n\(pair.backupLog)")
@@ -163,7 +103,7 @@ struct HostileReviewTests {
     @Test("A primary stopped for 1.5 s and then refused by its backup again and again keeps running")
     func aRefusedPrimaryKeepsRunning() throws {
         // Operator fencing (the default): the backup waits for 'failover --activate' and refuses the primary.
-        let pair = try Pair(backupArguments: ["--heartbeat", "50", "--timeout", "400"])
+        let pair = try DaemonPair(backupArguments: ["--heartbeat", "50", "--timeout", "400"])
         defer { pair.stop() }
         try pair.startPrimary(["--sim-memory", "32", "--heartbeat", "50", "--timeout", "400", "--interval", "50"])
         #expect(eventually(deadline: .after(seconds: 30)) { pair.backupStatus.contains("RECEIVING (committed") }, "\(pair.backupStatus)\n\(pair.backupLog)")
@@ -179,7 +119,7 @@ struct HostileReviewTests {
 
     @Test("Checkpoints of ~25,000 pages (over one backup arena) keep the guest protected")
     func checkpointsOverOneArenaKeepProtection() throws {
-        let pair = try Pair(backupArguments: [])
+        let pair = try DaemonPair(backupArguments: [])
         defer { pair.stop() }
         try pair.startPrimary(["--sim-memory", "2048", "--sim-vcpus", "1", "--sim-dirty-rate", "300000", "--interval", "1000", "--max-pause", "0"])
         let committed = {
