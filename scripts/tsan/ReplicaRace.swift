@@ -4,6 +4,7 @@
 // harness instrumented.
 import Glibc
 import RemusCore
+import RemusSystem
 @testable import RemusSim
 import Synchronization
 
