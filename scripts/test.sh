@@ -39,6 +39,9 @@ if [ "$slow" = 1 ]; then
     bash scripts/tsan/replica-race.sh
 fi
 
+step "the Xen backend builds against Debian 13's Xen 4.20 headers too"
+bash scripts/xen-headers-check.sh
+
 step "drills: 200 failovers at random kill points, each verified"
 .build/release/remusd drill --failovers 200 --quiet
 

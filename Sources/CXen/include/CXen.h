@@ -33,6 +33,10 @@
 #if XEN_DOMCTL_INTERFACE_VERSION == 0x00000015
 #define CXEN_XEN_RELEASE "4.17"
 #define CXEN_XEN_MINOR 17
+#elif XEN_DOMCTL_INTERFACE_VERSION == 0x00000017 && defined(LIBXL_HAVE_BUILDINFO_LLC_COLORS)
+// 4.19 has the same domctl version; LLC colouring came with 4.20.
+#define CXEN_XEN_RELEASE "4.20"
+#define CXEN_XEN_MINOR 20
 #else
 #error "unknown Xen headers (XEN_DOMCTL_INTERFACE_VERSION): add their release to CXen.h"
 #endif
