@@ -45,7 +45,7 @@ public final class UnixListener: Sendable {
         })
         let fd = socket.raw
         unlink(path)
-        try withUnixAddress(path) { (sa, length) throws(SystemError) in try syscall("bind(\(path))") { bind(fd, sa, length) } }
+        _ = try withUnixAddress(path) { (sa, length) throws(SystemError) in try syscall("bind(\(path))") { bind(fd, sa, length) } }
         try syscall("chmod(\(path), \(String(mode, radix: 8)))") { chmod(path, mode) }
         try syscall("listen(\(path))") { listen(fd, backlog) }
         descriptor = socket

@@ -94,10 +94,14 @@ struct BadDaysTests {
     @Test func withoutAFenceTheBackupWaitsForTheOperator() throws {
         let pair = try Pair.start(backupArguments: [], primaryArguments: [])
         defer { pair.stop() }
-        #expect(eventually(deadline: .after(seconds: 20)) { pair.status("g").contains("state: PROTECTED") })
+        // A checkpoint committed on the backup, not merely taken on the primary: a primary lost
+        // before that leaves nothing to activate (found under load: the kill came first).
+        try #require(eventually(deadline: .after(seconds: 20)) { pair.status("backup").contains("RECEIVING (committed") },
+                     "\(pair.status("backup"))\n\(pair.log("backup"))")
         pair.primary.signal(SIGKILL)
         pair.primary.wait()
-        #expect(eventually(deadline: .after(seconds: 10)) { pair.status("backup").contains("waiting for 'remusd failover --activate'") })
+        #expect(eventually(deadline: .after(seconds: 10)) { pair.status("backup").contains("waiting for 'remusd failover --activate'") },
+                "\(pair.status("backup"))\n\(pair.log("backup"))")
         #expect(!pair.log("backup").contains("ACTIVATED"))
         let (rc, reply) = try runTestShell("REMUSD_RUN_DIR='\(pair.directory)' '\(remusdPath)' failover --activate --socket '\(pair.directory)/backup.sock' 2>&1")
         #expect(rc == 0, "\(reply)")

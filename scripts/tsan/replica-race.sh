@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The replica page-read/discard race (ReplicaRaceTests) under ThreadSanitizer.
+# The replica page-read/discard race (Tests/RemusSimTests/ReplicaRace.swift, which ReplicaRaceTests
+# also runs) under ThreadSanitizer.
 #
 # `swift test --sanitize=thread` cannot build this package with Swift 6.3.1: swift-frontend
 # aborts on RemusCore ("Invalid bitcast", in DirtyBitmap.swift and StreamEncoder+PageBatch.swift:
@@ -20,7 +21,7 @@ flags=(-sanitize=thread -swift-version 6 -g -Onone -I "$debug/Modules"
        -Xcc "-fmodule-map-file=$system/module.modulemap" -Xcc "-I$system")
 (cd "$out" && swiftc "${flags[@]}" -enable-testing -parse-as-library -module-name RemusSim \
     -emit-module -emit-module-path "$out/RemusSim.swiftmodule" -c "$root"/Sources/RemusSim/*.swift)
-swiftc "${flags[@]}" -I "$out" scripts/tsan/ReplicaRace.swift "$out"/*.o "$debug"/RemusCore.build/*.o \
+swiftc "${flags[@]}" -I "$out" scripts/tsan/main.swift Tests/RemusSimTests/ReplicaRace.swift "$out"/*.o "$debug"/RemusCore.build/*.o \
     "$debug/CCRC32C.build/crc32c.c.o" "$debug"/RemusSystem.build/*.o "$debug"/SystemPackage.build/*.o \
     $(find "$debug/CSystem.build" -name '*.o') -o "$out/replica-race"
 # TSan exits 66 on a report; the harness exits 1 on a wrong read.
