@@ -138,7 +138,8 @@ public protocol ReplicaTarget: AnyObject {
     /// Resumes the guest from the last committed checkpoint; says where it runs now.
     @discardableResult
     func activate(clock: any HostClock) throws -> ActivatedGuest
-    /// Throws the replica away (planned stop). Waits for a `withCommittedPage` in progress.
+    /// Throws the replica away (planned stop). A page replica waits for a `withCommittedPage`
+    /// in progress.
     func discard()
 }
 
