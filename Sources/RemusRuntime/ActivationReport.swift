@@ -1,5 +1,4 @@
 import RemusCore
-import RemusSim
 
 /// What a backup activated (`remusd receive --activation-report <path>`): timings, the committed
 /// state, the in-process verification of memory and registers against a replay, and a clock
@@ -18,30 +17,16 @@ package struct ActivationReport {
         return r
     }
 
-    /// Adds the activation time, verifies the activated guest against a replay (suspending it for
-    /// the check, after the activation time was taken) and records the committed state.
-    func completed(replica: any ReplicaTarget, activatedAt: UInt64, clock: any HostClock) throws -> ActivationReport {
+    /// Adds the activation time and the backend's check of the activated guest (its fields, see
+    /// `BackupReplica.verifyActivation`; nil when the backend has none).
+    func completed(activatedAt: UInt64, verification: [String: String]?) -> ActivationReport {
         var r = self
         r.fields["activated_ns"] = "\(activatedAt)"
-        guard let sim = replica as? SimReplica, let guest = sim.activatedGuest, let committed = sim.committedState, let config = sim.config else {
+        guard let verification else {
             r.fields["verified"] = "not a simulated guest"
             return r
         }
-        // I4: the first guest clock reading after resuming, with the host time of that reading.
-        let reading = guest.clockNow()
-        r.fields["first_guest_monotonic_ns"] = "\(reading.guestMonotonicNs)"
-        r.fields["first_reading_host_ns"] = "\(clock.monotonicNs())"
-        try guest.suspend()
-        let report = SimVerifier(config: config).verifyActivation(guest: guest, committed: committed)
-        try guest.resume()
-        r.fields["memory_verified"] = report.passed ? "yes" : "no"
-        r.fields["memory_report"] = report.description.replacingNewlines()
-        r.fields["domain_config"] = hex(config.encode().bytes)
-        for v in committed.vcpus { r.fields["vcpu.\(v.vcpu)"] = "\(v.format) \(hex(v.bytes))" }
-        for d in committed.devices { r.fields["device.\(d.name)"] = hex(d.bytes) }
-        let c = committed.clock
-        r.fields["clock"] = "\(c.guestMonotonicNs) \(c.guestWallNs) \(c.tscKHz) \(c.hostMonotonicNs) \(c.hostWallNs)"
-        r.fields["layout"] = "\(committed.layout.generation) " + committed.layout.ranges.map { "\($0.start):\($0.count)" }.joined(separator: ",")
+        r.fields.merge(verification) { _, checked in checked }
         return r
     }
 

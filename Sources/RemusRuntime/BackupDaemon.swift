@@ -31,7 +31,7 @@ public final class BackupDaemon: @unchecked Sendable {
     let clock: any HostClock = SystemClock()
     let loop: EventLoop<Event>
     private var committer: BackupCommitter
-    private var replica: (any ReplicaTarget)?
+    private var replica: BackupReplica?
     private var replicaHeader: StreamHeader?
     private var generation = 0
     private var channel: (any ByteChannel)?
@@ -50,11 +50,14 @@ public final class BackupDaemon: @unchecked Sendable {
     /// output; set up at start so a missing tap or plug qdisc is reported before any takeover.
     private var tapSink: (any PacketSink)?
     private var plug: PlugOutputBuffer?
-    /// Builds the replica for a Xen stream; tests put a fake here (off Xen there is no libxl).
-    var makeXenReplica: () throws -> any ReplicaTarget = { try XenBackend.makeReplica() }
+    /// Where replicas come from (tests inject a fake Xen replica: off Xen there is no libxl).
+    let backends: BackendFactory
 
-    public init(_ config: ReceiveConfiguration) {
+    public convenience init(_ config: ReceiveConfiguration) { self.init(config, backends: .standard) }
+
+    init(_ config: ReceiveConfiguration, backends: BackendFactory) {
         self.config = config
+        self.backends = backends
         loop = EventLoop(clock: clock)
         let policy: BackupCommitter.FencePolicy
         switch config.fence {
@@ -187,7 +190,7 @@ public final class BackupDaemon: @unchecked Sendable {
         }
         do {
             try receiver.receive(
-                replica: { [self] in replicaForReader() },
+                deltaBases: { [self] in replicaForReader() },
                 began: { [loop] begin in loop.post(.began(generation: gen, begin)) },
                 complete: { [loop] end, staged in
                     let done = Gate<Bool>()
@@ -208,10 +211,11 @@ public final class BackupDaemon: @unchecked Sendable {
     }
 
     private let replicaLock = MonitorLock()
-    private var replicaForReaders: (any ReplicaTarget)?
+    private var replicaForReaders: (any PageReplica)?
 
-    /// The replica the reader decodes deltas against (set on the loop thread before the reader starts staging).
-    private func replicaForReader() -> (any ReplicaTarget)? { replicaLock.withLock { replicaForReaders } }
+    /// The replica the reader decodes deltas against (set on the loop thread before the reader
+    /// starts staging); nil when there is none or it takes a hypervisor library's stream.
+    private func replicaForReader() -> (any PageReplica)? { replicaLock.withLock { replicaForReaders } }
 
     // MARK: - Events
 
@@ -224,12 +228,17 @@ public final class BackupDaemon: @unchecked Sendable {
                 return
             }
             do {
-                let target = try makeReplica(for: header)
-                try target.configure(header: header, config: domainConfig)
-                replica?.discard()
-                replica = target
+                let built = try backends.makeReplica(for: header, guestNIC: tapSink ?? SimulatedBackend.sink(config.nicSink), clock: clock)
+                try built.target.configure(header: header, config: domainConfig)
+                replica?.target.discard()
+                replica = built
                 replicaHeader = header
-                replicaLock.withLock { replicaForReaders = target }
+                let deltaBases: (any PageReplica)?
+                switch built.target.commitMode {
+                case .pages(let pageReplica): deltaBases = pageReplica
+                case .stream: deltaBases = nil
+                }
+                replicaLock.withLock { replicaForReaders = deltaBases }
             } catch {
                 answer.open(with: "cannot build the replica: \(error)")
                 return
@@ -297,7 +306,7 @@ public final class BackupDaemon: @unchecked Sendable {
             guard let (staged, gate) = pendingCommit, let replica else { return }
             pendingCommit = nil
             do {
-                try staged.commit(to: replica)
+                try staged.commit(to: replica.target)
                 gate.open(with: true)
                 execute(committer.onCommitted(epoch, now: clock.monotonicNs()))
             } catch {
@@ -346,7 +355,7 @@ public final class BackupDaemon: @unchecked Sendable {
         case .activate(let epoch):
             activate(epoch: epoch, now: now)
         case .discardReplica:
-            replica?.discard()
+            replica?.target.discard()
             replica = nil
             replicaLock.withLock { replicaForReaders = nil }
         case .report(let text):
@@ -362,15 +371,16 @@ public final class BackupDaemon: @unchecked Sendable {
             let report = ActivationReport.before(
                 epoch: epoch, lastHeardAt: committer.lastHeardAt, lossDetectedAt: lostAt,
                 lostWhileStaging: committer.lostWhileStaging, fencedAt: now)
-            try replica.activate(clock: clock)
+            let activated = try replica.target.activate(clock: clock)
             let activatedAt = clock.monotonicNs()
             activationTiming = (lostAt, activatedAt)
             execute(committer.onActivated(now: activatedAt))
             Log.info("ACTIVATED checkpoint \(epoch): detection-to-running \((activatedAt - lostAt) / 1_000_000) ms")
             if let path = config.activationReport {
-                try report.completed(replica: replica, activatedAt: activatedAt, clock: clock).write(to: path)
+                let verification = try replica.verifyActivation?(clock)
+                try report.completed(activatedAt: activatedAt, verification: verification).write(to: path)
             }
-            try continueAsPrimary(replica: replica, header: replicaHeader)
+            try continueAsPrimary(activated, header: replicaHeader)
         } catch {
             Log.error("activation of checkpoint \(epoch) failed: \(error); the replica is kept; fix the cause and run 'remusd failover --activate'")
             exitCode = 4
@@ -378,10 +388,21 @@ public final class BackupDaemon: @unchecked Sendable {
     }
 
     /// After taking over: the guest runs here; protect it towards the next backup if asked.
-    private func continueAsPrimary(replica: any ReplicaTarget, header: StreamHeader) throws {
-        guard let running = SimulatedBackend.runningGuest(from: replica) else {
+    private func continueAsPrimary(_ activated: ActivatedGuest, header: StreamHeader) throws {
+        let guest: any PrimaryGuest
+        let nicOutput: (any OutputBuffer)?
+        switch activated {
+        case .inProcess(let runningGuest, let output):
+            (guest, nicOutput) = (runningGuest, output)
+        case .underHypervisor:
             if let next = config.reprotectTo {
                 Log.warning("--reprotect-to is not available for \(header.backend) guests yet: the guest runs here unprotected; protect it with 'remusd protect \(header.guestName) \(next)'")
+            }
+            return
+        }
+        guard let output = plug ?? nicOutput else {
+            if let next = config.reprotectTo {
+                Log.warning("--reprotect-to is not available for a guest without a NIC: there is no output buffer to hold; the guest runs here unprotected; protect it with 'remusd protect \(header.guestName) \(next)'")
             }
             return
         }
@@ -407,20 +428,13 @@ public final class BackupDaemon: @unchecked Sendable {
             held = (w, wc)
         }
         let p = try PrimaryProtection(
-            guest: running.guest, output: plug ?? running.output, backup: next, settings: config.settings,
+            guest: guest, output: output, backup: next, settings: config.settings,
             maxCheckpointPages: 65536, clock: clock, witness: held,
             onFinished: { _ in loop.post(.protectionFinished) })
         statsLock.withLock { protection = p }
         Log.setRole("backup→primary")
         Log.info("protecting the guest towards \(next)")
         p.start()
-    }
-
-    private func makeReplica(for header: StreamHeader) throws -> any ReplicaTarget {
-        switch header.backend {
-        case .simulated: return SimulatedBackend.makeReplica(sink: tapSink ?? SimulatedBackend.sink(config.nicSink), clock: clock)
-        case .xen: return try makeXenReplica()
-        }
     }
 
     // MARK: - Status

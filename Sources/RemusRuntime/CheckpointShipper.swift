@@ -44,9 +44,13 @@ final class ArenaPool: @unchecked Sendable {
 /// only on the writer thread.
 final class CheckpointShipper: @unchecked Sendable {
     enum Job {
-        /// One live pre-copy round: harvest, then copy and write the dirty set in arena-sized chunks.
-        case precopy(round: Int, guest: any PrimaryGuest, dirty: DirtyLog, arena: StagingArena,
-                     progress: @Sendable (_ sent: Int, _ total: Int) -> Void)
+        /// One live pre-copy round of a page-capturing guest: harvest, then copy and write the
+        /// dirty set in arena-sized chunks.
+        case precopyPages(round: Int, guest: any PageCapturingGuest, dirty: DirtyLog, arena: StagingArena,
+                          progress: @Sendable (_ sent: Int, _ total: Int) -> Void)
+        /// The live phase of a streaming guest: its library's bytes as they come, until it waits
+        /// to suspend the guest for the first checkpoint.
+        case precopyStream(round: Int, guest: any StreamingGuest, progress: @Sendable (_ sent: Int, _ total: Int) -> Void)
         case checkpoint(arena: StagingArena, state: GuestState)
         case heartbeat(Heartbeat)
         case ack(Ack)
@@ -57,8 +61,8 @@ final class CheckpointShipper: @unchecked Sendable {
         /// The staging arena the job owns, if any.
         var arena: StagingArena? {
             switch self {
-            case .precopy(_, _, _, let arena, _), .checkpoint(let arena, _): return arena
-            case .heartbeat, .ack, .streamEnd, .close: return nil
+            case .precopyPages(_, _, _, let arena, _), .checkpoint(let arena, _): return arena
+            case .precopyStream, .heartbeat, .ack, .streamEnd, .close: return nil
             }
         }
     }
@@ -143,11 +147,14 @@ final class CheckpointShipper: @unchecked Sendable {
         while let job = nextJob() {
             do {
                 switch job {
-                case .precopy(let round, let guest, let dirty, let arena, let progress):
+                case .precopyPages(let round, let guest, let dirty, let arena, let progress):
                     // The arena goes back before the loop hears of the round, so the next job finds it free.
                     let result = Result { try precopy(guest: guest, dirty: dirty, arena: arena, writer: writer, progress: progress) }
                     giveBack(arena)
                     let (pages, remaining) = try result.get()
+                    post(.precopyShipped(generation: generation, round: round, remainingDirty: remaining, pages: pages))
+                case .precopyStream(let round, let guest, let progress):
+                    let (pages, remaining) = try precopyStream(guest, writer: writer, progress: progress)
                     post(.precopyShipped(generation: generation, round: round, remainingDirty: remaining, pages: pages))
                 case .checkpoint(let arena, let state):
                     let epoch = arena.epoch
@@ -177,11 +184,8 @@ final class CheckpointShipper: @unchecked Sendable {
 
     /// Copies the dirty set while the guest runs and writes it as pre-copy checkpoints (epoch 0),
     /// one per arena-full. Returns pages sent and pages dirtied meanwhile.
-    private func precopy(guest: any PrimaryGuest, dirty: DirtyLog, arena: StagingArena, writer: RecordWriter,
+    private func precopy(guest: any PageCapturingGuest, dirty: DirtyLog, arena: StagingArena, writer: RecordWriter,
                          progress: (Int, Int) -> Void) throws -> (Int, Int) {
-        if let streaming = guest as? any StreamingPrimaryGuest {
-            return try precopyStream(streaming, writer: writer, progress: progress)
-        }
         try dirty.harvest(from: guest)
         let total = dirty.count
         var chunk = DirtyBitmap(pageCount: guest.descriptor.pageCount)
@@ -203,7 +207,7 @@ final class CheckpointShipper: @unchecked Sendable {
     /// The live phase of a hypervisor library's stream: ships its bytes as they come, as
     /// pre-copy rounds, until the library waits to suspend the guest. Returns the pages' worth
     /// of bytes sent and nothing left dirty (the library sends the rest in the first checkpoint).
-    private func precopyStream(_ guest: any StreamingPrimaryGuest, writer: RecordWriter,
+    private func precopyStream(_ guest: any StreamingGuest, writer: RecordWriter,
                                progress: (Int, Int) -> Void) throws -> (Int, Int) {
         let pageSize = guest.descriptor.pageSize
         let total = Int(guest.descriptor.pageCount)

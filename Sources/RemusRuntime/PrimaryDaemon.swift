@@ -6,48 +6,26 @@ import RemusNetbuf
 public final class PrimaryDaemon: @unchecked Sendable {  // configured once, then driven by PrimaryProtection's threads
     let config: ProtectConfiguration
 
-    public init(_ config: ProtectConfiguration) { self.config = config }
+    /// Where the guest comes from (tests inject their own).
+    let backends: BackendFactory
+
+    public convenience init(_ config: ProtectConfiguration) { self.init(config, backends: .standard) }
+
+    init(_ config: ProtectConfiguration, backends: BackendFactory) {
+        self.config = config
+        self.backends = backends
+    }
 
     /// Returns the process exit code once protection has stopped.
     public func run() throws -> Int32 {
         SignalWatcher.blockTerminationSignals()
         Log.setRole("primary")
         let clock = SystemClock()
-        let guest: any PrimaryGuest
-        let output: any OutputBuffer
-        var xen: XenBackend.Primary?
-        switch config.backend {
-        case .simulated:
-            // Over a tap the plug qdisc holds the guest's frames and the in-process buffer passes
-            // them straight into the tap; set both up before the guest runs, so errors come first.
-            let sink = try SimulatedBackend.makeSink(nicSink: config.nicSink, tap: config.simNICTap)
-            let plug = try config.simNICTap.flatMap { try SimulatedBackend.plugBuffer($0) }
-            let running = try SimulatedBackend.startGuest(name: config.domain, parameters: config.simulated, sink: sink, clock: clock)
-            let buffer: any OutputBuffer = plug ?? running.output
-            guest = running.guest
-            output = config.unsafeNoNetbuf ? PassThroughOutput(buffer) : buffer
-            if let tap = config.simNICTap {
-                let held = plug.map { p in p.attachments.map { "\($0.interface) (\($0.ifbName))" }.joined(separator: ", ") }
-                Log.info("the guest's NIC writes into tap \(tap.tap); " + (held.map { "output held by plug qdiscs on \($0)" } ?? "output NOT held (--unsafe --no-netbuf)"))
-            }
-        case .xen:
-            let opened = try XenBackend.openPrimary(domain: config.domain, holdOutput: !config.unsafeNoNetbuf, limitBytes: config.netbufLimitBytes)
-            xen = opened
-            guest = opened.guest
-            output = opened.output
-            let held = opened.plug.map { p in p.attachments.map { "\($0.interface) (\($0.ifbName))" }.joined(separator: ", ") }
-            Log.info("Xen domain '\(config.domain)' (id \(opened.guest.domid)); " + (held.map { "output held by plug qdiscs on \($0)" } ?? "output NOT held (--unsafe --no-netbuf)"))
-        }
-        // Protection over: a Xen guest runs on here without its checkpointed save and with its
-        // vifs unbuffered again.
-        defer {
-            if let xen {
-                xen.guest.endProtection()
-                if let plug = xen.plug {
-                    do { _ = try plug.teardown() } catch { Log.error("removing the plug qdiscs failed: \(error); 'remusd netbuf cleanup' removes them") }
-                }
-            }
-        }
+        let opened = try backends.openPrimary(for: config, clock: clock)
+        // Protection over: what opening set up is undone (a Xen guest runs on here without its
+        // checkpointed save and with its vifs unbuffered again).
+        defer { opened.close() }
+        let (guest, output) = (opened.guest, opened.output)
         var held: (EtcdWitness, WitnessConfiguration)?
         if let wc = config.witness {
             let w = try EtcdWitness(url: wc.url, requestTimeoutMs: wc.requestTimeoutMs)
@@ -65,8 +43,8 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
         let protection = try PrimaryProtection(
             guest: guest, output: output, backup: config.backup, settings: config.settings,
             maxCheckpointPages: config.maxCheckpointPages, blackhole: config.blackhole, clock: clock,
-            witness: held, onFinished: { [xenGuest = xen?.guest] _ in
-                if ended.isSet || xenGuest?.hasVanished == true {
+            witness: held, onFinished: { _ in
+                if ended.isSet || guest.hasVanished {
                     // Ended by the operator, or the guest is gone: nothing left to do here.
                     finished.open(with: true)
                 } else {
@@ -103,17 +81,6 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
         status.remove()
         return 0
     }
-}
-
-/// `--unsafe --no-netbuf`: output is never held back.
-final class PassThroughOutput: OutputBuffer {
-    private let inner: any OutputBuffer
-    init(_ inner: any OutputBuffer) { self.inner = inner }
-    func closeEpoch(_ epoch: Epoch) throws {}
-    func release(through epoch: Epoch) throws {}
-    func releaseAll() throws { try inner.releaseAll() }
-    func hold() throws {}
-    func statistics() throws -> OutputStatistics { try inner.statistics() }
 }
 
 /// A flag set once from any thread.

@@ -32,7 +32,8 @@ public final class PrimaryProtection: @unchecked Sendable {
     let clock: any HostClock
     let loop: EventLoop<Event>
     private var engine: PrimaryEngine
-    private let dirty: DirtyLog
+    /// How the guest is captured, decided once from its capture mode.
+    private let capture: Capture
     /// The staging arenas: taken for a capture or a pre-copy round, given back by the writer.
     let arenas: ArenaPool
     /// Checkpoints captured and not yet handed to the writer (which then owns their arenas).
@@ -69,9 +70,17 @@ public final class PrimaryProtection: @unchecked Sendable {
         loop = EventLoop(clock: clock)
         engine = PrimaryEngine(settings: settings)
         let d = guest.descriptor
-        dirty = DirtyLog(pageCount: d.pageCount)
-        // A guest whose library writes its own stream (Xen) stages no pages of ours.
-        let capacity = guest is any StreamingPrimaryGuest ? 1 : max(1, min(maxCheckpointPages, Int(d.pageCount)))
+        let capacity: Int
+        switch guest.captureMode {
+        case .pages(let pageGuest):
+            capture = .pages(pageGuest, DirtyLog(pageCount: d.pageCount))
+            capacity = max(1, min(maxCheckpointPages, Int(d.pageCount)))
+        case .stream(let streamingGuest):
+            // The library's stream carries the pages: a checkpoint's arena holds only its epoch
+            // and kind, and counts it among the checkpoints in flight.
+            capture = .stream(streamingGuest)
+            capacity = 1
+        }
         arenas = ArenaPool((0..<settings.maxShipping).map { _ in StagingArena(pageSize: d.pageSize, capacityPages: capacity) })
         header = StreamHeader(
             features: [], pageSize: UInt32(d.pageSize), backend: d.backend, role: .primary,
@@ -225,32 +234,41 @@ public final class PrimaryProtection: @unchecked Sendable {
             retiredWriter?.waitUntilStopped()
             retiredWriter = nil
             do {
-                try guest.startDirtyLogging()
-                dirty.clear()
+                switch capture {
+                case .pages(let pageGuest, let dirty):
+                    try pageGuest.startDirtyLogging()
+                    dirty.clear()
+                case .stream(let streamingGuest):
+                    try streamingGuest.startStream()
+                }
             } catch {
                 execute(engine.onCaptureFailed(engine.capturedEpoch, reason: "\(error)", now: now))
             }
         case .precopyRound(let round):
             // A round is asked for only on a live connection, after the last round gave its arena
             // back; should either be missing, end this connection rather than the process.
-            guard let writer, let arena = arenas.take() else {
-                let missing = writer == nil ? "no connection" : "no free staging arena (\(arenas.total) in use)"
+            func cannotStart(_ missing: String) {
                 Log.error("pre-copy round \(round) cannot start: \(missing); this is a bug in remusd; reconnecting")
                 execute(engine.onConnectionLost(reason: "pre-copy round \(round) found \(missing)", now: now))
-                return
             }
+            guard let writer else { return cannotStart("no connection") }
             // Progress on the status line, and in the log at every quarter of the first round.
-            writer.enqueue(.precopy(
-                round: round, guest: guest, dirty: dirty, arena: arena,
-                progress: { [self] sent, total in
-                    var logIt = false
-                    updateStats {
-                        let before = $0.syncProgress.total > 0 ? $0.syncProgress.sent * 4 / $0.syncProgress.total : -1
-                        $0.syncProgress = (sent, total)
-                        logIt = round == 1 && total > 0 && sent * 4 / total != before
-                    }
-                    if logIt { Log.info("synchronising: \(progressBar(sent, total))") }
-                }))
+            let progress: @Sendable (Int, Int) -> Void = { [self] sent, total in
+                var logIt = false
+                updateStats {
+                    let before = $0.syncProgress.total > 0 ? $0.syncProgress.sent * 4 / $0.syncProgress.total : -1
+                    $0.syncProgress = (sent, total)
+                    logIt = round == 1 && total > 0 && sent * 4 / total != before
+                }
+                if logIt { Log.info("synchronising: \(progressBar(sent, total))") }
+            }
+            switch capture {
+            case .pages(let pageGuest, let dirty):
+                guard let arena = arenas.take() else { return cannotStart("no free staging arena (\(arenas.total) in use)") }
+                writer.enqueue(.precopyPages(round: round, guest: pageGuest, dirty: dirty, arena: arena, progress: progress))
+            case .stream(let streamingGuest):
+                writer.enqueue(.precopyStream(round: round, guest: streamingGuest, progress: progress))
+            }
         case .checkpoint(let epoch, let kind):
             capture(epoch: epoch, kind: kind)
         case .ship(let epoch):
@@ -441,17 +459,26 @@ public final class PrimaryProtection: @unchecked Sendable {
                     do { try guest.resume() } catch { failure = failure ?? "resume failed: \(error)" }
                 }
             }
-            try dirty.harvest(from: guest)
-            let pages = dirty.count
-            if pages > limit {
-                // Over the pause bound or the staging area: resume at once; the pages stay dirty.
-                deferred = pages
-            } else {
+            switch capture {
+            case .pages(let pageGuest, let dirty):
+                try dirty.harvest(from: pageGuest)
+                let pages = dirty.count
+                if pages > limit {
+                    // Over the pause bound or the staging area: resume at once; the pages stay dirty.
+                    deferred = pages
+                } else {
+                    arena.reset(epoch: epoch, kind: kind)
+                    try dirty.capture(from: pageGuest, into: arena)
+                    state = try pageGuest.captureState(clock: clock)
+                    try output.closeEpoch(epoch)
+                    dirty.clear()
+                }
+            case .stream(let streamingGuest):
+                // The library decides what the checkpoint holds (it writes it while the guest is
+                // suspended): there is no dirty count to hold against the bound before.
                 arena.reset(epoch: epoch, kind: kind)
-                try dirty.capture(from: guest, into: arena)
-                state = try guest.captureState(clock: clock)
+                state = try streamingGuest.captureCheckpoint(clock: clock)
                 try output.closeEpoch(epoch)
-                dirty.clear()
             }
         } catch {
             failure = "\(error)"
@@ -522,14 +549,21 @@ public final class PrimaryProtection: @unchecked Sendable {
     }
 }
 
+/// How a `PrimaryProtection` captures its guest: a page-capturing guest with the dirty log its
+/// harvests fill, or a guest whose hypervisor library writes its own stream.
+private enum Capture {
+    case pages(any PageCapturingGuest, DirtyLog)
+    case stream(any StreamingGuest)
+}
+
 /// The dirty set between harvests, shared by the writer thread (pre-copy) and the loop thread
 /// (checkpoints), never at the same time: the engine takes the first checkpoint only after the
 /// last pre-copy round reported back.
 final class DirtyLog: @unchecked Sendable {
     private var bitmap: DirtyBitmap
     init(pageCount: UInt64) { bitmap = DirtyBitmap(pageCount: pageCount) }
-    func harvest(from guest: any PrimaryGuest) throws { try guest.harvestDirty(into: &bitmap) }
-    func capture(from guest: any PrimaryGuest, into arena: StagingArena) throws { try guest.capturePages(bitmap, into: arena) }
+    func harvest(from guest: any PageCapturingGuest) throws { try guest.harvestDirty(into: &bitmap) }
+    func capture(from guest: any PageCapturingGuest, into arena: StagingArena) throws { try guest.capturePages(bitmap, into: arena) }
     var count: Int { bitmap.count }
     func clear() { bitmap.clearAll() }
 

@@ -2,8 +2,23 @@ import RemusCore
 import RemusNetbuf
 import RemusSim
 
-/// Builds the simulated guest's primary and replica for the daemons.
+/// Builds the simulated guest's primary and replica for the backend factory.
 enum SimulatedBackend {
+    /// Boots a fresh simulated guest for `remusd protect`, with its output buffer: over a tap the
+    /// plug qdisc holds the guest's frames and the in-process buffer passes them straight into
+    /// the tap. Both are set up before the guest runs, so their errors come first.
+    static func openPrimary(_ config: ProtectConfiguration, clock: any HostClock) throws -> OpenedGuest {
+        let sink = try makeSink(nicSink: config.nicSink, tap: config.simNICTap)
+        let plug = try config.simNICTap.flatMap { try plugBuffer($0) }
+        let running = try startGuest(name: config.domain, parameters: config.simulated, sink: sink, clock: clock)
+        let buffer: any OutputBuffer = plug ?? running.output
+        if let tap = config.simNICTap {
+            let held = plug.map { p in p.attachments.map { "\($0.interface) (\($0.ifbName))" }.joined(separator: ", ") }
+            Log.info("the guest's NIC writes into tap \(tap.tap); " + (held.map { "output held by plug qdiscs on \($0)" } ?? "output NOT held (--unsafe --no-netbuf)"))
+        }
+        return OpenedGuest(guest: running.guest, output: config.unsafeNoNetbuf ? PassThroughOutput(buffer) : buffer, close: {})
+    }
+
     static func config(_ p: SimulatedGuestParameters) -> SimConfig {
         var c = SimConfig(memoryBytes: p.memoryBytes, vcpus: p.vcpus, seed: p.seed)
         c.dirtyRateLimit = p.dirtyRate
@@ -51,14 +66,46 @@ enum SimulatedBackend {
         return (guest, output)
     }
 
-    /// An empty replica whose activated guest will emit into `sink`.
-    static func makeReplica(sink: any PacketSink, clock: any HostClock) -> SimReplica {
-        SimReplica(clock: clock, nic: SimOutputBuffer(sink: sink, holding: false))
+    /// An empty replica whose activated guest will emit into `sink`, and its check of that guest.
+    static func makeReplica(sink: any PacketSink, clock: any HostClock) -> BackupReplica {
+        let replica = SimReplica(clock: clock, nic: SimOutputBuffer(sink: sink, holding: false))
+        return BackupReplica(replica, verifyActivation: { clock in try verifyActivation(of: replica, clock: clock) })
     }
 
-    /// The guest an activated replica runs, with its output buffer.
-    static func runningGuest(from replica: any ReplicaTarget) -> (guest: SimGuest, output: SimOutputBuffer)? {
-        guard let sim = replica as? SimReplica, let guest = sim.activatedGuest, let nic = guest.nic else { return nil }
-        return (guest, nic)
+    /// The activation report's fields for an activated replica: the first guest clock reading
+    /// (I4), the memory and registers verified against a replay (the guest is suspended for the
+    /// check, after the activation time was taken), and the committed state.
+    static func verifyActivation(of replica: SimReplica, clock: any HostClock) throws -> [String: String] {
+        guard let guest = replica.activatedGuest, let committed = replica.committedState, let config = replica.config else {
+            return ["verified": "the simulated replica holds no activated guest"]
+        }
+        var fields: [String: String] = [:]
+        // I4: the first guest clock reading after resuming, with the host time of that reading.
+        let reading = guest.clockNow()
+        fields["first_guest_monotonic_ns"] = "\(reading.guestMonotonicNs)"
+        fields["first_reading_host_ns"] = "\(clock.monotonicNs())"
+        try guest.suspend()
+        let report = SimVerifier(config: config).verifyActivation(guest: guest, committed: committed)
+        try guest.resume()
+        fields["memory_verified"] = report.passed ? "yes" : "no"
+        fields["memory_report"] = report.description.replacingNewlines()
+        fields["domain_config"] = hex(config.encode().bytes)
+        for v in committed.vcpus { fields["vcpu.\(v.vcpu)"] = "\(v.format) \(hex(v.bytes))" }
+        for d in committed.devices { fields["device.\(d.name)"] = hex(d.bytes) }
+        let c = committed.clock
+        fields["clock"] = "\(c.guestMonotonicNs) \(c.guestWallNs) \(c.tscKHz) \(c.hostMonotonicNs) \(c.hostWallNs)"
+        fields["layout"] = "\(committed.layout.generation) " + committed.layout.ranges.map { "\($0.start):\($0.count)" }.joined(separator: ",")
+        return fields
     }
+}
+
+/// `--unsafe --no-netbuf`: output is never held back.
+final class PassThroughOutput: OutputBuffer {
+    private let inner: any OutputBuffer
+    init(_ inner: any OutputBuffer) { self.inner = inner }
+    func closeEpoch(_ epoch: Epoch) throws {}
+    func release(through epoch: Epoch) throws {}
+    func releaseAll() throws { try inner.releaseAll() }
+    func hold() throws {}
+    func statistics() throws -> OutputStatistics { try inner.statistics() }
 }

@@ -224,15 +224,23 @@ final class StagedCheckpoint: @unchecked Sendable {
 
     /// Applies the staged checkpoint to the replica as one unit: all its arenas of pages with
     /// the state (I2: a checkpoint larger than one arena is still one checkpoint); a replica built
-    /// from a hypervisor library's stream gets that stream's bytes.
+    /// from a hypervisor library's stream gets that stream's bytes. A checkpoint of the other
+    /// shape than the replica takes is refused whole; the replica keeps its last checkpoint.
     func commit(to replica: any ReplicaTarget) throws {
-        if let streaming = replica as? any StreamingReplicaTarget {
-            if !stream.isEmpty || begin.kind != .precopy {
-                try streaming.commitStream(stream, checkpoint: begin.kind != .precopy)
+        switch replica.commitMode {
+        case .pages(let pageReplica):
+            guard stream.isEmpty else {
+                throw ProtocolError("checkpoint \(begin.epoch) carries \(stream.count) bytes of a hypervisor library's stream, but this backup's replica takes pages only; it keeps its last committed checkpoint — the primary and the backup must run the same backend")
             }
-            return
+            try pageReplica.commit(Array(arenas[0...current]), state: state)
+        case .stream(let streamingReplica):
+            guard pageCount == 0 else {
+                throw ProtocolError("checkpoint \(begin.epoch) carries \(pageCount) pages, but this backup's replica is built from the hypervisor library's stream only; it keeps its last committed checkpoint — the primary and the backup must run the same backend")
+            }
+            if !stream.isEmpty || begin.kind != .precopy {
+                try streamingReplica.commitStream(stream, checkpoint: begin.kind != .precopy)
+            }
         }
-        try replica.commit(Array(arenas[0...current]), state: state)
     }
 }
 
@@ -256,8 +264,10 @@ final class CheckpointReceiver {
     }
 
     /// Receives until the stream ends. Throws StreamDecodeError for a rejected stream.
+    /// `deltaBases` is the replica whose committed pages delta-encoded pages are decoded against
+    /// (nil when there is none, or the replica takes a hypervisor library's stream).
     func receive(
-        replica: () -> (any ReplicaTarget)?,
+        deltaBases: () -> (any PageReplica)?,
         began: (CheckpointBegin) -> Void,
         complete: (CheckpointEnd, StagedCheckpoint) -> Bool,
         activity: @escaping () -> Void,
@@ -286,7 +296,7 @@ final class CheckpointReceiver {
                             let dst = arena.append(pfn: entry.pfn, encoding: .raw)!
                             // The base is read while the replica holds off a discard (the loop
                             // thread may throw the replica away meanwhile).
-                            let based = replica()?.withCommittedPage(entry.pfn) { base -> Bool in
+                            let based = deltaBases()?.withCommittedPage(entry.pfn) { base -> Bool in
                                 guard let base else { return false }
                                 dst.copyMemory(from: base)
                                 return true

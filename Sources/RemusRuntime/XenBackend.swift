@@ -2,20 +2,15 @@ import RemusCore
 import RemusNetbuf
 import RemusXen
 
-/// Builds the Xen backend's primary and replica for the daemons.
+/// Builds the Xen backend's primary and replica for the backend factory.
 enum XenBackend {
-    /// A Xen domain opened for protection, with its output buffer: plug qdiscs on every vif of
-    /// the domain (guest egress is dom0 ingress on the vif), unless output is not held
-    /// (`--unsafe --no-netbuf`).
-    struct Primary {
-        let guest: XenPrimaryGuest
-        let output: any OutputBuffer
-        let plug: PlugOutputBuffer?
-    }
-
-    /// Checks this is a Xen 4.17 dom0, opens the domain and buffers its vifs. Nothing is changed
-    /// on the domain when this throws.
-    static func openPrimary(domain: String, holdOutput: Bool, limitBytes: Int) throws -> Primary {
+    /// Checks this is a Xen 4.17 dom0, opens the domain and buffers its vifs: plug qdiscs on
+    /// every vif of the domain (guest egress is dom0 ingress on the vif), unless output is not
+    /// held (`--unsafe --no-netbuf`). Nothing is changed on the domain when this throws. Once
+    /// protection is over the guest runs on here without its checkpointed save and with its vifs
+    /// unbuffered again.
+    static func openPrimary(_ config: ProtectConfiguration) throws -> OpenedGuest {
+        let domain = config.domain
         let log = XenLog(echoLevel: .error)
         do {
             _ = try XenHost.detect(log: log)
@@ -23,17 +18,30 @@ enum XenBackend {
             throw ProtocolError("\(error) Nothing was changed on domain '\(domain)'. See Docs/xen.md, or use --backend sim for the simulated guest.")
         }
         let guest = try XenPrimaryGuest(domain: domain, log: log)
-        guard holdOutput else { return Primary(guest: guest, output: UnbufferedOutput(), plug: nil) }
-        let vifs = xenVifInterfaces(domid: guest.domid)
-        guard !vifs.isEmpty else {
-            throw ProtocolError("domain '\(domain)' (id \(guest.domid)) has no vif in dom0 (/sys/class/net/vif\(guest.domid).*): there is no network output to hold. Give it a vif, or pass --unsafe --no-netbuf if it truly has no network; nothing was changed")
+        let output: any OutputBuffer
+        let plug: PlugOutputBuffer?
+        if config.unsafeNoNetbuf {
+            (output, plug) = (UnbufferedOutput(), nil)
+        } else {
+            let vifs = xenVifInterfaces(domid: guest.domid)
+            guard !vifs.isEmpty else {
+                throw ProtocolError("domain '\(domain)' (id \(guest.domid)) has no vif in dom0 (/sys/class/net/vif\(guest.domid).*): there is no network output to hold. Give it a vif, or pass --unsafe --no-netbuf if it truly has no network; nothing was changed")
+            }
+            do {
+                let buffer = try PlugOutputBuffer(interfaces: vifs, limitBytes: config.netbufLimitBytes)
+                (output, plug) = (buffer, buffer)
+            } catch {
+                throw ProtocolError("\(error); nothing was changed on domain '\(domain)' (its vifs \(vifs.joined(separator: ", ")) are not buffered)")
+            }
         }
-        do {
-            let plug = try PlugOutputBuffer(interfaces: vifs, limitBytes: limitBytes)
-            return Primary(guest: guest, output: plug, plug: plug)
-        } catch {
-            throw ProtocolError("\(error); nothing was changed on domain '\(domain)' (its vifs \(vifs.joined(separator: ", ")) are not buffered)")
-        }
+        let held = plug.map { p in p.attachments.map { "\($0.interface) (\($0.ifbName))" }.joined(separator: ", ") }
+        Log.info("Xen domain '\(domain)' (id \(guest.domid)); " + (held.map { "output held by plug qdiscs on \($0)" } ?? "output NOT held (--unsafe --no-netbuf)"))
+        return OpenedGuest(guest: guest, output: output, close: {
+            guest.endProtection()
+            if let plug {
+                do { _ = try plug.teardown() } catch { Log.error("removing the plug qdiscs failed: \(error); 'remusd netbuf cleanup' removes them") }
+            }
+        })
     }
 
     /// An empty replica; the primary's stream header and configuration build the domain.

@@ -1,7 +1,7 @@
 // RemusSim: the simulated guest backend, the ground truth for the drill.
 //
 // - SimGuest (this file): the primary side, a running guest with vCPU threads, a software dirty
-//   log, a virtual NIC, a balloon and a virtual clock. Implements PrimaryGuest.
+//   log, a virtual NIC, a balloon and a virtual clock. Implements PageCapturingGuest.
 // - SimReplica: the backup side; commits checkpoints atomically and activates into a SimGuest.
 // - SimOutputBuffer / PacketSink / SimPacket: the NIC's output, held back per epoch (I1).
 // - SimReplay / SimVerifier: the workload replayed from the seed; checks memory byte for byte,
@@ -288,7 +288,7 @@ final class GuestMachine: @unchecked Sendable {
 ///
 /// `@unchecked Sendable`: the runtime may hand the guest from thread to thread; all shared state
 /// lives in `GuestMachine`, whose synchronisation is documented there.
-public final class SimGuest: PrimaryGuest, @unchecked Sendable {
+public final class SimGuest: PageCapturingGuest, @unchecked Sendable {
     public let descriptor: GuestDescriptor
     /// The config the guest was built from.
     public let config: SimConfig
@@ -346,7 +346,7 @@ public final class SimGuest: PrimaryGuest, @unchecked Sendable {
     /// Where the guest's packets go.
     public var nic: SimOutputBuffer? { machine.nic }
 
-    // MARK: PrimaryGuest
+    // MARK: PageCapturingGuest
 
     public func domainConfig() throws -> DomainConfig { config.encode() }
 

@@ -10,7 +10,7 @@ import Synchronization
 /// `activate` take the same lock, so activation sees either the previous checkpoint or the new one
 /// (invariant I2). A checkpoint is validated completely before any page is applied; a rejected one
 /// leaves the committed image untouched.
-public final class SimReplica: ReplicaTarget, Sendable {
+public final class SimReplica: PageReplica, Sendable {
     private struct Image {
         var config: SimConfig
         var memory: GuestMemory
@@ -45,7 +45,7 @@ public final class SimReplica: ReplicaTarget, Sendable {
         self.autoRunOnActivation = autoRunOnActivation
     }
 
-    // MARK: ReplicaTarget
+    // MARK: PageReplica
 
     public func configure(header: StreamHeader, config domainConfig: DomainConfig) throws {
         let config = try SimConfig(domainConfig)
@@ -106,8 +106,10 @@ public final class SimReplica: ReplicaTarget, Sendable {
         }
     }
 
-    public func activate(clock activationClock: any HostClock) throws {
-        try phase.withLock { phase throws(SimError) in
+    /// The activated guest runs in this process: remusd can protect it onwards.
+    @discardableResult
+    public func activate(clock activationClock: any HostClock) throws -> ActivatedGuest {
+        let guest = try phase.withLock { phase throws(SimError) -> SimGuest in
             guard case .ready(let image) = phase else { throw .replicaState("activate while not ready") }
             guard let committed = image.committed else {
                 throw .replicaState("activate before any checkpoint was committed; there is no consistent image")
@@ -121,7 +123,9 @@ public final class SimReplica: ReplicaTarget, Sendable {
                 config: image.config, memory: image.memory, registers: registers, guestClock: guestClock,
                 clock: activationClock, nic: nic, name: image.name, uuid: image.uuid, autoRun: autoRunOnActivation)
             phase = .activated(guest, committed: committed, epoch: image.committedEpoch)
+            return guest
         }
+        return .inProcess(guest, output: guest.nic)
     }
 
     public func discard() {

@@ -12,7 +12,7 @@ import RemusSystem
 ///   domain cooperatively (xenstore `control/shutdown = suspend`) and waits for
 ///   SHUTDOWN_suspend;
 /// - libxenguest then writes the dirty pages and vCPU state into one end of a local socketpair
-///   while the guest stays suspended; the shell reads the other end (`captureState`) up to the
+///   while the guest stays suspended; the shell reads the other end (`captureCheckpoint`) up to the
 ///   CHECKPOINT record, so the pause costs a local copy, never a network send;
 /// - `postcopy` waits until the shell has closed the output epoch (`resume()`), then resumes
 ///   the domain with `xc_domain_resume(…, 1)` (a cancelled suspend: it keeps its devices);
@@ -22,7 +22,7 @@ import RemusSystem
 ///
 /// `@unchecked Sendable`: the session is replaced only on the shell's loop thread, while no
 /// other call is in progress; the session guards its own state.
-public final class XenPrimaryGuest: StreamingPrimaryGuest, @unchecked Sendable {
+public final class XenPrimaryGuest: StreamingGuest, @unchecked Sendable {
     public let descriptor: GuestDescriptor
     /// The protected domain.
     public let domid: UInt32
@@ -66,7 +66,7 @@ public final class XenPrimaryGuest: StreamingPrimaryGuest, @unchecked Sendable {
 
     /// Starts a new checkpointed save (a new connection needs a new stream from its start); an
     /// earlier one is ended first, leaving the guest running.
-    public func startDirtyLogging() throws {
+    public func startStream() throws {
         session?.end(control: control)
         session = nil
         session = try SaveSession(domid: domid, log: log, deadlineNs: deadlineNs)
@@ -103,11 +103,9 @@ public final class XenPrimaryGuest: StreamingPrimaryGuest, @unchecked Sendable {
         }
     }
 
-    public func harvestDirty(into bitmap: inout DirtyBitmap) throws {}
-
-    public func capturePages(_ bitmap: borrowing DirtyBitmap, into arena: StagingArena) throws {}
-
-    public func captureState(clock: any HostClock) throws -> GuestState {
+    /// Reads libxenguest's checkpoint (dirty pages and vCPU state) from the socketpair up to its
+    /// CHECKPOINT record, framed as libxl would frame it.
+    public func captureCheckpoint(clock: any HostClock) throws -> GuestState {
         guard let session, !pausedOutsideCheckpoint else { throw XenBackendError("no checkpoint is being taken") }
         let bytes: [UInt8]
         do {

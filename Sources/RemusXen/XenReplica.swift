@@ -17,7 +17,7 @@ import RemusSystem
 ///
 /// `@unchecked Sendable`: the queue and progress are guarded by `monitor`; the rest is set up
 /// in `configure` on the backup's loop thread before the threads start.
-public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
+public final class XenReplica: StreamingReplica, @unchecked Sendable {
     let log: XenLog
     let light: XenLight
     /// How long libxl may take to finish the domain after the stream ends.
@@ -119,15 +119,6 @@ public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
         }
     }
 
-    /// libxl holds the pages; a Xen stream carries no page deltas against them.
-    public func withCommittedPage<R>(_ pfn: PFN, _ body: (UnsafeRawBufferPointer?) throws -> R) rethrows -> R {
-        try body(nil)
-    }
-
-    public func commit(_ arenas: [StagingArena], state: GuestState?) throws {
-        throw XenBackendError("a Xen replica takes libxl stream bytes only (commitStream); the primary sent pages")
-    }
-
     public func commitStream(_ bytes: [UInt8], checkpoint: Bool) throws {
         try monitor.withLock { () throws -> Void in
             if let feedFailure { throw XenBackendError("libxl's restore stopped taking the stream: \(feedFailure)") }
@@ -188,8 +179,9 @@ public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
         return "libxl_domain_create_restore returned \(r.rc)" + (r.log.isEmpty ? "" : "; libxl said: " + r.log.joined(separator: " | "))
     }
 
-    /// Failover: the last complete checkpoint becomes the running domain.
-    public func activate(clock: any HostClock) throws {
+    /// Failover: the last complete checkpoint becomes the running domain, under Xen's control.
+    @discardableResult
+    public func activate(clock: any HostClock) throws -> ActivatedGuest {
         let deadline = monotonicNanoseconds() + deadlineNs
         drain(until: deadline)
         let fed = monitor.withLock { fedCheckpoints }
@@ -212,6 +204,7 @@ public final class XenReplica: StreamingReplicaTarget, @unchecked Sendable {
             throw XenError(call: "libxl_domain_unpause(\(domid))", libxl: rc, log: log.lines(since: before).map(\.description))
         }
         giveOriginalName(domid: domid)
+        return .underHypervisor
     }
 
     /// Renames the running domain from `…--incoming` to its own name; when the old primary

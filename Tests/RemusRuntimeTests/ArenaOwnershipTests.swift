@@ -97,8 +97,8 @@ struct ArenaOwnershipTests {
         // Queued behind the write in progress: the job a refused connection used to lose.
         let guest = try SimGuest(config: SimConfig(memoryBytes: 4 << 20, vcpus: 1), clock: SystemClock(), nic: nil, autoRun: false)
         let second = try #require(pool.take())
-        shipper.enqueue(.precopy(round: 1, guest: guest, dirty: DirtyLog(pageCount: guest.descriptor.pageCount),
-                                 arena: second, progress: { _, _ in }))
+        shipper.enqueue(.precopyPages(round: 1, guest: guest, dirty: DirtyLog(pageCount: guest.descriptor.pageCount),
+                                      arena: second, progress: { _, _ in }))
         #expect(pool.available == 0)
         shipper.abandon()
         #expect(pool.available == 1, "the dropped pre-copy job's arena is back at once")

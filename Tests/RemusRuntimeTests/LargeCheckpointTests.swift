@@ -67,7 +67,7 @@ private func receive(_ bytes: [UInt8], into replica: SimReplica) throws -> [Epoc
     try replica.configure(header: header, config: config)
     var committed: [Epoch] = []
     try receiver.receive(
-        replica: { replica },
+        deltaBases: { replica },
         began: { _ in },
         complete: { end, staged in
             do {

@@ -25,8 +25,8 @@ private func noise(_ count: Int, seed: UInt64) -> [UInt8] {
     return out
 }
 
-/// A streaming replica that keeps every `commitStream` call; page commits are a failure.
-private final class StreamLog: StreamingReplicaTarget {
+/// A streaming replica that keeps every `commitStream` call.
+private final class StreamLog: StreamingReplica {
     struct Commit: Equatable {
         var bytes: [UInt8]
         var checkpoint: Bool
@@ -35,11 +35,10 @@ private final class StreamLog: StreamingReplicaTarget {
     private(set) var commits: [Commit] = []
 
     func configure(header: StreamHeader, config: DomainConfig) throws {}
-    func withCommittedPage<R>(_ pfn: PFN, _ body: (UnsafeRawBufferPointer?) throws -> R) rethrows -> R { try body(nil) }
-    func commit(_ arenas: [StagingArena], state: GuestState?) throws {
-        Issue.record("commit(_:state:) on a streaming replica: epoch \(arenas.first?.epoch ?? 0), \(arenas.reduce(0) { $0 + $1.count }) pages, stream \(state?.stream.count ?? -1) bytes")
+    func activate(clock: any HostClock) throws -> ActivatedGuest {
+        Issue.record("activate on a replica that only receives")
+        return .underHypervisor
     }
-    func activate(clock: any HostClock) throws { Issue.record("activate on a replica that only receives") }
     func discard() {}
     func commitStream(_ bytes: [UInt8], checkpoint: Bool) throws {
         commits.append(Commit(bytes: bytes, checkpoint: checkpoint))
@@ -199,7 +198,7 @@ private func receive(from channel: any ByteChannel) -> Received {
         r.config = config
         try replica.configure(header: header, config: config)
         try receiver.receive(
-            replica: { replica },
+            deltaBases: { nil },  // a streaming replica holds no pages to decode deltas against
             began: { r.begins.append($0) },
             complete: { _, staged in
                 do {

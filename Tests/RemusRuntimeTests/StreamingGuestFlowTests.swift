@@ -1,12 +1,12 @@
 import Glibc
 import RemusCore
 import RemusDrill  // freePorts
-@testable import RemusRuntime  // BackupDaemon.makeXenReplica, its loop (to terminate it)
+@testable import RemusRuntime  // BackendFactory, BackupDaemon's loop (to terminate it)
 import Testing
 import RemusTestSupport
 
 // The Xen backend's flow without Xen: a real PrimaryProtection ships a fake libxenguest stream
-// (StreamingPrimaryGuest) over loopback TCP to a real BackupDaemon, whose Xen replica is a fake
+// (a StreamingGuest) over loopback TCP to a real BackupDaemon, whose Xen replica is a fake
 // that keeps every byte it is handed. A relay between them decodes both directions. The fakes and
 // the relay share one ledger under one lock, so the order of events across the primary's, the
 // backup's and the relay's threads is a true order: a release of output is checked against the
@@ -166,7 +166,7 @@ private struct GuestGone: Error, CustomStringConvertible {
 
 /// A libxenguest-shaped guest: a live phase in uneven pieces, then one chunk per checkpoint.
 /// Checks the call order the Xen backend relies on. `@unchecked Sendable`: state in the ledger.
-private final class FakeXenGuest: StreamingPrimaryGuest, @unchecked Sendable {
+private final class FakeXenGuest: StreamingGuest, @unchecked Sendable {
     static let config = DomainConfig(format: .libxlJSON, bytes: Array(#"{"c_info":{"type":"pv","name":"flow-guest"}}"#.utf8))
 
     let descriptor = GuestDescriptor(name: "flow-guest", uuid: GuestUUID(high: 0xF10, low: 0x0F1), backend: .xen,
@@ -184,7 +184,7 @@ private final class FakeXenGuest: StreamingPrimaryGuest, @unchecked Sendable {
         if r.vanishedAt != nil { r.violation("\(call) on a guest that vanished") }
     }
 
-    func startDirtyLogging() throws { ledger.update { alive(&$0, "startDirtyLogging"); $0.steps.append("startDirtyLogging") } }
+    func startStream() throws { ledger.update { alive(&$0, "startStream"); $0.steps.append("startStream") } }
 
     func nextLiveBytes(maxBytes: Int) throws -> [UInt8]? {
         // Pieces of up to 1.5 MiB; before about half of them a call that found nothing yet.
@@ -233,23 +233,20 @@ private final class FakeXenGuest: StreamingPrimaryGuest, @unchecked Sendable {
         ledger.update { r in
             alive(&r, "resume")
             if !r.suspended { r.violation("resume without a suspend (after checkpoint \(r.captured))") }
-            if !r.capturedThisPause { r.violation("resume without captureState (checkpoint \(r.captured + 1))") }
+            if !r.capturedThisPause { r.violation("resume without captureCheckpoint (checkpoint \(r.captured + 1))") }
             r.suspended = false
             r.steps.append("resume \(r.captured)")
         }
     }
 
-    func harvestDirty(into bitmap: inout DirtyBitmap) throws { ledger.update { alive(&$0, "harvestDirty") } }
-    func capturePages(_ bitmap: borrowing DirtyBitmap, into arena: StagingArena) throws { ledger.update { alive(&$0, "capturePages") } }
-
-    func captureState(clock: any HostClock) throws -> GuestState {
+    func captureCheckpoint(clock: any HostClock) throws -> GuestState {
         let k = ledger.update { r -> Int in
-            alive(&r, "captureState")
-            if !r.suspended { r.violation("captureState without a suspend (checkpoint \(r.captured + 1))") }
-            if r.capturedThisPause { r.violation("captureState twice in one pause (checkpoint \(r.captured + 1))") }
+            alive(&r, "captureCheckpoint")
+            if !r.suspended { r.violation("captureCheckpoint without a suspend (checkpoint \(r.captured + 1))") }
+            if r.capturedThisPause { r.violation("captureCheckpoint twice in one pause (checkpoint \(r.captured + 1))") }
             r.capturedThisPause = true
             r.captured += 1
-            r.steps.append("captureState \(r.captured)")
+            r.steps.append("captureCheckpoint \(r.captured)")
             return r.captured
         }
         let clockState = ClockState(guestMonotonicNs: 0, guestWallNs: 0, tscKHz: 0, hostMonotonicNs: clock.monotonicNs(), hostWallNs: clock.wallNs())
@@ -312,7 +309,7 @@ private final class CheckedOutput: OutputBuffer, @unchecked Sendable {
 }
 
 /// The backup's Xen replica: keeps every stream commit. `@unchecked Sendable`: state in the ledger.
-private final class RecordingReplica: StreamingReplicaTarget, @unchecked Sendable {
+private final class RecordingReplica: StreamingReplica, @unchecked Sendable {
     private let ledger: Ledger
     init(_ ledger: Ledger) {
         self.ledger = ledger
@@ -320,12 +317,6 @@ private final class RecordingReplica: StreamingReplicaTarget, @unchecked Sendabl
     }
 
     func configure(header: StreamHeader, config: DomainConfig) throws { ledger.update { $0.configured = (header, config) } }
-    func withCommittedPage<R>(_ pfn: PFN, _ body: (UnsafeRawBufferPointer?) throws -> R) rethrows -> R { try body(nil) }
-
-    func commit(_ arenas: [StagingArena], state: GuestState?) throws {
-        ledger.update { $0.violation("commit(_:state:) on a streaming replica: epoch \(arenas.first?.epoch ?? 0), \(arenas.reduce(0) { $0 + $1.count }) pages") }
-    }
-
     func commitStream(_ bytes: [UInt8], checkpoint: Bool) throws {
         ledger.update { r in
             if !r.activations.isEmpty || r.discards > 0 { r.violation("commitStream after the replica was activated or discarded") }
@@ -340,11 +331,12 @@ private final class RecordingReplica: StreamingReplicaTarget, @unchecked Sendabl
         }
     }
 
-    func activate(clock: any HostClock) throws {
+    func activate(clock: any HostClock) throws -> ActivatedGuest {
         ledger.update { r in
             r.activations.append(r.checkpoints.count)
             r.steps.append("activate (\(r.checkpoints.count) checkpoints)")
         }
+        return .underHypervisor
     }
 
     func discard() { ledger.update { $0.discards += 1; $0.steps.append("discard") } }
@@ -480,11 +472,15 @@ private final class Flow {
         guard let dir = mkdtemp(&template) else { throw SystemError(call: "mkdtemp", errno: errno) }
         directory = String(cString: dir)
         let port = try freePorts(1)[0]
+        let ledger = self.ledger
+        // The backup's factory builds the recording replica for a Xen stream (and nothing else).
+        let backends = BackendFactory(makeReplica: { header, _, _ in
+            guard header.backend == .xen else { throw ProtocolError("the flow's backup takes Xen streams only; the primary sent \(header.backend)") }
+            return BackupReplica(RecordingReplica(ledger))
+        })
         daemon = BackupDaemon(ReceiveConfiguration(
             listen: Endpoint(host: "127.0.0.1", port: port), settings: Self.settings, fence: fence, reprotectTo: nil,
-            nicSink: nil, activationReport: nil, exitAfterProtection: false, statusSocket: directory + "/backup.sock"))
-        let ledger = self.ledger
-        daemon.makeXenReplica = { RecordingReplica(ledger) }
+            nicSink: nil, activationReport: nil, exitAfterProtection: false, statusSocket: directory + "/backup.sock"), backends: backends)
         tap = try WireTap(to: Endpoint(host: "127.0.0.1", port: port), ledger: ledger)
         guest = FakeXenGuest(ledger)
         output = CheckedOutput(ledger)

@@ -39,7 +39,8 @@ struct ReplicaTests {
         let primaryNIC = SimOutputBuffer(sink: primaryOut)
         let primary = try SimGuest(config: config, clock: clock, nic: primaryNIC)
         let backupOut = SimPacketRecorder()
-        let replica = SimReplica(clock: clock, nic: SimOutputBuffer(sink: backupOut, holding: false))
+        let backupNIC = SimOutputBuffer(sink: backupOut, holding: false)
+        let replica = SimReplica(clock: clock, nic: backupNIC)
         let loop = try CheckpointLoop(primary: primary, replica: replica, clock: clock)
         // Each epoch lasts at least 5 000 ops of every vCPU.
         func runEpoch() {
@@ -62,9 +63,15 @@ struct ReplicaTests {
         #expect(try primaryNIC.statistics().heldPackets > 0)
         let committed = try #require(loop.lastState)
 
-        try replica.activate(clock: clock)
+        // The activated guest runs in this process and can be protected onwards, with its NIC's buffer.
+        let handedBack = try replica.activate(clock: clock)
         let activated = try #require(replica.activatedGuest)
         defer { activated.shutdown() }
+        guard case .inProcess(let running, let output) = handedBack else {
+            Issue.record("a simulated replica's activation handed back \(handedBack), not the guest running here")
+            return
+        }
+        #expect(running === activated && output === backupNIC)
         try activated.suspend()
         let verifier = SimVerifier(config: config)
         let atActivation = verifier.verifyActivation(replica: replica)

@@ -52,7 +52,8 @@ public struct PrimaryEngine: Sendable {
     public enum Directive: Equatable, Sendable {
         /// Open a connection to the backup; report `onConnected` or `onConnectionLost`.
         case connect
-        /// Start the backend's dirty logging (every populated page counts as dirty first).
+        /// Start the backend's dirty logging (every populated page counts as dirty first); a
+        /// streaming backend starts its library's stream from the beginning instead.
         case startDirtyLogging
         /// Harvest and copy the dirty set while the guest runs, ship it as a pre-copy round; report
         /// `onPrecopyRoundShipped`.

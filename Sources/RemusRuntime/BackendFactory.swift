@@ -1,0 +1,84 @@
+import RemusCore
+import RemusSim
+
+/// The one place in the runtime that names the backends. The daemons ask it for the guest to
+/// protect or for a replica of a primary's stream; from then on they switch over what the guest
+/// or the replica says it is (its capture or commit mode, what its activation hands back),
+/// never over its type or its backend.
+///
+/// The standard factory knows the simulated guest (`SimulatedBackend.swift`) and Xen
+/// (`XenBackend.swift`, whose libraries are opened only when it is first used). Tests build one
+/// with a fake replica, since a real Xen replica needs libxl in a dom0.
+struct BackendFactory: Sendable {
+    /// Opens the guest `remusd protect` protects, as `config.backend` says.
+    typealias PrimaryOpener = @Sendable (_ config: ProtectConfiguration, _ clock: any HostClock) throws -> OpenedGuest
+    /// Builds an empty replica for a primary's stream, as its header's backend says; a guest
+    /// that runs in this process after a takeover sends its NIC's packets to `guestNIC`.
+    typealias ReplicaMaker = @Sendable (_ header: StreamHeader, _ guestNIC: any PacketSink, _ clock: any HostClock) throws -> BackupReplica
+
+    private let primaryOpener: PrimaryOpener
+    private let replicaMaker: ReplicaMaker
+
+    /// A factory whose primaries or replicas come from elsewhere (tests); by default the standard ones.
+    init(openPrimary: @escaping PrimaryOpener = BackendFactory.openStandardPrimary,
+         makeReplica: @escaping ReplicaMaker = BackendFactory.makeStandardReplica) {
+        primaryOpener = openPrimary
+        replicaMaker = makeReplica
+    }
+
+    /// The backends of this build: the simulated guest and Xen.
+    static let standard = BackendFactory()
+
+    /// Opens the guest to protect with its output buffer. Nothing is changed on the guest when
+    /// this throws.
+    func openPrimary(for config: ProtectConfiguration, clock: any HostClock) throws -> OpenedGuest {
+        try primaryOpener(config, clock)
+    }
+
+    /// An empty replica for the stream that starts with `header`; the primary's DOMAIN_CONFIG
+    /// configures it.
+    func makeReplica(for header: StreamHeader, guestNIC: any PacketSink, clock: any HostClock) throws -> BackupReplica {
+        try replicaMaker(header, guestNIC, clock)
+    }
+
+    @Sendable
+    private static func openStandardPrimary(_ config: ProtectConfiguration, clock: any HostClock) throws -> OpenedGuest {
+        switch config.backend {
+        case .simulated: return try SimulatedBackend.openPrimary(config, clock: clock)
+        case .xen: return try XenBackend.openPrimary(config)
+        }
+    }
+
+    @Sendable
+    private static func makeStandardReplica(for header: StreamHeader, guestNIC: any PacketSink, clock: any HostClock) throws -> BackupReplica {
+        switch header.backend {
+        case .simulated: return SimulatedBackend.makeReplica(sink: guestNIC, clock: clock)
+        case .xen: return BackupReplica(try XenBackend.makeReplica())
+        }
+    }
+}
+
+/// A guest opened for protection.
+struct OpenedGuest {
+    let guest: any PrimaryGuest
+    /// Holds the guest's output back until the backup acknowledged the epoch that sent it.
+    let output: any OutputBuffer
+    /// Undoes what opening set up, once protection has ended (Xen: ends the checkpointed save,
+    /// so the guest runs on unprotected, and removes the plug qdiscs from its vifs).
+    let close: () -> Void
+}
+
+/// A replica as the backup daemon keeps it: the backend's replica and the backend's own check of
+/// the guest it activates.
+struct BackupReplica {
+    let target: any ReplicaTarget
+    /// Checks the activated guest for `--activation-report` and returns the report's fields (the
+    /// simulated guest: memory and registers against a replay, the first clock reading); nil for
+    /// a backend that has no such check.
+    let verifyActivation: ((_ clock: any HostClock) throws -> [String: String])?
+
+    init(_ target: any ReplicaTarget, verifyActivation: ((_ clock: any HostClock) throws -> [String: String])? = nil) {
+        self.target = target
+        self.verifyActivation = verifyActivation
+    }
+}
