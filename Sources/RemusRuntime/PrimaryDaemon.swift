@@ -5,8 +5,15 @@ import RemusNetbuf
 /// `remusd protect`: creates (simulated backend) or opens the guest and protects it until stopped.
 public final class PrimaryDaemon: @unchecked Sendable {  // configured once, then driven by PrimaryProtection's threads
     let config: ProtectConfiguration
+    /// This daemon's metrics (served with `--metrics-listen`).
+    let metrics: DaemonMetrics
 
-    public init(_ config: ProtectConfiguration) { self.config = config }
+    /// - Parameter metrics: the process's registry (the executable bootstraps swift-metrics with
+    ///   it); by default one of the daemon's own.
+    public init(_ config: ProtectConfiguration, metrics: DaemonMetrics = DaemonMetrics()) {
+        self.config = config
+        self.metrics = metrics
+    }
 
     /// Returns the process exit code once protection has stopped.
     public func run() throws -> Int32 {
@@ -65,7 +72,7 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
         let protection = try PrimaryProtection(
             guest: guest, output: output, backup: config.backup, settings: config.settings,
             maxCheckpointPages: config.maxCheckpointPages, blackhole: config.blackhole, clock: clock,
-            witness: held, onFinished: { [xenGuest = xen?.guest] _ in
+            witness: held, metrics: metrics, onFinished: { [xenGuest = xen?.guest] _ in
                 if ended.isSet || xenGuest?.hasVanished == true {
                     // Ended by the operator, or the guest is gone: nothing left to do here.
                     finished.open(with: true)
@@ -97,9 +104,18 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
                     return "unknown command '\(line)' (a primary knows 'stop' and 'switchover')\n"
                 }
             })
-        Log.info("protecting '\(config.domain)' (\(guest.descriptor.pageCount) pages) towards \(config.backup), checkpoint every \(config.settings.intervalNs / 1_000_000) ms")
+        let metricsServer = try config.metricsListen.map { listen in
+            try MetricsServer(listen: listen) { [metrics] in
+                protection.refreshMetrics()
+                return metrics.exposition()
+            }
+        }
+        if let metricsServer { Log.info("serving metrics at http://\(metricsServer.endpoint)/metrics") }
+        Log.info("protecting '\(config.domain)' (\(guest.descriptor.pageCount) pages) towards \(config.backup), checkpoint every \(config.settings.intervalNs / 1_000_000) ms",
+                 ["guest": "\(config.domain)", "peer": "\(config.backup)"])
         protection.start()
         _ = finished.wait()
+        metricsServer?.stop()
         status.remove()
         return 0
     }
