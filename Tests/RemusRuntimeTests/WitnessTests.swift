@@ -544,11 +544,11 @@ extension WitnessTests {
         }
 
         @Test(arguments: [
-            ("", "invalid JSON"), ("{", "invalid JSON"), ("{\"a\":1,}", "invalid JSON"), ("hello", "invalid JSON"),
+            ("", "invalid JSON"), ("{", "invalid JSON"), ("{\"a\" 1}", "invalid JSON"), ("hello", "invalid JSON"),
             ("[]", "not a JSON object"), ("\"x\"", "not a JSON object"),
             ("{\"kvs\":{\"a\":\"b\"}}", "'kvs' is not an array"),
             ("{\"succeeded\":\"yes\"}", "'succeeded' is not a boolean"),
-            ("{\"ID\":\"12x\"}", "'ID'"), ("{\"TTL\":1.5}", "'TTL'"), ("{\"ID\":\"99999999999999999999\"}", "'ID'"),
+            ("{\"ID\":\"12x\"}", "'ID'"), ("{\"TTL\":1.5}", "'TTL': not an integer"), ("{\"ID\":\"99999999999999999999\"}", "'ID'"),
         ])
         func rejectsWhatIsNotAnEtcdReply(text: String, reason: String) {
             do {

@@ -17,8 +17,10 @@ struct EtcdInteger: Codable, Equatable, Sendable {
                 throw DecodingError.dataCorruptedError(in: container, debugDescription: "'\(text.prefix(40))' is not an integer")
             }
             self.value = value
+        } else if let value = try? container.decode(Int64.self) {
+            self.value = value
         } else {
-            value = try container.decode(Int64.self)
+            throw DecodingError.dataCorruptedError(in: container, debugDescription: "not an integer")
         }
     }
 
