@@ -66,8 +66,12 @@ public struct RemusLogHandler: LogHandler {
 
     /// systemd sets JOURNAL_STREAM to "<device>:<inode>" of the journal's socket; it counts only
     /// while standard error still is that socket (a child may have redirected it).
-    static var stderrIsJournal: Bool {
-        guard let value = ProcessEnvironment.current["JOURNAL_STREAM"], !value.isEmpty else { return false }
+    static var stderrIsJournal: Bool { isJournal(stream: ProcessEnvironment.current["JOURNAL_STREAM"]) }
+
+    /// Whether standard error is the stream `JOURNAL_STREAM` ("<device>:<inode>") names; a value
+    /// that is not of that form is taken at its word.
+    static func isJournal(stream value: String?) -> Bool {
+        guard let value, !value.isEmpty else { return false }
         let parts = value.split(separator: ":")
         guard parts.count == 2, let device = UInt64(parts[0]), let inode = UInt64(parts[1]) else { return true }
         var info = stat()
