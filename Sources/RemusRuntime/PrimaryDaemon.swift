@@ -20,6 +20,16 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
         SignalWatcher.blockTerminationSignals()
         Log.setRole("primary")
         let clock = SystemClock()
+        // Bound before the guest starts, so a taken port is reported before anything runs.
+        let protecting = LateBound<PrimaryProtection>()
+        let metricsServer = try config.metricsListen.map { listen in
+            try MetricsServer(listen: listen) { [metrics] in
+                protecting.value?.refreshMetrics()
+                return metrics.exposition()
+            }
+        }
+        defer { metricsServer?.stop() }
+        if let metricsServer { Log.info("serving metrics at http://\(metricsServer.endpoint)/metrics") }
         let guest: any PrimaryGuest
         let output: any OutputBuffer
         var xen: XenBackend.Primary?
@@ -104,18 +114,11 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
                     return "unknown command '\(line)' (a primary knows 'stop' and 'switchover')\n"
                 }
             })
-        let metricsServer = try config.metricsListen.map { listen in
-            try MetricsServer(listen: listen) { [metrics] in
-                protection.refreshMetrics()
-                return metrics.exposition()
-            }
-        }
-        if let metricsServer { Log.info("serving metrics at http://\(metricsServer.endpoint)/metrics") }
+        protecting.value = protection
         Log.info("protecting '\(config.domain)' (\(guest.descriptor.pageCount) pages) towards \(config.backup), checkpoint every \(config.settings.intervalNs / 1_000_000) ms",
                  ["guest": "\(config.domain)", "peer": "\(config.backup)"])
         protection.start()
         _ = finished.wait()
-        metricsServer?.stop()
         status.remove()
         return 0
     }

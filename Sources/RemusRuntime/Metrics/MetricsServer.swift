@@ -152,3 +152,14 @@ public final class MetricsServer: @unchecked Sendable {
         }
     }
 }
+
+/// A value set once it exists, read from other threads meanwhile (the metrics server starts
+/// before the protection whose numbers it serves).
+final class LateBound<Value: AnyObject & Sendable>: @unchecked Sendable {  // guarded by monitor
+    private let monitor = MonitorLock()
+    private var stored: Value?
+    var value: Value? {
+        get { monitor.withLock { stored } }
+        set { monitor.withLock { stored = newValue } }
+    }
+}
