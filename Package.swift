@@ -16,6 +16,9 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // CRC32C with the SSE4.2 instruction where the CPU has it; a table fallback elsewhere.
@@ -40,7 +43,14 @@ let package = Package(
         // handles and is the Xen backend (libxenguest primary, libxl replica).
         .target(name: "CXen", linkerSettings: [.linkedLibrary("dl")]),
         .target(name: "RemusXen", dependencies: ["CXen", "RemusCore", "RemusSystem"]),
-        .target(name: "RemusRuntime", dependencies: ["RemusCore", "RemusSim", "RemusNetbuf", "RemusSystem", "RemusXen"]),
+        // Logging through swift-log (our own line format), metrics through swift-metrics with an
+        // explicit factory per daemon, served as Prometheus text.
+        .target(name: "RemusRuntime", dependencies: [
+            "RemusCore", "RemusSim", "RemusNetbuf", "RemusSystem", "RemusXen",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "CoreMetrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+        ]),
         // Tools, not production code: the daemons (RemusRuntime) import none of them.
         // `remusd drill`: the failover drill, its packet observer, partition proxies, a local etcd
         // and the verifier of each failover.
@@ -58,6 +68,8 @@ let package = Package(
                 "RemusBench",
                 "RemusNetbufProbe",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
             ]
         ),
         // Helpers every test target shares (`eventually(deadline:)`).

@@ -115,6 +115,10 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
             + (config.faults.contains(.overload) ? ["--max-pause", "\(overloadPauseMs)"] : [])
         let env = ["REMUSD_RUN_DIR": dir]
         let ports = try freePorts(config.failovers + 1)
+        // Every process serves its metrics: the drill reads numbers and states there, never
+        // from status prose. Index 0: the first primary; g + 1: backup g.
+        let metricsPorts = try freePorts(config.failovers + 2)
+        func metricsEndpoint(_ index: Int) -> Endpoint { Endpoint(host: "127.0.0.1", port: metricsPorts[index]) }
         var results: [FailoverResult] = []
         var children: [ChildProcess] = []
         var finished = false
@@ -157,7 +161,8 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
         func startBackup(_ g: Int) throws -> ChildProcess {
             var args = [exe, "receive", "--listen", "127.0.0.1:\(ports[g])",
                         "--nic-sink", "\(observer.endpoint)", "--activation-report", "\(dir)/activation-\(g)",
-                        "--exit-after-protection", "--status-socket", "\(dir)/backup-\(g).sock"] + timing + tapArguments(g + 1)
+                        "--exit-after-protection", "--status-socket", "\(dir)/backup-\(g).sock",
+                        "--metrics-listen", "\(metricsEndpoint(g + 1))"] + timing + tapArguments(g + 1)
             args += witnessed ? try witnessArguments(g + 1) : ["--fence", "test -e \(dir)/fenced-\(g)"]
             if g + 1 < ports.count { args += ["--reprotect-to", try replicationAddress(g + 1)] }
             let child = try ChildProcess(arguments: args, outputFile: "\(dir)/backup-\(g).log", environment: env)
@@ -175,23 +180,25 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
             arguments: [exe, "protect", "drill-guest", try replicationAddress(0), "--backend", "sim",
                         "--sim-memory", "\(p.memoryBytes >> 20)", "--sim-vcpus", "\(p.vcpus)",
                         "--sim-dirty-rate", overload ? "0" : "\(p.dirtyRate)",
-                        "--sim-seed", "\(p.seed)", "--nic-sink", "\(observer.endpoint)", "--status-socket", "\(dir)/primary-0.sock"] + timing
+                        "--sim-seed", "\(p.seed)", "--nic-sink", "\(observer.endpoint)", "--status-socket", "\(dir)/primary-0.sock",
+                        "--metrics-listen", "\(metricsEndpoint(0))"] + timing
                 + (config.injectEarlyRelease ? ["--unsafe", "--no-netbuf"] : []) + (try witnessArguments(0))
                 + tapArguments(0, held: !config.injectEarlyRelease),
             outputFile: "\(dir)/primary-0.log", environment: env)
         children.append(primary)
         var primarySocket = "\(dir)/primary-0.sock"
+        var primaryMetrics = metricsEndpoint(0)
         var primaryPid = primary.pid
         var primaryIndex = 0  // 0: the first primary; g + 1: backup g after it took over
 
         for g in 0..<config.failovers {
             let fault = config.faults[g % config.faults.count]
-            try waitForAcknowledged(socket: primarySocket, atLeast: 3, deadlineMs: 20_000, who: "failover \(g + 1)'s primary")
+            try waitForAcknowledged(metrics: primaryMetrics, atLeast: 3, deadlineMs: 20_000, who: "failover \(g + 1)'s primary")
             var notes: [String] = []
             if fault == .backupKill {
-                var result = try backupKill(primary: primarySocket, primaryPid: primaryPid, backup: backup, observer: observer, index: g + 1)
+                var result = try backupKill(primary: primaryMetrics, primaryPid: primaryPid, backup: backup, observer: observer, index: g + 1)
                 backup = try startBackup(b)
-                result = try awaitReprotection(result, primary: primarySocket)
+                result = try awaitReprotection(result, primary: primaryMetrics)
                 results.append(result)
                 if config.progress { printProgress(result, of: config.failovers) }
                 if !result.verified { break }
@@ -200,27 +207,23 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
             // A takeover: the next backup listens first so the survivor can protect onwards.
             let nextBackup = b + 1 < ports.count ? try startBackup(b + 1) : nil
             var problems: [String] = []
-            if fault == .overload, let status = try? StatusSocket.query(primarySocket) {
-                let lines = status.split(separator: "\n").map(String.init)
-                let pause = lines.first(where: { $0.hasPrefix("pause") })
-                // "pause: p50 908 µs, p99 2031 µs over …"
-                let p99 = pause.flatMap { line -> UInt64? in
-                    let words = line.split(separator: " ")
-                    guard let i = words.firstIndex(of: "p99"), i + 1 < words.count else { return nil }
-                    return UInt64(words[i + 1])
-                }
-                if let speed = lines.first(where: { $0.hasPrefix("guest speed") }) {
-                    notes.append(speed)
-                } else if let p99, p99 > overloadPauseMs * 1000 {
+            if fault == .overload, let metrics = try? MetricsScrape.fetch(primaryMetrics) {
+                let pause = Self.pauseMicroseconds(metrics)
+                let throttled = metrics.integer("remusd_primary_throttle_events_total") ?? 0
+                if throttled > 0 {
+                    notes.append("guest speed: \(metrics.integer("remusd_primary_guest_speed_percent") ?? 100) % (slowed \(throttled) times)")
+                } else if let p99 = pause?.p99, p99 > overloadPauseMs * 1000 {
                     problems.append("pauses reached \(p99) µs (p99), over the \(overloadPauseMs) ms bound, and the guest was not throttled")
                 }
-                if let pause { notes.append(pause) }
-                if let deferred = lines.first(where: { $0.hasPrefix("checkpoints deferred") }) { notes.append(deferred) }
+                if let pause { notes.append("pause: p50 \(pause.p50) µs, p99 \(pause.p99) µs") }
+                if let deferred = metrics.integer("remusd_primary_checkpoints_deferred_total"), deferred > 0 {
+                    notes.append("checkpoints deferred over the pause bound: \(deferred)")
+                }
             }
             let eventAt: UInt64
             switch fault {
             case .crash, .overload:
-                eventAt = killAtRandomMoment(socket: primarySocket, child: primary)
+                eventAt = killAtRandomMoment(metrics: primaryMetrics, child: primary)
                 primary.wait()
             case .switchover:
                 eventAt = clock.monotonicNs()
@@ -229,7 +232,7 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
                 // The primary hangs with its connection open: only heartbeats can tell.
                 eventAt = clock.monotonicNs()
                 primary.signal(SIGSTOP)
-                try waitForStatus(socket: "\(dir)/backup-\(b).sock", containing: "FENCING", deadlineMs: 4 * s.timeoutNs / 1_000_000 + 2000)
+                try waitForState("fencing", of: "remusd_backup_state", metrics: metricsEndpoint(b + 1), deadlineMs: 4 * s.timeoutNs / 1_000_000 + 2000)
                 primary.signal(SIGKILL)
                 primary.wait()
             case .partition:
@@ -240,12 +243,12 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
                 var selfFencedAt: UInt64?
                 let deadline = eventAt + 30_000_000_000
                 while access("\(dir)/activation-\(b)", F_OK) != 0 && clock.monotonicNs() < deadline {
-                    if selfFencedAt == nil, let st = try? StatusSocket.query(primarySocket), st.contains("SELF-FENCED") {
+                    if selfFencedAt == nil, Self.primaryState(primaryMetrics) == "self_fenced" {
                         selfFencedAt = clock.monotonicNs()
                     }
                     pauseBriefly(ms: 2)
                 }
-                if selfFencedAt == nil, let st = try? StatusSocket.query(primarySocket), st.contains("SELF-FENCED") {
+                if selfFencedAt == nil, Self.primaryState(primaryMetrics) == "self_fenced" {
                     selfFencedAt = clock.monotonicNs()
                 }
                 if let report = try? ActivationReport.read(from: "\(dir)/activation-\(b)"), let activated = report.number("activated_ns") {
@@ -301,6 +304,7 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
             primary = backup
             primaryPid = backup.pid
             primarySocket = "\(dir)/backup-\(b).sock"
+            primaryMetrics = metricsEndpoint(b + 1)
             primaryIndex = b + 1
             if let nextBackup { backup = nextBackup }
             b += 1
@@ -353,7 +357,7 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
 
     /// Kills the backup: the primary must notice within the timeout, keep the guest running, hold
     /// its output for the fence grace and then let it flow (DEGRADED).
-    private func backupKill(primary socket: String, primaryPid: Int32, backup: ChildProcess, observer: PacketObserver, index: Int) throws -> FailoverResult {
+    private func backupKill(primary metrics: Endpoint, primaryPid: Int32, backup: ChildProcess, observer: PacketObserver, index: Int) throws -> FailoverResult {
         let s = config.settings
         var result = FailoverResult(index: index, epoch: 0, cutMidCheckpoint: false, detectionMs: 0, activationMs: 0,
                                     releasedUncommitted: 0, discardedWithPrimary: 0, verified: false, problems: [])
@@ -362,7 +366,7 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
         let killedAt = clock.monotonicNs()
         backup.signal(SIGKILL)
         backup.wait()
-        try waitForStatus(socket: socket, containing: "DEGRADED", deadlineMs: s.timeoutNs / 1_000_000 + 2000)
+        try waitForState("degraded", of: "remusd_primary_state", metrics: metrics, deadlineMs: s.timeoutNs / 1_000_000 + 2000)
         result.detectionMs = Double(clock.monotonicNs() - killedAt) / 1e6
         // After the fence grace the output must flow again (the guest kept running throughout).
         let before = fromPrimary()
@@ -374,28 +378,26 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
         } else {
             result.notes.append("output flowing again \(format(flowingAfter)) ms after the backup died (fence grace \(s.fenceGraceNs / 1_000_000) ms)")
         }
-        if let status = try? StatusSocket.query(socket), let pause = status.split(separator: "\n").first(where: { $0.hasPrefix("pause") }) {
-            result.notes.append(String(pause))
-            // "pause: p50 416 µs, p99 493 µs …": the guest is never held longer than the bound.
-            let words = pause.split(separator: " ")
-            if let i = words.firstIndex(of: "p99"), i + 1 < words.count, let p99 = UInt64(words[i + 1]), s.maxPauseNs > 0,
-               p99 * 1000 > s.maxPauseNs {
-                result.problems.append("the guest was paused \(p99) µs (p99) while its backup was lost, over the \(s.maxPauseNs / 1_000_000) ms bound")
+        if let pause = (try? MetricsScrape.fetch(metrics)).flatMap(Self.pauseMicroseconds) {
+            result.notes.append("pause: p50 \(pause.p50) µs, p99 \(pause.p99) µs")
+            // The guest is never held longer than the bound.
+            if s.maxPauseNs > 0, pause.p99 * 1000 > s.maxPauseNs {
+                result.problems.append("the guest was paused \(pause.p99) µs (p99) while its backup was lost, over the \(s.maxPauseNs / 1_000_000) ms bound")
             }
         }
         return result
     }
 
     /// A backup is back on the same address: the primary must re-protect (fresh synchronisation).
-    private func awaitReprotection(_ result: FailoverResult, primary socket: String) throws -> FailoverResult {
+    private func awaitReprotection(_ result: FailoverResult, primary metrics: Endpoint) throws -> FailoverResult {
         var r = result
         let start = clock.monotonicNs()
-        let before = (try? StatusSocket.query(socket)).flatMap(Self.acknowledged(in:)) ?? 0
+        let before = (try? MetricsScrape.fetch(metrics)).flatMap(Self.acknowledged) ?? 0
         let deadline = start + config.settings.maxRetryNs + 20_000_000_000
         var reprotected = false
         while clock.monotonicNs() < deadline {
-            if let text = try? StatusSocket.query(socket), text.contains("state: PROTECTED"),
-               let acked = Self.acknowledged(in: text), acked > before + 2 {
+            if let snapshot = try? MetricsScrape.fetch(metrics), snapshot.state("remusd_primary_state") == "protected",
+               let acked = Self.acknowledged(snapshot), acked > before + 2 {
                 r.epoch = acked
                 reprotected = true
                 break
@@ -408,21 +410,22 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
         return r
     }
 
-    private func waitForStatus(socket: String, containing text: String, deadlineMs: UInt64) throws {
+    /// Waits until the enum gauge `family` (remusd_primary_state, remusd_backup_state) is `state`.
+    private func waitForState(_ state: String, of family: String, metrics: Endpoint, deadlineMs: UInt64) throws {
         let deadline = clock.monotonicNs() + deadlineMs * 1_000_000
         while clock.monotonicNs() < deadline {
-            if let status = try? StatusSocket.query(socket), status.contains(text) { return }
+            if let snapshot = try? MetricsScrape.fetch(metrics), snapshot.state(family) == state { return }
             pauseBriefly(ms: 2)
         }
-        throw ProtocolError("\(socket) did not report \(text) within \(deadlineMs) ms")
+        throw ProtocolError("http://\(metrics)/metrics did not report \(family) \(state) within \(deadlineMs) ms")
     }
 
     // MARK: - Steps
 
-    private func waitForAcknowledged(socket: String, atLeast: Epoch, deadlineMs: UInt64, who: String) throws {
+    private func waitForAcknowledged(metrics: Endpoint, atLeast: Epoch, deadlineMs: UInt64, who: String) throws {
         let deadline = clock.monotonicNs() + deadlineMs * 1_000_000
         while clock.monotonicNs() < deadline {
-            if let text = try? StatusSocket.query(socket), let acked = Self.acknowledged(in: text), acked >= atLeast { return }
+            if let acked = (try? MetricsScrape.fetch(metrics)).flatMap(Self.acknowledged), acked >= atLeast { return }
             pauseBriefly(ms: 5)
         }
         throw ProtocolError("\(who) did not reach \(atLeast) acknowledged checkpoints within \(deadlineMs) ms; see the logs")
@@ -432,14 +435,14 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
     /// likely in flight), otherwise at a uniformly random point of the next interval.
     /// Returns the monotonic time taken right before the signal (the backup may see the closed
     /// connection before this thread runs again).
-    private func killAtRandomMoment(socket: String, child: ChildProcess) -> UInt64 {
+    private func killAtRandomMoment(metrics: Endpoint, child: ChildProcess) -> UInt64 {
         let intervalMs = config.settings.intervalNs / 1_000_000
         // With the injected fault, kill anywhere in the epoch so there is output to catch.
         if rng.next() % 2 == 0 && !config.injectEarlyRelease {
-            let start = (try? StatusSocket.query(socket)).flatMap(Self.captured(in:)) ?? 0
+            let start = (try? MetricsScrape.fetch(metrics)).flatMap(Self.captured) ?? 0
             let deadline = clock.monotonicNs() + 4 * intervalMs * 1_000_000
             while clock.monotonicNs() < deadline {
-                if let c = (try? StatusSocket.query(socket)).flatMap(Self.captured(in:)), c > start { break }
+                if let c = (try? MetricsScrape.fetch(metrics)).flatMap(Self.captured), c > start { break }
             }
             pauseBriefly(us: rng.next() % 2000)
         } else {
@@ -450,18 +453,22 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
         return at
     }
 
-    static func acknowledged(in status: String) -> Epoch? { field(in: status, after: "acknowledged ") }
-    static func captured(in status: String) -> Epoch? { field(in: status, after: "captured ") }
+    // What the drill reads from a primary's metrics (a backup that took over serves its
+    // taken-over guest's under the same names).
+    static func acknowledged(_ metrics: MetricsSnapshot) -> Epoch? { metrics.integer("remusd_primary_epoch_acknowledged") }
+    static func captured(_ metrics: MetricsSnapshot) -> Epoch? { metrics.integer("remusd_primary_epoch_captured") }
 
-    /// The number after `key` in the first "epoch:" line (the taken-over guest's, for a backup).
-    private static func field(in status: String, after key: String) -> Epoch? {
-        for line in status.split(separator: "\n") where line.hasPrefix("epoch:") {
-            // "epoch: captured 12, acknowledged 11, in flight 1"
-            let words = line.split(whereSeparator: { $0 == " " || $0 == "," })
-            guard let i = words.firstIndex(where: { $0 == key.trimmingWhitespace() }), i + 1 < words.count else { continue }
-            return Epoch(words[i + 1])
-        }
-        return nil
+    /// The pause percentiles over the recent window, microseconds; nil before the first checkpoint.
+    static func pauseMicroseconds(_ metrics: MetricsSnapshot) -> (p50: UInt64, p99: UInt64)? {
+        guard (metrics.integer("remusd_primary_checkpoints_total") ?? 0) > 0,
+              let p50 = metrics.value("remusd_primary_pause_recent_seconds", ["quantile": "0.5"]),
+              let p99 = metrics.value("remusd_primary_pause_recent_seconds", ["quantile": "0.99"]) else { return nil }
+        return (UInt64((p50 * 1e6).rounded()), UInt64((p99 * 1e6).rounded()))
+    }
+
+    /// The primary's state (`remusd_primary_state`), nil when its metrics do not answer.
+    static func primaryState(_ endpoint: Endpoint) -> String? {
+        (try? MetricsScrape.fetch(endpoint)).flatMap { $0.state("remusd_primary_state") }
     }
 
     private func printProgress(_ r: FailoverResult, of total: Int) {

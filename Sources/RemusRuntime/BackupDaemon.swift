@@ -1,4 +1,5 @@
 import Glibc
+import Logging
 import RemusCore
 import RemusNetbuf
 import RemusSim
@@ -44,6 +45,9 @@ public final class BackupDaemon: @unchecked Sendable {
     private var fenceRun = 0
     private let statsLock = MonitorLock()
     private var statusLines: [String: String] = [:]
+    /// This daemon's metrics, and the backup's own among them (guarded by `statsLock`).
+    let metrics: DaemonMetrics
+    private var backupMetrics: BackupMetrics
     /// The fence attempt running now (guarded by `statsLock`): `status` says how long it has run.
     private var fenceAttempt: (number: Int, holding: Epoch, startedAt: UInt64)?
     /// The NIC of a taken-over guest over a tap (`--sim-nic-tap`), and the plug that holds its
@@ -53,11 +57,17 @@ public final class BackupDaemon: @unchecked Sendable {
     /// Where replicas come from (tests inject a fake Xen replica: off Xen there is no libxl).
     let backends: BackendFactory
 
-    public convenience init(_ config: ReceiveConfiguration) { self.init(config, backends: .standard) }
+    /// - Parameter metrics: the process's registry (the executable bootstraps swift-metrics with
+    ///   it); by default one of the daemon's own.
+    public convenience init(_ config: ReceiveConfiguration, metrics: DaemonMetrics = DaemonMetrics()) {
+        self.init(config, backends: .standard, metrics: metrics)
+    }
 
-    init(_ config: ReceiveConfiguration, backends: BackendFactory) {
+    init(_ config: ReceiveConfiguration, backends: BackendFactory, metrics: DaemonMetrics = DaemonMetrics()) {
         self.config = config
         self.backends = backends
+        self.metrics = metrics
+        backupMetrics = BackupMetrics(factory: metrics.factory)
         loop = EventLoop(clock: clock)
         let policy: BackupCommitter.FencePolicy
         switch config.fence {
@@ -109,6 +119,13 @@ public final class BackupDaemon: @unchecked Sendable {
                     return "unknown command '\(line)' (a backup knows 'activate'; after a takeover also 'stop' and 'switchover')\n"
                 }
             })
+        let metricsServer = try config.metricsListen.map { listen in
+            try MetricsServer(listen: listen) { [self, metrics] in
+                refreshMetrics()
+                return metrics.exposition()
+            }
+        }
+        if let metricsServer { Log.info("serving metrics at http://\(metricsServer.endpoint)/metrics") }
         Log.info("listening on \(listener.endpoint) (fence: \(describe(config.fence)))")
         setStatus("listen", "\(listener.endpoint)")
         setStatus("state", describe(committer.state))
@@ -124,6 +141,7 @@ public final class BackupDaemon: @unchecked Sendable {
                 loop.setDeadline(committer.nextDeadline)
             })
         listener.shutdown()
+        metricsServer?.stop()
         status.remove()
         return exitCode
     }
@@ -246,8 +264,8 @@ public final class BackupDaemon: @unchecked Sendable {
             generation = gen
             channel = ch
             writer = CheckpointShipper(channel: ch, generation: gen, header: header, blackhole: false) { _ in }
-            Log.info("primary \(ch.peer) connected: guest '\(header.guestName)' \(header.guestUUID), \(header.backend), \(header.senderVersion)")
             setStatus("primary", "\(ch.peer) guest '\(header.guestName)'")
+            Log.info("primary \(ch.peer) connected: guest '\(header.guestName)' \(header.guestUUID), \(header.backend), \(header.senderVersion)", logContext)
             answer.open(with: nil)
             execute(committer.onPrimaryConnected(now: now))
         case .began(let gen, let begin):
@@ -292,6 +310,8 @@ public final class BackupDaemon: @unchecked Sendable {
         for d in directives { execute(d) }
         setStatus("state", describe(committer.state))
         setStatus("committed", "\(committer.committedEpoch)")
+        let (state, committed) = (committer.state, committer.committedEpoch)
+        statsLock.withLock { backupMetrics.publish(state, committed: committed) }
     }
 
     private func execute(_ directive: BackupCommitter.Directive) {
@@ -308,6 +328,7 @@ public final class BackupDaemon: @unchecked Sendable {
             do {
                 try staged.commit(to: replica.target)
                 gate.open(with: true)
+                statsLock.withLock { backupMetrics.checkpointCommitted() }
                 execute(committer.onCommitted(epoch, now: clock.monotonicNs()))
             } catch {
                 gate.open(with: false)
@@ -331,6 +352,7 @@ public final class BackupDaemon: @unchecked Sendable {
             if case .fencing(let holding, let attempt, _) = committer.state {
                 statsLock.withLock { fenceAttempt = (attempt, holding, now) }
             }
+            statsLock.withLock { backupMetrics.fenceStarted() }
             if case .witness(let w) = config.fence {
                 acquireWitness(w, run: run)
                 return
@@ -359,7 +381,7 @@ public final class BackupDaemon: @unchecked Sendable {
             replica = nil
             replicaLock.withLock { replicaForReaders = nil }
         case .report(let text):
-            Log.info(text)
+            Log.info(text, logContext)
             setStatus("last event", text)
         }
     }
@@ -375,7 +397,8 @@ public final class BackupDaemon: @unchecked Sendable {
             let activatedAt = clock.monotonicNs()
             activationTiming = (lostAt, activatedAt)
             execute(committer.onActivated(now: activatedAt))
-            Log.info("ACTIVATED checkpoint \(epoch): detection-to-running \((activatedAt - lostAt) / 1_000_000) ms")
+            statsLock.withLock { backupMetrics.activated(afterNs: activatedAt - min(lostAt, activatedAt)) }
+            Log.info("ACTIVATED checkpoint \(epoch): detection-to-running \((activatedAt - lostAt) / 1_000_000) ms", logContext)
             if let path = config.activationReport {
                 let verification = try replica.verifyActivation?(clock)
                 try report.completed(activatedAt: activatedAt, verification: verification).write(to: path)
@@ -429,7 +452,7 @@ public final class BackupDaemon: @unchecked Sendable {
         }
         let p = try PrimaryProtection(
             guest: guest, output: output, backup: next, settings: config.settings,
-            maxCheckpointPages: 65536, clock: clock, witness: held,
+            maxCheckpointPages: 65536, clock: clock, witness: held, metrics: metrics,
             onFinished: { _ in loop.post(.protectionFinished) })
         statsLock.withLock { protection = p }
         Log.setRole("backup→primary")
@@ -439,7 +462,30 @@ public final class BackupDaemon: @unchecked Sendable {
 
     // MARK: - Status
 
-    private func setStatus(_ key: String, _ value: String) { statsLock.withLock { statusLines[key] = value } }
+    /// What every state-change line carries: the committed epoch, the primary, the guest.
+    private var logContext: Logger.Metadata {
+        var context: Logger.Metadata = ["epoch": "\(committer.committedEpoch)"]
+        if let peer = channel?.peer { context["peer"] = "\(peer)" }
+        if let name = replicaHeader?.guestName { context["guest"] = "\(name)" }
+        return context
+    }
+
+    private func setStatus(_ key: String, _ value: String) {
+        statsLock.withLock {
+            statusLines[key] = value
+            if key == "accept" { backupMetrics.accepting(failing: !value.hasPrefix("ok")) }
+        }
+    }
+
+    /// Brings the time-dependent metrics up to date before they are served.
+    private func refreshMetrics() {
+        let now = clock.monotonicNs()
+        let protection = statsLock.withLock {
+            backupMetrics.fence(runningForNs: fenceAttempt.map { now - min($0.startedAt, now) } ?? 0)
+            return self.protection
+        }
+        protection?.refreshMetrics()
+    }
 
     private func renderStatus() -> String {
         var lines = ["role: backup"]

@@ -237,6 +237,8 @@ struct PrimaryStatistics {
     /// Progress of the running pre-copy round: pages sent and pages in the round.
     var syncProgress: (sent: Int, total: Int) = (0, 0)
     var lastCheckpointBytes: UInt64 = 0
+    /// Checkpoints written to the backup (each sets `lastCheckpointBytes`).
+    var shippedCheckpoints: UInt64 = 0
     /// Bytes on the wire of each shipped, unacknowledged checkpoint.
     var unacknowledgedBytes: [Epoch: UInt64] = [:]
     var lastAckAt: UInt64 = 0
@@ -260,10 +262,7 @@ struct PrimaryStatistics {
             lines.append("pause: p50 \(micro(p50)) µs, p99 \(micro(p99)) µs over the last \(min(pauses.total, 1024)) checkpoints")
         }
         if let d50 = dirtyPages.percentile(50) { lines.append("checkpoint size: p50 \(d50) pages, last \(lastCheckpointBytes) bytes on the wire") }
-        if let first = checkpointTimes.percentile(0), let last = checkpointTimes.percentile(100), last > first {
-            let n = Double(min(checkpointTimes.total, 64) - 1)
-            lines.append("checkpoint rate: \(String(Int((n * 1e9 / Double(last - first)).rounded()))) /s")
-        }
+        if let rate = checkpointRate { lines.append("checkpoint rate: \(String(Int(rate.rounded()))) /s") }
         lines.append("bytes in flight: \(unacknowledgedBytes.values.reduce(0, +)) (shipped, not yet acknowledged)")
         lines.append("shipped: \(shippedBytes) bytes, pre-copy \(precopyPages) pages")
         lines.append(lastAckAt == 0 ? "last ACK: none yet" : "last ACK: \((now - lastAckAt) / 1_000_000) ms ago")
@@ -274,6 +273,12 @@ struct PrimaryStatistics {
         if deferred > 0 { lines.append("checkpoints deferred over the pause bound: \(deferred)") }
         if !lastReport.isEmpty { lines.append("last event: \(lastReport)") }
         return lines.joined(separator: "\n") + "\n"
+    }
+
+    /// Checkpoints per second over the last (up to 64) captures; nil before two.
+    var checkpointRate: Double? {
+        guard let first = checkpointTimes.percentile(0), let last = checkpointTimes.percentile(100), last > first else { return nil }
+        return Double(checkpointTimes.count - 1) * 1e9 / Double(last - first)
     }
 
     private func micro(_ ns: UInt64) -> String { String(ns / 1000) }

@@ -57,6 +57,8 @@ public struct ProtectConfiguration: Sendable {
     public var simNICTap: SimNICTapConfiguration?
     /// Bytes each plug qdisc on a Xen domain's vifs may hold (`--netbuf-limit`).
     public var netbufLimitBytes = 10 << 20
+    /// Serve the metrics as Prometheus text here (`--metrics-listen`); nil: not served.
+    public var metricsListen: Endpoint?
 
     public init(domain: String, backup: Endpoint, backend: BackendKind, settings: ProtectionSettings,
                 simulated: SimulatedGuestParameters, nicSink: Endpoint?, maxCheckpointPages: Int,
@@ -126,6 +128,8 @@ public struct ReceiveConfiguration: Sendable {
     /// How long the `--fence` command may run before its process group is killed and the attempt
     /// counts as not fenced, milliseconds (`--fence-timeout`, default 5000).
     public var fenceTimeoutMs: Int = defaultFenceTimeoutMs
+    /// Serve the metrics as Prometheus text here (`--metrics-listen`); nil: not served.
+    public var metricsListen: Endpoint?
 
     public init(listen: Endpoint, settings: ProtectionSettings, fence: FenceConfiguration, reprotectTo: Endpoint?,
                 nicSink: Endpoint?, activationReport: String?, exitAfterProtection: Bool, statusSocket: String,

@@ -5,15 +5,22 @@ import RemusNetbuf
 /// `remusd protect`: creates (simulated backend) or opens the guest and protects it until stopped.
 public final class PrimaryDaemon: @unchecked Sendable {  // configured once, then driven by PrimaryProtection's threads
     let config: ProtectConfiguration
+    /// This daemon's metrics (served with `--metrics-listen`).
+    let metrics: DaemonMetrics
 
     /// Where the guest comes from (tests inject their own).
     let backends: BackendFactory
 
-    public convenience init(_ config: ProtectConfiguration) { self.init(config, backends: .standard) }
+    /// - Parameter metrics: the process's registry (the executable bootstraps swift-metrics with
+    ///   it); by default one of the daemon's own.
+    public convenience init(_ config: ProtectConfiguration, metrics: DaemonMetrics = DaemonMetrics()) {
+        self.init(config, backends: .standard, metrics: metrics)
+    }
 
-    init(_ config: ProtectConfiguration, backends: BackendFactory) {
+    init(_ config: ProtectConfiguration, backends: BackendFactory, metrics: DaemonMetrics = DaemonMetrics()) {
         self.config = config
         self.backends = backends
+        self.metrics = metrics
     }
 
     /// Returns the process exit code once protection has stopped.
@@ -21,6 +28,16 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
         SignalWatcher.blockTerminationSignals()
         Log.setRole("primary")
         let clock = SystemClock()
+        // Bound before the guest starts, so a taken port is reported before anything runs.
+        let protecting = LateBound<PrimaryProtection>()
+        let metricsServer = try config.metricsListen.map { listen in
+            try MetricsServer(listen: listen) { [metrics] in
+                protecting.value?.refreshMetrics()
+                return metrics.exposition()
+            }
+        }
+        defer { metricsServer?.stop() }
+        if let metricsServer { Log.info("serving metrics at http://\(metricsServer.endpoint)/metrics") }
         let opened = try backends.openPrimary(for: config, clock: clock)
         // Protection over: what opening set up is undone (a Xen guest runs on here without its
         // checkpointed save and with its vifs unbuffered again).
@@ -43,7 +60,7 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
         let protection = try PrimaryProtection(
             guest: guest, output: output, backup: config.backup, settings: config.settings,
             maxCheckpointPages: config.maxCheckpointPages, blackhole: config.blackhole, clock: clock,
-            witness: held, onFinished: { _ in
+            witness: held, metrics: metrics, onFinished: { _ in
                 if ended.isSet || guest.hasVanished {
                     // Ended by the operator, or the guest is gone: nothing left to do here.
                     finished.open(with: true)
@@ -75,7 +92,9 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
                     return "unknown command '\(line)' (a primary knows 'stop' and 'switchover')\n"
                 }
             })
-        Log.info("protecting '\(config.domain)' (\(guest.descriptor.pageCount) pages) towards \(config.backup), checkpoint every \(config.settings.intervalNs / 1_000_000) ms")
+        protecting.value = protection
+        Log.info("protecting '\(config.domain)' (\(guest.descriptor.pageCount) pages) towards \(config.backup), checkpoint every \(config.settings.intervalNs / 1_000_000) ms",
+                 ["guest": "\(config.domain)", "peer": "\(config.backup)"])
         protection.start()
         _ = finished.wait()
         status.remove()

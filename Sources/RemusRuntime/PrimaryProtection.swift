@@ -1,4 +1,5 @@
 import Glibc
+import Logging
 import RemusCore
 
 /// The primary's shell: runs a `PrimaryEngine` on its own thread and carries out its directives
@@ -49,6 +50,8 @@ public final class PrimaryProtection: @unchecked Sendable {
     /// Statistics for `remusd status`, guarded by `statsLock`.
     private let statsLock = MonitorLock()
     private var stats = PrimaryStatistics()
+    /// The same numbers as metrics, updated with `stats` under `statsLock`; nil: none kept.
+    private var metrics: PrimaryMetrics?
     /// Called once when protection has ended (stopped), on the loop thread.
     private let onFinished: @Sendable (PrimaryEngine.State) -> Void
     /// The witness this primary holds (already acquired), and its configuration.
@@ -57,10 +60,11 @@ public final class PrimaryProtection: @unchecked Sendable {
     public init(
         guest: any PrimaryGuest, output: any OutputBuffer, backup: Endpoint, settings: ProtectionSettings,
         maxCheckpointPages: Int, blackhole: Bool = false, clock: any HostClock,
-        witness: (EtcdWitness, WitnessConfiguration)? = nil,
+        witness: (EtcdWitness, WitnessConfiguration)? = nil, metrics: DaemonMetrics? = nil,
         onFinished: @escaping @Sendable (PrimaryEngine.State) -> Void = { _ in }
     ) throws {
         self.witness = witness
+        self.metrics = metrics.map { PrimaryMetrics(factory: $0.factory) }
         self.guest = guest
         self.output = output
         self.backup = backup
@@ -125,6 +129,12 @@ public final class PrimaryProtection: @unchecked Sendable {
         statsLock.withLock { stats.render() }
     }
 
+    /// Brings the metrics up to date before they are served (the last ACK's age moves with time).
+    public func refreshMetrics() {
+        let now = clock.monotonicNs()
+        statsLock.withLock { metrics?.refresh(stats, now: now) }
+    }
+
     // MARK: - Events
 
     private func handle(_ event: Event) {
@@ -136,7 +146,7 @@ public final class PrimaryProtection: @unchecked Sendable {
             writer = CheckpointShipper(channel: ch, generation: gen, header: header, blackhole: blackhole,
                                        giveBack: { [arenas] in arenas.give($0) }, post: { [loop] in loop.post($0) })
             startReader(reader.reader, generation: gen)
-            Log.info("connected to the backup \(backup); initial synchronisation")
+            Log.info("connected to the backup \(backup); initial synchronisation", logContext)
             execute(engine.onConnected(now: now))
         case .connectFailed(let gen, let reason):
             guard gen == generation else { return }
@@ -150,6 +160,7 @@ public final class PrimaryProtection: @unchecked Sendable {
             updateStats {
                 $0.shippedBytes += UInt64(bytes)
                 $0.lastCheckpointBytes = UInt64(bytes)
+                $0.shippedCheckpoints += 1
                 $0.unacknowledgedBytes[epoch] = UInt64(bytes)
             }
             execute(engine.onCheckpointShipped(epoch, now: now))
@@ -323,18 +334,25 @@ public final class PrimaryProtection: @unchecked Sendable {
             }
         case .report(let report):
             let text: String
+            let context = logContext
             switch report {
-            case .protecting(let first): text = "protecting: first checkpoint \(first) taken"; Log.info(text)
-            case .degraded(let t): text = t; Log.warning(t)
-            case .overload(let t): text = t; Log.warning(t)
-            case .switchedOver(let final): text = "switchover complete: the backup runs the guest from checkpoint \(final); it is stopped here"; Log.info(text)
-            case .handOffUnknown(let t): text = t; Log.error(t)
-            case .selfFenced(let t): text = t; Log.error(t)
-            case .stopped(let reason): text = "protection stopped (\(reason))"; Log.info(text)
-            case .guestLost(let t): text = "GUEST LOST: " + t; Log.error(text)
+            case .protecting(let first): text = "protecting: first checkpoint \(first) taken"; Log.info(text, context)
+            case .degraded(let t): text = t; Log.warning(t, context)
+            case .overload(let t): text = t; Log.warning(t, context)
+            case .switchedOver(let final): text = "switchover complete: the backup runs the guest from checkpoint \(final); it is stopped here"; Log.info(text, context)
+            case .handOffUnknown(let t): text = t; Log.error(t, context)
+            case .selfFenced(let t): text = t; Log.error(t, context)
+            case .stopped(let reason): text = "protection stopped (\(reason))"; Log.info(text, context)
+            case .guestLost(let t): text = "GUEST LOST: " + t; Log.error(text, context)
             }
             updateStats { $0.lastReport = text }
         }
+    }
+
+    /// What every state-change line carries: the epochs, the backup, the guest.
+    private var logContext: Logger.Metadata {
+        ["epoch": "\(engine.capturedEpoch)", "acknowledged": "\(engine.acknowledgedEpoch)",
+         "peer": "\(backup)", "guest": "\(guest.descriptor.name)"]
     }
 
     // MARK: - Output buffer statistics
@@ -538,8 +556,12 @@ public final class PrimaryProtection: @unchecked Sendable {
         }
     }
 
+    /// Changes the statistics and, with them, the metrics (per event or checkpoint, never per page).
     private func updateStats(_ body: (inout PrimaryStatistics) -> Void) {
-        statsLock.withLock { body(&stats) }
+        statsLock.withLock {
+            body(&stats)
+            metrics?.publish(stats)
+        }
     }
 
     static func check(peerHeader: StreamHeader, against ours: StreamHeader) throws {

@@ -53,6 +53,8 @@ struct Protect: ParsableCommand {
     @Option(name: .customLong("status-socket"), help: ArgumentHelp("Status socket (default: <run dir>/<domain>.sock).", valueName: "path"))
     var statusSocket: String?
 
+    @OptionGroup var metrics: MetricsOptions
+
     func validate() throws {
         if (noNetbuf || blackhole) && !unsafe {
             throw ValidationError("--no-netbuf and --blackhole give up protection; they need --unsafe as well")
@@ -92,7 +94,8 @@ struct Protect: ParsableCommand {
             witness: timing.witnessConfiguration,
             simNICTap: tap.configuration(holding: !noNetbuf))
         config.netbufLimitBytes = tap.netbufLimit
-        let code = try PrimaryDaemon(config).run()
+        config.metricsListen = metrics.endpoint
+        let code = try PrimaryDaemon(config, metrics: metrics.bootstrap()).run()
         if code != 0 { throw ExitCode(code) }
     }
 }
@@ -133,6 +136,8 @@ struct Receive: ParsableCommand {
     @Option(name: .customLong("status-socket"), help: ArgumentHelp("Status socket (default: <run dir>/receive-<port>.sock).", valueName: "path"))
     var statusSocket: String?
 
+    @OptionGroup var metrics: MetricsOptions
+
     func validate() throws {
         guard Endpoint(parsing: listen, defaultPort: defaultPort) != nil else { throw ValidationError("--listen '\(listen)' is not host:port") }
         if let fence, fence.allSatisfy(\.isWhitespace) {
@@ -164,7 +169,8 @@ struct Receive: ParsableCommand {
             statusSocket: statusSocket ?? RunDirectory.socketPath(for: "receive-\(endpoint.port)"),
             simNICTap: tap.configuration(holding: true))
         config.fenceTimeoutMs = fenceTimeout
-        let code = try BackupDaemon(config).run()
+        config.metricsListen = metrics.endpoint
+        let code = try BackupDaemon(config, metrics: metrics.bootstrap()).run()
         if code != 0 { throw ExitCode(code) }
     }
 }

@@ -433,7 +433,7 @@ extension WitnessTests {
     }
 }
 
-// MARK: - HTTP, JSON and base64 readers
+// MARK: - HTTP reader, etcd messages and base64
 
 extension WitnessTests {
     @Suite struct Codecs {
@@ -520,50 +520,63 @@ extension WitnessTests {
         }
 
         @Test func readsEtcdReplies() throws {
-            let text = #"{"header":{"cluster_id":"324952591200643719","revision":"2"},"succeeded":true,"responses":[{"response_range":{"kvs":[{"key":"cmVtdXMvdzE=","lease":"2324035531141996047"}],"count":"1"}}]}"#
-            let value = try JSONReader.parse(raw(text))
-            #expect(value["succeeded"]?.boolValue == true)
-            #expect(value["header"]?["cluster_id"]?.int64Value == 324_952_591_200_643_719)
-            let kv = value["responses"]?.arrayValue?.first?["response_range"]?["kvs"]?.arrayValue?.first
-            #expect(kv?["lease"]?.int64Value == 2_324_035_531_141_996_047)
-            #expect(try JSONReader.parse(raw(#" {"code": -3.5e+2, "a": [true, false, null], "s": "\u00e9\ud83d\ude00\n\/"} "#))
-                == .object(["code": .number("-3.5e+2"), "a": .array([.bool(true), .bool(false), .null]), "s": .string("é😀\n/")]))
-            #expect(try JSONReader.parseStream(raw("{\"a\":1}\n{\"b\":2}\n")).count == 2)
-            #expect(try JSONReader.parseStream(raw(" \n")).isEmpty)
+            let text = #"{"header":{"cluster_id":"324952591200643719","revision":"2"},"succeeded":true,"kvs":[{"key":"cmVtdXMvdzE=","value":"cHJpbWFyeTphOjE=","lease":"2324035531141996047"}],"count":"1"}"#
+            let reply = try EtcdCodec.decodeReply(raw(text), firstMessageOnly: false)
+            #expect(reply.succeeded == true)
+            #expect(reply.header?.revision?.value == 2)
+            #expect(reply.kvs?.first?.lease?.value == 2_324_035_531_141_996_047)
+            #expect(reply.kvs?.first?.value.flatMap(EtcdCodec.text(fromBase64:)) == "primary:a:1")
+            // Older gateways write integers as numbers; zero values are omitted.
+            let grant = try EtcdCodec.decodeReply(raw(#"{"ID":7,"TTL":"3"}"#), firstMessageOnly: false)
+            #expect(grant.ID?.value == 7 && grant.TTL?.value == 3 && grant.succeeded == nil && grant.kvs == nil)
+            // A streamed call: the first newline-delimited message only.
+            let stream = try EtcdCodec.decodeReply(raw(" \n{\"result\":{\"header\":{},\"ID\":\"9\",\"TTL\":\"2\"}}\n{\"result\":{}}\n"), firstMessageOnly: true)
+            #expect(stream.result?.ID?.value == 9 && stream.result?.TTL?.value == 2)
+            // Both shapes of an error.
+            let unary = try EtcdCodec.decodeReply(raw(#"{"error":"no leader","code":14,"message":"no leader"}"#), firstMessageOnly: false)
+            #expect(unary.error?.message == "no leader" && unary.code?.value == 14)
+            let streamed = try EtcdCodec.decodeReply(raw(#"{"error":{"http_code":404,"message":"lease not found"}}"#), firstMessageOnly: true)
+            guard case .detail(let code, let message)? = streamed.error else {
+                Issue.record("a streamed error was not read as an object: \(String(describing: streamed.error))")
+                return
+            }
+            #expect(code == 404 && message == "lease not found")
         }
 
         @Test(arguments: [
-            "", "{", "{\"a\":1,}", "[1,]", "{\"a\":1,\"a\":2}", "01", "1.", "-", "+1", "{a:1}", "'x'",
-            "\"\\ud800\"", "\"\\udc00\"", "\"\\x\"", "\"a\u{1}b\"", "tru", "{} {}", "nul",
-            String(repeating: "[", count: 40) + String(repeating: "]", count: 40),
+            ("", "invalid JSON"), ("{", "invalid JSON"), ("{\"a\" 1}", "invalid JSON"), ("hello", "invalid JSON"),
+            ("[]", "not a JSON object"), ("\"x\"", "not a JSON object"),
+            ("{\"kvs\":{\"a\":\"b\"}}", "'kvs' is not an array"),
+            ("{\"succeeded\":\"yes\"}", "'succeeded' is not a boolean"),
+            ("{\"ID\":\"12x\"}", "'ID'"), ("{\"TTL\":1.5}", "'TTL': not an integer"), ("{\"ID\":\"99999999999999999999\"}", "'ID'"),
         ])
-        func rejectsNonStrictJSON(text: String) {
-            #expect(throws: JSONError.self) { _ = try JSONReader.parse(raw(text)) }
+        func rejectsWhatIsNotAnEtcdReply(text: String, reason: String) {
+            do {
+                _ = try EtcdCodec.decodeReply(raw(text), firstMessageOnly: false)
+                Issue.record("accepted \(text.debugDescription)")
+            } catch {
+                #expect(error.reason.contains(reason), "'\(error.reason)' does not mention \(reason)")
+            }
         }
 
-        @Test func rejectsInvalidUTF8InAString() {
-            #expect(throws: JSONError.self) { _ = try JSONReader.parse([0x22, 0xC3, 0x28, 0x22]) }
+        @Test func encodesRequestsReproducibly() {
+            let body = EtcdTxnRequest(
+                compare: [.init(target: "CREATE", key: EtcdCodec.base64("remus/w1"), create_revision: EtcdInteger(0))],
+                success: [.init(request_put: .init(key: EtcdCodec.base64("remus/w1"), value: EtcdCodec.base64("primary:é"), lease: EtcdInteger(5)))])
+            #expect(String(decoding: EtcdCodec.encode(body), as: UTF8.self)
+                == #"{"compare":[{"create_revision":"0","key":"cmVtdXMvdzE=","result":"EQUAL","target":"CREATE"}],"#
+                + #""success":[{"request_put":{"key":"cmVtdXMvdzE=","lease":"5","value":"cHJpbWFyeTrDqQ=="}}]}"#)
+            #expect(String(decoding: EtcdCodec.encode(EtcdLeaseGrantRequest(TTL: EtcdInteger(3))), as: UTF8.self) == #"{"TTL":"3"}"#)
         }
 
-        @Test func encodesRequestsThatReadBack() throws {
-            let value = JSONValue.object([
-                "key": .string("a\"b\\c\n\u{1}é"), "TTL": .string("5"), "n": .number("12"),
-                "list": .array([.bool(true), .null, .object([:])]),
-            ])
-            #expect(value.encoded == #"{"TTL":"5","key":"a\"b\\c\n\u0001é","list":[true,null,{}],"n":12}"#)
-            #expect(try JSONReader.parse(raw(value.encoded)) == value)
-        }
-
-        @Test func base64MatchesRFC4648() {
+        @Test func base64OfKeysAndValues() {
             let vectors = ["": "", "f": "Zg==", "fo": "Zm8=", "foo": "Zm9v", "foob": "Zm9vYg==", "fooba": "Zm9vYmE=", "foobar": "Zm9vYmFy"]
             for (plain, encoded) in vectors {
-                #expect(Base64.encode(plain.utf8) == encoded)
-                #expect(Base64.decode(encoded) == Array(plain.utf8))
+                #expect(EtcdCodec.base64(plain) == encoded)
+                #expect(EtcdCodec.text(fromBase64: encoded) == plain)
             }
-            let all = (0...255).map { UInt8($0) }
-            #expect(Base64.decode(Base64.encode(all)) == all)
-            for bad in ["Zg=", "Z===", "Zg=a", "Zm9v\n", "Zh==", "Zm9=", "Zm-v", "=Zm9"] {
-                #expect(Base64.decode(bad) == nil, "accepted \(bad.debugDescription)")
+            for bad in ["Zg=", "Z===", "Zm-v", "=Zm9", "wyg="] {  // the last: valid base64 of invalid UTF-8
+                #expect(EtcdCodec.text(fromBase64: bad) == nil, "accepted \(bad.debugDescription)")
             }
         }
     }

@@ -105,7 +105,7 @@ public final class EtcdWitness: @unchecked Sendable {
         guard requestTimeoutMs > 0 else { throw .invalidURL(url: url, reason: "request timeout must be positive (got \(requestTimeoutMs) ms)") }
         self.endpoint = endpoint
         self.key = String(key)
-        self.keyBase64 = Base64.encode(key.utf8)
+        self.keyBase64 = EtcdCodec.base64(String(key))
         self.requestTimeoutMs = requestTimeoutMs
     }
 
@@ -191,8 +191,8 @@ public final class EtcdWitness: @unchecked Sendable {
 
     /// Who holds the key now (the owner string stored as its value), or nil if nobody does.
     public func holder() throws(WitnessError) -> String? {
-        let reply = try call("read key", "/kv/range", .object(["key": .string(keyBase64)]))
-        guard let kv = try firstKV(reply["kvs"], operation: "read key") else { return nil }
+        let reply = try call("read key", "/kv/range", EtcdKeyRequest(key: keyBase64))
+        guard let kv = try firstKV(reply.kvs, operation: "read key") else { return nil }
         return kv.owner
     }
 
@@ -245,11 +245,11 @@ public final class EtcdWitness: @unchecked Sendable {
 
     private func grant(ttlSeconds: Int) throws(WitnessError) -> (id: Int64, ttl: Int) {
         let operation = "grant lease"
-        let reply = try call(operation, "/lease/grant", .object(["TTL": .string(String(ttlSeconds))]))
-        if let text = reply["error"]?.stringValue, !text.isEmpty {
+        let reply = try call(operation, "/lease/grant", EtcdLeaseGrantRequest(TTL: EtcdInteger(Int64(ttlSeconds))))
+        if let text = reply.error?.message, !text.isEmpty {
             throw .httpStatus(endpoint: endpoint.description, operation: operation, status: 200, message: text)
         }
-        guard let id = reply["ID"]?.int64Value, id != 0, let ttl = reply["TTL"]?.int64Value, ttl > 0, ttl <= Int64(Int32.max) else {
+        guard let id = reply.ID?.value, id != 0, let ttl = reply.TTL?.value, ttl > 0, ttl <= Int64(Int32.max) else {
             throw .malformedResponse(endpoint: endpoint.description, operation: operation, detail: "no lease ID or TTL in the reply")
         }
         return (id, Int(ttl))
@@ -258,66 +258,53 @@ public final class EtcdWitness: @unchecked Sendable {
     /// Returns the TTL (s) etcd restored, 0 if the lease no longer exists.
     private func keepAlive(_ lease: Int64) throws(WitnessError) -> Int {
         let operation = "renew lease"
-        let reply = try call(operation, "/lease/keepalive", .object(["ID": .string(String(lease))]), stream: true)
-        guard let result = reply["result"], result["header"] != nil else {
+        let reply = try call(operation, "/lease/keepalive", EtcdLeaseRequest(ID: EtcdInteger(lease)), stream: true)
+        guard let result = reply.result, result.header != nil else {
             throw .malformedResponse(endpoint: endpoint.description, operation: operation, detail: "no result in the keepalive reply")
         }
-        if let id = result["ID"], id.int64Value != lease {
+        if let id = result.ID, id.value != lease {
             throw .malformedResponse(endpoint: endpoint.description, operation: operation, detail: "keepalive answered for another lease")
         }
         // Protobuf's JSON omits zero values: no TTL means TTL 0, the lease is gone.
-        guard let ttlValue = result["TTL"] else { return 0 }
-        guard let ttl = ttlValue.int64Value, ttl <= Int64(Int32.max) else {
-            throw .malformedResponse(endpoint: endpoint.description, operation: operation, detail: "TTL is not an integer")
+        guard let ttl = result.TTL?.value else { return 0 }
+        guard ttl <= Int64(Int32.max) else {
+            throw .malformedResponse(endpoint: endpoint.description, operation: operation, detail: "TTL \(ttl) is out of range")
         }
         return ttl > 0 ? Int(ttl) : 0
     }
 
     /// One transaction: if the key does not exist, put key=owner with `lease`. True if it did.
     private func putIfAbsent(owner: String, lease: Int64) throws(WitnessError) -> Bool {
-        let body = JSONValue.object([
-            "compare": .array([.object([
-                "target": .string("CREATE"), "result": .string("EQUAL"),
-                "key": .string(keyBase64), "create_revision": .string("0"),
-            ])]),
-            "success": .array([.object(["request_put": .object([
-                "key": .string(keyBase64), "value": .string(Base64.encode(owner.utf8)), "lease": .string(String(lease)),
-            ])])]),
-        ])
+        let body = EtcdTxnRequest(
+            compare: [.init(target: "CREATE", key: keyBase64, create_revision: EtcdInteger(0))],
+            success: [.init(request_put: .init(key: keyBase64, value: EtcdCodec.base64(owner), lease: EtcdInteger(lease)))])
         let reply = try call("acquire key", "/kv/txn", body)
         return try succeeded(reply, operation: "acquire key")
     }
 
     /// One transaction comparing the key's value with `owner` and its lease with `lease`.
     private func isOwned(by owner: String, lease: Int64) throws(WitnessError) -> Bool {
-        let body = JSONValue.object([
-            "compare": .array([
-                .object(["target": .string("VALUE"), "result": .string("EQUAL"),
-                         "key": .string(keyBase64), "value": .string(Base64.encode(owner.utf8))]),
-                .object(["target": .string("LEASE"), "result": .string("EQUAL"),
-                         "key": .string(keyBase64), "lease": .string(String(lease))]),
-            ]),
+        let body = EtcdTxnRequest(compare: [
+            .init(target: "VALUE", key: keyBase64, value: EtcdCodec.base64(owner)),
+            .init(target: "LEASE", key: keyBase64, lease: EtcdInteger(lease)),
         ])
         let reply = try call("check key ownership", "/kv/txn", body)
         return try succeeded(reply, operation: "check key ownership")
     }
 
-    private func succeeded(_ reply: JSONValue, operation: String) throws(WitnessError) -> Bool {
-        // "succeeded" is omitted when false; the header proves this is a transaction reply.
-        guard reply["header"] != nil else {
+    private func succeeded(_ reply: EtcdReply, operation: String) throws(WitnessError) -> Bool {
+        // "succeeded" is omitted when false (a non-boolean fails decoding); the header proves
+        // this is a transaction reply.
+        guard reply.header != nil else {
             throw .malformedResponse(endpoint: endpoint.description, operation: operation, detail: "no header in the txn reply")
         }
-        guard let value = reply["succeeded"] else { return false }
-        guard let flag = value.boolValue else {
-            throw .malformedResponse(endpoint: endpoint.description, operation: operation, detail: "'succeeded' is not a boolean")
-        }
-        return flag
+        return reply.succeeded ?? false
     }
 
     /// Revokes `lease`; a lease etcd no longer knows counts as revoked.
     private func revoke(_ lease: Int64) throws(WitnessError) {
         do {
-            _ = try call("revoke lease", "/lease/revoke", .object(["ID": .string(String(lease))]))
+            _ = try call("revoke lease", "/lease/revoke", EtcdLeaseRequest(ID: EtcdInteger(lease)))
         } catch .httpStatus(_, _, 404, _) {
             return  // gRPC NotFound: expired already
         }
@@ -325,7 +312,7 @@ public final class EtcdWitness: @unchecked Sendable {
 
     /// Deletes the key whoever holds it. Not part of the protocol: tests use it to take a key away.
     func deleteKey() throws(WitnessError) {
-        _ = try call("delete key", "/kv/deleterange", .object(["key": .string(keyBase64)]))
+        _ = try call("delete key", "/kv/deleterange", EtcdKeyRequest(key: keyBase64))
     }
 
     private struct KeyValue {
@@ -333,27 +320,22 @@ public final class EtcdWitness: @unchecked Sendable {
         var lease: Int64
     }
 
-    private func firstKV(_ kvs: JSONValue?, operation: String) throws(WitnessError) -> KeyValue? {
-        guard let kvs else { return nil }
-        guard let list = kvs.arrayValue else {
-            throw .malformedResponse(endpoint: endpoint.description, operation: operation, detail: "'kvs' is not an array")
-        }
-        guard let first = list.first else { return nil }
+    private func firstKV(_ kvs: [EtcdReply.KeyValue]?, operation: String) throws(WitnessError) -> KeyValue? {
+        // A 'kvs' that is not an array failed decoding already.
+        guard let first = kvs?.first else { return nil }
         // Empty values and lease 0 are omitted, like every zero value.
-        let valueText = first["value"]?.stringValue ?? ""
-        guard let bytes = Base64.decode(valueText), let owner = String(validating: bytes, as: UTF8.self) else {
+        guard let owner = EtcdCodec.text(fromBase64: first.value ?? "") else {
             throw .malformedResponse(endpoint: endpoint.description, operation: operation, detail: "the key's value is not base64-encoded UTF-8")
         }
-        let lease = first["lease"]?.int64Value ?? 0
-        return KeyValue(owner: owner, lease: lease)
+        return KeyValue(owner: owner, lease: first.lease?.value ?? 0)
     }
 
     // MARK: - Gateway
 
     /// POSTs `body` to the gateway at `path` (below the version prefix) and returns the reply
     /// object (for a streaming call, its first message). The prefix is found on first use.
-    private func call(_ operation: String, _ path: String, _ body: JSONValue, stream: Bool = false) throws(WitnessError) -> JSONValue {
-        let bytes = Array(body.encoded.utf8)
+    private func call(_ operation: String, _ path: String, _ body: some Encodable, stream: Bool = false) throws(WitnessError) -> EtcdReply {
+        let bytes = EtcdCodec.encode(body)
         if let prefix = stateLock.withLock({ gatewayPrefix }) {
             return try interpret(try post(prefix + path, bytes, operation), operation: operation, stream: stream)
         }
@@ -386,14 +368,14 @@ public final class EtcdWitness: @unchecked Sendable {
     /// A gRPC error the gateway turned into JSON (`{"error":…,"code":5}`), as opposed to the
     /// plain-text 404 of a route the server does not have.
     private func isGatewayError(_ response: HTTPResponse) -> Bool {
-        guard let values = try? JSONReader.parseStream(response.body), let first = values.first else { return false }
-        return first["code"] != nil || first["error"] != nil
+        guard let reply = try? EtcdCodec.decodeReply(response.body, firstMessageOnly: true) else { return false }
+        return reply.code != nil || reply.error != nil
     }
 
-    private func interpret(_ response: HTTPResponse, operation: String, stream: Bool) throws(WitnessError) -> JSONValue {
-        let reply: JSONValue?
+    private func interpret(_ response: HTTPResponse, operation: String, stream: Bool) throws(WitnessError) -> EtcdReply {
+        let reply: EtcdReply
         do {
-            reply = try JSONReader.parseStream(response.body).first
+            reply = try EtcdCodec.decodeReply(response.body, firstMessageOnly: stream)
         } catch {
             guard (200..<300).contains(response.status) else {
                 throw .httpStatus(endpoint: endpoint.description, operation: operation, status: response.status, message: "")
@@ -402,21 +384,19 @@ public final class EtcdWitness: @unchecked Sendable {
         }
         guard (200..<300).contains(response.status) else {
             throw .httpStatus(endpoint: endpoint.description, operation: operation, status: response.status,
-                              message: reply.map(errorMessage) ?? "")
-        }
-        guard let reply, case .object = reply else {
-            throw .malformedResponse(endpoint: endpoint.description, operation: operation, detail: "the reply is not a JSON object")
+                              message: errorMessage(reply))
         }
         // A streaming call reports errors inside a 200 answer: {"error":{"http_code":…,"message":…}}.
-        if stream, let error = reply["error"] {
-            let status = error["http_code"]?.int64Value.map { Int($0) } ?? 500
+        if stream, let error = reply.error {
+            var status = 500
+            if case .detail(let code?, _) = error, let known = Int(exactly: code) { status = known }
             throw .httpStatus(endpoint: endpoint.description, operation: operation, status: status, message: errorMessage(reply))
         }
         return reply
     }
 
-    private func errorMessage(_ reply: JSONValue) -> String {
-        let text = reply["message"]?.stringValue ?? reply["error"]?.stringValue ?? reply["error"]?["message"]?.stringValue ?? ""
+    private func errorMessage(_ reply: EtcdReply) -> String {
+        let text = reply.message ?? reply.error?.message ?? ""
         return String(text.prefix(300))
     }
 }
