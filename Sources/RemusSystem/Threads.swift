@@ -114,3 +114,39 @@ public func monotonicNanoseconds() -> UInt64 {
     clock_gettime(CLOCK_MONOTONIC, &now)
     return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
 }
+
+/// A cap on the clients a server answers at once, each on a thread of its own: one slow client
+/// never blocks the others, and a flood never makes the server hold more than `capacity` threads.
+///
+/// `@unchecked Sendable`: `busy` is guarded by `monitor`.
+public final class ClientSlots: @unchecked Sendable {
+    /// Most clients served at once.
+    public let capacity: Int
+    private let monitor = MonitorLock()
+    private var busy = 0
+
+    public init(capacity: Int) { self.capacity = capacity }
+
+    /// Runs `body` on a thread named `threadName` when a slot is free, and frees the slot when
+    /// `body` returns. Returns false, running nothing, when all `capacity` slots are taken.
+    public func serve(threadName: String, _ body: @escaping @Sendable () -> Void) -> Bool {
+        let admitted = monitor.withLock {
+            guard busy < capacity else { return false }
+            busy += 1
+            return true
+        }
+        guard admitted else { return false }
+        startThread(name: threadName) { [self] in
+            defer { monitor.withLock { busy -= 1; monitor.broadcast() } }
+            body()
+        }
+        return true
+    }
+
+    /// Waits until no client is being served, or until `deadline` (monotonic ns) passes.
+    public func waitUntilIdle(untilMonotonic deadline: UInt64) {
+        monitor.withLock {
+            while busy > 0 && monotonicNanoseconds() < deadline { _ = monitor.wait(untilMonotonic: deadline) }
+        }
+    }
+}

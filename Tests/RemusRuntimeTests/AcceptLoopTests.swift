@@ -4,10 +4,6 @@ import RemusDrill  // freePorts, waitForFile
 import RemusTestSupport
 import Testing
 
-private var remusdPath: String {
-    URL(fileURLWithPath: ProcessEnvironment.executablePath).deletingLastPathComponent().appendingPathComponent("remusd").path
-}
-
 @Suite("The backup's accept loop", .serialized)
 struct AcceptLoopTests {
     @Test("Out of descriptors (prlimit --nofile=64, 80 connections) the backup keeps listening; a real primary is protected afterwards",
@@ -19,7 +15,7 @@ struct AcceptLoopTests {
         let port = try freePorts(1)[0]
         let env = ["REMUSD_RUN_DIR": dir]
         let backup = try ChildProcess(
-            arguments: ["/usr/bin/prlimit", "--nofile=64:64", remusdPath, "receive", "--listen", "127.0.0.1:\(port)",
+            arguments: ["/usr/bin/prlimit", "--nofile=64:64", remusdBinary, "receive", "--listen", "127.0.0.1:\(port)",
                         "--heartbeat", "50", "--timeout", "300", "--unsafe-no-fence", "--status-socket", dir + "/backup.sock"],
             outputFile: dir + "/backup.log", environment: env)
         defer { backup.signal(SIGKILL); backup.wait() }
@@ -41,7 +37,7 @@ struct AcceptLoopTests {
         held.removeAll()
 
         let primary = try ChildProcess(
-            arguments: [remusdPath, "protect", "g", "127.0.0.1:\(port)", "--sim-memory", "64", "--interval", "50",
+            arguments: [remusdBinary, "protect", "g", "127.0.0.1:\(port)", "--sim-memory", "64", "--interval", "50",
                         "--heartbeat", "50", "--timeout", "300", "--status-socket", dir + "/g.sock"],
             outputFile: dir + "/primary.log", environment: env)
         defer { primary.signal(SIGKILL); primary.wait() }

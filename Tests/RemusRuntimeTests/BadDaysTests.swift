@@ -5,10 +5,6 @@ import RemusDrill  // freePorts, waitForFile
 import Testing
 import RemusTestSupport
 
-private var remusdPath: String {
-    URL(fileURLWithPath: ProcessEnvironment.executablePath).deletingLastPathComponent().appendingPathComponent("remusd").path
-}
-
 /// A receive/protect pair on loopback, each a real remusd process.
 private struct Pair {
     let directory: String
@@ -21,12 +17,12 @@ private struct Pair {
         let port = try freePorts(1)[0]
         let env = ["REMUSD_RUN_DIR": dir]
         let backup = try ChildProcess(
-            arguments: [remusdPath, "receive", "--listen", "127.0.0.1:\(port)", "--heartbeat", "50", "--timeout", "300",
+            arguments: [remusdBinary, "receive", "--listen", "127.0.0.1:\(port)", "--heartbeat", "50", "--timeout", "300",
                         "--status-socket", dir + "/backup.sock"] + backupArguments,
             outputFile: dir + "/backup.log", environment: env)
         try waitForFile(dir + "/backup.sock", what: "the backup", deadlineMs: 10_000)
         let primary = try ChildProcess(
-            arguments: [remusdPath, "protect", "g", "127.0.0.1:\(port)", "--sim-memory", "128", "--interval", "50",
+            arguments: [remusdBinary, "protect", "g", "127.0.0.1:\(port)", "--sim-memory", "128", "--interval", "50",
                         "--heartbeat", "50", "--timeout", "300", "--status-socket", dir + "/g.sock"] + primaryArguments,
             outputFile: dir + "/primary.log", environment: env)
         return Pair(directory: dir, backup: backup, primary: primary)
@@ -45,7 +41,7 @@ private struct Pair {
 @Suite("Bad days, with real processes", .serialized)
 struct BadDaysTests {
     @Test func drillSurvivesEveryFaultInTurn() throws {
-        let (status, output) = try runTestShell("'\(remusdPath)' drill --failovers 5 --seed 21 --quiet --sim-memory 128 --fault crash switchover silence backup-kill overload 2>&1")
+        let (status, output) = try runTestShell("'\(remusdBinary)' drill --failovers 5 --seed 21 --quiet --sim-memory 128 --fault crash switchover silence backup-kill overload 2>&1")
         #expect(status == 0, "\(output)")
         #expect(output.contains("drill: 5 passed, 0 failed"))
     }
@@ -55,7 +51,7 @@ struct BadDaysTests {
     func partitionWithAWitnessLeavesExactlyOneRunningCopy() throws {
         // Each partition round cuts the primary off from its backup and from etcd; the drill checks
         // the primary self-fenced before the backup activated, then verifies the takeover as usual.
-        let (status, output) = try runTestShell("'\(remusdPath)' drill --failovers 4 --seed 33 --quiet --sim-memory 128 --fault partition crash 2>&1")
+        let (status, output) = try runTestShell("'\(remusdBinary)' drill --failovers 4 --seed 33 --quiet --sim-memory 128 --fault partition crash 2>&1")
         #expect(status == 0, "\(output)")
         #expect(output.contains("drill: 4 passed, 0 failed"))
         #expect(output.components(separatedBy: "primary self-fenced").count - 1 == 2, "\(output)")
@@ -65,7 +61,7 @@ struct BadDaysTests {
         let pair = try Pair.start(primaryArguments: [])
         defer { pair.stop() }
         #expect(eventually(deadline: .after(seconds: 20)) { pair.status("g").contains("state: PROTECTED") })
-        let (rc, reply) = try runTestShell("REMUSD_RUN_DIR='\(pair.directory)' '\(remusdPath)' stop g 2>&1")
+        let (rc, reply) = try runTestShell("REMUSD_RUN_DIR='\(pair.directory)' '\(remusdBinary)' stop g 2>&1")
         #expect(rc == 0 && reply.contains("the backup discards its image"), "\(reply)")
         #expect(eventually(deadline: .after(seconds: 10)) { pair.log("backup").contains("will not be activated") })
         // Long past the timeout, with --unsafe-no-fence, it still has not activated.
@@ -103,7 +99,7 @@ struct BadDaysTests {
         #expect(eventually(deadline: .after(seconds: 10)) { pair.status("backup").contains("waiting for 'remusd failover --activate'") },
                 "\(pair.status("backup"))\n\(pair.log("backup"))")
         #expect(!pair.log("backup").contains("ACTIVATED"))
-        let (rc, reply) = try runTestShell("REMUSD_RUN_DIR='\(pair.directory)' '\(remusdPath)' failover --activate --socket '\(pair.directory)/backup.sock' 2>&1")
+        let (rc, reply) = try runTestShell("REMUSD_RUN_DIR='\(pair.directory)' '\(remusdBinary)' failover --activate --socket '\(pair.directory)/backup.sock' 2>&1")
         #expect(rc == 0, "\(reply)")
         #expect(eventually(deadline: .after(seconds: 10)) { pair.log("backup").contains("ACTIVATED") })
     }

@@ -3,10 +3,6 @@ import Foundation
 import RemusTestSupport
 import Testing
 
-private var remusdPath: String {
-    URL(fileURLWithPath: ProcessEnvironment.executablePath).deletingLastPathComponent().appendingPathComponent("remusd").path
-}
-
 /// A fresh directory of ours (0700), removed by `cleanup`.
 private func scratchDirectory() throws -> String {
     var template = Array("/tmp/remusd-ctl-XXXXXX".utf8CString)
@@ -89,7 +85,7 @@ struct ControlSocketTests {
         defer { socket.remove() }
         chmod(dir + "/p.sock", 0o666)
         let (_, output) = try runTestShell(
-            "setpriv --reuid=65534 --regid=65534 --clear-groups '\(remusdPath)' status --socket '\(dir)/p.sock' 2>&1", timeoutMs: 20_000)
+            "setpriv --reuid=65534 --regid=65534 --clear-groups '\(remusdBinary)' status --socket '\(dir)/p.sock' 2>&1", timeoutMs: 20_000)
         #expect(output.contains("refused: uid 65534 may not use this daemon's control socket"), "\(output)")
         #expect(!output.contains("secret status"))
         #expect(commands.value == 0)

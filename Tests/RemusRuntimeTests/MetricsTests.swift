@@ -6,12 +6,6 @@ import RemusDrill  // MetricsScrape, PrometheusText, freePorts
 import RemusTestSupport
 import Testing
 
-/// The built `remusd` next to the test bundle.
-private var remusdPath: String {
-    let bundle = URL(fileURLWithPath: ProcessEnvironment.executablePath).deletingLastPathComponent()
-    return bundle.appendingPathComponent("remusd").path
-}
-
 private func temporaryDirectory() throws -> String {
     let path = NSTemporaryDirectory() + "remusd-metrics-\(UUID().uuidString.prefix(8))"
     try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
@@ -35,12 +29,12 @@ struct MetricsProcessTests {
             backupMetrics = Endpoint(host: "127.0.0.1", port: ports[2])
             let env = ["REMUSD_RUN_DIR": directory]
             backup = try ChildProcess(
-                arguments: [remusdPath, "receive", "--listen", "127.0.0.1:\(ports[0])", "--unsafe-no-fence",
+                arguments: [remusdBinary, "receive", "--listen", "127.0.0.1:\(ports[0])", "--unsafe-no-fence",
                             "--metrics-listen", "\(backupMetrics)", "--status-socket", directory + "/backup.sock"],
                 outputFile: directory + "/backup.log", environment: env)
             try waitForFile(directory + "/backup.sock", what: "the backup to listen", deadlineMs: 10_000)
             primary = try ChildProcess(
-                arguments: [remusdPath, "protect", "metrics-guest", "127.0.0.1:\(ports[0])", "--backend", "sim",
+                arguments: [remusdBinary, "protect", "metrics-guest", "127.0.0.1:\(ports[0])", "--backend", "sim",
                             "--sim-memory", "32", "--interval", "20", "--metrics-listen", "\(primaryMetrics)",
                             "--status-socket", directory + "/primary.sock"],
                 outputFile: directory + "/primary.log", environment: env)

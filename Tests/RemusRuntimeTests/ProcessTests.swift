@@ -6,12 +6,6 @@ import RemusSim
 import RemusTestSupport
 import Testing
 
-/// The built `remusd` next to the test bundle.
-private var remusdPath: String {
-    let bundle = URL(fileURLWithPath: ProcessEnvironment.executablePath).deletingLastPathComponent()
-    return bundle.appendingPathComponent("remusd").path
-}
-
 private func temporaryDirectory() throws -> String {
     let path = NSTemporaryDirectory() + "remusd-test-\(UUID().uuidString.prefix(8))"
     try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
@@ -20,7 +14,7 @@ private func temporaryDirectory() throws -> String {
 
 /// Runs remusd to completion; returns exit code and combined output.
 private func runRemusd(_ arguments: [String]) throws -> (Int32, String) {
-    let quoted = ([remusdPath] + arguments).map { "'\($0)'" }.joined(separator: " ")
+    let quoted = ([remusdBinary] + arguments).map { "'\($0)'" }.joined(separator: " ")
     return try runTestShell(quoted + " 2>&1")
 }
 
@@ -84,7 +78,7 @@ private struct Backup {
         let dir = try temporaryDirectory()
         let port = try freePorts(1)[0]
         let process = try ChildProcess(
-            arguments: [remusdPath, "receive", "--listen", "127.0.0.1:\(port)", "--unsafe-no-fence",
+            arguments: [remusdBinary, "receive", "--listen", "127.0.0.1:\(port)", "--unsafe-no-fence",
                         "--heartbeat", "50", "--timeout", "\(timeoutMs)", "--activation-report", dir + "/activation",
                         "--status-socket", dir + "/backup.sock"],
             outputFile: dir + "/backup.log", environment: ["REMUSD_RUN_DIR": dir])

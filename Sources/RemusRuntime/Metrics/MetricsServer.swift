@@ -8,7 +8,7 @@ import Glibc
 /// and `maxRequestBytes` (else 408 or 431); one request per connection (`Connection: close`).
 /// Rendering takes the statistics lock only for a copy-sized moment.
 ///
-/// `@unchecked Sendable`: the listener is immutable; `serving` is guarded by `monitor`.
+/// `@unchecked Sendable`: the listener and the client slots are immutable references.
 public final class MetricsServer: @unchecked Sendable {
     /// Clients served at once.
     public static let maxClients = 4
@@ -22,8 +22,7 @@ public final class MetricsServer: @unchecked Sendable {
     private let listener: TCPListener
     /// Where it listens (the bound port when asked for port 0).
     public let endpoint: Endpoint
-    private let monitor = MonitorLock()
-    private var serving = 0
+    private let slots = ClientSlots(capacity: MetricsServer.maxClients)
 
     /// - Parameter render: the metrics text, called on a client's thread for each `GET /metrics`.
     public init(listen: Endpoint, render: @escaping @Sendable () -> [UInt8]) throws {
@@ -46,20 +45,11 @@ public final class MetricsServer: @unchecked Sendable {
                 sleepNanoseconds(100_000_000)
                 continue
             }
-            let admitted = monitor.withLock {
-                guard serving < Self.maxClients else { return false }
-                serving += 1
-                return true
-            }
-            guard admitted else {
+            let admitted = slots.serve(threadName: "metrics-client") { [self] in serve(client, render: render) }
+            if !admitted {
                 client.setSendTimeout(nanoseconds: 200_000_000)
                 try? client.write(Self.response(status: "503 Service Unavailable", body: Array("busy: \(Self.maxClients) metrics clients are being served; try again\n".utf8)))
                 client.shutdown()
-                continue
-            }
-            startThread(name: "metrics-client") { [self] in
-                defer { monitor.withLock { serving -= 1 } }
-                serve(client, render: render)
             }
         }
     }

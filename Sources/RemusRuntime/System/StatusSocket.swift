@@ -81,12 +81,11 @@ public struct ControlSocketError: Error, CustomStringConvertible, Sendable {
 /// The socket is 0600 whatever the umask; a client whose uid is neither root nor ours is
 /// refused (SO_PEERCRED); each client has its own thread and a read deadline, and at most
 /// `maxClients` are served at once, so one idle client never blocks `remusd stop`.
-public final class StatusSocket: @unchecked Sendable {  // listener and path are immutable; `serving` is guarded by `monitor`
+public final class StatusSocket: @unchecked Sendable {  // listener, path and client slots are immutable references
     private let listener: UnixListener
     public let path: String
-    /// Requests being answered now (guarded by `monitor`), so a daemon can finish its replies before exiting.
-    private let monitor = MonitorLock()
-    private var serving = 0
+    /// The clients being answered now, so a daemon can finish its replies before exiting.
+    private let slots = ClientSlots(capacity: StatusSocket.maxClients)
 
     /// Clients served at once; more are told to retry.
     public static let maxClients = 8
@@ -131,22 +130,15 @@ public final class StatusSocket: @unchecked Sendable {  // listener and path are
                 try? client.write(Array(reply.utf8), until: quick)
                 continue
             }
-            let admitted = monitor.withLock {
-                guard serving < Self.maxClients else { return false }
-                serving += 1
-                return true
-            }
-            guard admitted else {
-                try? client.write(Array("busy: \(Self.maxClients) control clients are being served; try again\n".utf8), until: quick)
-                continue
-            }
-            startThread(name: "status-client") { [self] in
-                defer { monitor.withLock { serving -= 1; monitor.broadcast() } }
+            let admitted = slots.serve(threadName: "status-client") {
                 // A status reader sends nothing and half-closes; a control client sends one line.
                 guard let received = try? client.readLine(limit: 256, until: .after(milliseconds: Self.readDeadlineMs)) else { return }
                 let line = String(decoding: received, as: UTF8.self).trimmingWhitespace()
                 let reply = line.isEmpty ? snapshot() : command(line)
                 try? client.write(Array(reply.utf8), until: .after(milliseconds: Self.readDeadlineMs))
+            }
+            if !admitted {
+                try? client.write(Array("busy: \(Self.maxClients) control clients are being served; try again\n".utf8), until: quick)
             }
         }
     }
@@ -154,9 +146,7 @@ public final class StatusSocket: @unchecked Sendable {  // listener and path are
     /// Removes the socket file, after the replies in progress (at most `timeoutMs`) went out.
     public func remove(timeoutMs: UInt64 = 1000) {
         let deadline = monotonicNanoseconds() + timeoutMs * 1_000_000
-        monitor.withLock {
-            while serving > 0 && monotonicNanoseconds() < deadline { monitor.wait(untilMonotonic: deadline) }
-        }
+        slots.waitUntilIdle(untilMonotonic: deadline)
         unlink(path)
     }
 
