@@ -123,8 +123,10 @@ public final class UnixConnection: Sendable {
         return received
     }
 
-    /// One read of at most `count` bytes; empty at end of input.
-    private func read(upTo count: Int, until deadline: Deadline) throws(SystemError) -> [UInt8] {
+    /// One read of at most `count` bytes (4096 at most per call), waiting until some arrive;
+    /// empty at end of input. Throws ETIMEDOUT when the deadline passes first. For protocols
+    /// that frame their own messages (QMP's lines may arrive several to a read).
+    public func read(upTo count: Int, until deadline: Deadline) throws(SystemError) -> [UInt8] {
         var buffer = [UInt8](repeating: 0, count: min(count, 4096))
         let fd = descriptor.raw
         while true {
