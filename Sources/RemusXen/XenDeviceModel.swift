@@ -20,8 +20,20 @@ protocol XenDeviceModel: AnyObject, Sendable {
 
 /// Opens the device model of HVM domain `domid` (libxl's QMP socket,
 /// `/var/run/xen/qmp-libxl-<domid>`); every call it makes ends within `deadlineNs`.
+///
+/// Refuses, before anything changes, a device model remusd cannot drive: QEMU in a stub domain,
+/// qemu-xen-traditional, or a monitor that does not answer.
 func openDeviceModel(domid: UInt32, log: XenLog, deadlineNs: UInt64) throws -> any XenDeviceModel {
-    // Interface first, so the save path and the QMP client can be written side by side; the
-    // QMP client replaces this body.
-    throw XenBackendError("domain \(domid) has a QEMU device model, which this build cannot drive yet; nothing was changed")
+    let store = try XenStoreDeviceModelStore(log: log)
+    if let stubdom = store.read("/local/domain/\(domid)/image/device-model-domid"), stubdom != "0" {
+        throw XenBackendError("domain \(domid)'s device model runs in stub domain \(stubdom), which remusd cannot checkpoint; nothing was changed. Protect an HVM guest whose QEMU runs in dom0 (no device_model_stubdomain_override)")
+    }
+    if let version = store.read("/libxl/\(domid)/dm-version"), version != "qemu_xen" {
+        throw XenBackendError("domain \(domid)'s device model is \(version); remusd drives upstream QEMU (qemu_xen) only; nothing was changed")
+    }
+    let model = QMPDeviceModel(
+        domid: domid, socketPath: QMPDeviceModel.socketPath(domid: domid),
+        stateFilePath: QMPDeviceModel.stateFilePath(domid: domid), deadlineNs: deadlineNs, store: store)
+    _ = try model.probe()
+    return model
 }

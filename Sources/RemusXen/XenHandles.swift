@@ -93,6 +93,16 @@ public final class XenStoreConnection {
         let bytes = UnsafeRawBufferPointer(start: value, count: Int(length))
         return String(decoding: bytes, as: UTF8.self)
     }
+
+    /// The names of a key's children outside a transaction; nil when the key does not exist.
+    public func directory(_ path: String) -> [String]? {
+        var count: UInt32 = 0
+        guard let names = cxen_xs_directory(handle, xs_transaction_t(XBT_NULL), path, &count) else { return nil }
+        // SAFETY: xs_directory returns one malloc'd block: `count` pointers to NUL-terminated
+        // strings stored in the same block, freed together by one free.
+        defer { free(names) }
+        return (0..<Int(count)).compactMap { names[$0].map { String(cString: $0) } }
+    }
 }
 
 /// An open event channel interface (`xenevtchn_handle *`, /dev/xen/evtchn).

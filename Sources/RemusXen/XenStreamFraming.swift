@@ -4,7 +4,8 @@
 // around it itself. The structs are private to Xen; these are our own definitions.
 
 /// The libxl (v2) records remusd writes: the stream header, the record that hands the stream to
-/// libxenguest, and the end of each checkpoint. A PV guest's checkpoint has no emulator records.
+/// libxenguest, and the end of each checkpoint. A PV or PVH guest's checkpoint has no emulator
+/// records; an HVM guest's carries its device model's (EMULATOR_XENSTORE_DATA, EMULATOR_CONTEXT).
 public enum LibxlStream {
     /// libxl's stream header: ident "LibxlFmt", version 2, options 0, all big-endian (16 bytes).
     public static let header: [UInt8] = Array("LibxlFmt".utf8) + [0, 0, 0, 2] + [0, 0, 0, 0]
@@ -21,6 +22,84 @@ public enum LibxlStream {
     /// A body-less record: type and length as little-endian u32s.
     static func record(type: UInt32) -> [UInt8] {
         withUnsafeBytes(of: type.littleEndian) { Array($0) } + [0, 0, 0, 0]
+    }
+
+    // MARK: HVM: the device model's records
+
+    /// EMULATOR_XENSTORE_DATA: the device model's xenstore keys.
+    public static let emulatorXenStoreDataType: UInt32 = 2
+    /// EMULATOR_CONTEXT: the device model's saved state, opaque to libxl.
+    public static let emulatorContextType: UInt32 = 3
+    /// The emulator id of upstream QEMU ("qemu-xen"), the only device model remusd drives.
+    public static let emulatorQEMUUpstream: UInt32 = 2
+
+    /// One xenstore key of the device model, relative to
+    /// `/local/domain/<dm domid>/device-model/<domid>/`, and its value.
+    public struct XenStorePair: Sendable, Equatable {
+        public var key: String
+        public var value: String
+        public init(key: String, value: String) {
+            self.key = key
+            self.value = value
+        }
+    }
+
+    /// The device-model keys libxl saves with an HVM guest (libxl__save_emulator_xenstore_data):
+    /// for each child of `physmap` (QEMU's record of guest-physical ranges it remapped, e.g.
+    /// VRAM), its `start_addr`, `size` and `name`, in the listing's order. `read` reads a key
+    /// relative to the device model's directory. No children, no pairs. A child without one of
+    /// the three keys fails the save, as it does in libxl: the backup's QEMU would restore a
+    /// mapping it cannot place.
+    public static func emulatorXenStorePairs(
+        physmapEntries: [String], read: (String) -> String?
+    ) throws(XenBackendError) -> [XenStorePair] {
+        var pairs: [XenStorePair] = []
+        for entry in physmapEntries {
+            for field in ["start_addr", "size", "name"] {
+                let key = "physmap/\(entry)/\(field)"
+                guard let value = read(key) else {
+                    throw XenBackendError("the device model's xenstore key \(key) disappeared while it was read (physmap entry \(entry) has no \(field))")
+                }
+                pairs.append(XenStorePair(key: key, value: value))
+            }
+        }
+        return pairs
+    }
+
+    /// EMULATOR_XENSTORE_DATA (type 2) for QEMU upstream: the emulator sub-header {id 2,
+    /// index 0}, then each key and value NUL-terminated, padded to 8 bytes. Empty (no record at
+    /// all, as libxl writes none) when there are no pairs. A value is cut at a NUL, as libxl's
+    /// strlen would; keys are built by remusd and never hold one.
+    public static func emulatorXenStoreData(_ pairs: [XenStorePair]) -> [UInt8] {
+        guard !pairs.isEmpty else { return [] }
+        var data: [UInt8] = []
+        for pair in pairs {
+            data += pair.key.utf8.prefix(while: { $0 != 0 }) + [0]
+            data += pair.value.utf8.prefix(while: { $0 != 0 }) + [0]
+        }
+        return emulatorRecord(type: emulatorXenStoreDataType, data: data[...])
+    }
+
+    /// EMULATOR_CONTEXT (type 3) for QEMU upstream: the emulator sub-header {id 2, index 0},
+    /// then QEMU's saved device state as it is, padded to 8 bytes.
+    public static func emulatorContext(_ state: ArraySlice<UInt8>) -> [UInt8] {
+        emulatorRecord(type: emulatorContextType, data: state)
+    }
+
+    /// A record with the emulator sub-header: `{u32 type, u32 length}` where length counts the
+    /// sub-header and the data (not the padding), `{u32 emulator_id, u32 index}`, the data,
+    /// zeros up to a multiple of 8. All little-endian (x86).
+    static func emulatorRecord(type: UInt32, data: ArraySlice<UInt8>) -> [UInt8] {
+        let length = 8 + data.count
+        precondition(length <= Int(UInt32.max), "an emulator record over 4 GiB")
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(8 + ((length + 7) & ~7))
+        for field in [type, UInt32(length), emulatorQEMUUpstream, 0] {
+            withUnsafeBytes(of: field.littleEndian) { bytes += $0 }
+        }
+        bytes += data
+        bytes += repeatElement(0, count: (8 - length % 8) % 8)
+        return bytes
     }
 }
 

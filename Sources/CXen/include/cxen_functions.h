@@ -50,6 +50,8 @@
         (struct xs_handle *h, xs_transaction_t t, const char *path, unsigned int *len), (h, t, path, len)) \
     CXEN_FN(CXEN_LIB_STORE, bool, xs_write, \
         (struct xs_handle *h, xs_transaction_t t, const char *path, const void *data, unsigned int len), (h, t, path, data, len)) \
+    CXEN_FN(CXEN_LIB_STORE, char **, xs_directory, \
+        (struct xs_handle *h, xs_transaction_t t, const char *path, unsigned int *num), (h, t, path, num)) \
     CXEN_FN(CXEN_LIB_EVTCHN, xenevtchn_handle *, xenevtchn_open, (struct xentoollog_logger *logger, unsigned int flags), (logger, flags)) \
     CXEN_FN(CXEN_LIB_EVTCHN, int, xenevtchn_close, (xenevtchn_handle *xce), (xce)) \
     CXEN_FN(CXEN_LIB_FOREIGNMEMORY, xenforeignmemory_handle *, xenforeignmemory_open, \
