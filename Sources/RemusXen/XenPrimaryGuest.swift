@@ -37,6 +37,9 @@ public final class XenPrimaryGuest: StreamingGuest, @unchecked Sendable {
     let control: XenControl
     let light: XenLight
     private var session: SaveSession?
+    /// An HVM guest's device model, opened with the domain (so that one that does not answer
+    /// refuses protection before anything is set up) and handed to the first save.
+    private var openedDeviceModel: (any XenDeviceModel)?
     /// Paused by `suspend()` outside a checkpoint (self-fencing), to be unpaused by `resume()`.
     private var pausedOutsideCheckpoint = false
     /// How long the guest may take to suspend, and libxenguest to write a checkpoint.
@@ -70,6 +73,10 @@ public final class XenPrimaryGuest: StreamingGuest, @unchecked Sendable {
         let paging = XenPagingSupport(capabilities: try control.physicalCapabilities())
         log.note("\(kind) guest; hypervisor paging: shadow \(paging.shadow ? "yes" : "no"), HAP \(paging.hap ? "yes" : "no")", domid: id)
         if let refusal = paging.refusal(kind: kind, domain: domain, version: try control.version()) { throw refusal }
+        if kind == .hvm {
+            log.note("opening the device model (QMP)", domid: id)
+            openedDeviceModel = try openDeviceModel(domid: id, log: log, deadlineNs: deadlineNs)
+        }
         domid = id
         descriptor = GuestDescriptor(name: domain, uuid: info.uuid, backend: .xen, pageSize: 4096, pageCount: max(1, info.maxPages))
     }
@@ -90,7 +97,9 @@ public final class XenPrimaryGuest: StreamingGuest, @unchecked Sendable {
     public func startStream() throws {
         session?.end(control: control)
         session = nil
-        session = try SaveSession(domid: domid, kind: kind, log: log, deadlineNs: deadlineNs)
+        let deviceModel = openedDeviceModel
+        openedDeviceModel = nil
+        session = try SaveSession(domid: domid, kind: kind, deviceModel: deviceModel, log: log, deadlineNs: deadlineNs)
     }
 
     public func nextLiveBytes(maxBytes: Int) throws -> [UInt8]? {
@@ -225,9 +234,10 @@ final class SaveSession: @unchecked Sendable {
     /// The device model's records of the checkpoint being taken, for `readCheckpoint`.
     private var emulatorRecords: [UInt8] = []
 
-    /// Sets the save up and starts it. Throws, with the guest untouched, when the device model
-    /// does not answer, the suspend event channel cannot be bound, or the guest sleeps.
-    init(domid: UInt32, kind: XenGuestKind, log: XenLog, deadlineNs: UInt64) throws {
+    /// Sets the save up and starts it; an HVM guest's device model is `deviceModel`, or opened
+    /// here when nil. Throws, with the guest untouched, when the device model does not answer,
+    /// the suspend event channel cannot be bound, or the guest sleeps.
+    init(domid: UInt32, kind: XenGuestKind, deviceModel opened: (any XenDeviceModel)?, log: XenLog, deadlineNs: UInt64) throws {
         self.domid = domid
         self.kind = kind
         self.log = log
@@ -236,8 +246,14 @@ final class SaveSession: @unchecked Sendable {
         store = try XenStoreConnection(log: log)
         events = try XenEventChannels(log: log)
         if kind == .hvm {
-            log.note("opening the device model (QMP)", domid: domid)
-            deviceModel = CheckpointDeviceModel(try openDeviceModel(domid: domid, log: log, deadlineNs: deadlineNs), domid: domid)
+            let model: any XenDeviceModel
+            if let opened {
+                model = opened
+            } else {
+                log.note("opening the device model (QMP)", domid: domid)
+                model = try openDeviceModel(domid: domid, log: log, deadlineNs: deadlineNs)
+            }
+            deviceModel = CheckpointDeviceModel(model, domid: domid)
         } else {
             deviceModel = nil
         }
