@@ -82,8 +82,11 @@ public final class XenPrimaryGuest: StreamingGuest, @unchecked Sendable {
     }
 
     /// E.g. `'guest' (PVH, 128 MiB)`: what is protected, for the log and status.
-    public var summary: String {
-        "'\(descriptor.name)' (\(kind), \(descriptor.pageCount * UInt64(descriptor.pageSize) >> 20) MiB)"
+    public var summary: String { Self.summary(of: descriptor, kind: kind) }
+
+    /// E.g. `'guest' (PVH, 128 MiB)` for a guest of 32768 pages of 4 KiB.
+    static func summary(of guest: GuestDescriptor, kind: XenGuestKind) -> String {
+        "'\(guest.name)' (\(kind), \((guest.pageCount * UInt64(guest.pageSize)) >> 20) MiB)"
     }
 
     deinit { session?.end(control: control) }

@@ -1,4 +1,5 @@
 import CXen
+import RemusCore
 @testable import RemusXen
 import Testing
 
@@ -45,6 +46,14 @@ struct XenGuestKindTests {
             #expect(error.description.contains("device_model_version = \"qemu-xen\""))
             #expect(error.description.contains("Nothing was changed"))
         }
+    }
+
+    @Test("The guest is reported by name, kind and memory")
+    func summaryLine() {
+        let guest = GuestDescriptor(name: "guest", uuid: GuestUUID(high: 1, low: 2), backend: .xen, pageSize: 4096, pageCount: 32768)
+        #expect(XenPrimaryGuest.summary(of: guest, kind: .pvh) == "'guest' (PVH, 128 MiB)")
+        let big = GuestDescriptor(name: "db", uuid: GuestUUID(high: 1, low: 2), backend: .xen, pageSize: 4096, pageCount: 1 << 20)
+        #expect(XenPrimaryGuest.summary(of: big, kind: .hvm) == "'db' (HVM, 4096 MiB)")
     }
 
     // MARK: - paging
