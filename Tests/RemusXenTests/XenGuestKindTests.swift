@@ -269,7 +269,7 @@ struct XenGuestKindTests {
             let type = bytes[at..<(at + 4)].reversed().reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
             let length = Int(bytes[(at + 4)..<(at + 8)].reversed().reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
             types.append(type)
-            at += 8 + (length + 7) & ~7
+            at += 8 + ((length + 7) & ~7)
         }
         #expect(at == bytes.count)
         return types
