@@ -1,17 +1,22 @@
 import RemusCore
 import RemusNetbuf
+import RemusSystem
 import RemusXen
 
 /// Builds the Xen backend's primary and replica for the backend factory.
 enum XenBackend {
-    /// Checks this is a Xen 4.17 dom0, opens the domain and buffers its vifs: plug qdiscs on
-    /// every vif of the domain (guest egress is dom0 ingress on the vif), unless output is not
-    /// held (`--unsafe --no-netbuf`). Nothing is changed on the domain when this throws. Once
-    /// protection is over the guest runs on here without its checkpointed save and with its vifs
-    /// unbuffered again.
+    /// Checks this is a dom0 of the Xen release this build is for, opens the domain (PV, PVH
+    /// or HVM; a PV guest is refused where the hypervisor has no shadow paging) and buffers its
+    /// vifs: plug qdiscs on every vif of the domain (guest egress is dom0 ingress on the vif),
+    /// unless output is not held (`--unsafe --no-netbuf`). Nothing is changed on the domain
+    /// when this throws. Once protection is over the guest runs on here without its
+    /// checkpointed save and with its vifs unbuffered again.
     static func openPrimary(_ config: ProtectConfiguration) throws -> OpenedGuest {
         let domain = config.domain
-        let log = XenLog(echoLevel: .error)
+        // remusd's own Xen steps: the choices at info (e.g. how the guest is suspended), every
+        // step with REMUSD_XEN_DEBUG=1 (the testbed's logs).
+        let debug = ProcessEnvironment.current["REMUSD_XEN_DEBUG"].map { !$0.isEmpty && $0 != "0" } ?? false
+        let log = XenLog(echoLevel: .error, noteEchoLevel: debug ? .debug : .info)
         do {
             _ = try XenHost.detect(log: log)
         } catch {
@@ -35,7 +40,7 @@ enum XenBackend {
             }
         }
         let held = plug.map { p in p.attachments.map { "\($0.interface) (\($0.ifbName))" }.joined(separator: ", ") }
-        Log.info("Xen domain '\(domain)' (id \(guest.domid)); " + (held.map { "output held by plug qdiscs on \($0)" } ?? "output NOT held (--unsafe --no-netbuf)"))
+        Log.info("protecting \(guest.summary), Xen domain id \(guest.domid); " + (held.map { "output held by plug qdiscs on \($0)" } ?? "output NOT held (--unsafe --no-netbuf)"))
         return OpenedGuest(guest: guest, output: output, close: {
             guest.endProtection()
             if let plug {
@@ -49,7 +54,7 @@ enum XenBackend {
         do {
             return try XenReplica(log: XenLog(echoLevel: .error))
         } catch {
-            throw ProtocolError("this backup cannot receive a Xen guest: \(error). It must run as root in dom0 of Xen 4.17 with xenstored running (see Docs/xen.md)")
+            throw ProtocolError("this backup cannot receive a Xen guest: \(error). It must run as root in dom0 of Xen \(XenLibraries.release) with xenstored running (see Docs/xen.md)")
         }
     }
 }

@@ -44,8 +44,36 @@ struct XenDomainInfo {
     }
 }
 
+/// What the hypervisor says about itself and a domain's HVM parameters.
+extension XenControl {
+    /// The hypervisor's capabilities (`xc_physinfo`: `XEN_SYSCTL_PHYSCAP_*` bits).
+    func physicalCapabilities() throws(XenError) -> UInt32 {
+        var info = xc_physinfo_t()
+        _ = try log.check("xc_physinfo", { cxen_xc_physinfo(handle, &info) }, failed: { $0 != 0 })
+        return info.capabilities
+    }
+
+    /// HVM parameter `param` (`HVM_PARAM_*`) of domain `domid`; nil when Xen would not say.
+    func hvmParameter(domid: UInt32, _ param: Int32) -> UInt64? {
+        var value: UInt64 = 0
+        return cxen_xc_hvm_param_get(handle, domid, UInt32(param), &value) == 0 ? value : nil
+    }
+}
+
 /// Domain-level toolstack operations through libxl.
 extension XenLight {
+    /// libxl's type of the domain (`c_info.type`) and its device model version
+    /// (`b_info.device_model_version`), from the configuration libxl keeps for it.
+    func domainType(domid: UInt32) throws(XenError) -> (type: libxl_domain_type, deviceModel: libxl_device_model_version) {
+        var config = libxl_domain_config()
+        cxen_libxl_domain_config_init(&config)
+        defer { cxen_libxl_domain_config_dispose(&config) }
+        let before = log.count
+        let rc = cxen_libxl_retrieve_domain_configuration(context, domid, &config, nil)
+        guard rc == 0 else { throw XenError(call: "libxl_retrieve_domain_configuration(\(domid))", libxl: rc, log: log.lines(since: before).map(\.description)) }
+        return (config.c_info.type, config.b_info.device_model_version)
+    }
+
     /// The id of the domain named `name`, nil when there is none.
     public func domid(named name: String) -> UInt32? {
         var id: UInt32 = 0

@@ -88,8 +88,27 @@ public struct XenUnavailable: Error, Sendable, Equatable, CustomStringConvertibl
         case .interfaceFailed(let error):
             "a toolstack interface did not open: \(error)" + Self.hint(for: error)
         case .unsupportedVersion(let version):
-            "the hypervisor is Xen \(version); remusd is built against Xen \(XenHost.supportedVersion.major).\(XenHost.supportedVersion.minor)'s libraries, whose hypercall interface is tied to that release"
+            Self.versionMismatch(found: version, builtFor: XenHost.supportedVersion)
         }
+    }
+
+    /// The Xen releases remusd supports, each with the Debian release that ships it: one build
+    /// per release (the toolstack libraries' hypercall interface is tied to it).
+    public static let supportedReleases: [(major: Int, minor: Int, debian: String)] = [
+        (4, 17, "Debian 12 (bookworm)"),
+        (4, 20, "Debian 13 (trixie)"),
+    ]
+
+    /// Why a build for Xen `builtFor` cannot drive hypervisor `found`, and which build can.
+    static func versionMismatch(found: XenVersion, builtFor: (major: Int, minor: Int)) -> String {
+        let supported = supportedReleases.map { "Xen \($0.major).\($0.minor) on \($0.debian)" }.joined(separator: " and ")
+        let next: String
+        if let match = supportedReleases.first(where: { $0.major == found.major && $0.minor == found.minor }) {
+            next = "use remusd built against Xen \(match.major).\(match.minor)'s libxen-dev (as on \(match.debian)) on this host"
+        } else {
+            next = "Xen \(found.major).\(found.minor) is not supported: run a supported release"
+        }
+        return "the hypervisor is Xen \(found), but this remusd is built for Xen \(builtFor.major).\(builtFor.minor) (its toolstack libraries' hypercall interface is tied to that release); remusd supports \(supported), one build each: \(next)"
     }
 
     /// The summary, every observation, and what the backend needs: the text a user sees.
@@ -148,7 +167,7 @@ public final class XenHost {
     /// Checks, in order, stopping at the first that fails: `/sys/hypervisor/type` is `xen`;
     /// `/proc/xen` exists (xenfs loaded) and `/proc/xen/capabilities` contains `control_d`
     /// (mounted, and this is dom0); a privcmd device exists; libxenctrl opens and the
-    /// hypervisor is Xen 4.17; xenstored answers; event channels, foreign memory and a libxl
+    /// hypervisor is the release this build is for (`supportedVersion`); xenstored answers; event channels, foreign memory and a libxl
     /// context open. Whatever opened before a failure is closed again before this returns.
     ///
     /// - Parameters:

@@ -56,8 +56,11 @@ public final class XenLog: Sendable {
 
     /// Lines kept, oldest dropped first.
     public let capacity: Int
-    /// Lines at or above this level are also written to standard error; nil writes none.
+    /// Library lines at or above this level are also written to standard error; nil writes none.
     public let echoLevel: Level?
+    /// remusd's own lines (`note`) at or above this level are also written to standard error;
+    /// nil writes none.
+    public let noteEchoLevel: Level?
 
     private struct State {
         var lines: [Line] = []
@@ -70,10 +73,14 @@ public final class XenLog: Sendable {
 
     /// - Parameters:
     ///   - capacity: lines kept (default 256).
-    ///   - echoLevel: also write lines at or above this level to standard error (default: none).
-    public init(capacity: Int = 256, echoLevel: Level? = nil) {
+    ///   - echoLevel: also write the libraries' lines at or above this level to standard error
+    ///     (default: none).
+    ///   - noteEchoLevel: also write remusd's own lines (`note`) at or above this level to
+    ///     standard error (default: none).
+    public init(capacity: Int = 256, echoLevel: Level? = nil, noteEchoLevel: Level? = nil) {
         self.capacity = max(1, capacity)
         self.echoLevel = echoLevel
+        self.noteEchoLevel = noteEchoLevel
         logger = .allocate(capacity: 1)
         XenHandleCensus.opened()
         // SAFETY: `owner` is this object, unretained: the object outlives every handle that was
@@ -116,7 +123,16 @@ public final class XenLog: Sendable {
         }
     }
 
-    func append(_ line: Line) {
+    /// Records a step of remusd's own on domain `domid` (context `"domain <domid>"`), e.g.
+    /// which way the guest is suspended: what the log shows of a checkpointed save besides the
+    /// libraries' own lines.
+    func note(_ message: String, domid: UInt32, level: Level = .debug) {
+        append(Line(level: level, errno: nil, context: "domain \(domid)", message: message), echo: noteEchoLevel)
+    }
+
+    func append(_ line: Line) { append(line, echo: echoLevel) }
+
+    private func append(_ line: Line, echo echoLevel: Level?) {
         state.withLock { state in
             state.lines.append(line)
             if state.lines.count > capacity { state.lines.removeFirst(state.lines.count - capacity) }

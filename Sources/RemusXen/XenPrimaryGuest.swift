@@ -3,22 +3,27 @@ import Glibc
 import RemusCore
 import RemusSystem
 
-/// A running Xen PV domain protected through libxenguest's checkpointed save
-/// (`xc_domain_save(…, XCFLAGS_LIVE, callbacks, XC_STREAM_REMUS, …)`).
+/// A running Xen domain — PV, PVH or HVM (`kind`) — protected through libxenguest's
+/// checkpointed save (`xc_domain_save(…, XCFLAGS_LIVE, callbacks, XC_STREAM_REMUS, …)`).
 ///
 /// libxenguest owns memory and vCPU state and drives the checkpoint loop from its own thread;
 /// remusd's shell drives the epochs. They meet in the save callbacks:
 /// - `suspend` waits until the shell asks for a checkpoint (`suspend()`), then suspends the
-///   domain cooperatively (xenstore `control/shutdown = suspend`) and waits for
-///   SHUTDOWN_suspend;
+///   domain as libxl would (`SuspendMethod`: the guest's suspend event channel, xenstore
+///   `control/shutdown = suspend`, or for HVM without PV drivers `xc_domain_shutdown`) and
+///   waits for SHUTDOWN_suspend; an HVM guest's device model then saves its state;
 /// - libxenguest then writes the dirty pages and vCPU state into one end of a local socketpair
 ///   while the guest stays suspended; the shell reads the other end (`captureCheckpoint`) up to the
 ///   CHECKPOINT record, so the pause costs a local copy, never a network send;
-/// - `postcopy` waits until the shell has closed the output epoch (`resume()`), then resumes
-///   the domain with `xc_domain_resume(…, 1)` (a cancelled suspend: it keeps its devices);
-/// - `checkpoint` returns at once: the guest runs while the shell ships the checkpoint.
+/// - `postcopy` waits until the shell has closed the output epoch (`resume()`), then restarts
+///   an HVM guest's device model and resumes the domain with `xc_domain_resume(…, 1)` (a
+///   cancelled suspend: it keeps its devices);
+/// - `checkpoint` returns at once: the guest runs while the shell ships the checkpoint;
+/// - `switch_qemu_logdirty` (PVH and HVM only) turns the device model's log-dirty mode on at
+///   the start and off at the end; a PVH guest has no device model and nothing to switch.
 /// The stream bytes travel inside remusd's checkpoints; the libxl records around them (stream
-/// header, LIBXC_CONTEXT, CHECKPOINT_END) are written here, as libxl would for a PV domain.
+/// header, LIBXC_CONTEXT, an HVM guest's emulator records, CHECKPOINT_END) are written here, as
+/// libxl would write them.
 ///
 /// `@unchecked Sendable`: the session is replaced only on the shell's loop thread, while no
 /// other call is in progress; the session guards its own state.
@@ -26,16 +31,23 @@ public final class XenPrimaryGuest: StreamingGuest, @unchecked Sendable {
     public let descriptor: GuestDescriptor
     /// The protected domain.
     public let domid: UInt32
+    /// PV, PVH or HVM.
+    public let kind: XenGuestKind
     let log: XenLog
     let control: XenControl
     let light: XenLight
     private var session: SaveSession?
+    /// An HVM guest's device model, opened with the domain (so that one that does not answer
+    /// refuses protection before anything is set up) and handed to the first save.
+    private var openedDeviceModel: (any XenDeviceModel)?
     /// Paused by `suspend()` outside a checkpoint (self-fencing), to be unpaused by `resume()`.
     private var pausedOutsideCheckpoint = false
     /// How long the guest may take to suspend, and libxenguest to write a checkpoint.
     let deadlineNs: UInt64
 
-    /// Opens the domain named `domain`. Throws when it does not exist or is not a PV domain.
+    /// Opens the domain named `domain` and tells its kind. Throws, before anything changes on
+    /// the domain, when it does not exist, is going away, or cannot be checkpointed on this
+    /// hypervisor (a PV guest without shadow paging, see `XenPagingSupport`).
     public init(domain: String, log: XenLog, deadlineNs: UInt64 = 30_000_000_000) throws {
         self.log = log
         self.deadlineNs = deadlineNs
@@ -48,14 +60,33 @@ public final class XenPrimaryGuest: StreamingGuest, @unchecked Sendable {
         guard let info = XenDomainInfo.read(control, domid: id) else {
             throw XenBackendError("domain '\(domain)' (id \(id)) disappeared while it was being opened; nothing was changed")
         }
-        guard !info.isHVM else {
-            throw XenBackendError("domain '\(domain)' is an HVM/PVH guest; remusd's Xen backend protects PV guests only so far (HVM needs QEMU's device state in every checkpoint); nothing was changed")
-        }
         guard !info.isDying, !info.isShutDown else {
             throw XenBackendError("domain '\(domain)' (id \(id)) is shutting down or dying; nothing was changed")
         }
+        let libxlType: (type: libxl_domain_type, deviceModel: libxl_device_model_version)
+        do {
+            libxlType = try light.domainType(domid: id)
+        } catch {
+            throw XenBackendError("libxl does not know domain '\(domain)' (id \(id)): \(error); remusd protects domains that xl/libxl created. Nothing was changed")
+        }
+        kind = try XenGuestKind.classify(domain: domain, hvmContainer: info.isHVM, configType: libxlType.type, deviceModel: libxlType.deviceModel)
+        let paging = XenPagingSupport(capabilities: try control.physicalCapabilities())
+        log.note("\(kind) guest; hypervisor paging: shadow \(paging.shadow ? "yes" : "no"), HAP \(paging.hap ? "yes" : "no")", domid: id)
+        if let refusal = paging.refusal(kind: kind, domain: domain, version: try control.version()) { throw refusal }
+        if kind == .hvm {
+            log.note("opening the device model (QMP)", domid: id)
+            openedDeviceModel = try openDeviceModel(domid: id, log: log, deadlineNs: deadlineNs)
+        }
         domid = id
         descriptor = GuestDescriptor(name: domain, uuid: info.uuid, backend: .xen, pageSize: 4096, pageCount: max(1, info.maxPages))
+    }
+
+    /// E.g. `'guest' (PVH, 128 MiB)`: what is protected, for the log and status.
+    public var summary: String { Self.summary(of: descriptor, kind: kind) }
+
+    /// E.g. `'guest' (PVH, 128 MiB)` for a guest of 32768 pages of 4 KiB.
+    static func summary(of guest: GuestDescriptor, kind: XenGuestKind) -> String {
+        "'\(guest.name)' (\(kind), \((guest.pageCount * UInt64(guest.pageSize)) >> 20) MiB)"
     }
 
     deinit { session?.end(control: control) }
@@ -69,7 +100,9 @@ public final class XenPrimaryGuest: StreamingGuest, @unchecked Sendable {
     public func startStream() throws {
         session?.end(control: control)
         session = nil
-        session = try SaveSession(domid: domid, log: log, deadlineNs: deadlineNs)
+        let deviceModel = openedDeviceModel
+        openedDeviceModel = nil
+        session = try SaveSession(domid: domid, kind: kind, deviceModel: deviceModel, log: log, deadlineNs: deadlineNs)
     }
 
     public func nextLiveBytes(maxBytes: Int) throws -> [UInt8]? {
@@ -79,7 +112,14 @@ public final class XenPrimaryGuest: StreamingGuest, @unchecked Sendable {
 
     public func suspend() throws {
         if let session, session.isUsable {
-            try session.suspendForCheckpoint()
+            do {
+                try session.suspendForCheckpoint()
+            } catch {
+                // Nothing half-done: the save ends, which restarts a device model it stopped and
+                // resumes a guest it left suspended.
+                session.end(control: control)
+                throw error
+            }
             return
         }
         // Outside a checkpoint (self-fencing, or no stream): stop the vCPUs where they are.
@@ -152,11 +192,19 @@ public final class XenPrimaryGuest: StreamingGuest, @unchecked Sendable {
 /// (the writer thread in the live phase, then the loop thread).
 final class SaveSession: @unchecked Sendable {
     let domid: UInt32
+    let kind: XenGuestKind
     let log: XenLog
     let deadlineNs: UInt64
     /// The save thread's own interfaces (libxenguest uses its interface throughout the save).
     private let control: XenControl
     private let store: XenStoreConnection
+    private let events: XenEventChannels
+    /// The guest's suspend event channel, bound on `events`, when it offers one.
+    private var suspendChannel: XenSuspendChannel?
+    /// An HVM guest's device model (nil for PV and PVH).
+    private let deviceModel: CheckpointDeviceModel?
+    /// The way the last suspend went (logged when it changes; save thread only).
+    private var suspendMethod: SuspendMethod?
     private let readFd: Int32
     private let writeFd: Int32
     private let callbacks: UnsafeMutablePointer<save_callbacks>
@@ -186,13 +234,32 @@ final class SaveSession: @unchecked Sendable {
     private var aborting = false
     private var finished = false
     private var failure: String?
+    /// The device model's records of the checkpoint being taken, for `readCheckpoint`.
+    private var emulatorRecords: [UInt8] = []
 
-    init(domid: UInt32, log: XenLog, deadlineNs: UInt64) throws {
+    /// Sets the save up and starts it; an HVM guest's device model is `deviceModel`, or opened
+    /// here when nil. Throws, with the guest untouched, when the device model does not answer,
+    /// the suspend event channel cannot be bound, or the guest sleeps.
+    init(domid: UInt32, kind: XenGuestKind, deviceModel opened: (any XenDeviceModel)?, log: XenLog, deadlineNs: UInt64) throws {
         self.domid = domid
+        self.kind = kind
         self.log = log
         self.deadlineNs = deadlineNs
         control = try XenControl(log: log)
         store = try XenStoreConnection(log: log)
+        events = try XenEventChannels(log: log)
+        if kind == .hvm {
+            let model: any XenDeviceModel
+            if let opened {
+                model = opened
+            } else {
+                log.note("opening the device model (QMP)", domid: domid)
+                model = try openDeviceModel(domid: domid, log: log, deadlineNs: deadlineNs)
+            }
+            deviceModel = CheckpointDeviceModel(model, domid: domid)
+        } else {
+            deviceModel = nil
+        }
         var fds: [Int32] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
             throw XenError(call: "socketpair", errno: errno)
@@ -208,9 +275,35 @@ final class SaveSession: @unchecked Sendable {
         callbacks.pointee.suspend = { data in SaveSession.from(data).suspendCallback() }
         callbacks.pointee.postcopy = { data in SaveSession.from(data).postcopyCallback() }
         callbacks.pointee.checkpoint = { data in SaveSession.from(data).checkpointCallback() }
+        // libxenguest calls it for HVM containers (PVH and HVM) and fails the save without it.
+        callbacks.pointee.switch_qemu_logdirty = { _, enable, data in SaveSession.from(data).switchLogDirtyCallback(enable != 0) }
         // The session outlives the save thread: `end` waits for it before anything is freed.
         callbacks.pointee.data = Unmanaged.passUnretained(self).toOpaque()
+        do {
+            try prepareSuspend()
+        } catch {
+            close(writeFd)
+            throw error
+        }
         startThread(name: "xen-save") { [self] in run() }
+    }
+
+    /// Binds the guest's suspend event channel when it offers one, and chooses the way it is
+    /// suspended; refuses a sleeping guest before its save starts.
+    private func prepareSuspend() throws {
+        let offered = SuspendMethod.guestPort(xenstoreValue: store.read("/local/domain/\(domid)/device/suspend/event-channel"))
+        if let port = offered {
+            do {
+                suspendChannel = try XenSuspendChannel(control: control, events: events, domid: domid, guestPort: port)
+                log.note("suspend event channel: guest port \(port) bound", domid: domid)
+            } catch {
+                throw XenBackendError("domain \(domid) offers suspend event channel \(port), but binding it failed: \(error). Nothing was changed; if another toolstack process (xl save, migrate or remus) works on this domain, it holds /var/run/xen/suspend-evtchn-\(domid).lock: let it finish first")
+            }
+        }
+        // A sleeping guest is refused now, before its checkpointed save starts.
+        let method = try currentSuspendMethod()
+        suspendMethod = method
+        log.note("suspend: \(method)", domid: domid, level: .info)
     }
 
     deinit {
@@ -244,17 +337,44 @@ final class SaveSession: @unchecked Sendable {
 
     private func suspendCallback() -> Int32 {
         guard arrive(at: \.suspendPoint) else { return 0 }
-        let failure = suspendDomain()
+        var failure = suspendDomain()
+        if failure == nil, let deviceModel {
+            // libxl's order: the vCPUs are suspended, then the device model stops and saves.
+            log.note("device model: saving its state", domid: domid)
+            switch deviceModel.capture() {
+            case .success(let records): monitor.withLock { emulatorRecords = records }
+            case .failure(let error): failure = error.description
+            }
+        }
         finish(\.suspendPoint, failure: failure)
         return failure == nil ? 1 : 0
     }
 
     private func postcopyCallback() -> Int32 {
         guard arrive(at: \.resumePoint) else { return 0 }
+        // libxl's order (libxl__domain_resume): the device model continues first, so that the
+        // vCPUs never run against a stopped one; the vCPUs resume even if it does not.
+        let deviceModelFailure = deviceModel?.resume()
         let rc = cxen_xc_domain_resume(control.handle, domid, 1)
         let code = errno
-        finish(\.resumePoint, failure: rc == 0 ? nil : "xc_domain_resume(\(domid), fast) failed: \(String(cString: strerror(code)))")
-        return rc == 0 ? 1 : 0
+        let failure = rc == 0 ? deviceModelFailure : "xc_domain_resume(\(domid), fast) failed: \(String(cString: strerror(code)))"
+        log.note("resumed" + (failure.map { ": \($0)" } ?? ""), domid: domid)
+        finish(\.resumePoint, failure: failure)
+        return failure == nil ? 1 : 0
+    }
+
+    /// libxenguest's `switch_qemu_logdirty`: on when the save starts, off when it ends. A PVH
+    /// guest has no device model: nothing to switch. Non-zero fails the save.
+    private func switchLogDirtyCallback(_ enable: Bool) -> Int32 {
+        guard let deviceModel else { return 0 }
+        log.note("device model: log-dirty \(enable ? "on" : "off")", domid: domid)
+        guard let failure = deviceModel.setLogDirty(enable) else { return 0 }
+        log.note(failure, domid: domid, level: .error)
+        monitor.withLock {
+            if self.failure == nil && !aborting { self.failure = failure + "; nothing was checkpointed with it, the guest runs on here" }
+            monitor.broadcast()
+        }
+        return -1
     }
 
     /// The save thread waits at `point` until the shell lets it go on (true) or the save is
@@ -300,28 +420,81 @@ final class SaveSession: @unchecked Sendable {
         monitor.withLock { aborting ? 0 : 1 }
     }
 
-    /// Asks the guest to suspend through xenstore and waits until Xen shows it shut down for a
-    /// suspend. Returns why it failed, nil on success.
+    /// The way to suspend the guest now (its HVM parameters can change while it runs).
+    private func currentSuspendMethod() throws(XenBackendError) -> SuspendMethod {
+        var callbackIRQ: UInt64 = 0, acpiSState: UInt64 = 0
+        if kind != .pv {
+            // As libxl: a parameter Xen does not return counts as 0.
+            callbackIRQ = control.hvmParameter(domid: domid, HVM_PARAM_CALLBACK_IRQ) ?? 0
+            acpiSState = control.hvmParameter(domid: domid, HVM_PARAM_ACPI_S_STATE) ?? 0
+        }
+        return try SuspendMethod.choose(domid: domid, kind: kind, evtchnPort: suspendChannel?.guestPort,
+                                        callbackIRQ: callbackIRQ, acpiSState: acpiSState)
+    }
+
+    /// Asks the guest to suspend and waits until Xen shows it shut down for a suspend. Returns
+    /// why it failed, nil on success.
     private func suspendDomain() -> String? {
+        let method: SuspendMethod
+        do {
+            method = try currentSuspendMethod()
+        } catch {
+            return error.description
+        }
+        if method != suspendMethod {
+            log.note("suspend: \(method)", domid: domid, level: .info)
+            suspendMethod = method
+        }
+        log.note("suspending (\(method))", domid: domid)
         let path = "/local/domain/\(domid)/control/shutdown"
-        guard cxen_xs_write(store.handle, xs_transaction_t(XBT_NULL), path, "suspend", 7) else {
-            return "writing 'suspend' to \(path) failed: \(String(cString: strerror(errno)))"
+        switch method {
+        case .eventChannel(let port):
+            do {
+                try suspendChannel?.notify()
+            } catch {
+                return "notifying domain \(domid)'s suspend event channel \(port) failed: \(error)"
+            }
+        case .xenstore:
+            guard cxen_xs_write(store.handle, xs_transaction_t(XBT_NULL), path, "suspend", 7) else {
+                return "writing 'suspend' to \(path) failed: \(String(cString: strerror(errno)))"
+            }
+        case .shutdownHypercall:
+            guard cxen_xc_domain_shutdown(control.handle, domid, SHUTDOWN_suspend) == 0 else {
+                return "xc_domain_shutdown(\(domid), SHUTDOWN_suspend) failed: \(String(cString: strerror(errno)))"
+            }
         }
         let deadline = monotonicNanoseconds() + deadlineNs
         var waitNs = 50_000
         while monotonicNanoseconds() < deadline {
             guard let info = XenDomainInfo.read(control, domid: domid) else { return "domain \(domid) disappeared while suspending" }
-            if info.isSuspended { return nil }
+            if info.isSuspended {
+                log.note("suspended", domid: domid)
+                return nil
+            }
             if info.isShutDown || info.isDying { return "domain \(domid) shut down (reason \(info.shutdownReason)) instead of suspending" }
-            // A poll of Xen's domain state, bounded by the deadline, backing off to 2 ms so it
-            // does not take the CPU the guest needs to suspend.
-            var pause = timespec(tv_sec: 0, tv_nsec: waitNs)
-            nanosleep(&pause, nil)
-            waitNs = min(waitNs * 2, 2_000_000)
+            if let suspendChannel {
+                // Xen signals the bound channel when the domain has suspended: wait for that,
+                // a few milliseconds at a time, and look at the domain's state again.
+                _ = suspendChannel.drain(waitMs: 5)
+            } else {
+                // A poll of Xen's domain state, bounded by the deadline, backing off to 2 ms so
+                // it does not take the CPU the guest needs to suspend.
+                var pause = timespec(tv_sec: 0, tv_nsec: waitNs)
+                nanosleep(&pause, nil)
+                waitNs = min(waitNs * 2, 2_000_000)
+            }
         }
-        // Withdraw the request, so that a late guest does not suspend with nobody to resume it.
-        _ = cxen_xs_write(store.handle, xs_transaction_t(XBT_NULL), path, "", 0)
-        return "domain \(domid) did not suspend within \(deadlineNs / 1_000_000_000) s of the xenstore request (its kernel needs Xen PV suspend support)"
+        let seconds = deadlineNs / 1_000_000_000
+        switch method {
+        case .eventChannel(let port):
+            return "domain \(domid) did not suspend within \(seconds) s of the notification on its suspend event channel \(port)"
+        case .xenstore:
+            // Withdraw the request, so that a late guest does not suspend with nobody to resume it.
+            _ = cxen_xs_write(store.handle, xs_transaction_t(XBT_NULL), path, "", 0)
+            return "domain \(domid) did not suspend within \(seconds) s of the xenstore request (its kernel needs Xen PV suspend support)"
+        case .shutdownHypercall:
+            return "Xen did not show domain \(domid) suspended within \(seconds) s of xc_domain_shutdown(SHUTDOWN_suspend)"
+        }
     }
 
     // MARK: - The shell's side
@@ -358,7 +531,8 @@ final class SaveSession: @unchecked Sendable {
     func suspendForCheckpoint() throws { try pass(\.suspendPoint, before: "the next checkpoint") }
 
     /// Reads libxenguest's records of the checkpoint being written, up to its CHECKPOINT
-    /// record, and returns them followed by libxl's CHECKPOINT_END.
+    /// record, and returns them followed by the device model's records (HVM) and libxl's
+    /// CHECKPOINT_END.
     func readCheckpoint() throws -> [UInt8] {
         var out: [UInt8] = []
         var start = 0
@@ -375,7 +549,11 @@ final class SaveSession: @unchecked Sendable {
             if done && framer.checkpoints > checkpointsBefore {
                 carry = Array(out[start...])
                 out.removeSubrange(start...)
-                out.append(contentsOf: LibxlStream.checkpointEnd)
+                let records = monitor.withLock { () -> [UInt8] in
+                    defer { emulatorRecords = [] }
+                    return emulatorRecords
+                }
+                LibxlStream.endCheckpoint(&out, emulatorRecords: records)
                 return out
             }
             guard monotonicNanoseconds() < deadline else {
@@ -402,12 +580,17 @@ final class SaveSession: @unchecked Sendable {
         // A save blocked writing into a full socket gets EPIPE once nobody can read.
         shutdown(readFd, Int32(SHUT_RDWR))
         let deadline = monotonicNanoseconds() + deadlineNs
-        monitor.withLock {
+        let threadDone = monitor.withLock { () -> Bool in
             while !finished && monotonicNanoseconds() < deadline { monitor.wait(untilMonotonic: deadline) }
+            return finished
         }
-        if resumeGuest, let info = XenDomainInfo.read(shell, domid: domid), info.isSuspended {
+        guard resumeGuest else { return }
+        // Only once the save thread is gone: the device model is the save thread's until then.
+        if threadDone, let deviceModel, let failure = deviceModel.resume() { log.note(failure, domid: domid, level: .error) }
+        if let info = XenDomainInfo.read(shell, domid: domid), info.isSuspended {
             // Suspended for a checkpoint that will not be completed: a cancelled suspend.
             _ = cxen_xc_domain_resume(shell.handle, domid, 1)
+            log.note("resumed after the checkpointed save ended", domid: domid)
         }
     }
 

@@ -19,6 +19,9 @@ public enum LibxlStream {
     /// Everything remusd writes before libxenguest's first byte.
     public static var preamble: [UInt8] { header + libxcContext }
 
+    /// CHECKPOINT_END.
+    static let checkpointEndType: UInt32 = 4
+
     /// A body-less record: type and length as little-endian u32s.
     static func record(type: UInt32) -> [UInt8] {
         withUnsafeBytes(of: type.littleEndian) { Array($0) } + [0, 0, 0, 0]
@@ -100,6 +103,53 @@ public enum LibxlStream {
         bytes += data
         bytes += repeatElement(0, count: (8 - length % 8) % 8)
         return bytes
+    }
+
+    // MARK: the end of a checkpoint
+
+    /// Ends a checkpoint whose libxenguest records (up to and including its CHECKPOINT record)
+    /// are in `checkpoint`: the device model's records follow, then CHECKPOINT_END — libxl's
+    /// order (libxl_stream_write.c: EMULATOR_XENSTORE_DATA, EMULATOR_CONTEXT, CHECKPOINT_END),
+    /// so the backup's libxl restore hands QEMU the state of the checkpoint it commits.
+    /// `emulatorRecords` is empty for PV and PVH guests.
+    static func endCheckpoint(_ checkpoint: inout [UInt8], emulatorRecords: [UInt8]) {
+        checkpoint.append(contentsOf: emulatorRecords)
+        checkpoint.append(contentsOf: checkpointEnd)
+    }
+
+    /// Checks that `bytes` are what a checkpoint of an HVM guest carries from its device model:
+    /// at most one EMULATOR_XENSTORE_DATA, then one EMULATOR_CONTEXT, each `{u32 type, u32
+    /// length}` (little-endian) with a body of at least emulator_id and index, padded to 8
+    /// bytes, and nothing after. Anything else would make the backup's libxl misread the
+    /// stream, so it never enters one.
+    static func checkEmulatorRecords(_ bytes: [UInt8]) throws(LibxcStreamError) {
+        func u32(_ at: Int) -> UInt32 {
+            UInt32(bytes[at]) | UInt32(bytes[at + 1]) << 8 | UInt32(bytes[at + 2]) << 16 | UInt32(bytes[at + 3]) << 24
+        }
+        var at = 0
+        var types: [UInt32] = []
+        while at < bytes.count {
+            guard bytes.count - at >= 8 else {
+                throw LibxcStreamError(description: "device model records: \(bytes.count - at) bytes at offset \(at) are too short for a record header")
+            }
+            let type = u32(at)
+            let length = Int(u32(at + 4))
+            guard type == emulatorXenStoreDataType || type == emulatorContextType else {
+                throw LibxcStreamError(description: "device model records: record type \(type) at offset \(at); only EMULATOR_XENSTORE_DATA (2) and EMULATOR_CONTEXT (3) belong there")
+            }
+            guard length >= 8 else {
+                throw LibxcStreamError(description: "device model records: record type \(type) at offset \(at) has a \(length)-byte body, shorter than its emulator id and index")
+            }
+            let padded = (length + 7) & ~7
+            guard padded <= bytes.count - at - 8 else {
+                throw LibxcStreamError(description: "device model records: record type \(type) at offset \(at) claims \(length) bytes, but only \(bytes.count - at - 8) follow")
+            }
+            types.append(type)
+            at += 8 + padded
+        }
+        guard types == [emulatorContextType] || types == [emulatorXenStoreDataType, emulatorContextType] else {
+            throw LibxcStreamError(description: "device model records: types \(types); a checkpoint carries an optional EMULATOR_XENSTORE_DATA (2) then one EMULATOR_CONTEXT (3)")
+        }
     }
 }
 

@@ -19,7 +19,7 @@ struct Protect: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Protect a running guest by checkpointing it to a backup host.",
         discussion: """
-            Runs until stopped (SIGINT/SIGTERM or 'remusd stop'). With the simulated backend the guest is created here and runs inside this process. With the Xen backend (Xen 4.17 dom0, root) the guest is a running PV domain created with 'xl create'; every vif of it is buffered by plug qdiscs, and the backup builds it as '<domain>--incoming' (see Docs/xen.md).
+            Runs until stopped (SIGINT/SIGTERM or 'remusd stop'). With the simulated backend the guest is created here and runs inside this process. With the Xen backend (root in dom0 of the Xen release remusd was built for: 4.17 or 4.20) the guest is a running PV, PVH or HVM domain created with 'xl create' (PV needs a hypervisor with shadow paging); every vif of it is buffered by plug qdiscs, and the backup builds it as '<domain>--incoming' (see Docs/xen.md).
             """)
 
     @Argument(help: "The guest to protect (a Xen domain name, or a name for the simulated guest).")

@@ -36,6 +36,10 @@
     CXEN_FN(CXEN_LIB_CTRL, int, xc_domain_getinfolist, \
         (xc_interface *xch, uint32_t first_domain, unsigned int max_domains, xc_domaininfo_t *info), \
         (xch, first_domain, max_domains, info)) \
+    CXEN_FN(CXEN_LIB_CTRL, int, xc_physinfo, (xc_interface *xch, xc_physinfo_t *info), (xch, info)) \
+    CXEN_FN(CXEN_LIB_CTRL, int, xc_hvm_param_get, \
+        (xc_interface *handle, uint32_t dom, uint32_t param, uint64_t *value), (handle, dom, param, value)) \
+    CXEN_FN(CXEN_LIB_CTRL, int, xc_domain_shutdown, (xc_interface *xch, uint32_t domid, int reason), (xch, domid, reason)) \
     CXEN_FN(CXEN_LIB_CTRL, void *, xc__hypercall_buffer_alloc_pages, \
         (xc_interface *xch, xc_hypercall_buffer_t *b, int nr_pages), (xch, b, nr_pages)) \
     CXEN_VOID(CXEN_LIB_CTRL, xc__hypercall_buffer_free_pages, \
@@ -44,6 +48,12 @@
         (xc_interface *xch, int io_fd, uint32_t dom, uint32_t flags, struct save_callbacks *callbacks, xc_stream_type_t stream_type, int recv_fd), \
         (xch, io_fd, dom, flags, callbacks, stream_type, recv_fd)) \
     CXEN_FN(CXEN_LIB_GUEST, int, xc_domain_resume, (xc_interface *xch, uint32_t domid, int fast), (xch, domid, fast)) \
+    CXEN_FN(CXEN_LIB_GUEST, int, xc_suspend_evtchn_init_sane, \
+        (xc_interface *xch, struct xenevtchn_handle *xce, uint32_t domid, int port, int *lockfd), \
+        (xch, xce, domid, port, lockfd)) \
+    CXEN_FN(CXEN_LIB_GUEST, int, xc_suspend_evtchn_release, \
+        (xc_interface *xch, struct xenevtchn_handle *xce, uint32_t domid, int suspend_evtchn, int *lockfd), \
+        (xch, xce, domid, suspend_evtchn, lockfd)) \
     CXEN_FN(CXEN_LIB_STORE, struct xs_handle *, xs_open, (unsigned long flags), (flags)) \
     CXEN_VOID(CXEN_LIB_STORE, xs_close, (struct xs_handle *xsh), (xsh)) \
     CXEN_FN(CXEN_LIB_STORE, void *, xs_read, \
@@ -54,6 +64,10 @@
         (struct xs_handle *h, xs_transaction_t t, const char *path, unsigned int *num), (h, t, path, num)) \
     CXEN_FN(CXEN_LIB_EVTCHN, xenevtchn_handle *, xenevtchn_open, (struct xentoollog_logger *logger, unsigned int flags), (logger, flags)) \
     CXEN_FN(CXEN_LIB_EVTCHN, int, xenevtchn_close, (xenevtchn_handle *xce), (xce)) \
+    CXEN_FN(CXEN_LIB_EVTCHN, int, xenevtchn_fd, (xenevtchn_handle *xce), (xce)) \
+    CXEN_FN(CXEN_LIB_EVTCHN, int, xenevtchn_notify, (xenevtchn_handle *xce, evtchn_port_t port), (xce, port)) \
+    CXEN_FN(CXEN_LIB_EVTCHN, xenevtchn_port_or_error_t, xenevtchn_pending, (xenevtchn_handle *xce), (xce)) \
+    CXEN_FN(CXEN_LIB_EVTCHN, int, xenevtchn_unmask, (xenevtchn_handle *xce, evtchn_port_t port), (xce, port)) \
     CXEN_FN(CXEN_LIB_FOREIGNMEMORY, xenforeignmemory_handle *, xenforeignmemory_open, \
         (struct xentoollog_logger *logger, unsigned int open_flags), (logger, open_flags)) \
     CXEN_FN(CXEN_LIB_FOREIGNMEMORY, int, xenforeignmemory_close, (xenforeignmemory_handle *fmem), (fmem)) \
