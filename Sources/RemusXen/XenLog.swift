@@ -126,8 +126,13 @@ public final class XenLog: Sendable {
     /// Records a step of remusd's own on domain `domid` (context `"domain <domid>"`), e.g.
     /// which way the guest is suspended: what the log shows of a checkpointed save besides the
     /// libraries' own lines.
-    func note(_ message: String, domid: UInt32, level: Level = .debug) {
-        append(Line(level: level, errno: nil, context: "domain \(domid)", message: message), echo: noteEchoLevel)
+    ///
+    /// Several notes are made per checkpoint, while the guest is suspended: a note below
+    /// `noteEchoLevel` costs nothing (the message is not even built) and stays out of the ring,
+    /// where it would only push out the libraries' lines that failure messages quote.
+    func note(_ message: @autoclosure () -> String, domid: UInt32, level: Level = .debug) {
+        guard let noteEchoLevel, level >= noteEchoLevel else { return }
+        append(Line(level: level, errno: nil, context: "domain \(domid)", message: message()), echo: noteEchoLevel)
     }
 
     func append(_ line: Line) { append(line, echo: echoLevel) }

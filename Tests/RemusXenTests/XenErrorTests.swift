@@ -71,6 +71,21 @@ struct XenErrorTests {
         #expect(log.lines(since: log.count).isEmpty)
     }
 
+    @Test("remusd's own notes below the shown level are neither built nor kept")
+    func quietNotesCostNothing() {
+        let log = XenLog(capacity: 2, noteEchoLevel: .info)
+        let quiet = XenLog(capacity: 2)  // nothing shown at all
+        var built = 0
+        func message(_ text: String) -> String { built += 1; return text }
+        log.note(message("suspending"), domid: 7)
+        quiet.note(message("suspending"), domid: 7, level: .info)
+        #expect(built == 0)
+        #expect(log.count == 0 && quiet.count == 0)
+        log.note(message("suspend: xenstore"), domid: 7, level: .info)
+        #expect(built == 1)
+        #expect(log.lines == [XenLog.Line(level: .info, errno: nil, context: "domain 7", message: "suspend: xenstore")])
+    }
+
     @Test("Messages longer than the C buffer are cut, not overrun")
     func longMessagesAreCut() throws {
         try XenLibraries.load()  // xtl_logv lives in libxentoollog, opened on first use
