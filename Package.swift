@@ -37,6 +37,10 @@ let package = Package(
         // guest's NIC over a real tap, so the plug qdisc path runs end to end.
         .target(name: "CTap"),
         .target(name: "RemusNetbuf", dependencies: ["RemusCore", "RemusSystem", "CNetlink", "CTap"]),
+        // Replicated disks: the backup's epoch staging (memory, then a spill file), its redo log
+        // and the disk images it applies to.
+        .target(name: "CDisk"),
+        .target(name: "RemusDisk", dependencies: ["RemusCore", "RemusSystem", "CDisk"]),
         // The Xen toolstack's headers (libxen-dev) and the few C shims Swift cannot import. The
         // libraries are not linked: CXen opens them with dlopen when the Xen backend is first used,
         // so the same binary runs the simulated guest on a host without Xen. RemusXen owns their
@@ -77,6 +81,7 @@ let package = Package(
         .testTarget(name: "RemusSystemTests", dependencies: ["RemusSystem", "RemusTestSupport"]),
         .testTarget(name: "RemusCoreTests", dependencies: ["RemusCore"], resources: [.copy("Golden")]),
         .testTarget(name: "RemusSimTests", dependencies: ["RemusSim", "RemusCore", "RemusSystem"]),
+        .testTarget(name: "RemusDiskTests", dependencies: ["RemusDisk", "RemusCore", "RemusSystem", "RemusTestSupport"]),
         .testTarget(name: "RemusNetbufTests", dependencies: ["RemusNetbuf", "RemusNetbufProbe", "RemusCore", "RemusSystem", "RemusTestSupport"]),
         .testTarget(name: "RemusXenTests", dependencies: ["RemusXen", "CXen", "RemusCore", "RemusSystem"]),
         .testTarget(name: "RemusRuntimeTests", dependencies: ["RemusRuntime", "RemusDrill", "RemusSim", "RemusCore", "RemusNetbuf", "RemusTestSupport"]),

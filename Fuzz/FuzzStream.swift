@@ -95,23 +95,32 @@ private func inspect(_ item: StreamItem, decoder: borrowing StreamDecoder) {
         }
     case .skippedOptional, .opaquePayload:
         break
+    case .diskWrite(let write):
+        check(!write.data.isEmpty && write.data.count <= StreamLimits.maxDiskWriteBytes, "disk write of \(write.data.count) bytes")
+        check(Int(record.header.bodyLength) >= 16 + write.data.count, "disk write data beyond its body")
+        reencode(.diskWrite(write.copy()), header: header)
     default:
         guard let value = record.content.ownedRecord else { return }
-        var encoder = StreamEncoder(pageSize: Int(header.pageSize), features: header.features)
-        var bytes: [UInt8] = []
-        try! StreamEncoder.appendHeader(StreamHeader(features: header.features, pageSize: header.pageSize, backend: header.backend, role: header.role, guestUUID: header.guestUUID, guestName: header.guestName, senderVersion: header.senderVersion), into: &bytes)
-        do throws(StreamEncodeError) { try encoder.append(value, into: &bytes) } catch {
-            check(false, "a decoded \(value.type.wireName) cannot be encoded again: \(error)")
-        }
-        var again = StreamDecoder(initialCapacity: 0)
-        _ = bytes.withUnsafeBytes { again.append($0) }
-        do throws(StreamDecodeError) {
-            _ = try again.next()
-            guard case .record(let r)? = try again.next() else { return check(false, "re-encoded record missing") }
-            check(r.content.ownedRecord == value, "re-encoded \(value.type.wireName) decodes differently")
-        } catch {
-            check(false, "re-encoded \(value.type.wireName) rejected: \(error)")
-        }
+        reencode(value, header: header)
+    }
+}
+
+/// A decoded small record encodes again and decodes to the same value.
+private func reencode(_ value: StreamRecord, header: StreamHeader) {
+    var encoder = StreamEncoder(pageSize: Int(header.pageSize), features: header.features)
+    var bytes: [UInt8] = []
+    try! StreamEncoder.appendHeader(StreamHeader(features: header.features, pageSize: header.pageSize, backend: header.backend, role: header.role, guestUUID: header.guestUUID, guestName: header.guestName, senderVersion: header.senderVersion), into: &bytes)
+    do throws(StreamEncodeError) { try encoder.append(value, into: &bytes) } catch {
+        check(false, "a decoded \(value.type.wireName) cannot be encoded again: \(error)")
+    }
+    var again = StreamDecoder(initialCapacity: 0)
+    _ = bytes.withUnsafeBytes { again.append($0) }
+    do throws(StreamDecodeError) {
+        _ = try again.next()
+        guard case .record(let r)? = try again.next() else { return check(false, "re-encoded record missing") }
+        check(r.content.ownedRecord == value, "re-encoded \(value.type.wireName) decodes differently")
+    } catch {
+        check(false, "re-encoded \(value.type.wireName) rejected: \(error)")
     }
 }
 

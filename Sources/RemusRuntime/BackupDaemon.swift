@@ -334,6 +334,9 @@ public final class BackupDaemon: @unchecked Sendable {
                 gate.open(with: false)
                 execute(committer.onCommitFailed(epoch, reason: "\(error)", now: clock.monotonicNs()))
             }
+        case .applyDisk(let epoch):
+            // This daemon does not offer DISKS yet, so the committer never replicates disks here.
+            preconditionFailure("applyDisk(\(epoch)) on a backup that did not negotiate disks")
         case .sendAck(let epoch):
             writer?.enqueue(.ack(Ack(epoch: epoch, backupMonotonicNs: now)))
         case .sendHeartbeat(let sequence):

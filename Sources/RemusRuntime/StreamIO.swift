@@ -318,6 +318,10 @@ final class CheckpointReceiver {
                         throw ProtocolError("the primary sent an OPAQUE_PAYLOAD of stream \(chunk.stream); a backup takes libxl's stream only; the replica keeps its last committed checkpoint")
                     }
                     staged.stream.append(contentsOf: chunk.bytes)
+                case .diskWrite, .diskCommand:
+                    // The validator lets them through only when DISKS was negotiated, which this
+                    // backup does not offer yet; refuse rather than drop a write.
+                    throw ProtocolError("the primary sent disk records, but this backup does not replicate disks; the replica keeps its last committed checkpoint")
                 default: break
                 }
             case .checkpointComplete(let end):
@@ -329,6 +333,8 @@ final class CheckpointReceiver {
                 return
             case .peerError(let e):
                 throw ProtocolError("the primary reported error \(e.code): \(e.message)")
+            case .diskDescriptor(let disk):
+                throw ProtocolError("the primary describes disk \"\(disk.name)\", but this backup does not replicate disks; nothing was changed")
             case .streamOpened, .domainConfig, .ack, .skipped:
                 break
             }

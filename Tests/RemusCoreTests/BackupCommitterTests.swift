@@ -158,3 +158,122 @@ struct BackupCommitterTests {
         #expect(!c.acceptsPrimary)
     }
 }
+
+/// A committer serving a stream that replicates disks, with `committed` checkpoints committed and
+/// their disk writes applied.
+private func receivingDisks(_ policy: BackupCommitter.FencePolicy = .fence, committed: Epoch = 0) -> BackupCommitter {
+    var c = BackupCommitter(settings: settings, fencePolicy: policy)
+    _ = c.onPrimaryConnected(now: 0, disks: true)
+    if committed > 0 {
+        for epoch in 1...committed {
+            commit(&c, epoch, now: 0)
+            _ = c.onDiskApplied(epoch, now: 0)
+        }
+    }
+    return c
+}
+
+private func activates(_ d: [BackupCommitter.Directive]) -> Bool {
+    d.contains { if case .activate = $0 { true } else { false } }
+}
+
+@Suite("Backup committer: disk epoch N with memory N (I9)")
+struct BackupCommitterDiskTests {
+    @Test func diskWritesReachTheImagesOnlyAfterMemoryIsCommittedAndAfterTheAck() {
+        var c = receivingDisks()
+        _ = c.onCheckpointBegan(CheckpointBegin(epoch: 1, kind: .checkpoint), now: 1)
+        // Complete and verified: the shell logs disk 1 durably and applies memory 1; nothing reaches
+        // the images yet, and no ACK before both are held.
+        #expect(c.onCheckpointComplete(CheckpointEnd(epoch: 1, recordCount: 5, digest: 1, payloadBytes: 9), now: 2) == [.commit(1)])
+        #expect(c.onCommitted(1, now: 3) == [.sendAck(1), .applyDisk(1)], "ACK after the log and memory; apply after memory 1 is complete")
+        #expect(c.diskApplyPending == 1)
+        #expect(c.onDiskApplied(1, now: 4) == [])
+        #expect(c.diskApplyPending == nil)
+        #expect(c.committedEpoch == 1)
+    }
+
+    @Test func aStreamWithoutDisksNeverAppliesDisks() {
+        var c = receiving()
+        commit(&c, 1, now: 0)
+        #expect(c.diskApplyPending == nil)
+        _ = c.onCheckpointBegan(CheckpointBegin(epoch: 2, kind: .checkpoint), now: 1)
+        _ = c.onCheckpointComplete(CheckpointEnd(epoch: 2, recordCount: 0, digest: 0, payloadBytes: 0), now: 1)
+        #expect(c.onCommitted(2, now: 1) == [.sendAck(2)])
+    }
+
+    @Test func precopyDiskContentsAreAppliedAndNeverAcknowledged() {
+        var c = receivingDisks()
+        _ = c.onCheckpointBegan(CheckpointBegin(epoch: 0, kind: .precopy), now: 1)
+        #expect(c.onCheckpointComplete(CheckpointEnd(epoch: 0, recordCount: 2, digest: 0, payloadBytes: 0), now: 1) == [.commit(0)])
+        #expect(c.onCommitted(0, now: 2) == [.applyDisk(0)])
+        #expect(c.onDiskApplied(0, now: 3) == [])
+        #expect(c.committedEpoch == 0)
+    }
+
+    @Test func theDisksOfAnUncommittedCheckpointAreDiscardedAtFailover() {
+        var c = receivingDisks(committed: 2)
+        // Checkpoint 3's disk writes arrive, its memory does not: the primary dies in between.
+        _ = c.onCheckpointBegan(CheckpointBegin(epoch: 3, kind: .checkpoint), now: 10)
+        let lost = c.onConnectionLost(reason: "EOF", now: 11)
+        #expect(lost.first == .discardStaged, "disk 3 is dropped with memory 3")
+        #expect(!lost.contains(.applyDisk(3)))
+        let fenced = c.onFenced(success: true, detail: "gone", now: 12)
+        #expect(fenced.contains(.activate(2)) && !fenced.contains { if case .applyDisk = $0 { true } else { false } })
+    }
+
+    @Test func aTakeoverWaitsUntilTheCommittedEpochsDiskWritesAreApplied() {
+        // The primary dies after ACK 3 while disk 3 is still being applied: finish, then resume.
+        var c = receivingDisks(committed: 2)
+        commit(&c, 3, now: 5)
+        #expect(c.diskApplyPending == 3)
+        #expect(runTicks(&c, from: 5, through: 400 * ms).contains(.fencePrimary), "silence still counts while applying")
+        let fenced = c.onFenced(success: true, detail: "gone", now: 401 * ms)
+        #expect(!activates(fenced), "not on disks older than memory 3")
+        #expect(c.state == .activating(committed: 3))
+        #expect(c.onDiskApplied(2, now: 402 * ms) == [], "an older epoch's report changes nothing")
+        #expect(c.onDiskApplied(3, now: 403 * ms) == [.activate(3)])
+        _ = c.onActivated(now: 404 * ms)
+        #expect(c.state == .active(from: 3))
+    }
+
+    @Test func aFinalCheckpointActivatesOnlyAfterItsDiskWritesAreApplied() {
+        var c = receivingDisks(committed: 4)
+        _ = c.onCheckpointBegan(CheckpointBegin(epoch: 5, kind: .final), now: 1)
+        _ = c.onCheckpointComplete(CheckpointEnd(epoch: 5, recordCount: 3, digest: 0, payloadBytes: 0), now: 1)
+        let committed = c.onCommitted(5, now: 2)
+        #expect(Array(committed.prefix(2)) == [.sendAck(5), .applyDisk(5)])
+        #expect(!activates(committed))
+        #expect(c.onDiskApplied(5, now: 3) == [.activate(5)])
+    }
+
+    @Test func withoutFencingTheTakeoverStillWaitsForTheDisks() {
+        var c = receivingDisks(.unsafeNoFence, committed: 1)
+        commit(&c, 2, now: 1)
+        #expect(!activates(c.onConnectionLost(reason: "EOF", now: 2)))
+        #expect(c.onDiskApplied(2, now: 3) == [.activate(2)])
+    }
+
+    @Test func aFailedApplyWhileThePrimaryLivesDropsItsConnectionAndKeepsTheCheckpoint() {
+        var c = receivingDisks(committed: 1)
+        commit(&c, 2, now: 1)
+        let d = c.onDiskApplyFailed(2, reason: "pwrite: No space left on device", now: 2)
+        #expect(Array(d.prefix(2)) == [.discardStaged, .closeConnection])
+        #expect(d.contains { if case .report(let r) = $0 { r.contains("checkpoint 2") && r.contains("No space left") } else { false } })
+        #expect(c.state == .receiving(committed: 2, connected: false))
+        #expect(c.diskApplyPending == 2, "the redo log still holds the writes")
+    }
+
+    @Test func aFailedApplyAtTakeoverWaitsForTheOperatorWhoseActivateAppliesTheLogAgain() {
+        var c = receivingDisks(committed: 1)
+        commit(&c, 2, now: 1)
+        _ = c.onConnectionLost(reason: "EOF", now: 2)
+        #expect(!activates(c.onFenced(success: true, detail: "gone", now: 3)))
+        let failed = c.onDiskApplyFailed(2, reason: "EIO", now: 4)
+        #expect(!activates(failed))
+        #expect(c.state == .awaitingOperator(committed: 2))
+        #expect(failed.contains { if case .report(let r) = $0 { r.contains("NOT taking over") && r.contains("failover --activate") } else { false } })
+        let retried = c.onOperatorActivate(now: 5)
+        #expect(retried.contains(.applyDisk(2)) && !activates(retried))
+        #expect(c.onDiskApplied(2, now: 6) == [.activate(2)])
+    }
+}

@@ -9,6 +9,10 @@
 /// - I2: a checkpoint is committed only from `onCheckpointComplete`; anything else discards staging.
 /// - I7: `.activate` only after `onFenced(success: true)` (or a planned switchover, where the
 ///   primary itself handed over).
+/// - I9: with disks, `.commit(N)` makes checkpoint N's disk operations durable in the redo log
+///   before its memory is applied (so the ACK that follows covers both); `.applyDisk(N)` — the
+///   redo log onto the disk images — comes only after `onCommitted(N)`, never before memory N is
+///   complete; `.activate(N)` only once `onDiskApplied(N)` reported the images at N.
 ///
 /// Deadlines are part of the state: `nextDeadline` is derived from it alone and read by the shell
 /// after every event and tick; receiving and fencing always have one.
@@ -52,8 +56,12 @@ public struct BackupCommitter: Sendable {
     public enum Directive: Equatable, Sendable {
         /// Throw away the partly staged checkpoint.
         case discardStaged
-        /// Apply the staged, verified checkpoint to the replica; report `onCommitted`.
+        /// Apply the staged, verified checkpoint: its disk operations into the redo log, durably
+        /// (fdatasync), then its memory to the replica; report `onCommitted`.
         case commit(Epoch)
+        /// Apply the committed epoch's disk operations from the redo log to the disk images,
+        /// durably, and persist "applied = epoch"; report `onDiskApplied` or `onDiskApplyFailed`.
+        case applyDisk(Epoch)
         /// Tell the primary `epoch` is committed.
         case sendAck(Epoch)
         /// Send a heartbeat with this sequence number.
@@ -86,6 +94,12 @@ public struct BackupCommitter: Sendable {
     private var heartbeatSequence: UInt64 = 0
     /// The checkpoint being staged, if any (only while receiving).
     private var staging: CheckpointBegin?
+    /// Whether the current stream replicates disks (DISKS negotiated and disks described).
+    public private(set) var replicatesDisks = false
+    /// The committed epoch whose disk operations are logged but not yet applied to the images.
+    public private(set) var diskApplyPending: Epoch?
+    /// An activation waits for `diskApplyPending` to be applied first (I9).
+    private var activationWaitsForDisk = false
 
     /// Whether a primary's connection is open.
     public var connected: Bool {
@@ -146,7 +160,9 @@ public struct BackupCommitter: Sendable {
 
     /// A primary connected and its stream header was accepted (the replica was configured anew:
     /// a new stream starts from a full synchronisation, so the old image no longer counts).
-    public mutating func onPrimaryConnected(now: UInt64) -> [Directive] {
+    /// - Parameter disks: whether the stream replicates disks (their operations come inside the
+    ///   checkpoints and must be applied with them).
+    public mutating func onPrimaryConnected(now: UInt64, disks: Bool = false) -> [Directive] {
         precondition(acceptsPrimary, "primary connected in state \(state)")
         var out: [Directive] = []
         if case .fencing(let committed, _, _) = state {
@@ -156,6 +172,8 @@ public struct BackupCommitter: Sendable {
         lostWhileStaging = false
         state = .receiving(committed: 0, connected: true)
         staging = nil
+        replicatesDisks = disks
+        activationWaitsForDisk = false
         lastHeardAt = now
         silenceSince = now
         lastHeartbeatAt = now
@@ -192,17 +210,51 @@ public struct BackupCommitter: Sendable {
             preconditionFailure("committed \(epoch) in state \(state) staging \(String(describing: staging))")
         }
         staging = nil
+        // Memory `epoch` is complete and applied: only now may its disk operations reach the images.
+        let apply: [Directive] = replicatesDisks ? [.applyDisk(epoch)] : []
+        if replicatesDisks { diskApplyPending = epoch }
         switch begin.kind {
         case .precopy:
-            // Pre-copy pages build the image but are no checkpoint: nothing to acknowledge.
-            return []
+            // Pre-copy rounds build the image but are no checkpoint: nothing to acknowledge.
+            return apply
         case .checkpoint:
             state = .receiving(committed: epoch, connected: connected)
-            return [.sendAck(epoch)]
+            return [.sendAck(epoch)] + apply
         case .final:
             // A planned switchover: the primary stopped its guest and handed it over.
             state = .activating(committed: epoch)
-            return [.sendAck(epoch), .report("final checkpoint \(epoch) committed; taking over as planned"), .activate(epoch)]
+            return [.sendAck(epoch)] + apply + [.report("final checkpoint \(epoch) committed; taking over as planned")] + activate(epoch)
+        }
+    }
+
+    /// The disk images hold `epoch`'s operations, durably.
+    public mutating func onDiskApplied(_ epoch: Epoch, now: UInt64) -> [Directive] {
+        guard diskApplyPending == epoch else { return [] }
+        diskApplyPending = nil
+        guard activationWaitsForDisk, case .activating(let committed) = state else { return [] }
+        activationWaitsForDisk = false
+        return [.activate(committed)]
+    }
+
+    /// Applying `epoch`'s disk operations failed: the images are not at the committed checkpoint,
+    /// so the replica must not be activated until they are (the redo log keeps the operations).
+    public mutating func onDiskApplyFailed(_ epoch: Epoch, reason: String, now: UInt64) -> [Directive] {
+        guard diskApplyPending == epoch else { return [] }
+        let problem = "could not apply the disk writes of checkpoint \(epoch) to the disk images: \(reason)"
+        switch state {
+        case .receiving(let committed, let connected):
+            // The primary is alive: drop it; it reconnects and resynchronises memory and disks.
+            state = .receiving(committed: committed, connected: false)
+            staging = nil
+            return (connected ? [.discardStaged, .closeConnection] : [])
+                + [.report("\(problem); dropping the primary's connection so it resynchronises; its guest keeps running there")]
+        case .activating(let committed), .fencing(let committed, _, _), .awaitingOperator(let committed):
+            // The primary is gone: only a human can repair the images; the redo log still holds the writes.
+            activationWaitsForDisk = false
+            state = .awaitingOperator(committed: committed)
+            return [.report("\(problem); NOT taking over: fix the disk image, then 'remusd failover --activate' applies the redo log again and activates checkpoint \(committed)")]
+        case .listening, .active, .stopped:
+            return [.report(problem)]
         }
     }
 
@@ -243,7 +295,7 @@ public struct BackupCommitter: Sendable {
                 return [.discardStaged, .closeConnection, .discardReplica, .report("the primary asked for a switchover but no checkpoint was committed; nothing to activate")]
             }
             state = .activating(committed: committed)
-            return [.discardStaged, .closeConnection, .report("planned switchover: activating checkpoint \(committed)"), .activate(committed)]
+            return [.discardStaged, .closeConnection, .report("planned switchover: activating checkpoint \(committed)")] + activate(committed)
         case .shutdown, .error:
             return [.discardStaged, .closeConnection, .report("the primary ended the stream (\(end.reason): \(end.message))")]
                 + primaryLost(committed: committed, reason: "it ended its stream: \(end.message)", now: now)
@@ -301,7 +353,7 @@ public struct BackupCommitter: Sendable {
             return say ? [.report("fencing the primary failed (attempt \(attempt)): \(detail); the guest stays down here until fencing succeeds; retrying every heartbeat")] : []
         }
         state = .activating(committed: committed)
-        return [.report("primary fenced (\(detail)); activating checkpoint \(committed)"), .activate(committed)]
+        return [.report("primary fenced (\(detail)); activating checkpoint \(committed)")] + activate(committed)
     }
 
     /// The operator says the primary is off (`remusd failover --activate`).
@@ -309,7 +361,9 @@ public struct BackupCommitter: Sendable {
         switch state {
         case .awaitingOperator(let committed), .fencing(let committed, _, _):
             state = .activating(committed: committed)
-            return [.report("activation confirmed by the operator; activating checkpoint \(committed)"), .activate(committed)]
+            // A failed apply is retried from the redo log first (its operations are idempotent).
+            let retry: [Directive] = diskApplyPending.map { [.applyDisk($0)] } ?? []
+            return [.report("activation confirmed by the operator; activating checkpoint \(committed)")] + retry + activate(committed)
         default:
             return [.report("nothing to activate in state \(state)")]
         }
@@ -323,6 +377,16 @@ public struct BackupCommitter: Sendable {
     }
 
     // MARK: - Helpers
+
+    /// `.activate(committed)`, or nothing yet while the disk images are still being brought to
+    /// `committed`: `onDiskApplied` emits it then (I9: the guest never resumes on older disks).
+    private mutating func activate(_ committed: Epoch) -> [Directive] {
+        guard diskApplyPending == nil else {
+            activationWaitsForDisk = true
+            return [.report("waiting for the disk writes of checkpoint \(diskApplyPending ?? 0) to reach the disk images before activating")]
+        }
+        return [.activate(committed)]
+    }
 
     /// Something came from the primary: its silence ends here.
     private mutating func heard(_ now: UInt64) {
@@ -353,7 +417,7 @@ public struct BackupCommitter: Sendable {
             return [.report("primary lost (\(reason)); fencing it before taking over checkpoint \(committed)"), .fencePrimary]
         case .unsafeNoFence:
             state = .activating(committed: committed)
-            return [.report("primary lost (\(reason)); activating checkpoint \(committed) WITHOUT fencing (--unsafe-no-fence)"), .activate(committed)]
+            return [.report("primary lost (\(reason)); activating checkpoint \(committed) WITHOUT fencing (--unsafe-no-fence)")] + activate(committed)
         case .operatorOnly:
             state = .awaitingOperator(committed: committed)
             return [.report("primary lost (\(reason)); no fence is configured, so this backup will not activate by itself: make sure the primary is off, then run 'remusd failover --activate'")]

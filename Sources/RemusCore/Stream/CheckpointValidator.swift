@@ -8,10 +8,12 @@ public enum CheckpointEvent {
     case streamOpened(StreamHeader)
     /// DOMAIN_CONFIG, before the first checkpoint.
     case domainConfig(DomainConfig)
+    /// A disk the stream replicates (DISK_DESCRIPTOR), before the first checkpoint.
+    case diskDescriptor(DiskDescriptor)
     /// A checkpoint (or pre-copy round) began: stage what follows, apply nothing yet.
     case checkpointBegan(CheckpointBegin)
     /// Content of the open checkpoint (PAGE_BATCH, VCPU_STATE, DEVICE_STATE, CLOCK, MEMORY_LAYOUT,
-    /// OPAQUE_PAYLOAD). Views in it are valid until the decoder's next call.
+    /// OPAQUE_PAYLOAD, DISK_WRITE, DISK_COMMAND). Views in it are valid until the decoder's next call.
     case content(RecordContent)
     /// The open checkpoint is complete and verified (epoch, record count, payload bytes, digest,
     /// required records): it may be committed now, and only now.
@@ -42,7 +44,10 @@ public enum CheckpointEvent {
 /// continues its count), each holding exactly one CLOCK and one MEMORY_LAYOUT, VCPU_STATE in
 /// strictly increasing vCPU order, DEVICE_STATE names distinct, PAGE_BATCH PFNs strictly
 /// increasing across the whole checkpoint (so a page appears at most once: I3), and OPAQUE_PAYLOAD
-/// chunks numbered 0, 1, 2, … per foreign stream over the connection; nothing but STREAM_END (or
+/// chunks numbered 0, 1, 2, … per foreign stream over the connection; with the DISKS feature,
+/// DISK_DESCRIPTOR records numbered 0, 1, 2, … before the first BEGIN and DISK_WRITE / DISK_COMMAND
+/// inside checkpoints and pre-copy rounds, each within its disk's size and aligned to its block
+/// size, at most `maxDiskBytesPerCheckpoint` bytes of them per checkpoint; nothing but STREAM_END (or
 /// ERROR) after a `.final` checkpoint; nothing at all after STREAM_END or ERROR. HEARTBEAT may come
 /// anywhere after the header. Backup → primary: header, then ACK (epochs never decrease),
 /// HEARTBEAT, ERROR, STREAM_END. STREAM_END's `lastEpoch` is informational and not checked.
@@ -67,6 +72,13 @@ public struct CheckpointValidator: Sendable {
     public private(set) var lastAckedEpoch: Epoch = 0
     /// Whether STREAM_END or ERROR was received (nothing may follow).
     public private(set) var hasEnded = false
+    /// Most bytes of disk records (the sum of DISK_WRITE and DISK_COMMAND body lengths) one
+    /// checkpoint may carry: what the primary can make the backup hold for one epoch.
+    public let maxDiskBytesPerCheckpoint: UInt64
+    /// The disks the stream described (DISK_DESCRIPTOR), in disk-number order.
+    public private(set) var disks: [DiskDescriptor] = []
+    /// Features the peer's header enabled.
+    private var negotiated: StreamFeatures = []
 
     private struct Open: Sendable {
         var begin: CheckpointBegin
@@ -76,6 +88,8 @@ public struct CheckpointValidator: Sendable {
         var lastVCPU: UInt32?
         var devices: Set<String> = []
         var lastPFN: PFN?
+        /// Bytes of disk records so far (body lengths).
+        var diskBytes: UInt64 = 0
     }
 
     private var headerSeen = false
@@ -90,9 +104,14 @@ public struct CheckpointValidator: Sendable {
     /// - Parameters:
     ///   - direction: which direction this validator reads.
     ///   - offeredFeatures: the features this end offered in its own header.
-    public init(direction: Direction, offeredFeatures: StreamFeatures = .supported) {
+    ///   - maxDiskBytesPerCheckpoint: most bytes of disk records one checkpoint may carry (default 1 GiB).
+    public init(
+        direction: Direction, offeredFeatures: StreamFeatures = .supported,
+        maxDiskBytesPerCheckpoint: UInt64 = StreamLimits.defaultMaxDiskBytesPerCheckpoint
+    ) {
         self.direction = direction
         self.offeredFeatures = offeredFeatures
+        self.maxDiskBytesPerCheckpoint = maxDiskBytesPerCheckpoint
     }
 
     /// Validates the next item of the stream and says what it means.
@@ -129,6 +148,7 @@ public struct CheckpointValidator: Sendable {
             }
         }
         headerSeen = true
+        negotiated = header.features
         return .streamOpened(header)
     }
 
@@ -234,10 +254,40 @@ public struct CheckpointValidator: Sendable {
         case .ack:
             throw fail(.outOfOrder, "ACK is not sent by a primary")
 
-        case .pageBatch, .vcpuState, .deviceState, .clock, .memoryLayout, .opaquePayload:
+        case .diskDescriptor(let descriptor):
+            try requireDisks(name, fail)
+            guard !anyCheckpointBegun else { throw fail(.outOfOrder, "DISK_DESCRIPTOR after the first CHECKPOINT_BEGIN") }
+            guard disks.count < StreamLimits.maxDisks else {
+                throw fail(.lengthOverLimit, "a disk beyond the limit of \(StreamLimits.maxDisks) disks per stream")
+            }
+            guard descriptor.disk == UInt32(disks.count) else {
+                throw fail(.outOfOrder, "DISK_DESCRIPTOR for disk \(descriptor.disk), expected disk \(disks.count) (disks are numbered in order from 0)")
+            }
+            guard !disks.contains(where: { $0.name == descriptor.name }) else {
+                throw fail(.duplicateRecord, "a second disk named \"\(descriptor.name)\"")
+            }
+            disks.append(descriptor)
+            return .diskDescriptor(descriptor)
+
+        case .pageBatch, .vcpuState, .deviceState, .clock, .memoryLayout, .opaquePayload, .diskWrite, .diskCommand:
+            if case .diskWrite = record.content { try requireDisks(name, fail) }
+            if case .diskCommand = record.content { try requireDisks(name, fail) }
             guard var current = open else { throw fail(.outOfOrder, "\(name) outside a checkpoint") }
             let epoch = current.begin.epoch
             switch record.content {
+            case .diskWrite(let write):
+                try checkDiskRange(write.disk, offset: write.offset, length: UInt64(write.data.count), epoch: epoch, fail)
+                try countDiskBytes(record.header, in: &current, fail)
+            case .diskCommand(let command):
+                if command.kind == .flush {
+                    guard command.offset == 0, command.length == 0 else {
+                        throw fail(.malformedBody, "flush of disk \(command.disk) with offset \(command.offset) and length \(command.length); a flush has neither")
+                    }
+                    try checkDiskRange(command.disk, offset: 0, length: nil, epoch: epoch, fail)
+                } else {
+                    try checkDiskRange(command.disk, offset: command.offset, length: command.length, epoch: epoch, fail)
+                }
+                try countDiskBytes(record.header, in: &current, fail)
             case .pageBatch(let batch):
                 if let last = current.lastPFN, batch.firstPFN <= last {
                     throw fail(.outOfOrder, "PAGE_BATCH starting at PFN \(batch.firstPFN) after PFN \(last) in checkpoint \(epoch) (PFNs strictly increase across a checkpoint; a page appears once)")
@@ -275,6 +325,45 @@ public struct CheckpointValidator: Sendable {
             current.digest.add(record.header)
             open = current
             return .content(record.content)
+        }
+    }
+
+    /// Disk records need the DISKS feature: a peer that did not negotiate it must not send them.
+    private func requireDisks(
+        _ name: String, _ fail: (StreamDecodeError.Kind, String) -> StreamDecodeError
+    ) throws(StreamDecodeError) {
+        guard negotiated.contains(.disks) else {
+            throw fail(.outOfOrder, "\(name), but the stream header did not enable disk records (feature DISKS, bit 1)")
+        }
+    }
+
+    /// Checks that `length` bytes (nil: a flush, no range) at `offset` lie on a described disk,
+    /// aligned to its block size.
+    private func checkDiskRange(
+        _ disk: UInt32, offset: UInt64, length: UInt64?, epoch: Epoch,
+        _ fail: (StreamDecodeError.Kind, String) -> StreamDecodeError
+    ) throws(StreamDecodeError) {
+        guard Int(disk) < disks.count else {
+            throw fail(.outOfOrder, "disk \(disk) in checkpoint \(epoch), but the stream described \(disks.count) disk(s)")
+        }
+        guard let length else { return }
+        let d = disks[Int(disk)]
+        let block = UInt64(d.blockSize)
+        guard length > 0, offset % block == 0, length % block == 0 else {
+            throw fail(.malformedBody, "disk \(disk) (\"\(d.name)\"): range of \(length) bytes at offset \(offset) is empty or not aligned to the block size \(block)")
+        }
+        guard offset <= d.sizeBytes, length <= d.sizeBytes - offset else {
+            throw fail(.malformedBody, "disk \(disk) (\"\(d.name)\"): range of \(length) bytes at offset \(offset) ends beyond the disk's \(d.sizeBytes) bytes")
+        }
+    }
+
+    /// Counts a disk record against the checkpoint's bound before the reader stages it.
+    private func countDiskBytes(
+        _ header: RecordHeader, in current: inout Open, _ fail: (StreamDecodeError.Kind, String) -> StreamDecodeError
+    ) throws(StreamDecodeError) {
+        current.diskBytes += UInt64(header.bodyLength)
+        guard current.diskBytes <= maxDiskBytesPerCheckpoint else {
+            throw fail(.lengthOverLimit, "checkpoint \(current.begin.epoch) carries more than \(maxDiskBytesPerCheckpoint) bytes of disk records, this backup's bound per checkpoint")
         }
     }
 }

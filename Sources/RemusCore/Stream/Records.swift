@@ -23,6 +23,20 @@ public enum StreamLimits {
     public static let maxLayoutRanges: Int = 65536
     /// Page sizes a v1 stream may declare.
     public static let pageSizes: Set<UInt32> = [4096, 16384, 65536]
+    /// Most disks one stream may describe (DISK_DESCRIPTOR records).
+    public static let maxDisks: Int = 64
+    /// Logical block sizes a disk may declare, bytes: offsets and lengths of its operations are
+    /// multiples of it.
+    public static let diskBlockSizes: Set<UInt32> = [512, 4096]
+    /// Largest disk a stream may describe, bytes (64 PiB).
+    public static let maxDiskBytes: UInt64 = 1 << 56
+    /// Most data bytes one DISK_WRITE carries (4 MiB); a longer guest write travels as several.
+    public static let maxDiskWriteBytes: Int = 4 << 20
+    /// Longest disk name in bytes (UTF-8).
+    public static let maxDiskName: Int = 255
+    /// Default bound on the disk records one checkpoint may carry: the sum of their body lengths,
+    /// bytes (1 GiB). A backup may set its own (`CheckpointValidator.maxDiskBytesPerCheckpoint`).
+    public static let defaultMaxDiskBytesPerCheckpoint: UInt64 = 1 << 30
 }
 
 /// Record type codes (u32 on the wire).
@@ -36,6 +50,9 @@ public enum RecordType: UInt32, Sendable, CaseIterable {
     case memoryLayout = 0x07
     case opaquePayload = 0x08
     case domainConfig = 0x09
+    case diskDescriptor = 0x0A
+    case diskWrite = 0x0B
+    case diskCommand = 0x0C
     case ack = 0x10
     case heartbeat = 0x11
     case streamEnd = 0x12
@@ -62,8 +79,11 @@ public struct StreamFeatures: OptionSet, Sendable, Hashable {
     public init(rawValue: UInt64) { self.rawValue = rawValue }
     /// PAGE_BATCH entries may use the delta encoding.
     public static let deltaPages = StreamFeatures(rawValue: 1 << 0)
+    /// The stream may carry disks: DISK_DESCRIPTOR before the first checkpoint, DISK_WRITE and
+    /// DISK_COMMAND inside checkpoints. A backup offers it only when it can replicate disks.
+    public static let disks = StreamFeatures(rawValue: 1 << 1)
     /// Everything this build understands.
-    public static let supported: StreamFeatures = [.deltaPages]
+    public static let supported: StreamFeatures = [.deltaPages, .disks]
 }
 
 /// A 128-bit guest identity (a UUID), stored as two big-endian halves.
@@ -296,4 +316,63 @@ public struct PeerError: Equatable, Sendable {
     public var code: UInt32
     public var message: String
     public init(code: UInt32, message: String) { self.code = code; self.message = message }
+}
+
+/// DISK_DESCRIPTOR body: one replicated disk, described once per stream before the first
+/// checkpoint. Disks are numbered 0, 1, 2, … in the order of their descriptors.
+public struct DiskDescriptor: Equatable, Sendable {
+    /// The disk's number in this stream (0-based, dense).
+    public var disk: UInt32
+    /// Logical block size in bytes (512 or 4096): every operation's offset and length is a multiple.
+    public var blockSize: UInt32
+    /// The disk's size in bytes, a positive multiple of `blockSize`.
+    public var sizeBytes: UInt64
+    /// The disk's name on the primary ("xvda", "disk0"): how the backup finds its image (UTF-8, 1…255 bytes).
+    public var name: String
+    public init(disk: UInt32, blockSize: UInt32, sizeBytes: UInt64, name: String) {
+        self.disk = disk
+        self.blockSize = blockSize
+        self.sizeBytes = sizeBytes
+        self.name = name
+    }
+}
+
+/// DISK_WRITE body: the guest wrote `data` at `offset` of `disk` during the checkpoint's epoch.
+public struct DiskWrite: Equatable, Sendable {
+    public var disk: UInt32
+    /// Byte offset on the disk, a multiple of its block size.
+    public var offset: UInt64
+    /// The bytes written: a positive multiple of the block size, at most `StreamLimits.maxDiskWriteBytes`.
+    public var data: [UInt8]
+    public init(disk: UInt32, offset: UInt64, data: [UInt8]) {
+        self.disk = disk
+        self.offset = offset
+        self.data = data
+    }
+}
+
+/// DISK_COMMAND body: a disk operation without data.
+public struct DiskCommand: Equatable, Sendable {
+    /// What the guest asked for.
+    public enum Kind: UInt16, Sendable, CaseIterable {
+        /// Make every earlier write of the disk durable (offset and length 0).
+        case flush = 1
+        /// The range's content is no longer needed; it reads as zeros afterwards (remusd's rule,
+        /// so a replay is deterministic).
+        case discard = 2
+        /// The range reads as zeros.
+        case writeZeroes = 3
+    }
+    public var disk: UInt32
+    public var kind: Kind
+    /// Byte offset of the range (0 for a flush), a multiple of the block size.
+    public var offset: UInt64
+    /// Bytes in the range (0 for a flush; otherwise a positive multiple of the block size).
+    public var length: UInt64
+    public init(disk: UInt32, kind: Kind, offset: UInt64, length: UInt64) {
+        self.disk = disk
+        self.kind = kind
+        self.offset = offset
+        self.length = length
+    }
 }

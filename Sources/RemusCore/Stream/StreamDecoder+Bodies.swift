@@ -129,6 +129,40 @@ extension StreamDecoder {
             try r.requireZero(4, as: UInt32.self)
             return .domainConfig(DomainConfig(format: format, bytes: r.bytes(8, r.count - 8)))
 
+        case .diskDescriptor:
+            let nameLength = Int(r.le(16, as: UInt16.self))
+            try r.requireZero(18, as: UInt16.self)
+            try r.requireZero(20, as: UInt32.self)
+            guard nameLength > 0, nameLength <= StreamLimits.maxDiskName else {
+                throw r.malformed("disk name of \(nameLength) bytes; 1...\(StreamLimits.maxDiskName) allowed")
+            }
+            let name = try r.string(24, nameLength, "disk name")
+            try r.requireEnd(24 + nameLength)
+            let blockSize = r.le(4, as: UInt32.self)
+            let size = r.le(8, as: UInt64.self)
+            guard StreamLimits.diskBlockSizes.contains(blockSize) else {
+                throw r.malformed("disk \"\(name)\": block size \(blockSize) is not one of \(StreamLimits.diskBlockSizes.sorted())")
+            }
+            guard size > 0, size <= StreamLimits.maxDiskBytes, size % UInt64(blockSize) == 0 else {
+                throw r.malformed("disk \"\(name)\": size \(size) bytes is not a positive multiple of its block size \(blockSize) up to \(StreamLimits.maxDiskBytes)")
+            }
+            return .diskDescriptor(DiskDescriptor(disk: r.le(0), blockSize: blockSize, sizeBytes: size, name: name))
+
+        case .diskWrite:
+            let length = Int(r.le(4, as: UInt32.self))
+            guard length > 0, length <= StreamLimits.maxDiskWriteBytes else {
+                throw r.malformed("\(length) data bytes; 1...\(StreamLimits.maxDiskWriteBytes) allowed")
+            }
+            try r.requireEnd(16 + length)
+            return .diskWrite(DiskWriteView(disk: r.le(0), offset: r.le(8), data: r.view(16, length)))
+
+        case .diskCommand:
+            try r.requireEnd(24)
+            let code = r.le(4, as: UInt16.self)
+            guard let kind = DiskCommand.Kind(rawValue: code) else { throw r.malformed("unknown disk command \(code)") }
+            try r.requireZero(6, as: UInt16.self)
+            return .diskCommand(DiskCommand(disk: r.le(0), kind: kind, offset: r.le(8), length: r.le(16)))
+
         case .ack:
             try r.requireEnd(16)
             return .ack(Ack(epoch: r.le(0), backupMonotonicNs: r.le(8)))

@@ -171,6 +171,36 @@ public struct StreamEncoder: ~Copyable {
                 $0.appendLE(UInt32(0))
                 $0.append(contentsOf: config.bytes)
             }
+        case .diskDescriptor(let d):
+            let name = Array(d.name.utf8)
+            guard !name.isEmpty, name.count <= StreamLimits.maxDiskName else {
+                throw StreamEncodeError(.diskDescriptor, "disk name is \(name.count) bytes of UTF-8; 1...\(StreamLimits.maxDiskName) allowed")
+            }
+            try writeRecord(.diskDescriptor, bodyLength: 24 + name.count, into: &out) {
+                $0.appendLE(d.disk)
+                $0.appendLE(d.blockSize)
+                $0.appendLE(d.sizeBytes)
+                $0.appendLE(UInt16(name.count))
+                $0.appendLE(UInt16(0))
+                $0.appendLE(UInt32(0))
+                $0.append(contentsOf: name)
+            }
+        case .diskWrite(let write):
+            try checkDiskWriteLength(write.data.count)
+            try writeRecord(.diskWrite, bodyLength: 16 + write.data.count, into: &out) {
+                $0.appendLE(write.disk)
+                $0.appendLE(UInt32(write.data.count))
+                $0.appendLE(write.offset)
+                $0.append(contentsOf: write.data)
+            }
+        case .diskCommand(let command):
+            try writeRecord(.diskCommand, bodyLength: 24, into: &out) {
+                $0.appendLE(command.disk)
+                $0.appendLE(command.kind.rawValue)
+                $0.appendLE(UInt16(0))
+                $0.appendLE(command.offset)
+                $0.appendLE(command.length)
+            }
         case .ack(let ack):
             try writeRecord(.ack, bodyLength: 16, into: &out) {
                 $0.appendLE(ack.epoch)
@@ -209,6 +239,20 @@ public struct StreamEncoder: ~Copyable {
             $0.appendLE(stream.rawValue)
             $0.appendLE(sequence)
             $0.append(contentsOf: bytes)
+        }
+    }
+
+    /// Appends a DISK_WRITE straight from the caller's bytes (1 … `StreamLimits.maxDiskWriteBytes`;
+    /// a longer guest write is split by the caller).
+    public mutating func appendDiskWrite(
+        disk: UInt32, offset: UInt64, data: UnsafeRawBufferPointer, into out: inout [UInt8]
+    ) throws(StreamEncodeError) {
+        try checkDiskWriteLength(data.count)
+        try writeRecord(.diskWrite, bodyLength: 16 + data.count, into: &out) {
+            $0.appendLE(disk)
+            $0.appendLE(UInt32(data.count))
+            $0.appendLE(offset)
+            $0.append(contentsOf: data)
         }
     }
 
@@ -289,6 +333,12 @@ public struct StreamEncoder: ~Copyable {
             header.typeCode != RecordType.checkpointEnd.rawValue
         else { return }
         digest.add(header)
+    }
+
+    private func checkDiskWriteLength(_ count: Int) throws(StreamEncodeError) {
+        guard count > 0, count <= StreamLimits.maxDiskWriteBytes else {
+            throw StreamEncodeError(.diskWrite, "\(count) data bytes; 1...\(StreamLimits.maxDiskWriteBytes) allowed")
+        }
     }
 
     private func checkedString(_ string: String, what: String, in type: RecordType, allowEmpty: Bool) throws(StreamEncodeError) -> [UInt8] {

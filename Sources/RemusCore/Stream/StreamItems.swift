@@ -29,6 +29,9 @@ public enum StreamRecord: Equatable, Sendable {
     case memoryLayout(MemoryLayout)
     case opaquePayload(OpaquePayload)
     case domainConfig(DomainConfig)
+    case diskDescriptor(DiskDescriptor)
+    case diskWrite(DiskWrite)
+    case diskCommand(DiskCommand)
     case ack(Ack)
     case heartbeat(Heartbeat)
     case streamEnd(StreamEnd)
@@ -45,6 +48,9 @@ public enum StreamRecord: Equatable, Sendable {
         case .memoryLayout: return .memoryLayout
         case .opaquePayload: return .opaquePayload
         case .domainConfig: return .domainConfig
+        case .diskDescriptor: return .diskDescriptor
+        case .diskWrite: return .diskWrite
+        case .diskCommand: return .diskCommand
         case .ack: return .ack
         case .heartbeat: return .heartbeat
         case .streamEnd: return .streamEnd
@@ -116,6 +122,19 @@ public struct OpaquePayloadView {
     }
 }
 
+/// A decoded DISK_WRITE, pointing into the decoder's buffer: valid until the decoder's next call.
+public struct DiskWriteView {
+    /// The disk's number (its DISK_DESCRIPTOR).
+    public var disk: UInt32
+    /// Byte offset on the disk.
+    public var offset: UInt64
+    /// The bytes written.
+    public var data: UnsafeRawBufferPointer
+
+    /// An owned copy.
+    public func copy() -> DiskWrite { DiskWrite(disk: disk, offset: offset, data: Array(data)) }
+}
+
 /// The content of one decoded record; each case is the record type of the same name.
 public enum RecordContent {
     case checkpointBegin(CheckpointBegin)
@@ -129,6 +148,10 @@ public enum RecordContent {
     /// Valid until the decoder's next call.
     case opaquePayload(OpaquePayloadView)
     case domainConfig(DomainConfig)
+    case diskDescriptor(DiskDescriptor)
+    /// Valid until the decoder's next call.
+    case diskWrite(DiskWriteView)
+    case diskCommand(DiskCommand)
     case ack(Ack)
     case heartbeat(Heartbeat)
     case streamEnd(StreamEnd)
@@ -139,7 +162,7 @@ public enum RecordContent {
 }
 
 extension RecordContent {
-    /// The content as an owned value (an opaque payload is copied); nil for PAGE_BATCH and skipped
+    /// The content as an owned value (an opaque payload or disk write is copied); nil for PAGE_BATCH and skipped
     /// records.
     public var ownedRecord: StreamRecord? {
         switch self {
@@ -151,6 +174,9 @@ extension RecordContent {
         case .memoryLayout(let v): return .memoryLayout(v)
         case .opaquePayload(let v): return .opaquePayload(v.copy())
         case .domainConfig(let v): return .domainConfig(v)
+        case .diskDescriptor(let v): return .diskDescriptor(v)
+        case .diskWrite(let v): return .diskWrite(v.copy())
+        case .diskCommand(let v): return .diskCommand(v)
         case .ack(let v): return .ack(v)
         case .heartbeat(let v): return .heartbeat(v)
         case .streamEnd(let v): return .streamEnd(v)

@@ -59,17 +59,18 @@ extension Array where Element == UInt8 {
     }
 }
 
-/// CRC32C (Castagnoli), the checksum of every record and of the checkpoint digest.
-enum CRC32C {
+/// CRC32C (Castagnoli), the checksum of every record and of the checkpoint digest (and of the
+/// backup's disk redo log).
+public enum CRC32C {
     /// Extends `crc` (0 to start) over `count` bytes at `start`.
     @inline(__always)
     static func extend(_ crc: UInt32, _ start: UnsafeRawPointer, _ count: Int) -> UInt32 {
         count == 0 ? crc : remus_crc32c_extend(crc, start, count)
     }
 
-    /// Extends `crc` over `bytes`.
+    /// Extends `crc` (0 to start) over `bytes`.
     @inline(__always)
-    static func extend(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
+    public static func extend(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
         guard let base = bytes.baseAddress, bytes.count > 0 else { return crc }
         return remus_crc32c_extend(crc, base, bytes.count)
     }
@@ -158,6 +159,9 @@ extension RecordType {
         case .memoryLayout: return "MEMORY_LAYOUT"
         case .opaquePayload: return "OPAQUE_PAYLOAD"
         case .domainConfig: return "DOMAIN_CONFIG"
+        case .diskDescriptor: return "DISK_DESCRIPTOR"
+        case .diskWrite: return "DISK_WRITE"
+        case .diskCommand: return "DISK_COMMAND"
         case .ack: return "ACK"
         case .heartbeat: return "HEARTBEAT"
         case .streamEnd: return "STREAM_END"
@@ -176,6 +180,9 @@ extension RecordType {
         case .memoryLayout: return 16
         case .ack, .heartbeat: return 16
         case .streamEnd: return 24
+        case .diskDescriptor: return 24
+        case .diskWrite: return 16
+        case .diskCommand: return 24
         }
     }
 
@@ -185,8 +192,12 @@ extension RecordType {
     public func maximumBody(pageSize: Int) -> Int {
         let limit: Int
         switch self {
-        case .checkpointBegin, .checkpointEnd, .clock, .ack, .heartbeat:
+        case .checkpointBegin, .checkpointEnd, .clock, .ack, .heartbeat, .diskCommand:
             limit = minimumBody + Wire.trailingAllowance
+        case .diskDescriptor:
+            limit = minimumBody + StreamLimits.maxDiskName + Wire.trailingAllowance
+        case .diskWrite:
+            limit = minimumBody + StreamLimits.maxDiskWriteBytes + Wire.trailingAllowance
         case .pageBatch:
             limit = Wire.batchPrefixBytes + StreamLimits.maxPagesPerBatch * (Wire.batchEntryBytes + pageSize)
                 + Wire.trailingAllowance

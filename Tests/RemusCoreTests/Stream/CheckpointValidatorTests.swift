@@ -15,14 +15,6 @@ private func checkpoint(_ e: inout StreamEncoder, _ out: inout [UInt8], epoch: E
     try e.endCheckpoint(into: &out)
 }
 
-/// Splits a valid stream into its header and records (bytes of each).
-private func pieces(_ bytes: [UInt8]) -> (header: [UInt8], records: [[UInt8]]) {
-    let boundaries = recordBoundaries(bytes)
-    var records: [[UInt8]] = []
-    for i in 0..<(boundaries.count - 1) { records.append(Array(bytes[boundaries[i]..<boundaries[i + 1]])) }
-    return (Array(bytes[0..<boundaries[0]]), records)
-}
-
 @Suite("Checkpoint validator")
 struct CheckpointValidatorTests {
     @Test func sampleStreamValidatesWithEveryEventInOrder() {
@@ -110,7 +102,7 @@ struct CheckpointValidatorTests {
 
     @Test func missingRecordIsACountMismatch() throws {
         let bytes = try buildStream { e, out in try checkpoint(&e, &out, epoch: 1, pages: [1, 2]) }
-        let (header, records) = pieces(bytes)
+        let (header, records) = splitRecords(bytes)
         // BEGIN, CLOCK, LAYOUT, VCPU, PAGE_BATCH, END: drop the page batch.
         #expect(records.count == 6)
         let dropped = header + records[0..<4].joined() + records[5]
@@ -130,7 +122,7 @@ struct CheckpointValidatorTests {
             try e.append(.deviceState(DeviceState(name: "b", bytes: [2])), into: &out)
             try e.endCheckpoint(into: &out)
         }
-        let (header, r) = pieces(bytes)
+        let (header, r) = splitRecords(bytes)
         let swapped = header + r[0] + r[1] + r[2] + r[4] + r[3] + r[5]
         #expect(validate(bytes).error == nil)
         #expect(validate(swapped).error?.kind == .digestMismatch)
@@ -147,7 +139,7 @@ struct CheckpointValidatorTests {
 
     @Test func duplicatedRecordsAreRejected() throws {
         let bytes = try buildStream { e, out in try checkpoint(&e, &out, epoch: 1, pages: [1, 2]) }
-        let (header, r) = pieces(bytes)
+        let (header, r) = splitRecords(bytes)
         // A repeated page batch would carry the same pages twice (I3).
         let batchTwice = header + r[0..<5].joined() + r[4] + r[5]
         let batchError = validate(batchTwice).error
@@ -217,7 +209,7 @@ struct CheckpointValidatorTests {
         #expect(result.error == nil)
         #expect(result.events == ["open", "begin(1)", "clock", "skipped", "layout", "complete(1)"])
         // Dropping the unknown record in transit is caught like any other loss.
-        let (header, r) = pieces(bytes)
+        let (header, r) = splitRecords(bytes)
         #expect(validate(header + r[0...1].joined() + r[3...].joined()).error?.kind == .countMismatch)
         // The same record marked mandatory is refused outright.
         let mandatory = try buildStream { e, out in

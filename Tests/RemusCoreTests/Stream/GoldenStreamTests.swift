@@ -161,6 +161,44 @@ struct GoldenStreamTests {
         #expect(validates(bytes, .primaryToBackup), "the unknown optional record inside the checkpoint counts towards its digest")
     }
 
+    @Test func goldenV1_0PrimaryStreamWithDisksDecodesToItsExactContent() throws {
+        let bytes = try golden("v1.0-primary-disks.rstream")
+        let (header, items, skipped) = try decodeGolden(bytes, receiver: PageStore())
+        #expect(header == StreamHeader(
+            major: 1, minor: 0, features: [.deltaPages, .disks], pageSize: 4096, backend: .simulated, role: .primary,
+            guestUUID: GuestUUID(high: 0x0123_4567_89AB_CDEF, low: 0xFEDC_BA98_7654_3210),
+            guestName: "golden-guest", senderVersion: "remusd 1.0 golden"))
+        #expect(skipped == 0)
+        func block(_ seed: Int, count: Int = 512) -> [UInt8] { (0..<count).map { UInt8(($0 * 7 + seed) % 256) } }
+        let page0 = (0..<4096).map { UInt8(($0 * 31) % 251) }
+        let expected: [Expect] = [
+            .record(.domainConfig(DomainConfig(format: .simulated, bytes: Array("{\"vcpus\":1,\"pages\":8}".utf8)))),
+            .record(.diskDescriptor(DiskDescriptor(disk: 0, blockSize: 512, sizeBytes: 4096, name: "xvda"))),
+            .record(.diskDescriptor(DiskDescriptor(disk: 1, blockSize: 4096, sizeBytes: 1_048_576, name: "scratch"))),
+            .record(.checkpointBegin(CheckpointBegin(epoch: 0, kind: .precopy))),
+            .record(.diskWrite(DiskWrite(disk: 0, offset: 0, data: block(1, count: 4096)))),
+            .pages([(0, .raw, page0)]),
+            .record(.checkpointEnd(CheckpointEnd(epoch: 0, recordCount: 2, digest: 0x7288_53F8, payloadBytes: 8232))),
+            .record(.checkpointBegin(CheckpointBegin(epoch: 1, kind: .checkpoint))),
+            .record(.clock(ClockState(guestMonotonicNs: 1_000_000_000, guestWallNs: 1_750_000_000_000_000_000, tscKHz: 2_100_000, hostMonotonicNs: 77_000_000_000, hostWallNs: 1_750_000_000_500_000_000))),
+            .record(.memoryLayout(MemoryLayout(generation: 1, ranges: [PFNRange(start: 0, count: 8)]))),
+            .record(.diskWrite(DiskWrite(disk: 0, offset: 1024, data: block(2)))),
+            .record(.diskCommand(DiskCommand(disk: 0, kind: .flush, offset: 0, length: 0))),
+            .record(.vcpuState(VCPUState(vcpu: 0, format: 1, bytes: Array(0..<16)))),
+            .record(.diskCommand(DiskCommand(disk: 1, kind: .discard, offset: 8192, length: 16384))),
+            .record(.diskCommand(DiskCommand(disk: 0, kind: .writeZeroes, offset: 3584, length: 512))),
+            .record(.diskWrite(DiskWrite(disk: 1, offset: 524_288, data: block(3, count: 4096)))),
+            .record(.checkpointEnd(CheckpointEnd(epoch: 1, recordCount: 8, digest: 0xAC06_7ECA, payloadBytes: 4808))),
+            .record(.streamEnd(StreamEnd(reason: .plannedStop, lastEpoch: 1, message: ""))),
+        ]
+        #expect(items.count == expected.count)
+        for (i, (got, want)) in zip(items, expected).enumerated() {
+            #expect(got == want, "item \(i)")
+        }
+        #expect(validates(bytes, .primaryToBackup))
+        #expect(bytes.count == 13_616)
+    }
+
     @Test func currentEncoderStillWritesTheGoldenBytes() throws {
         for (name, make) in Golden.files {
             #expect(try golden(name) == make(), "\(name): the v1 writer's bytes changed; a format change needs a new version and new golden files")

@@ -76,6 +76,44 @@ enum Golden {
         return out
     }
 
+    /// Disk contents of the disk golden stream: block `seed` of 512 bytes is (i * 7 + seed) mod 256.
+    static func block(_ seed: Int, count: Int = 512) -> [UInt8] {
+        (0..<count).map { UInt8(($0 * 7 + seed) % 256) }
+    }
+
+    /// v1.0 with the DISKS feature, primary → backup: config, two disk descriptors, a pre-copy
+    /// round with the first disk's initial copy, checkpoint 1 with every disk operation (writes,
+    /// flush, discard, write-zeroes) among memory records, STREAM_END.
+    static func primaryV1_0Disks() -> [UInt8] {
+        let header = StreamHeader(
+            features: [.deltaPages, .disks], pageSize: 4096, backend: .simulated, role: .primary, guestUUID: uuid,
+            guestName: "golden-guest", senderVersion: "remusd 1.0 golden")
+        var out: [UInt8] = []
+        try! StreamEncoder.appendHeader(header, into: &out)
+        var e = StreamEncoder(pageSize: 4096, features: [.deltaPages, .disks])
+        try! e.append(.domainConfig(DomainConfig(format: .simulated, bytes: Array("{\"vcpus\":1,\"pages\":8}".utf8))), into: &out)
+        try! e.append(.diskDescriptor(DiskDescriptor(disk: 0, blockSize: 512, sizeBytes: 4096, name: "xvda")), into: &out)
+        try! e.append(.diskDescriptor(DiskDescriptor(disk: 1, blockSize: 4096, sizeBytes: 1 << 20, name: "scratch")), into: &out)
+
+        try! e.append(.checkpointBegin(CheckpointBegin(epoch: 0, kind: .precopy)), into: &out)
+        try! e.append(.diskWrite(DiskWrite(disk: 0, offset: 0, data: block(1, count: 4096))), into: &out)
+        e.appendPageBatch(makeArena([(0, .raw, page(0))]), entries: 0..<1, into: &out)
+        try! e.endCheckpoint(into: &out)
+
+        try! e.append(.checkpointBegin(CheckpointBegin(epoch: 1, kind: .checkpoint)), into: &out)
+        try! e.append(.clock(clock1), into: &out)
+        try! e.append(.memoryLayout(MemoryLayout(generation: 1, ranges: [PFNRange(start: 0, count: 8)])), into: &out)
+        try! e.append(.diskWrite(DiskWrite(disk: 0, offset: 1024, data: block(2))), into: &out)
+        try! e.append(.diskCommand(DiskCommand(disk: 0, kind: .flush, offset: 0, length: 0)), into: &out)
+        try! e.append(.vcpuState(VCPUState(vcpu: 0, format: 1, bytes: Array(0..<16))), into: &out)
+        try! e.append(.diskCommand(DiskCommand(disk: 1, kind: .discard, offset: 8192, length: 16384)), into: &out)
+        try! e.append(.diskCommand(DiskCommand(disk: 0, kind: .writeZeroes, offset: 3584, length: 512)), into: &out)
+        try! e.append(.diskWrite(DiskWrite(disk: 1, offset: 1 << 19, data: block(3, count: 4096))), into: &out)
+        try! e.endCheckpoint(into: &out)
+        try! e.append(.streamEnd(StreamEnd(reason: .plannedStop, lastEpoch: 1, message: "")), into: &out)
+        return out
+    }
+
     /// v1.0, backup → primary: heartbeat, two ACKs, STREAM_END.
     static func backupV1_0() -> [UInt8] {
         let header = StreamHeader(
@@ -148,5 +186,6 @@ enum Golden {
         ("v1.0-primary.rstream", primaryV1_0),
         ("v1.0-backup.rstream", backupV1_0),
         ("v1.1-primary-future-minor.rstream", primaryFutureV1_1),
+        ("v1.0-primary-disks.rstream", primaryV1_0Disks),
     ]
 }

@@ -33,6 +33,15 @@ func randomRecord(_ type: RecordType, _ g: inout SeededGenerator) -> StreamRecor
         return .opaquePayload(OpaquePayload(stream: [.libxc, .libxl].randomElement(using: &g)!, sequence: u32(), bytes: blob(500)))
     case .domainConfig:
         return .domainConfig(DomainConfig(format: [.libxlJSON, .simulated].randomElement(using: &g)!, bytes: blob(300)))
+    case .diskDescriptor:
+        var name = g.string(maxBytes: 60)
+        if name.isEmpty { name = "xvda" }
+        let block: UInt32 = Bool.random(using: &g) ? 512 : 4096
+        return .diskDescriptor(DiskDescriptor(disk: u32(), blockSize: block, sizeBytes: UInt64(block) * UInt64.random(in: 1...(1 << 40), using: &g), name: name))
+    case .diskWrite:
+        return .diskWrite(DiskWrite(disk: u32(), offset: u64(), data: g.bytes(Int.random(in: 1...2000, using: &g))))
+    case .diskCommand:
+        return .diskCommand(DiskCommand(disk: u32(), kind: DiskCommand.Kind.allCases.randomElement(using: &g)!, offset: u64(), length: u64()))
     case .ack:
         return .ack(Ack(epoch: u64(), backupMonotonicNs: u64()))
     case .heartbeat:

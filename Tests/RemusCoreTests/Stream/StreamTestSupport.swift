@@ -149,6 +149,7 @@ func eventName(_ event: CheckpointEvent) -> String {
     switch event {
     case .streamOpened: return "open"
     case .domainConfig: return "config"
+    case .diskDescriptor(let d): return "disk(\(d.disk))"
     case .checkpointBegan(let b): return "begin(\(b.epoch))"
     case .content(let c):
         switch c {
@@ -158,6 +159,8 @@ func eventName(_ event: CheckpointEvent) -> String {
         case .clock: return "clock"
         case .memoryLayout: return "layout"
         case .opaquePayload(let o): return "opaque(\(o.sequence))"
+        case .diskWrite(let w): return "write(\(w.disk)@\(w.offset)+\(w.data.count))"
+        case .diskCommand(let c): return "\(c.kind)(\(c.disk)@\(c.offset)+\(c.length))"
         default: return "content?"
         }
     case .checkpointComplete(let e): return "complete(\(e.epoch))"
@@ -253,6 +256,13 @@ func recordBoundaries(_ bytes: [UInt8]) -> [Int] {
     }
     ends.append(bytes.count)
     return ends
+}
+
+/// Splits a valid stream into its header bytes and each record's bytes.
+func splitRecords(_ bytes: [UInt8]) -> (header: [UInt8], records: [[UInt8]]) {
+    let boundaries = recordBoundaries(bytes)
+    let records = (0..<(boundaries.count - 1)).map { Array(bytes[boundaries[$0]..<boundaries[$0 + 1]]) }
+    return (Array(bytes[0..<boundaries[0]]), records)
 }
 
 /// Pages at stable addresses, to serve as delta bases (what the receiver holds).
