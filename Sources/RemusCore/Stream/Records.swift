@@ -297,3 +297,9 @@ public struct PeerError: Equatable, Sendable {
     public var message: String
     public init(code: UInt32, message: String) { self.code = code; self.message = message }
 }
+
+extension StreamHeader {
+    /// The first 8 bytes of every stream ("\x89REMUS\r\n"): how a TLS listener names a peer that
+    /// speaks the stream without TLS.
+    public static var magic: [UInt8] { Wire.magic }
+}
