@@ -33,6 +33,16 @@ let package = Package(
             pkgConfig: "libnl-route-3.0",
             providers: [.apt(["libnl-3-dev", "libnl-route-3-dev"])]
         ),
+        // OpenSSL from Debian's libssl-dev, and the few macros and variadic calls Swift cannot
+        // import (static inline wrappers in its shim.h).
+        .systemLibrary(
+            name: "COpenSSL",
+            pkgConfig: "openssl",
+            providers: [.apt(["libssl-dev"])]
+        ),
+        // Mutual TLS 1.3 as a ByteChannel (the replication channel) and the throwaway CA of
+        // `remusd certs`.
+        .target(name: "RemusTLS", dependencies: ["COpenSSL", "RemusSystem"]),
         // tun/tap ioctls (TUNSETIFF and friends are macros, ioctl is variadic): the simulated
         // guest's NIC over a real tap, so the plug qdisc path runs end to end.
         .target(name: "CTap"),
@@ -50,7 +60,7 @@ let package = Package(
         // Logging through swift-log (our own line format), metrics through swift-metrics with an
         // explicit factory per daemon, served as Prometheus text.
         .target(name: "RemusRuntime", dependencies: [
-            "RemusCore", "RemusSim", "RemusNetbuf", "RemusSystem", "RemusXen",
+            "RemusCore", "RemusSim", "RemusNetbuf", "RemusSystem", "RemusTLS", "RemusXen",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "CoreMetrics", package: "swift-metrics"),
             .product(name: "Prometheus", package: "swift-prometheus"),
@@ -58,9 +68,9 @@ let package = Package(
         // Tools, not production code: the daemons (RemusRuntime) import none of them.
         // `remusd drill`: the failover drill, its packet observer, partition proxies, a local etcd
         // and the verifier of each failover.
-        .target(name: "RemusDrill", dependencies: ["RemusRuntime", "RemusCore", "RemusSim", "RemusNetbuf", "RemusSystem"]),
+        .target(name: "RemusDrill", dependencies: ["RemusRuntime", "RemusCore", "RemusSim", "RemusNetbuf", "RemusSystem", "RemusTLS"]),
         // `remusd bench`: the replication loop beside memcpy and raw loopback TCP.
-        .target(name: "RemusBench", dependencies: ["RemusRuntime", "RemusCore", "RemusSim"]),
+        .target(name: "RemusBench", dependencies: ["RemusRuntime", "RemusCore", "RemusSim", "RemusTLS"]),
         // `remusd netbuf probe-…`: raw frames and TCP round trips for the testbed.
         .target(name: "RemusNetbufProbe", dependencies: ["RemusSystem", "CNetlink"]),
         .executableTarget(
@@ -68,6 +78,7 @@ let package = Package(
             dependencies: [
                 "RemusRuntime",
                 "RemusNetbuf",
+                "RemusTLS",
                 "RemusDrill",
                 "RemusBench",
                 "RemusNetbufProbe",
@@ -79,12 +90,13 @@ let package = Package(
         // Helpers every test target shares (`eventually(deadline:)`).
         .target(name: "RemusTestSupport", dependencies: ["RemusSystem"], path: "Tests/RemusTestSupport"),
         .testTarget(name: "RemusSystemTests", dependencies: ["RemusSystem", "RemusTestSupport"]),
+        .testTarget(name: "RemusTLSTests", dependencies: ["RemusTLS", "COpenSSL", "RemusSystem", "RemusTestSupport"]),
         .testTarget(name: "RemusCoreTests", dependencies: ["RemusCore"], resources: [.copy("Golden")]),
         .testTarget(name: "RemusSimTests", dependencies: ["RemusSim", "RemusCore", "RemusSystem"]),
         .testTarget(name: "RemusDiskTests", dependencies: ["RemusDisk", "RemusCore", "RemusSystem", "RemusTestSupport"]),
         .testTarget(name: "RemusNetbufTests", dependencies: ["RemusNetbuf", "RemusNetbufProbe", "RemusCore", "RemusSystem", "RemusTestSupport"]),
         .testTarget(name: "RemusXenTests", dependencies: ["RemusXen", "CXen", "RemusCore", "RemusSystem"]),
-        .testTarget(name: "RemusRuntimeTests", dependencies: ["RemusRuntime", "RemusDrill", "RemusSim", "RemusCore", "RemusNetbuf", "RemusTestSupport"]),
+        .testTarget(name: "RemusRuntimeTests", dependencies: ["RemusRuntime", "RemusDrill", "RemusSim", "RemusCore", "RemusNetbuf", "RemusTLS", "RemusTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 config="${1:-release}"
 
-packages=(libnl-3-dev libnl-route-3-dev pkg-config etcd-server libxen-dev)
+packages=(libnl-3-dev libnl-route-3-dev libssl-dev pkg-config etcd-server libxen-dev)
 [ "${2:-}" = tests ] && packages+=(nftables stress-ng)
 need=()
 for pkg in "${packages[@]}"; do

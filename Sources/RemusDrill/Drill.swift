@@ -2,6 +2,7 @@ import Glibc
 import RemusCore
 import RemusNetbuf
 import RemusRuntime
+import RemusTLS
 
 /// What `remusd drill` runs.
 package struct DrillConfiguration: Sendable {
@@ -106,6 +107,15 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
             }
         }
         let dir = try makeDirectory()
+        // Mutual TLS as in production, with a throwaway CA: the first primary is 'primary'; every
+        // backup is 'backup', and serves 'backup' too, since a backup that took over protects
+        // onwards under its own certificate.
+        let certificates = CertificateSet(directory: dir + "/tls")
+        try certificates.make([.init(name: "primary"), .init(name: "backup")])
+        func tlsArguments(_ name: String) -> [String] {
+            let f = certificates.files(for: name)
+            return ["--tls-cert", f.certificate, "--tls-key", f.key, "--tls-ca", f.ca, "--tls-peer-name", "backup"]
+        }
         let observer = try PacketObserver(udp: !taps.isEmpty)
         let exe = ProcessEnvironment.executablePath
         let s = config.settings
@@ -163,6 +173,7 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
                         "--nic-sink", "\(observer.endpoint)", "--activation-report", "\(dir)/activation-\(g)",
                         "--exit-after-protection", "--status-socket", "\(dir)/backup-\(g).sock",
                         "--metrics-listen", "\(metricsEndpoint(g + 1))"] + timing + tapArguments(g + 1)
+                + tlsArguments("backup") + ["--tls-allow-peer", "primary", "--tls-allow-peer", "backup"]
             args += witnessed ? try witnessArguments(g + 1) : ["--fence", "test -e \(dir)/fenced-\(g)"]
             if g + 1 < ports.count { args += ["--reprotect-to", try replicationAddress(g + 1)] }
             let child = try ChildProcess(arguments: args, outputFile: "\(dir)/backup-\(g).log", environment: env)
@@ -181,7 +192,7 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
                         "--sim-memory", "\(p.memoryBytes >> 20)", "--sim-vcpus", "\(p.vcpus)",
                         "--sim-dirty-rate", overload ? "0" : "\(p.dirtyRate)",
                         "--sim-seed", "\(p.seed)", "--nic-sink", "\(observer.endpoint)", "--status-socket", "\(dir)/primary-0.sock",
-                        "--metrics-listen", "\(metricsEndpoint(0))"] + timing
+                        "--metrics-listen", "\(metricsEndpoint(0))"] + timing + tlsArguments("primary")
                 + (config.injectEarlyRelease ? ["--unsafe", "--no-netbuf"] : []) + (try witnessArguments(0))
                 + tapArguments(0, held: !config.injectEarlyRelease),
             outputFile: "\(dir)/primary-0.log", environment: env)

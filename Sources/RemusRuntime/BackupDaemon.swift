@@ -3,6 +3,7 @@ import Logging
 import RemusCore
 import RemusNetbuf
 import RemusSim
+import RemusTLS
 
 /// `remusd receive`: the backup's shell around a `BackupCommitter`.
 ///
@@ -45,6 +46,8 @@ public final class BackupDaemon: @unchecked Sendable {
     private var fenceRun = 0
     private let statsLock = MonitorLock()
     private var statusLines: [String: String] = [:]
+    /// Connections refused in the TLS handshake (guarded by `statsLock`).
+    private var refusedConnections = 0
     /// This daemon's metrics, and the backup's own among them (guarded by `statsLock`).
     let metrics: DaemonMetrics
     private var backupMetrics: BackupMetrics
@@ -94,6 +97,14 @@ public final class BackupDaemon: @unchecked Sendable {
             Log.info("a taken-over guest's NIC writes into tap \(tap.tap)" + (held.map { "; its output is held by plug qdiscs on \($0)" } ?? ""))
         }
         SignalWatcher.start { [loop] in loop.post(.terminate) }
+        // Certificates are loaded before the port opens: a bad file is reported, nothing listens.
+        let transport = try ReplicationTransport(config.security, side: .server)
+        if case .insecurePlaintext = config.security {
+            Log.warning("the replication port \(config.listen) is \(transport.summary): anyone who reaches it can send a stream this backup would run; use --tls-cert, --tls-key and --tls-ca outside a lab")
+        } else {
+            Log.info("replication channel: \(transport.summary)")
+        }
+        setStatus("channel", transport.summary)
         let listener: TCPListener
         do {
             listener = try TCPListener(endpoint: config.listen)
@@ -129,7 +140,7 @@ public final class BackupDaemon: @unchecked Sendable {
         Log.info("listening on \(listener.endpoint) (fence: \(describe(config.fence)))")
         setStatus("listen", "\(listener.endpoint)")
         setStatus("state", describe(committer.state))
-        startThread(name: "listener") { [self] in accept(listener) }
+        startThread(name: "listener") { [self] in accept(listener, transport: transport) }
         // After every event and tick the loop's one deadline is the committer's, from its state.
         loop.run(
             handle: { [self] event in
@@ -151,7 +162,7 @@ public final class BackupDaemon: @unchecked Sendable {
     /// Accepts primaries until the listener is shut down. A failure that passes (out of
     /// descriptors, buffers, a connection reset before we took it) is logged once per burst,
     /// shown in the status, and retried after a short pause: the listener never dies quietly.
-    private func accept(_ listener: TCPListener) {
+    private func accept(_ listener: TCPListener, transport: ReplicationTransport) {
         var gen = 0
         var failing = false
         while true {
@@ -179,8 +190,25 @@ public final class BackupDaemon: @unchecked Sendable {
             }
             gen += 1
             let thisGeneration = gen
-            startThread(name: "backup-reader") { [self] in serve(ch, generation: thisGeneration) }
+            startThread(name: "backup-reader") { [self] in
+                // The handshake runs here, not on the listener: a peer that stalls in it holds
+                // only its own thread, until the handshake deadline drops it.
+                let secured: any ByteChannel
+                do throws(TLSError) { secured = try transport.secure(accepted: ch) } catch {
+                    refused(ch.peer, error)
+                    return
+                }
+                serve(secured, generation: thisGeneration)
+            }
         }
+    }
+
+    /// A connection that failed the TLS handshake: closed (by `secure`), logged and shown in the
+    /// status, and nothing else — the committer never hears of it.
+    private func refused(_ peer: String, _ error: TLSError) {
+        Log.warning("refused a connection from \(peer) (\(error.kind.rawValue)): \(error.detail); nothing changed here")
+        setStatus("last refused", "\(peer) (\(error.kind.rawValue)): \(error.detail)")
+        statsLock.withLock { refusedConnections += 1 }
     }
 
     /// Handshake, then decode → validate → stage until the stream ends.
@@ -264,8 +292,8 @@ public final class BackupDaemon: @unchecked Sendable {
             generation = gen
             channel = ch
             writer = CheckpointShipper(channel: ch, generation: gen, header: header, blackhole: false) { _ in }
-            setStatus("primary", "\(ch.peer) guest '\(header.guestName)'")
-            Log.info("primary \(ch.peer) connected: guest '\(header.guestName)' \(header.guestUUID), \(header.backend), \(header.senderVersion)", logContext)
+            setStatus("primary", "\(ch.peer) guest '\(header.guestName)' over \(ReplicationTransport.describe(ch))")
+            Log.info("primary \(ch.peer) connected over \(ReplicationTransport.describe(ch)): guest '\(header.guestName)' \(header.guestUUID), \(header.backend), \(header.senderVersion)", logContext)
             answer.open(with: nil)
             execute(committer.onPrimaryConnected(now: now))
         case .began(let gen, let begin):
@@ -454,7 +482,8 @@ public final class BackupDaemon: @unchecked Sendable {
             held = (w, wc)
         }
         let p = try PrimaryProtection(
-            guest: guest, output: output, backup: next, settings: config.settings,
+            guest: guest, output: output, backup: next, transport: try ReplicationTransport(config.security, side: .client),
+            settings: config.settings,
             maxCheckpointPages: 65536, clock: clock, witness: held, metrics: metrics,
             onFinished: { _ in loop.post(.protectionFinished) })
         statsLock.withLock { protection = p }
@@ -492,7 +521,7 @@ public final class BackupDaemon: @unchecked Sendable {
 
     private func renderStatus() -> String {
         var lines = ["role: backup"]
-        for key in ["listen", "accept", "state", "committed", "primary", "last event"] {
+        for key in ["listen", "channel", "accept", "state", "committed", "primary", "last event", "last refused"] {
             if key == "state", let f = fenceAttempt, statusLines[key]?.hasPrefix("FENCING") == true {
                 // A fence command may hang: say how long this attempt has been running.
                 let tenths = (clock.monotonicNs() - min(f.startedAt, clock.monotonicNs())) / 100_000_000
@@ -500,6 +529,7 @@ public final class BackupDaemon: @unchecked Sendable {
                 continue
             }
             if let v = statusLines[key] { lines.append("\(key): \(v)") }
+            if key == "last refused" && refusedConnections > 0 { lines.append("refused connections: \(refusedConnections)") }
         }
         if let protection {
             lines.append("--- taken-over guest, protected onwards ---")

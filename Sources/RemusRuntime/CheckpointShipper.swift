@@ -251,6 +251,8 @@ struct PrimaryStatistics {
     var throttleEvents = 0
     var output = OutputStatistics()
     var deferred = 0
+    /// How the connection to the backup is protected, and the backup's identity (last connection).
+    var channel = "not connected yet"
 
     func render() -> String {
         let now = SystemClock().monotonicNs()
@@ -258,6 +260,7 @@ struct PrimaryStatistics {
         lines.append("role: primary")
         lines.append("state: \(describe(state))")
         lines.append("epoch: captured \(captured), acknowledged \(acknowledged), in flight \(unacknowledged)")
+        lines.append("channel: \(channel)")
         if let p50 = pauses.percentile(50), let p99 = pauses.percentile(99) {
             lines.append("pause: p50 \(micro(p50)) µs, p99 \(micro(p99)) µs over the last \(min(pauses.total, 1024)) checkpoints")
         }

@@ -59,11 +59,14 @@ public struct ProtectConfiguration: Sendable {
     public var netbufLimitBytes = 10 << 20
     /// Serve the metrics as Prometheus text here (`--metrics-listen`); nil: not served.
     public var metricsListen: Endpoint?
+    /// How the connection to the backup is protected (mutual TLS unless `--insecure-plaintext`).
+    public var security: ChannelSecurity
 
     public init(domain: String, backup: Endpoint, backend: BackendKind, settings: ProtectionSettings,
                 simulated: SimulatedGuestParameters, nicSink: Endpoint?, maxCheckpointPages: Int,
-                unsafeNoNetbuf: Bool, blackhole: Bool, statusSocket: String, witness: WitnessConfiguration? = nil,
-                simNICTap: SimNICTapConfiguration? = nil) {
+                unsafeNoNetbuf: Bool, blackhole: Bool, statusSocket: String, security: ChannelSecurity,
+                witness: WitnessConfiguration? = nil, simNICTap: SimNICTapConfiguration? = nil) {
+        self.security = security
         self.witness = witness
         self.simNICTap = simNICTap
         self.domain = domain
@@ -130,10 +133,14 @@ public struct ReceiveConfiguration: Sendable {
     public var fenceTimeoutMs: Int = defaultFenceTimeoutMs
     /// Serve the metrics as Prometheus text here (`--metrics-listen`); nil: not served.
     public var metricsListen: Endpoint?
+    /// How primaries must connect (mutual TLS unless `--insecure-plaintext`); also how a guest
+    /// taken over here is protected onwards (`reprotectTo`).
+    public var security: ChannelSecurity
 
     public init(listen: Endpoint, settings: ProtectionSettings, fence: FenceConfiguration, reprotectTo: Endpoint?,
                 nicSink: Endpoint?, activationReport: String?, exitAfterProtection: Bool, statusSocket: String,
-                simNICTap: SimNICTapConfiguration? = nil) {
+                security: ChannelSecurity, simNICTap: SimNICTapConfiguration? = nil) {
+        self.security = security
         self.simNICTap = simNICTap
         self.listen = listen
         self.settings = settings

@@ -38,6 +38,13 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
         }
         defer { metricsServer?.stop() }
         if let metricsServer { Log.info("serving metrics at http://\(metricsServer.endpoint)/metrics") }
+        // Certificates are loaded before the guest is touched: a bad file stops nothing that runs.
+        let transport = try ReplicationTransport(config.security, side: .client)
+        if case .insecurePlaintext = config.security {
+            Log.warning("replication to \(config.backup) is \(transport.summary): whoever can reach that address can read the guest's memory; use --tls-cert, --tls-key and --tls-ca outside a lab")
+        } else {
+            Log.info("replication channel: \(transport.summary)")
+        }
         let opened = try backends.openPrimary(for: config, clock: clock)
         // Protection over: what opening set up is undone (a Xen guest runs on here without its
         // checkpointed save and with its vifs unbuffered again).
@@ -58,7 +65,7 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
         // protection ends by itself (--on-overload abort) the guest keeps running here.
         let ended = OneShotFlag()
         let protection = try PrimaryProtection(
-            guest: guest, output: output, backup: config.backup, settings: config.settings,
+            guest: guest, output: output, backup: config.backup, transport: transport, settings: config.settings,
             maxCheckpointPages: config.maxCheckpointPages, blackhole: config.blackhole, clock: clock,
             witness: held, metrics: metrics, onFinished: { _ in
                 if ended.isSet || guest.hasVanished {
@@ -76,7 +83,7 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
         }
         let status = try StatusSocket(
             path: config.statusSocket,
-            snapshot: { "guest: \(self.config.domain) (\(self.config.backend)), backup \(self.config.backup)\n" + protection.statusText() },
+            snapshot: { "guest: \(self.config.domain) (\(self.config.backend)), backup \(self.config.backup) over \(transport.summary)\n" + protection.statusText() },
             command: { line in
                 switch line {
                 case "stop":

@@ -30,6 +30,8 @@ public final class PrimaryProtection: @unchecked Sendable {
     public let guest: any PrimaryGuest
     public let output: any OutputBuffer
     let backup: Endpoint
+    /// How the connection to the backup is made and protected.
+    let transport: ReplicationTransport
     let clock: any HostClock
     let loop: EventLoop<Event>
     private var engine: PrimaryEngine
@@ -58,8 +60,8 @@ public final class PrimaryProtection: @unchecked Sendable {
     private let witness: (EtcdWitness, WitnessConfiguration)?
 
     public init(
-        guest: any PrimaryGuest, output: any OutputBuffer, backup: Endpoint, settings: ProtectionSettings,
-        maxCheckpointPages: Int, blackhole: Bool = false, clock: any HostClock,
+        guest: any PrimaryGuest, output: any OutputBuffer, backup: Endpoint, transport: ReplicationTransport,
+        settings: ProtectionSettings, maxCheckpointPages: Int, blackhole: Bool = false, clock: any HostClock,
         witness: (EtcdWitness, WitnessConfiguration)? = nil, metrics: DaemonMetrics? = nil,
         onFinished: @escaping @Sendable (PrimaryEngine.State) -> Void = { _ in }
     ) throws {
@@ -68,6 +70,7 @@ public final class PrimaryProtection: @unchecked Sendable {
         self.guest = guest
         self.output = output
         self.backup = backup
+        self.transport = transport
         self.clock = clock
         self.blackhole = blackhole
         self.onFinished = onFinished
@@ -146,7 +149,9 @@ public final class PrimaryProtection: @unchecked Sendable {
             writer = CheckpointShipper(channel: ch, generation: gen, header: header, blackhole: blackhole,
                                        giveBack: { [arenas] in arenas.give($0) }, post: { [loop] in loop.post($0) })
             startReader(reader.reader, generation: gen)
-            Log.info("connected to the backup \(backup); initial synchronisation", logContext)
+            let protection = ReplicationTransport.describe(ch)
+            updateStats { $0.channel = protection }
+            Log.info("connected to the backup \(backup) over \(protection); initial synchronisation", logContext)
             execute(engine.onConnected(now: now))
         case .connectFailed(let gen, let reason):
             guard gen == generation else { return }
@@ -225,11 +230,13 @@ public final class PrimaryProtection: @unchecked Sendable {
             let loop = self.loop
             let header = self.header
             let config = domainConfig
-            // A backup that drops SYNs costs the peer timeout (at least 1 s), not the kernel's minutes.
+            let transport = self.transport
+            // A backup that drops SYNs, or stalls in the TLS handshake, costs the peer timeout (at
+            // least 1 s), not the kernel's minutes.
             let connectBudgetNs = max(engine.settings.timeoutNs, 1_000_000_000)
             startThread(name: "connect") {
                 do {
-                    let ch = try TCPChannel.connect(to: endpoint, deadline: Deadline(afterNanoseconds: connectBudgetNs))
+                    let ch = try transport.connect(to: endpoint, deadline: Deadline(afterNanoseconds: connectBudgetNs))
                     let reader = StreamReader(channel: ch, direction: .backupToPrimary)
                     let peerHeader = try reader.readHeader()
                     try Self.check(peerHeader: peerHeader, against: header)

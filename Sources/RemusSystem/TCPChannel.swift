@@ -103,9 +103,9 @@ public final class TCPChannel: ByteChannel {
                 continue
             }
             // Back to blocking mode: the channel's reads and writes block on their own thread.
-            let flags = fcntl(fd, F_GETFL)
-            _ = fcntl(fd, F_SETFL, flags & ~Int32(O_NONBLOCK))
-            return TCPChannel(socket, peer: endpoint.description)
+            let channel = TCPChannel(socket, peer: endpoint.description)
+            channel.setNonBlocking(false)
+            return channel
         }
         throw lastError
     }
@@ -129,6 +129,13 @@ public final class TCPChannel: ByteChannel {
         try syscall("read(\(peer))") { Glibc.read(fd, buffer.baseAddress, buffer.count) }
     }
 
+    /// Switches the descriptor between blocking and non-blocking mode (a TLS channel drives it
+    /// non-blocking so a reader and a writer can share one TLS session).
+    public func setNonBlocking(_ on: Bool) {
+        let flags = fcntl(fd, F_GETFL)
+        _ = fcntl(fd, F_SETFL, on ? flags | O_NONBLOCK : flags & ~Int32(O_NONBLOCK))
+    }
+
     /// Waits until a read would not block (data, end of input or an error) or the deadline
     /// passes; false at the deadline.
     public func waitReadable(until deadline: Deadline) throws(SystemError) -> Bool {
@@ -147,25 +154,31 @@ public final class TCPChannel: ByteChannel {
         while index < segments.count {
             let batch = min(segments.count - index, 1024)  // IOV_MAX
             let base = segments.baseAddress! + index
-            var written = try syscall("writev(\(peer))") { Glibc.writev(fd, base, Int32(batch)) }
-            // Skip what was written; adjust a partly written segment in place.
-            while written > 0 && index < segments.count {
-                let len = segments[index].iov_len
-                if written >= len {
-                    written -= len
-                    index += 1
-                } else {
-                    segments[index].iov_base = segments[index].iov_base! + written
-                    segments[index].iov_len = len - written
-                    written = 0
-                }
-            }
-            while index < segments.count && segments[index].iov_len == 0 { index += 1 }
+            let written = try syscall("writev(\(peer))") { Glibc.writev(fd, base, Int32(batch)) }
+            skipWritten(written, in: segments, from: &index)
         }
     }
 
     public func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
     public func shutdownWrite() { _ = Glibc.shutdown(fd, Int32(SHUT_WR)) }
+}
+
+/// After a writev wrote `written` bytes of `segments` starting at `index`: moves `index` past the
+/// segments written whole (and empty ones), and adjusts a partly written segment in place.
+public func skipWritten(_ written: Int, in segments: UnsafeMutableBufferPointer<iovec>, from index: inout Int) {
+    var written = written
+    while written > 0 && index < segments.count {
+        let len = segments[index].iov_len
+        if written >= len {
+            written -= len
+            index += 1
+        } else {
+            segments[index].iov_base = segments[index].iov_base! + written
+            segments[index].iov_len = len - written
+            written = 0
+        }
+    }
+    while index < segments.count && segments[index].iov_len == 0 { index += 1 }
 }
 
 /// A listening TCP socket.

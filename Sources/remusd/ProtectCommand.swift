@@ -2,6 +2,7 @@ import ArgumentParser
 import Glibc
 import RemusCore
 import RemusRuntime
+import RemusTLS
 
 extension BackendKind: ExpressibleByArgument {
     public init?(argument: String) {
@@ -32,6 +33,7 @@ struct Protect: ParsableCommand {
     var backend: BackendKind?
 
     @OptionGroup var timing: TimingOptions
+    @OptionGroup(title: "Replication channel") var channel: ChannelOptions
     @OptionGroup var sim: SimulatedGuestOptions
     @OptionGroup var tap: SimNICTapOptions
 
@@ -74,6 +76,7 @@ struct Protect: ParsableCommand {
         if tap.tap != nil && sim.nicSink == nil {
             throw ValidationError("--sim-nic-tap needs --nic-sink host:port: its port is the UDP port the guest's frames go to")
         }
+        try channel.validate(addresses: [("the backup", endpoint)])
     }
 
     func run() throws {
@@ -91,6 +94,7 @@ struct Protect: ParsableCommand {
             unsafeNoNetbuf: noNetbuf,
             blackhole: blackhole,
             statusSocket: statusSocket ?? RunDirectory.socketPath(for: domain),
+            security: channel.security(),
             witness: timing.witnessConfiguration,
             simNICTap: tap.configuration(holding: !noNetbuf))
         config.netbufLimitBytes = tap.netbufLimit
@@ -109,6 +113,13 @@ struct Receive: ParsableCommand {
     var listen: String = "0.0.0.0:\(defaultPort)"
 
     @OptionGroup var timing: TimingOptions
+    @OptionGroup(title: "Replication channel") var channel: ChannelOptions
+
+    @Option(name: .customLong("tls-allow-peer"), help: ArgumentHelp("A primary identity this backup serves: a DNS name in its certificate's subjectAltName, or its CN when it has none. Repeatable. Default: any certificate the CA (--tls-ca) signed.", valueName: "name"))
+    var allowPeers: [String] = []
+
+    @Option(name: .customLong("tls-handshake-timeout"), help: ArgumentHelp("Longest a connection may take to complete its TLS handshake; then it is dropped (a peer that stalls holds nothing longer).", valueName: "ms"))
+    var handshakeTimeout: Int = defaultHandshakeTimeoutMs
 
     @Option(help: ArgumentHelp("Command that makes sure the primary is off (exit 0: it is; an empty command is refused). Retried every heartbeat until it succeeds. Alternatives: --witness, --unsafe-no-fence; with none the backup waits for 'remusd failover --activate'.", valueName: "command"))
     var fence: String?
@@ -139,7 +150,14 @@ struct Receive: ParsableCommand {
     @OptionGroup var metrics: MetricsOptions
 
     func validate() throws {
-        guard Endpoint(parsing: listen, defaultPort: defaultPort) != nil else { throw ValidationError("--listen '\(listen)' is not host:port") }
+        guard let listenEndpoint = Endpoint(parsing: listen, defaultPort: defaultPort) else { throw ValidationError("--listen '\(listen)' is not host:port") }
+        if channel.insecurePlaintext && !allowPeers.isEmpty {
+            throw ValidationError("--tls-allow-peer needs mutual TLS; it means nothing with --insecure-plaintext")
+        }
+        for name in allowPeers where name.isEmpty || isIPAddress(name) || name.contains(where: { $0.isWhitespace || $0 == "," }) {
+            throw ValidationError("--tls-allow-peer '\(name)' is not a certificate name: give the DNS name or CN of a primary's certificate (one per flag; IP addresses are not matched)")
+        }
+        if handshakeTimeout < 1 || handshakeTimeout > 600_000 { throw ValidationError("--tls-handshake-timeout must be between 1 ms and 10 minutes, got \(handshakeTimeout) ms") }
         if let fence, fence.allSatisfy(\.isWhitespace) {
             throw ValidationError("--fence needs a command that makes sure the primary is off (exit status 0: it is); an empty one would count as fenced and could leave two copies of the guest running. To wait for the operator instead, leave --fence out")
         }
@@ -155,6 +173,9 @@ struct Receive: ParsableCommand {
         if tap.tap != nil && nicSink == nil {
             throw ValidationError("--sim-nic-tap needs --nic-sink host:port: its port is the UDP port the taken-over guest's frames go to")
         }
+        var addresses = [(flag: "--listen", endpoint: listenEndpoint)]
+        if let next = reprotectTo.flatMap({ Endpoint(parsing: $0, defaultPort: defaultPort) }) { addresses.append(("--reprotect-to", next)) }
+        try channel.validate(addresses: addresses)
     }
 
     func run() throws {
@@ -167,6 +188,7 @@ struct Receive: ParsableCommand {
             nicSink: nicSink.flatMap { Endpoint(parsing: $0, defaultPort: defaultPort) },
             activationReport: activationReport, exitAfterProtection: exitAfterProtection,
             statusSocket: statusSocket ?? RunDirectory.socketPath(for: "receive-\(endpoint.port)"),
+            security: channel.security(allowedPeers: allowPeers, handshakeTimeoutMs: handshakeTimeout),
             simNICTap: tap.configuration(holding: true))
         config.fenceTimeoutMs = fenceTimeout
         config.metricsListen = metrics.endpoint

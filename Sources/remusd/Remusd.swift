@@ -1,7 +1,9 @@
 import ArgumentParser
+import Glibc
 import RemusCore
 import RemusNetbuf
 import RemusRuntime
+import RemusTLS
 
 /// `remusd`: continuous-checkpointing replication for virtual machines.
 @main
@@ -12,7 +14,7 @@ struct Remusd: ParsableCommand {
         discussion: """
             The primary checkpoints the guest many times a second, ships each checkpoint to the backup and holds back the guest's output until the backup acknowledges that checkpoint as committed. When the primary dies the backup fences it and resumes the guest from the last committed checkpoint. 'remusd drill' shows all this on a simulated guest.
             """,
-        subcommands: [Protect.self, Receive.self, Status.self, Stop.self, Failover.self, Drill.self, Bench.self, Netbuf.self]
+        subcommands: [Protect.self, Receive.self, Status.self, Stop.self, Failover.self, Certs.self, Drill.self, Bench.self, Netbuf.self]
     )
 }
 
@@ -122,4 +124,69 @@ struct SimNICTapOptions: ParsableArguments {
     func configuration(holding: Bool) -> SimNICTapConfiguration? {
         tap.map { SimNICTapConfiguration(tap: $0, netbuf: holding ? interfaces : [], netbufLimitBytes: netbufLimit) }
     }
+}
+
+/// The replication channel's protection, shared by `protect` and `receive`: mutual TLS unless
+/// plaintext is asked for, and plaintext beyond loopback only when asked for twice.
+struct ChannelOptions: ParsableArguments {
+    @Option(name: .customLong("tls-cert"), help: ArgumentHelp("This host's certificate (PEM), presented to the peer. Required with --tls-key and --tls-ca unless --insecure-plaintext; 'remusd certs <dir>' makes a set.", valueName: "path"))
+    var certificate: String?
+
+    @Option(name: .customLong("tls-key"), help: ArgumentHelp("The private key of --tls-cert (PEM; keep it 0600).", valueName: "path"))
+    var key: String?
+
+    @Option(name: .customLong("tls-ca"), help: ArgumentHelp("The CA certificate(s) the peer's certificate must be signed by (PEM).", valueName: "path"))
+    var ca: String?
+
+    @Option(name: .customLong("tls-peer-name"), help: ArgumentHelp("The name the backup's certificate must carry (a DNS name in its subjectAltName, or its CN; or an IP address). Default: the host dialled. On receive: for --reprotect-to.", valueName: "name"))
+    var peerName: String?
+
+    @Flag(name: .customLong("insecure-plaintext"), help: "Replicate over plain TCP, without authentication or encryption: anyone who reaches the port can send a stream the backup runs, and the guest's memory crosses the network in clear. For labs; loopback only unless --insecure-plaintext-on-network.")
+    var insecurePlaintext = false
+
+    @Flag(name: .customLong("insecure-plaintext-on-network"), help: "With --insecure-plaintext: allow it on an address other than loopback (127.0.0.0/8, ::1).")
+    var insecurePlaintextOnNetwork = false
+
+    /// Checks the flags against the addresses the channel will use (`listen` or `backup`, and
+    /// `reprotect-to`).
+    func validate(addresses: [(flag: String, endpoint: Endpoint)]) throws {
+        let tlsFlags = [("--tls-cert", certificate), ("--tls-key", key), ("--tls-ca", ca)]
+        let given = tlsFlags.filter { $0.1 != nil }
+        if insecurePlaintextOnNetwork && !insecurePlaintext {
+            throw ValidationError("--insecure-plaintext-on-network only widens --insecure-plaintext; give both, or neither for mutual TLS")
+        }
+        if insecurePlaintext {
+            if !given.isEmpty || peerName != nil {
+                throw ValidationError("--insecure-plaintext contradicts \((given.map(\.0) + (peerName != nil ? ["--tls-peer-name"] : [])).joined(separator: ", ")); choose mutual TLS or plaintext")
+            }
+            if !insecurePlaintextOnNetwork, let remote = addresses.first(where: { !isLoopback($0.endpoint.host) }) {
+                throw ValidationError("--insecure-plaintext on \(remote.flag) \(remote.endpoint), which is not loopback: anyone on that network could send this backup a guest to run or read the guest's memory. Use mutual TLS (--tls-cert, --tls-key, --tls-ca; 'remusd certs <dir>' makes a set), or, for a lab network, add --insecure-plaintext-on-network")
+            }
+            return
+        }
+        if given.count < tlsFlags.count {
+            let missing = tlsFlags.filter { $0.1 == nil }.map(\.0).joined(separator: ", ")
+            throw ValidationError(given.isEmpty
+                ? "the replication channel needs mutual TLS: give --tls-cert, --tls-key and --tls-ca ('remusd certs <dir>' makes a throwaway CA and certificates), or --insecure-plaintext for a lab on loopback"
+                : "mutual TLS needs --tls-cert, --tls-key and --tls-ca together; missing: \(missing)")
+        }
+        for (flag, path) in given.map({ ($0.0, $0.1!) }) where access(path, R_OK) != 0 {
+            throw ValidationError("\(flag) \(path) cannot be read (\(String(cString: strerror(errno)))); nothing was started")
+        }
+        if let peerName, peerName.isEmpty { throw ValidationError("--tls-peer-name is empty; give the name the backup's certificate carries") }
+    }
+
+    /// The runtime's setting (after `validate`).
+    func security(allowedPeers: [String] = [], handshakeTimeoutMs: Int = defaultHandshakeTimeoutMs) -> ChannelSecurity {
+        guard !insecurePlaintext, let certificate, let key, let ca else { return .insecurePlaintext }
+        return .mutualTLS(TLSPolicy(files: TLSFiles(certificate: certificate, key: key, ca: ca), allowedPeers: allowedPeers,
+                                    peerName: peerName, handshakeTimeoutMs: handshakeTimeoutMs))
+    }
+}
+
+/// 127.0.0.0/8, ::1 and "localhost": addresses no other host can reach.
+func isLoopback(_ host: String) -> Bool {
+    if host == "localhost" || host == "::1" { return true }
+    let parts = host.split(separator: ".")
+    return parts.count == 4 && parts[0] == "127" && parts.allSatisfy { UInt8($0) != nil }
 }

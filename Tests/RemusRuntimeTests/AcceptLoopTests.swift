@@ -16,7 +16,10 @@ struct AcceptLoopTests {
         let env = ["REMUSD_RUN_DIR": dir]
         let backup = try ChildProcess(
             arguments: ["/usr/bin/prlimit", "--nofile=64:64", remusdBinary, "receive", "--listen", "127.0.0.1:\(port)",
-                        "--heartbeat", "50", "--timeout", "300", "--unsafe-no-fence", "--status-socket", dir + "/backup.sock"],
+                        "--heartbeat", "50", "--timeout", "300", "--unsafe-no-fence", "--status-socket", dir + "/backup.sock",
+                        // Idle connections are held for the whole test (the handshake deadline would
+                        // drop them after 3 s and end the burst early).
+                        "--tls-handshake-timeout", "120000"] + tlsArguments("backup"),
             outputFile: dir + "/backup.log", environment: env)
         defer { backup.signal(SIGKILL); backup.wait() }
         try waitForFile(dir + "/backup.sock", what: "the backup", deadlineMs: 10_000)
@@ -38,7 +41,7 @@ struct AcceptLoopTests {
 
         let primary = try ChildProcess(
             arguments: [remusdBinary, "protect", "g", "127.0.0.1:\(port)", "--sim-memory", "64", "--interval", "50",
-                        "--heartbeat", "50", "--timeout", "300", "--status-socket", dir + "/g.sock"],
+                        "--heartbeat", "50", "--timeout", "300", "--status-socket", dir + "/g.sock"] + tlsArguments("primary"),
             outputFile: dir + "/primary.log", environment: env)
         defer { primary.signal(SIGKILL); primary.wait() }
         let protected = eventually(deadline: .after(seconds: 20), pollEveryMs: 50) {

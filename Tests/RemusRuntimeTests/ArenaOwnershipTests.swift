@@ -121,7 +121,7 @@ struct ArenaOwnershipTests {
         let settings = ProtectionSettings(intervalNs: 20_000_000, heartbeatNs: 20_000_000, timeoutNs: 500_000_000,
                                           retryNs: 2_000_000, maxRetryNs: 5_000_000, fenceGraceNs: 60_000_000_000)
         let protection = try PrimaryProtection(
-            guest: guest, output: SimOutputBuffer(sink: SimPacketRecorder()), backup: backup.endpoint, settings: settings,
+            guest: guest, output: SimOutputBuffer(sink: SimPacketRecorder()), backup: backup.endpoint, transport: .insecurePlaintext, settings: settings,
             maxCheckpointPages: 1024, clock: SystemClock())
         protection.start()
         defer {

@@ -18,12 +18,12 @@ private struct Pair {
         let env = ["REMUSD_RUN_DIR": dir]
         let backup = try ChildProcess(
             arguments: [remusdBinary, "receive", "--listen", "127.0.0.1:\(port)", "--heartbeat", "50", "--timeout", "300",
-                        "--status-socket", dir + "/backup.sock"] + backupArguments,
+                        "--status-socket", dir + "/backup.sock"] + tlsArguments("backup") + backupArguments,
             outputFile: dir + "/backup.log", environment: env)
         try waitForFile(dir + "/backup.sock", what: "the backup", deadlineMs: 10_000)
         let primary = try ChildProcess(
             arguments: [remusdBinary, "protect", "g", "127.0.0.1:\(port)", "--sim-memory", "128", "--interval", "50",
-                        "--heartbeat", "50", "--timeout", "300", "--status-socket", dir + "/g.sock"] + primaryArguments,
+                        "--heartbeat", "50", "--timeout", "300", "--status-socket", dir + "/g.sock"] + tlsArguments("primary") + primaryArguments,
             outputFile: dir + "/primary.log", environment: env)
         return Pair(directory: dir, backup: backup, primary: primary)
     }

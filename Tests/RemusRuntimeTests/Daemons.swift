@@ -2,6 +2,7 @@ import Foundation
 import RemusDrill
 @testable import RemusRuntime
 import RemusTestSupport
+import RemusTLS
 
 // What the process tests share: the built binary, a run directory per test, and a backup with a
 // primary on loopback whose status sockets and logs the tests read.
@@ -48,7 +49,7 @@ final class DaemonPair {
         self.directory = directory
         self.port = port
         backup = try ChildProcess(
-            arguments: [remusdBinary, "receive", "--listen", "127.0.0.1:\(port)", "--status-socket", directory + "/backup.sock"] + backupArguments,
+            arguments: [remusdBinary, "receive", "--listen", "127.0.0.1:\(port)", "--status-socket", directory + "/backup.sock"] + tlsArguments("backup") + backupArguments,
             outputFile: directory + "/backup.log", environment: ["REMUSD_RUN_DIR": directory])
         try waitForFile(directory + "/backup.sock", what: "the backup to listen", deadlineMs: 10_000)
     }
@@ -56,7 +57,7 @@ final class DaemonPair {
     /// Starts the primary towards `backup` (default: this pair's backup); `launcher` goes in front
     /// of the command (e.g. `ip netns exec NAME`).
     func startPrimary(_ arguments: [String], backup target: String? = nil, launcher: [String] = []) throws {
-        let command = [remusdBinary, "protect", "g1", target ?? "127.0.0.1:\(port)", "--status-socket", primarySocket] + arguments
+        let command = [remusdBinary, "protect", "g1", target ?? "127.0.0.1:\(port)", "--status-socket", primarySocket] + tlsArguments("primary") + arguments
         let argv = launcher.isEmpty ? command : launcher + command
         primary = try ChildProcess(arguments: argv, outputFile: directory + "/primary.log", environment: ["REMUSD_RUN_DIR": directory])
         try waitForFile(primarySocket, what: "the primary to start", deadlineMs: 10_000)
@@ -75,4 +76,30 @@ final class DaemonPair {
         }
         try? FileManager.default.removeItem(atPath: directory)
     }
+}
+
+/// Certificates the process tests share, made once per test run with the code of `remusd certs`:
+/// "primary", "backup" (also valid for 127.0.0.1, the address the tests dial) and "intruder".
+let testCertificates: CertificateSet = {
+    let set = CertificateSet(directory: NSTemporaryDirectory() + "remusd-test-tls-\(getpid())")
+    do {
+        try set.make([.init(name: "primary"), .init(name: "backup", alternativeNames: ["127.0.0.1"]), .init(name: "intruder")])
+    } catch {
+        fatalError("the tests' certificates could not be made: \(error)")
+    }
+    return set
+}()
+
+/// `--tls-cert`, `--tls-key` and `--tls-ca` of `name`'s certificate.
+func tlsArguments(_ name: String) -> [String] {
+    let f = testCertificates.files(for: name)
+    return ["--tls-cert", f.certificate, "--tls-key", f.key, "--tls-ca", f.ca]
+}
+
+/// A connection to a backup on loopback as a primary would make it: TCP, then mutual TLS as
+/// `identity`.
+func connectAsPrimary(port: UInt16, identity: String = "primary") throws -> any ByteChannel {
+    let context = try TLSContext(.client, files: testCertificates.files(for: identity))
+    let tcp = try TCPChannel.connect(to: Endpoint(host: "127.0.0.1", port: port), deadline: .after(milliseconds: 5000))
+    return try TLSChannel.connect(tcp, context: context, expectedName: "127.0.0.1", deadline: .after(milliseconds: 5000))
 }

@@ -25,7 +25,7 @@ private func imports(of target: String) throws -> [(file: String, module: String
 
 @Suite("Layers: tools stay out of the production targets")
 struct LayerTests {
-    static let production = ["RemusCore", "RemusSystem", "RemusSim", "RemusNetbuf", "RemusDisk", "RemusXen", "RemusRuntime"]
+    static let production = ["RemusCore", "RemusSystem", "RemusSim", "RemusNetbuf", "RemusDisk", "RemusTLS", "RemusXen", "RemusRuntime"]
     static let tools: Set<String> = ["RemusDrill", "RemusBench", "RemusNetbufProbe"]
 
     @Test("No production target imports the drill, the benchmark or the netbuf probes", arguments: production)

@@ -30,13 +30,13 @@ struct MetricsProcessTests {
             let env = ["REMUSD_RUN_DIR": directory]
             backup = try ChildProcess(
                 arguments: [remusdBinary, "receive", "--listen", "127.0.0.1:\(ports[0])", "--unsafe-no-fence",
-                            "--metrics-listen", "\(backupMetrics)", "--status-socket", directory + "/backup.sock"],
+                            "--metrics-listen", "\(backupMetrics)", "--status-socket", directory + "/backup.sock"] + tlsArguments("backup"),
                 outputFile: directory + "/backup.log", environment: env)
             try waitForFile(directory + "/backup.sock", what: "the backup to listen", deadlineMs: 10_000)
             primary = try ChildProcess(
                 arguments: [remusdBinary, "protect", "metrics-guest", "127.0.0.1:\(ports[0])", "--backend", "sim",
                             "--sim-memory", "32", "--interval", "20", "--metrics-listen", "\(primaryMetrics)",
-                            "--status-socket", directory + "/primary.sock"],
+                            "--status-socket", directory + "/primary.sock"] + tlsArguments("primary"),
                 outputFile: directory + "/primary.log", environment: env)
         }
 

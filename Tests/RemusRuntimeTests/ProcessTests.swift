@@ -23,7 +23,7 @@ private func runRemusd(_ arguments: [String]) throws -> (Int32, String) {
 /// sends itself, so it can cut or corrupt one on purpose.
 private final class HandDrivenPrimary {
     let guest: SimGuest
-    let channel: TCPChannel
+    let channel: any ByteChannel
     let reader: StreamReader
     let header: StreamHeader
     var dirty: DirtyBitmap
@@ -33,7 +33,7 @@ private final class HandDrivenPrimary {
         var config = SimConfig(memoryBytes: 16 << 20, vcpus: 1, seed: 99)
         config.workingSetFraction = 0.5
         guest = try SimGuest(config: config, clock: SystemClock(), nic: nil, name: "hand", autoRun: false)
-        channel = try TCPChannel.connect(to: Endpoint(host: "127.0.0.1", port: port), deadline: .after(milliseconds: 5000))
+        channel = try connectAsPrimary(port: port)
         reader = StreamReader(channel: channel, direction: .backupToPrimary)
         _ = try reader.readHeader()
         let d = guest.descriptor
@@ -80,7 +80,7 @@ private struct Backup {
         let process = try ChildProcess(
             arguments: [remusdBinary, "receive", "--listen", "127.0.0.1:\(port)", "--unsafe-no-fence",
                         "--heartbeat", "50", "--timeout", "\(timeoutMs)", "--activation-report", dir + "/activation",
-                        "--status-socket", dir + "/backup.sock"],
+                        "--status-socket", dir + "/backup.sock"] + tlsArguments("backup"),
             outputFile: dir + "/backup.log", environment: ["REMUSD_RUN_DIR": dir])
         try waitForFile(dir + "/backup.sock", what: "the backup to listen", deadlineMs: 10_000)
         return Backup(process: process, port: port, directory: dir)
@@ -152,7 +152,7 @@ struct ProcessTests {
         guard !xenHypervisorPresent() else { return }  // in a dom0 the backup would build the domain
         let backup = try Backup.start()
         defer { backup.stop() }
-        let channel = try TCPChannel.connect(to: Endpoint(host: "127.0.0.1", port: backup.port), deadline: .after(milliseconds: 5000))
+        let channel = try connectAsPrimary(port: backup.port)
         let reader = StreamReader(channel: channel, direction: .backupToPrimary)
         _ = try reader.readHeader()
         let header = StreamHeader(features: [], pageSize: 4096, backend: .xen, role: .primary,
@@ -173,7 +173,7 @@ struct ProcessTests {
     @Test func garbageInsteadOfAStreamIsRefusedWithAClearError() throws {
         let backup = try Backup.start()
         defer { backup.stop() }
-        let channel = try TCPChannel.connect(to: Endpoint(host: "127.0.0.1", port: backup.port), deadline: .after(milliseconds: 5000))
+        let channel = try connectAsPrimary(port: backup.port)
         try channel.write(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8) + [UInt8](repeating: 0, count: 64))
         var buffer = [UInt8](repeating: 0, count: 4096)
         // The backup answers with its header, then closes on us.
@@ -192,7 +192,7 @@ struct ProcessTests {
         #expect(output.contains("need --unsafe"))
         // Off Xen (build machines): the Xen backend says what it looked for and that nothing changed.
         if !xenHypervisorPresent() {
-            let (status2, output2) = try runRemusd(["protect", "vm1", "backup", "--backend", "xen"])
+            let (status2, output2) = try runRemusd(["protect", "vm1", "backup", "--backend", "xen"] + tlsArguments("primary"))
             #expect(status2 != 0)
             #expect(output2.contains("no usable Xen on this host"), "\(output2)")
             #expect(output2.contains("/sys/hypervisor/type"), "\(output2)")

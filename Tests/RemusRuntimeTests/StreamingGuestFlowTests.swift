@@ -480,7 +480,8 @@ private final class Flow {
         })
         daemon = BackupDaemon(ReceiveConfiguration(
             listen: Endpoint(host: "127.0.0.1", port: port), settings: Self.settings, fence: fence, reprotectTo: nil,
-            nicSink: nil, activationReport: nil, exitAfterProtection: false, statusSocket: directory + "/backup.sock"), backends: backends)
+            nicSink: nil, activationReport: nil, exitAfterProtection: false, statusSocket: directory + "/backup.sock",
+            security: .insecurePlaintext), backends: backends)
         tap = try WireTap(to: Endpoint(host: "127.0.0.1", port: port), ledger: ledger)
         guest = FakeXenGuest(ledger)
         output = CheckedOutput(ledger)
@@ -492,7 +493,7 @@ private final class Flow {
         }
         // Cannot throw after the backup runs: the fake's domainConfig() does not throw.
         protection = try PrimaryProtection(
-            guest: guest, output: output, backup: tap.endpoint, settings: Self.settings,
+            guest: guest, output: output, backup: tap.endpoint, transport: .insecurePlaintext, settings: Self.settings,
             maxCheckpointPages: 1, clock: SystemClock(),
             onFinished: { state in ledger.update { $0.primaryFinished = state; $0.steps.append("primary finished") } })
     }

@@ -113,10 +113,10 @@ struct SimNICDatagramTests {
 struct SimNICTapCommandTests {
     @Test("protect and receive refuse a missing tap with what to do; nothing starts")
     func missingTap() throws {
-        let (status, output) = try runTestShell("'\(remusd)' protect g 127.0.0.1:1 --backend sim --sim-memory 8 --sim-nic-tap rmsnone9 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnone9.sock 2>&1")
+        let (status, output) = try runTestShell("'\(remusd)' protect g 127.0.0.1:1 --insecure-plaintext --backend sim --sim-memory 8 --sim-nic-tap rmsnone9 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnone9.sock 2>&1")
         #expect(status != 0)
         #expect(output.contains("tap 'rmsnone9' does not exist") && output.contains("ip tuntap add mode tap rmsnone9"), "\(output)")
-        let (rs, ro) = try runTestShell("'\(remusd)' receive --listen 127.0.0.1:0 --sim-nic-tap rmsnone9 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnone9r.sock 2>&1")
+        let (rs, ro) = try runTestShell("'\(remusd)' receive --listen 127.0.0.1:0 --insecure-plaintext --sim-nic-tap rmsnone9 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnone9r.sock 2>&1")
         #expect(rs != 0 && ro.contains("does not exist"), "\(ro)")
     }
 
@@ -129,7 +129,7 @@ struct SimNICTapCommandTests {
             ("--sim-nic-tap rt0 --nic-sink 127.0.0.1:9 --unsafe --no-netbuf --netbuf rt0", "contradict"),
             ("--sim-nic-tap rt0 --nic-sink 127.0.0.1:9 --netbuf-limit 0", "--netbuf-limit"),
         ] {
-            let (status, output) = try runTestShell("'\(remusd)' protect g 127.0.0.1:1 --backend sim \(args) 2>&1")
+            let (status, output) = try runTestShell("'\(remusd)' protect g 127.0.0.1:1 --insecure-plaintext --backend sim \(args) 2>&1")
             #expect(status != 0 && output.contains(expected), "\(args): \(output)")
         }
     }
@@ -148,7 +148,7 @@ struct SimNICTapCommandTests {
             try TapAdministration.create("nic1")
             try TapAdministration.configure("nic1", address: IPv4Address(10, 99, 1, 1), prefixLength: 24)
             // Spawned from this thread, the process lives in the throwaway namespace too.
-            return try runTestShell("timeout 20 '\(remusd)' protect g 127.0.0.1:1 --backend sim --sim-memory 8 --sim-nic-tap nic1 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnic1-\(getpid()).sock 2>&1")
+            return try runTestShell("timeout 20 '\(remusd)' protect g 127.0.0.1:1 --insecure-plaintext --backend sim --sim-memory 8 --sim-nic-tap nic1 --nic-sink 127.0.0.1:9 --status-socket /tmp/rmsnic1-\(getpid()).sock 2>&1")
         }
         guard !output.contains("protecting 'g'") else {
             // This kernel has sch_plug: the plug path is the testbed's drill, not this check.

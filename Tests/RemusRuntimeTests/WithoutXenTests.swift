@@ -67,7 +67,7 @@ struct WithoutXenTests {
     func xenBackendRefusedWithoutXen() throws {
         let (_, output) = try Self.runWithXenHidden(
             """
-            "\(Self.remusd)" protect g1 127.0.0.1:1 --backend xen; echo "protect exit: $?"
+            "\(Self.remusd)" protect g1 127.0.0.1:1 --insecure-plaintext --backend xen; echo "protect exit: $?"
             """, seconds: 30)
         #expect(output.contains("protect exit: ") && !output.contains("protect exit: 0"), "\(output)")
         #expect(output.contains("Nothing was changed"), "\(output)")

@@ -110,7 +110,8 @@ primary() {
 
     info "remusd protect guest $host_b:$port --backend xen --interval $INTERVAL_MS --heartbeat 200 --timeout 3000"
     t_protect=$(now)
-    remusd protect guest "$host_b:$port" --backend xen --interval "$INTERVAL_MS" --heartbeat 200 --timeout 3000 2>&1 | stamp > /tmp/protect.log &
+    remusd protect guest "$host_b:$port" --backend xen --interval "$INTERVAL_MS" --heartbeat 200 --timeout 3000 \
+        --tls-cert /usr/share/remusd/tls/primary.pem --tls-key /usr/share/remusd/tls/primary.key --tls-ca /usr/share/remusd/tls/ca.pem --tls-peer-name backup 2>&1 | stamp > /tmp/protect.log &
     # Protected once the status socket says so (or the log reports the first checkpoint); the
     # first synchronisation copies all 128 MiB, slow under TCG.
     protected=""; deadline=$(( ${t_protect%.*} + 300 ))
@@ -178,7 +179,8 @@ backup() {
     # The fence is trivially "true": the only way this run loses host A is two-hosts.sh killing
     # host A's whole QEMU, so once remusd notices the loss, host A is off. (Should remusd take
     # over while host A merely stalls, two-hosts.sh fails the run: host A was not killed.)
-    remusd receive --listen "0.0.0.0:$port" --timeout 3000 --heartbeat 200 --fence "true" 2>&1 | stamp > /tmp/receive.log &
+    remusd receive --listen "0.0.0.0:$port" --timeout 3000 --heartbeat 200 --fence "true" \
+        --tls-cert /usr/share/remusd/tls/backup.pem --tls-key /usr/share/remusd/tls/backup.key --tls-ca /usr/share/remusd/tls/ca.pem --tls-allow-peer primary 2>&1 | stamp > /tmp/receive.log &
     deadline=$(( $(now_s) + 20 ))
     until ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; do
         [ "$(now_s)" -lt $deadline ] && [ -n "$(pids_matching "*remusd receive *")" ] || break

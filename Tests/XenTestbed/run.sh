@@ -251,6 +251,8 @@ else
         done
     }
     add_with_libs "$remusd" /usr/bin/remusd
+    # One throwaway CA for the replication channel's mutual TLS, shared by both hosts of two-hosts.sh.
+    "$remusd" certs "$root/usr/share/remusd/tls" primary backup > /dev/null
     [ -x "$swift_tests" ] && add_with_libs "$swift_tests" /usr/bin/remusd-tests
     cp "$vmlinuz" "$root/guest/vmlinuz"
     cp "$guest_initrd" "$root/guest/initrd.cpio.gz"

@@ -199,10 +199,10 @@ fence=fence-guest
 timing="--interval $INTERVAL_MS --heartbeat 200 --timeout 3000"
 # remusd's log lines carry no uptime: stamp them.
 start_receive() {
-    remusd receive --listen 127.0.0.1:7788 $timing --fence "$fence" 2>&1 | stamp > "$1" &
+    remusd receive --listen 127.0.0.1:7788 $timing --fence "$fence" --tls-cert /usr/share/remusd/tls/backup.pem --tls-key /usr/share/remusd/tls/backup.key --tls-ca /usr/share/remusd/tls/ca.pem --tls-allow-peer primary 2>&1 | stamp > "$1" &
 }
 start_protect() {
-    remusd protect guest 127.0.0.1:7788 --backend xen $timing 2>&1 | stamp > "$1" &
+    remusd protect guest 127.0.0.1:7788 --backend xen $timing --tls-cert /usr/share/remusd/tls/primary.pem --tls-key /usr/share/remusd/tls/primary.key --tls-ca /usr/share/remusd/tls/ca.pem --tls-peer-name backup 2>&1 | stamp > "$1" &
 }
 # Waits until a log shows a line matching $2, at most $3 seconds; prints the uptime it did.
 wait_for_line() {

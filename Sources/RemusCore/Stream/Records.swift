@@ -376,3 +376,9 @@ public struct DiskCommand: Equatable, Sendable {
         self.length = length
     }
 }
+
+extension StreamHeader {
+    /// The first 8 bytes of every stream ("\x89REMUS\r\n"): how a TLS listener names a peer that
+    /// speaks the stream without TLS.
+    public static var magic: [UInt8] { Wire.magic }
+}
