@@ -7,6 +7,9 @@
 # The slow tier (REMUSD_SLOW=1; on by default under CI=true, REMUSD_SLOW=0 leaves it out): the
 # unit suite three times back to back under a CPU hog (a flake is a bug: none may show), and the
 # replica read/discard race under ThreadSanitizer.
+# REMUSD_XEN_420=1 adds the Xen testbed's Debian 13 variant (Xen 4.20, a trixie dom0). It is not in
+# the default run or CI's yet: remusd checkpoints a PVH guest there, but the guest triple-faults
+# after ~50 checkpoints and the failover checks do not pass (Tests/XenTestbed/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh release tests
@@ -67,6 +70,10 @@ if [ -f Tests/XenTestbed/run.sh ] && [ "${REMUSD_SKIP_TESTBED:-0}" != 1 ] && [ "
     if [ -f Tests/XenTestbed/two-hosts.sh ]; then
         step "Xen testbed, two hosts: the primary host's QEMU killed, the backup host takes over"
         bash Tests/XenTestbed/two-hosts.sh
+    fi
+    if [ "${REMUSD_XEN_420:-0}" = 1 ]; then
+        step "Xen testbed on Debian 13's Xen 4.20 (trixie dom0, kernel 6.12, PVH guest; asked for by REMUSD_XEN_420=1)"
+        REMUSD_XEN_TESTBED_RELEASE=4.20 bash Tests/XenTestbed/run.sh
     fi
 fi
 

@@ -8,12 +8,13 @@ testbed_elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", 
 # Kernel modules with their dependencies, in load order, decompressed into
 # ROOT/lib/modules-load/<name>.ko (busybox insmod reads plain .ko files only), their names in
 # ROOT/lib/modules-load/order.  Usage: testbed_collect_modules ROOT KVER MODULE...
+# The modules come from TESTBED_MODULES_BASE/lib/modules/KVER (default: the build host's own).
 testbed_collect_modules() {
     local root=$1 kver=$2; shift 2
     mkdir -p "$root/lib/modules-load"
     : > "$root/lib/modules-load/order"
     for m in "$@"; do
-        modprobe --show-depends -S "$kver" "$m" | while read -r kind path _; do
+        modprobe -d "${TESTBED_MODULES_BASE:-/}" --show-depends -S "$kver" "$m" | while read -r kind path _; do
             [ "$kind" = insmod ] || continue
             name=$(basename "$path"); name=${name%%.ko*}
             grep -qx "$name" "$root/lib/modules-load/order" && continue

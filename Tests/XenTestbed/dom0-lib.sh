@@ -26,11 +26,13 @@ last_counter() { grep -ao 'COUNTER [0-9]*' "$1" 2>/dev/null | tail -1 | cut -d' 
 # bounds only the connect: `timeout` bounds a guest that vanishes mid-answer (its host killed).
 ask_counter() { timeout 3 busybox nc -w 1 "$guest_ip" 7 < /dev/null 2>/dev/null | sed -n 's/^COUNTER \([0-9]*\).*/\1/p' | head -1; }
 
-# The PV guest (guest-init.sh in a busybox initramfs): 128 MiB, 1 vCPU, one vif on xenbr0.
+# The guest (guest-init.sh in a busybox initramfs; PV, or PVH on 4.20: GUEST_TYPE): 128 MiB, 1 vCPU,
+# one vif on xenbr0. It never reboots by itself: a reboot is a crash (an HVM container's triple
+# fault is reported as one), kept for inspection instead of a fresh guest with the same address.
 write_guest_config() {
     cat > /etc/xen/guest.cfg <<CFG
 name = "guest"
-type = "pv"
+type = "${GUEST_TYPE:-pv}"
 kernel = "/guest/vmlinuz"
 ramdisk = "/guest/initrd.cpio.gz"
 extra = "console=hvc0 loglevel=4"
@@ -39,6 +41,7 @@ maxmem = 128
 vcpus = 1
 vif = [ 'mac=00:16:3e:5e:00:02,bridge=xenbr0' ]
 on_crash = "preserve"
+on_reboot = "preserve"
 CFG
 }
 

@@ -7,6 +7,8 @@
 #   bash Tests/XenTestbed/run.sh
 #
 # Environment (defaults in brackets):
+#   REMUSD_XEN_TESTBED_RELEASE       4.17 (Debian 12) or 4.20 (Debian 13: trixie dom0, kernel 6.12, a PVH
+#                                     guest; remusd built against trixie's libxen-dev) [4.17]; see release.sh
 #   REMUSD_XEN_TESTBED_CACHE          build directory, outside git [~/.cache/remusd-xen-testbed]
 #   REMUSD_XEN_TESTBED_KERNEL         dom0 and guest kernel version [newest /boot/vmlinuz-* with modules]
 #   REMUSD_XEN_TESTBED_TIMEOUT        seconds before QEMU is killed [900]
@@ -27,7 +29,6 @@ timeout_s=${REMUSD_XEN_TESTBED_TIMEOUT:-900}
 remus_seconds=${REMUSD_XEN_TESTBED_REMUS_SECONDS:-60}
 interval_ms=${REMUSD_XEN_TESTBED_INTERVAL_MS:-200}
 xl_baseline=${REMUSD_XEN_TESTBED_XL:-1}
-suite=bookworm
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)
 
@@ -39,6 +40,8 @@ say() { echo "xen-testbed: $*"; }
 die() { echo "xen-testbed: $*" >&2; exit 2; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 [ "$(id -u)" -eq 0 ] || die "run as root: debootstrap and chroot need it"
+# shellcheck source=release.sh
+. "$here/release.sh"   # suite, xen_series, qemu_cpu, guest_type, release_prepare
 
 # --- 1. Debian packages on the build host --------------------------------------------------
 packages=(qemu-system-x86 debootstrap linux-image-amd64 busybox-static cpio kmod gzip
@@ -52,20 +55,27 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null
 fi
 [ -x /opt/swift/usr/bin/swift ] && ! command -v swift >/dev/null && export PATH="/opt/swift/usr/bin:$PATH"
+mirror=${REMUSD_XEN_TESTBED_MIRROR:-$(grep -hoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null | head -1 | tr -d ' ' || true)}
+mirror=${mirror:-http://deb.debian.org/debian}
+mirror=${mirror%/}
+release_prepare
 
 # The Xen version is the one remusd is built against (libxen-dev); dom0's tools are pinned to
 # exactly that version.
-xen_version=$(dpkg-query -W -f='${Version}' libxen-dev)
-case "$xen_version" in 4.17.*) ;; *) die "libxen-dev is $xen_version; this testbed needs Xen 4.17" ;; esac
+xen_version=${release_xen_version:-$(dpkg-query -W -f='${Version}' libxen-dev)}
+case "$xen_version" in "$xen_series".*) ;; *) die "libxen-dev is $xen_version; this testbed needs Xen $xen_series" ;; esac
 
 # --- 2. Kernel (dom0 and guest run the same Debian kernel) ---------------------------------
-if [ -n "${REMUSD_XEN_TESTBED_KERNEL:-}" ]; then
+if [ -n "$release_kver" ]; then
+    kver=$release_kver
+elif [ -n "${REMUSD_XEN_TESTBED_KERNEL:-}" ]; then
     kver=$REMUSD_XEN_TESTBED_KERNEL
 else
     kver=$(for v in /boot/vmlinuz-*; do v=${v#/boot/vmlinuz-}; [ -d "/lib/modules/$v" ] && echo "$v"; done | sort -V | tail -1)
 fi
-[ -n "$kver" ] && [ -r "/boot/vmlinuz-$kver" ] || die "no readable /boot/vmlinuz-<version> with /lib/modules/<version>; apt-get install linux-image-amd64"
-vmlinuz=/boot/vmlinuz-$kver
+vmlinuz=${release_vmlinuz:-/boot/vmlinuz-$kver}
+modules_base=${release_modules_base:-/}   # modprobe -d: where lib/modules/<version> is
+[ -n "$kver" ] && [ -r "$vmlinuz" ] || die "no readable /boot/vmlinuz-<version> with /lib/modules/<version>; apt-get install linux-image-amd64"
 say "Xen $xen_version, kernel $kver"
 
 # --- 3. The hypervisor: extracted from its package, never installed -------------------------
@@ -76,7 +86,9 @@ say "Xen $xen_version, kernel $kver"
 # hypercall interface (domctl/sysctl version 0x15) is the same across 4.17.x, so dom0's tools
 # stay at libxen-dev's version.
 hv_pick=$cache/hypervisor.version
-if [ -n "${REMUSD_XEN_TESTBED_HYPERVISOR:-}" ]; then
+if [ -n "$release_hv_version" ]; then
+    hv_version=$release_hv_version
+elif [ -n "${REMUSD_XEN_TESTBED_HYPERVISOR:-}" ]; then
     hv_version=$REMUSD_XEN_TESTBED_HYPERVISOR
 elif [ -s "$hv_pick" ] && [ -s "$cache/xen-$(cat "$hv_pick").elf" ]; then
     hv_version=$(cat "$hv_pick")
@@ -109,11 +121,9 @@ xen_elf=$cache/xen-$hv_version.elf
 say "hypervisor $hv_version, dom0 tools $xen_version"
 
 # --- 4. dom0 base image: debootstrap minbase + Xen's tools, trimmed -----------------------
-mirror=${REMUSD_XEN_TESTBED_MIRROR:-$(grep -hoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null | head -1 | tr -d ' ' || true)}
-mirror=${mirror:-http://deb.debian.org/debian}
 # socat: the tests' UDP receiver for the guest's counter lines (busybox's nc has no UDP).
 base_packages="kmod,iproute2,procps,busybox-static,psmisc,sysvinit-utils,socat"
-xen_packages="xen-utils-4.17=$xen_version xen-utils-common=$xen_version xenstore-utils=$xen_version"
+xen_packages="xen-utils-$xen_series=$xen_version xen-utils-common=$xen_version xenstore-utils=$xen_version $release_dom0_packages"
 
 build_dom0_base() {
     local out=$1 root=$cache/dom0-root
@@ -128,6 +138,7 @@ build_dom0_base() {
     for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
         [ -f "$f" ] && grep -q "debian" "$f" && cp "$f" "$root$f"
     done
+    [ -z "$release_dom0_sources" ] || { rm -f "$root"/etc/apt/sources.list.d/*; echo "$release_dom0_sources" > "$root/etc/apt/sources.list"; }
     printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d" && chmod +x "$root/usr/sbin/policy-rc.d"
     trap umount_chroot EXIT
     mount -t proc proc "$root/proc"
@@ -137,9 +148,9 @@ build_dom0_base() {
     umount_chroot
     trap - EXIT
     rm -f "$root/usr/sbin/policy-rc.d"
-    # Trim: documentation, locales, apt's caches, bytecode, HVM-only firmware (no HVM under TCG).
+    # Trim: documentation, locales, apt's caches, bytecode, the PV shim (hvmloader stays: HVM).
     rm -rf "$root"/usr/share/{doc,man,info,locale,lintian,bash-completion} "$root"/var/cache/apt/* \
-           "$root"/var/lib/apt/lists/* "$root"/usr/lib/xen-4.17/boot "$root"/var/log/*.log
+           "$root"/var/lib/apt/lists/* "$root"/usr/lib/xen-$xen_series/boot/xen-shim "$root"/var/log/*.log
     find "$root" -xdev -name __pycache__ -type d -prune -exec rm -rf {} +
     echo "dom0" > "$root/etc/hostname"
     # Guest consoles go to files (no tty in the testbed), one line per write, timestamped.
@@ -150,7 +161,7 @@ build_dom0_base() {
     mv "$out.files.tmp" "$out.files" && mv "$out.tmp" "$out"
     rm -rf --one-file-system "$root"
 }
-base_hash=$( { echo "$suite $mirror $xen_version $base_packages $xen_packages"; declare -f build_dom0_base; } | sha256sum | cut -c1-16)
+base_hash=$( { echo "$release_dom0_sources $suite $mirror $xen_version $base_packages $xen_packages"; declare -f build_dom0_base; } | sha256sum | cut -c1-16)
 dom0_base=$cache/dom0-base-$base_hash.cpio.gz
 if [ -s "$dom0_base" ] && [ -s "$dom0_base.files" ]; then
     say "dom0 base cached ($(du -h "$dom0_base" | cut -f1))"
@@ -165,9 +176,11 @@ fi
 # --- 5. remusd (release) and the RemusXen tests (debug), in the testbed's own scratch path ----
 t_build=$(date +%s.%N)
 build=$cache/swift-build
+# A release other than the build host's is built against its own libxen-dev headers.
+swift_flags=(); [ -z "$release_headers" ] || swift_flags=(-Xcc "-I$release_headers")
 if [ "${REMUSD_XEN_TESTBED_SKIP_BUILD:-0}" != 1 ]; then
     say "building remusd (release) in $build"
-    if ! (cd "$repo" && swift build -c release --product remusd --scratch-path "$build" > "$cache/remusd-build.log" 2>&1); then
+    if ! (cd "$repo" && swift build -c release --product remusd --scratch-path "$build" "${swift_flags[@]}" > "$cache/remusd-build.log" 2>&1); then
         grep -E "error:" "$cache/remusd-build.log" | sort -u | head -20
         echo "TESTBED FAIL: remusd did not build (full log: $cache/remusd-build.log)"
         exit 1
@@ -181,7 +194,7 @@ if [ "${REMUSD_XEN_TESTBED_SWIFT_TESTS:-1}" = 1 ] && [ "${REMUSD_XEN_TESTBED_SKI
     t_tests=$(date +%s.%N)
     # Other targets' tests may not build while they are being worked on; then dom0 runs
     # without the RemusXen tests and the verdict says so.
-    if (cd "$repo" && swift build --build-tests --scratch-path "$build" > "$cache/swift-tests-build.log" 2>&1); then
+    if (cd "$repo" && swift build --build-tests --scratch-path "$build" "${swift_flags[@]}" > "$cache/swift-tests-build.log" 2>&1); then
         say "swift tests built ($(elapsed "$t_tests") s)"
     else
         say "swift tests did not build (see $cache/swift-tests-build.log); dom0 runs without them"
@@ -193,13 +206,13 @@ fi
 # --- 6. The guest's initramfs: busybox, xen-netfront, guest-init.sh ------------------------
 # Kernel modules with their dependencies in load order, decompressed (busybox insmod reads
 # plain .ko files only).
-guest_hash=$( { echo "$kver"; sha256sum "$here/guest-init.sh" /bin/busybox "$here/../TestbedLib/initramfs.sh"; } | sha256sum | cut -c1-16)
+guest_hash=$( { echo "$kver $modules_base"; sha256sum "$here/guest-init.sh" /bin/busybox "$here/../TestbedLib/initramfs.sh"; } | sha256sum | cut -c1-16)
 guest_initrd=$cache/guest-$guest_hash.cpio.gz
 if [ ! -s "$guest_initrd" ]; then
     root=$cache/guest-root
     rm -rf --one-file-system "$root" && mkdir -p "$root"/{bin,proc,sys,dev,tmp}
     cp /bin/busybox "$root/bin/busybox"
-    testbed_collect_modules "$root" "$kver" xen-netfront
+    TESTBED_MODULES_BASE=$modules_base testbed_collect_modules "$root" "$kver" xen-netfront
     cp "$here/guest-init.sh" "$root/init" && chmod +x "$root/init"
     (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -9) > "$guest_initrd.tmp"
     mv "$guest_initrd.tmp" "$guest_initrd"
@@ -214,8 +227,8 @@ dom0_modules=(xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-netback x
               bridge ifb sch_plug sch_ingress act_mirred cls_u32 tun loop
               virtio_pci virtio_net)   # the two-host mode's wire (two-hosts.sh)
 overlay_hash=$( {
-    echo "$kver $base_hash $remus_seconds $interval_ms $xl_baseline ${dom0_modules[*]}"
-    sha256sum "$vmlinuz" "$remusd" "$guest_initrd" "$here/dom0-init.sh" "$here/dom0-lib.sh" "$here/xen-tests.sh" "$here/host-role.sh" "$here/run.sh" "$here/../TestbedLib/initramfs.sh"
+    echo "$kver $base_hash $remus_seconds $interval_ms $xl_baseline $guest_type ${dom0_modules[*]}"
+    sha256sum "$vmlinuz" "$remusd" "$guest_initrd" "$here/dom0-init.sh" "$here/dom0-lib.sh" "$here/xen-tests.sh" "$here/host-role.sh" "$here/run.sh" "$here/release.sh" "$here/../TestbedLib/initramfs.sh"
     if [ -x "$swift_tests" ]; then sha256sum "$swift_tests"; fi
 } | sha256sum | cut -c1-16)
 overlay=$cache/dom0-overlay-$overlay_hash.cpio.gz
@@ -227,14 +240,14 @@ else
     rm -rf --one-file-system "$root" && mkdir -p "$root/usr/lib/modules/$kver" "$root/guest" "$root/usr/bin" "$root/etc/xen"
     # Modules at their usual place (the base is merged-/usr: /lib is /usr/lib), for modprobe.
     for m in "${dom0_modules[@]}"; do
-        modprobe --show-depends -S "$kver" "$m" | while read -r kind path _; do
+        modprobe -d "$modules_base" --show-depends -S "$kver" "$m" | while read -r kind path _; do
             [ "$kind" = insmod ] || continue
-            rel=${path#/lib/modules/$kver/}; rel=${rel#/usr/lib/modules/$kver/}
+            rel=${path#*/lib/modules/$kver/}
             mkdir -p "$root/usr/lib/modules/$kver/$(dirname "$rel")"
             cp "$path" "$root/usr/lib/modules/$kver/$rel"
         done
     done
-    cp /lib/modules/"$kver"/modules.{order,builtin,builtin.modinfo} "$root/usr/lib/modules/$kver/" 2>/dev/null || true
+    cp "$modules_base/lib/modules/$kver"/modules.{order,builtin,builtin.modinfo} "$root/usr/lib/modules/$kver/" 2>/dev/null || true
     depmod -b "$root/usr" "$kver" 2>/dev/null || depmod -b "$root" "$kver"
     # Binaries with every shared library the base lacks, each at its canonical path (RUNPATH
     # and the loader's default directories find them without an ld.so.cache entry).
@@ -261,7 +274,7 @@ else
     cp "$here/host-role.sh" "$root/host-role.sh"
     cp "$here/dom0-lib.sh" "$root/dom0-lib.sh"
     chmod +x "$root/init" "$root/xen-tests.sh" "$root/host-role.sh"
-    printf 'REMUS_SECONDS=%s\nINTERVAL_MS=%s\nXL_BASELINE=%s\n' "$remus_seconds" "$interval_ms" "$xl_baseline" > "$root/xen-testbed.conf"
+    printf 'REMUS_SECONDS=%s\nINTERVAL_MS=%s\nXL_BASELINE=%s\nGUEST_TYPE=%s\n' "$remus_seconds" "$interval_ms" "$xl_baseline" "$guest_type" > "$root/xen-testbed.conf"
     # Only entries below usr/, guest/ and the top-level files: never a directory entry that
     # would collide with the base's /lib -> usr/lib symlink.
     (cd "$root" && find . -mindepth 1 -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$overlay.tmp"
@@ -288,10 +301,10 @@ set +e
 flock /tmp/remusd-qemu.lock bash -c '
     echo "xen-testbed: booting Xen under QEMU (TCG) after $(awk -v a="$1" -v b="$(date +%s.%N)" "BEGIN { printf \"%.0f\", b - a }") s waiting; console in $2"
     date +%s.%N > "$2.boot-start"
-    exec nice -n 10 timeout "$3" qemu-system-x86_64 -accel tcg,thread=multi -cpu qemu64 -m 4G -smp 2 \
+    exec nice -n 10 timeout "$3" qemu-system-x86_64 -accel tcg,thread=multi -cpu "$9" -m 4G -smp 2 \
         -display none -monitor none -no-reboot -nic none -serial "file:$2" \
         -kernel "$4" -append "$5" -initrd "$6 $7,$8"' \
-    _ "$t_lock" "$log" "$timeout_s" "$xen_elf" "$xen_args" "$vmlinuz" "$dom0_args" "$dom0_initrd"
+    _ "$t_lock" "$log" "$timeout_s" "$xen_elf" "$xen_args" "$vmlinuz" "$dom0_args" "$dom0_initrd" "$qemu_cpu"
 qemu_status=$?
 set -e
 t_boot=$(cat "$log.boot-start" 2>/dev/null || echo "$t_lock")
@@ -305,8 +318,8 @@ metric() { sed -n "s/^TESTBED METRIC $1 \([^ ]*\).*/\1/p" "$log.txt" | tail -1; 
 booted=$(sed -n 's/.*TESTBED BOOTED uptime=\([0-9.]*\).*/\1/p' "$log.txt" | head -1)
 row() { printf '  %-52s %12s  %s\n' "$1" "${2:-—}" "$3"; }
 echo
-echo "Baseline: Xen's own Remus (xl remus -F -n -i $interval_ms, no network buffering), PV guest 128 MiB, 1 vCPU,"
-echo "hypervisor $hv_version, dom0 tools $xen_version, QEMU TCG with 2 vCPUs"
+echo "Baseline: Xen's own Remus (xl remus -F -n -i $interval_ms, no network buffering), $guest_type guest 128 MiB, 1 vCPU,"
+echo "hypervisor $hv_version, dom0 tools $xen_version ($suite, kernel $kver), QEMU TCG -cpu $qemu_cpu with 2 vCPUs"
 row "measure" "value" "unit"
 row "dom0 kernel to /init (dom0 uptime)" "$booted" "s"
 row "Xen's services started (/etc/init.d/xen start)" "$(metric xen_services_s)" "s"
