@@ -183,6 +183,13 @@ public final class PrimaryProtection: @unchecked Sendable {
             execute(engine.onPeerActivity(now: now))
         case .connectionLost(let gen, let reason):
             guard gen == generation else { return }
+            // A streaming guest's save fails when its domain vanished (destroyed, crashed), and in
+            // its live phase that reaches us as a lost connection. Reconnecting would only start
+            // saves of a domain that is gone, forever: the guest is what was lost.
+            if engine.state != .stopped, guest.hasVanished {
+                execute(engine.onGuestLost(reason: "the guest vanished from this host (\(reason)); a backup holding a committed checkpoint takes over from it; output held here is never released", now: now))
+                return
+            }
             execute(engine.onConnectionLost(reason: reason, now: now))
         case .stop(let reason):
             execute(engine.stop(reason: reason, now: now))

@@ -191,8 +191,14 @@ private final class FakeXenGuest: StreamingGuest, @unchecked Sendable {
         let empty = emptyNext
         emptyNext = rng.next() % 2 == 0
         let want = Int(rng.next() % 1_500_000) + 1
-        return ledger.update { r -> [UInt8]? in
+        return try ledger.update { r -> [UInt8]? in
             alive(&r, "nextLiveBytes")
+            // libxenguest's save ends when the domain is destroyed under it.
+            if r.vanishRequested {
+                r.vanishedAt = r.captured + 1
+                r.steps.append("live: GONE")
+                throw GuestGone()
+            }
             r.liveCalls += 1
             if r.everSuspended { r.violation("nextLiveBytes after the first suspend (checkpoint \(r.captured + 1))") }
             if r.liveEnded { r.violation("nextLiveBytes after it returned nil"); return nil }
@@ -614,6 +620,31 @@ struct StreamingGuestFlowTests {
         #expect(replicaDifference(r, checkpoints: r.captured) == nil, "every captured checkpoint arrived before the discard: \(replicaDifference(r, checkpoints: r.captured) ?? "")")
         #expect(r.steps.last(where: { $0.hasPrefix("commit") || $0 == "discard" }) == "discard", "nothing committed after the discard")
         #expect(r.primaryFinished == .stopped)
+    }
+
+    @Test("A guest that vanishes in the live phase ends protection as a lost guest: no reconnection, no save of a domain that is gone")
+    func guestVanishedInTheLivePhaseIsNotALostConnection() throws {
+        let flow = try Flow(fence: .command("true"))
+        defer { flow.tearDown() }
+        // The save of the first connection finds the domain gone; it reaches the primary as its
+        // writer failing, as a real save's failure does.
+        flow.ledger.update { $0.vanishRequested = true; $0.steps.append("test: vanish in the live phase") }
+        flow.start()
+        #expect(flow.ledger.wait(seconds: 20) { $0.primaryFinished != nil || !$0.violations.isEmpty }, "\(flow.ledger.snapshot.recent)")
+        // A primary that took it for a lost connection would reconnect within its retry delay and
+        // start another save (a violation: startStream on a guest that vanished): watch past that.
+        let restarted = flow.ledger.wait(seconds: 1) { $0.connections > 1 || !$0.violations.isEmpty }
+        #expect(!restarted, "\(flow.ledger.snapshot.recent)")
+
+        let r = flow.ledger.snapshot
+        #expect(r.violations.isEmpty, "\(r.violations)")
+        #expect(r.vanishedAt == 1 && r.captured == 0)
+        #expect(r.steps.filter { $0 == "startStream" }.count == 1, "\(r.recent)")
+        #expect(r.primaryFinished == .stopped)
+        #expect(flow.protection.statusText().contains("GUEST LOST: the guest vanished from this host"), "\(flow.protection.statusText())")
+        // Nothing was committed on the backup: nothing to take over, and no output ever released.
+        #expect(r.activations.isEmpty && r.checkpoints.isEmpty)
+        #expect(r.released.isEmpty)
     }
 
     @Test("A guest that vanishes at a checkpoint: STREAM_END(error), the backup fences and activates its last checkpoint, held output stays held")
