@@ -5,8 +5,11 @@ import RemusDrill
 import RemusTestSupport
 import Testing
 
-private let heartbeatMs: UInt64 = 50
-private let timeoutMs: UInt64 = 400
+// Short enough to keep the test quick, long enough that a loaded machine (TLS handshakes and
+// daemons competing for two cores) does not make a healthy pair look silent: at 400 ms the
+// backup once counted the live primary as lost before the stop was even sent.
+private let heartbeatMs: UInt64 = 100
+private let timeoutMs: UInt64 = 1500
 
 @Suite("Processes that must not hang", .serialized)
 struct HangTests {
