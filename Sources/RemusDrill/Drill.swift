@@ -111,7 +111,9 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
         // backup is 'backup', and serves 'backup' too, since a backup that took over protects
         // onwards under its own certificate.
         let certificates = CertificateSet(directory: dir + "/tls")
-        try certificates.make([.init(name: "primary"), .init(name: "backup")])
+        // etcd (the witness, with the partition fault) serves 'etcd' for 127.0.0.1 and asks
+        // every client for a certificate of the same CA.
+        try certificates.make([.init(name: "primary"), .init(name: "backup"), .init(name: "etcd", alternativeNames: ["127.0.0.1"])])
         func tlsArguments(_ name: String) -> [String] {
             let f = certificates.files(for: name)
             return ["--tls-cert", f.certificate, "--tls-key", f.key, "--tls-ca", f.ca, "--tls-peer-name", "backup"]
@@ -145,7 +147,7 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
 
         // With the partition fault every process reaches its peer and etcd through a proxy the drill can cut.
         let witnessed = config.faults.contains(.partition)
-        let etcd = witnessed ? try LocalEtcd(directory: dir) : nil
+        let etcd = witnessed ? try LocalEtcd(directory: dir, tls: certificates.files(for: "etcd")) : nil
         defer { etcd?.stop() }
         var replicationProxies: [Int: PartitionProxy] = [:]
         var etcdProxies: [Int: PartitionProxy] = [:]

@@ -575,7 +575,7 @@ public final class BackupDaemon: @unchecked Sendable {
     private func witnessClient(_ config: WitnessConfiguration) throws -> EtcdWitness {
         try witnessLock.withLock {
             if let witness { return witness }
-            let w = try EtcdWitness(url: config.url, requestTimeoutMs: config.requestTimeoutMs)
+            let w = try config.makeWitness()
             witness = w
             return w
         }

@@ -1,3 +1,4 @@
+import RemusTLS
 import RemusCore
 
 /// Parameters of the simulated guest chosen on the command line.
@@ -93,9 +94,29 @@ public struct WitnessConfiguration: Equatable, Sendable {
     /// One etcd request may take at most a quarter of the TTL (at most 1 s), so several renewals
     /// fit before the deadline.
     public var requestTimeoutMs: Int { min(1000, ttlSeconds * 250) }
-    public init(url: String, ttlSeconds: Int) {
+    /// The certificate, key and CA for mutual TLS with etcd; nil: plaintext (a lab etcd).
+    public var tls: TLSFiles?
+    public init(url: String, ttlSeconds: Int, tls: TLSFiles?) {
         self.url = url
         self.ttlSeconds = ttlSeconds
+        self.tls = tls
+    }
+
+    /// How to reach etcd: a TLS client context over `tls` checking etcd's certificate against
+    /// the URL's host, or plaintext.
+    public func transport() throws(WitnessError) -> WitnessTransport {
+        guard let tls else { return .plaintext }
+        let host = try EtcdWitness(url: url).endpoint.host
+        do {
+            return .tls(try TLSContext(.client, files: tls), expectedName: host)
+        } catch {
+            throw .tlsConfiguration(reason: error.detail)
+        }
+    }
+
+    /// The witness this configuration names, over its transport.
+    public func makeWitness() throws(WitnessError) -> EtcdWitness {
+        try EtcdWitness(url: url, requestTimeoutMs: requestTimeoutMs, transport: transport())
     }
 }
 

@@ -52,7 +52,7 @@ public final class PrimaryDaemon: @unchecked Sendable {  // configured once, the
         let (guest, output) = (opened.guest, opened.output)
         var held: (EtcdWitness, WitnessConfiguration)?
         if let wc = config.witness {
-            let w = try EtcdWitness(url: wc.url, requestTimeoutMs: wc.requestTimeoutMs)
+            let w = try wc.makeWitness()
             guard try w.acquire(owner: EtcdWitness.ownerName(role: "primary"), ttlSeconds: wc.ttlSeconds) else {
                 let holder = (try? w.holder()).flatMap { $0 } ?? "another host"
                 throw ProtocolError("the witness key \(wc.url) is held by \(holder): another copy of '\(config.domain)' may be active; nothing was started")

@@ -50,6 +50,10 @@ public final class TLSChannel: ByteChannel, @unchecked Sendable {
     public private(set) var peerIdentity = "?"
     /// Whether the kernel took over the record layer (set by the handshake).
     public private(set) var kernelTLS = KernelTLS(send: false, receive: false)
+    /// When set, every wait of a read or write ends there with ETIMEDOUT: for a request and its
+    /// response that must finish in a known time (the witness's etcd requests). Set it before the
+    /// channel is shared; a streaming channel leaves it nil and is ended by `shutdown`.
+    public var ioDeadline: Deadline?
 
     private init(tcp: TCPChannel, ssl: OpaquePointer, context: TLSContext, coalesceBytes: Int) {
         self.tcp = tcp
@@ -332,6 +336,12 @@ public final class TLSChannel: ByteChannel, @unchecked Sendable {
     /// Waits, without the session lock, until the socket is ready; shutdown wakes it (hang-up
     /// counts as ready, and the next call reports the end).
     private func waitFor(_ events: Int16) throws {
+        if let ioDeadline {
+            guard try waitReady(tcp.fd, events: events, until: ioDeadline, call: "poll(\(peer))") else {
+                throw SystemError(call: "TLS I/O with \(peer)", errno: ETIMEDOUT)
+            }
+            return
+        }
         var entry = pollfd(fd: tcp.fd, events: events, revents: 0)
         _ = try syscall("poll(\(peer))") { poll(&entry, 1, -1) }
     }

@@ -77,6 +77,7 @@ struct Protect: ParsableCommand {
             throw ValidationError("--sim-nic-tap needs --nic-sink host:port: its port is the UDP port the guest's frames go to")
         }
         try channel.validate(addresses: [("the backup", endpoint)])
+        _ = try timing.witnessConfiguration(channel: channel)
     }
 
     func run() throws {
@@ -95,7 +96,7 @@ struct Protect: ParsableCommand {
             blackhole: blackhole,
             statusSocket: statusSocket ?? RunDirectory.socketPath(for: domain),
             security: channel.security(),
-            witness: timing.witnessConfiguration,
+            witness: try timing.witnessConfiguration(channel: channel),
             simNICTap: tap.configuration(holding: !noNetbuf))
         config.netbufLimitBytes = tap.netbufLimit
         config.metricsListen = metrics.endpoint
@@ -176,11 +177,12 @@ struct Receive: ParsableCommand {
         var addresses = [(flag: "--listen", endpoint: listenEndpoint)]
         if let next = reprotectTo.flatMap({ Endpoint(parsing: $0, defaultPort: defaultPort) }) { addresses.append(("--reprotect-to", next)) }
         try channel.validate(addresses: addresses)
+        _ = try timing.witnessConfiguration(channel: channel)
     }
 
     func run() throws {
         let endpoint = Endpoint(parsing: listen, defaultPort: defaultPort)!
-        let fenceConfig: FenceConfiguration = timing.witnessConfiguration.map { .witness($0) }
+        let fenceConfig: FenceConfiguration = try timing.witnessConfiguration(channel: channel).map { .witness($0) }
             ?? fence.map { .command($0) } ?? (unsafeNoFence ? .unsafeNoFence : .operatorOnly)
         var config = ReceiveConfiguration(
             listen: endpoint, settings: timing.settings(), fence: fenceConfig,

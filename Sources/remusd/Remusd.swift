@@ -46,7 +46,48 @@ struct TimingOptions: ParsableArguments {
     @Option(name: .customLong("witness-ttl"), help: ArgumentHelp("Lease time to live of the witness key (etcd raises it to at least 2).", valueName: "s"))
     var witnessTTL: Int = 3
 
-    var witnessConfiguration: WitnessConfiguration? { witness.map { WitnessConfiguration(url: $0, ttlSeconds: witnessTTL) } }
+    @Option(name: .customLong("witness-tls-cert"), help: ArgumentHelp("The certificate presented to etcd (its --client-cert-auth). Default: --tls-cert.", valueName: "path"))
+    var witnessCertificate: String?
+
+    @Option(name: .customLong("witness-tls-key"), help: ArgumentHelp("The private key of --witness-tls-cert. Default: --tls-key.", valueName: "path"))
+    var witnessKey: String?
+
+    @Option(name: .customLong("witness-tls-ca"), help: ArgumentHelp("The CA etcd's certificate must be signed by; etcd's certificate must also name the URL's host. Default: --tls-ca.", valueName: "path"))
+    var witnessCA: String?
+
+    @Flag(name: .customLong("witness-insecure-plaintext"), help: "Talk to etcd over plain HTTP: anyone on the path could forge or steal the lease that decides which copy runs. For labs; loopback only unless --insecure-plaintext-on-network. Implied by --insecure-plaintext unless --witness-tls-* are given.")
+    var witnessInsecurePlaintext = false
+
+    /// The witness, over mutual TLS with the `--witness-tls-*` files (each defaulting to the
+    /// replication channel's), or plaintext when asked for; nil without `--witness`.
+    func witnessConfiguration(channel: ChannelOptions) throws -> WitnessConfiguration? {
+        let files = [("--witness-tls-cert", witnessCertificate), ("--witness-tls-key", witnessKey), ("--witness-tls-ca", witnessCA)]
+        let given = files.filter { $0.1 != nil }.map(\.0)
+        guard let witness else {
+            if let flag = given.first ?? (witnessInsecurePlaintext ? "--witness-insecure-plaintext" : nil) {
+                throw ValidationError("\(flag) without --witness: give the etcd URL with --witness, or leave \(flag) out")
+            }
+            return nil
+        }
+        let host: String
+        do { host = try EtcdWitness(url: witness).endpoint.host } catch { throw ValidationError("--witness: \(error)") }
+        if witnessInsecurePlaintext && !given.isEmpty {
+            throw ValidationError("--witness-insecure-plaintext contradicts \(given.joined(separator: ", ")); choose mutual TLS or plaintext for the witness")
+        }
+        if witnessInsecurePlaintext || (channel.insecurePlaintext && given.isEmpty) {
+            if !isLoopback(host) && !channel.insecurePlaintextOnNetwork {
+                throw ValidationError("the witness at \(host) would be reached over plain HTTP, which is not loopback: anyone on that network could forge or steal the lease that decides which copy runs. Give etcd TLS (--witness-tls-cert, --witness-tls-key, --witness-tls-ca, or the --tls-* files), or, for a lab network, add --insecure-plaintext --insecure-plaintext-on-network")
+            }
+            return WitnessConfiguration(url: witness, ttlSeconds: witnessTTL, tls: nil)
+        }
+        guard let certificate = witnessCertificate ?? channel.certificate, let key = witnessKey ?? channel.key, let ca = witnessCA ?? channel.ca else {
+            throw ValidationError("the witness needs mutual TLS with etcd: give --witness-tls-cert, --witness-tls-key and --witness-tls-ca (or the --tls-* files they default to), or --witness-insecure-plaintext for a lab etcd on loopback")
+        }
+        for (flag, path) in [("--witness-tls-cert", certificate), ("--witness-tls-key", key), ("--witness-tls-ca", ca)] where access(path, R_OK) != 0 {
+            throw ValidationError("\(flag) \(path) cannot be read (\(String(cString: strerror(errno)))); nothing was started")
+        }
+        return WitnessConfiguration(url: witness, ttlSeconds: witnessTTL, tls: TLSFiles(certificate: certificate, key: key, ca: ca))
+    }
 
     /// The engine's settings for a guest of `backend`: the pause bound defaults to none on Xen,
     /// where throttling the guest's CPU also slows the suspend it answers at every checkpoint.

@@ -1,4 +1,5 @@
 import Foundation
+import RemusTLS
 @testable import RemusRuntime
 import Testing
 import RemusTestSupport
@@ -6,13 +7,13 @@ import RemusTestSupport
 // MARK: - Helpers
 
 /// The `etcd` binary, if installed (Debian: etcd-server).
-private let etcdPath: String? = {
+let etcdPath: String? = {
     let path = ProcessInfo.processInfo.environment["PATH"] ?? ""
     let dirs = path.split(separator: ":").map(String.init) + ["/usr/bin", "/usr/local/bin"]
     return dirs.map { $0 + "/etcd" }.first { FileManager.default.isExecutableFile(atPath: $0) }
 }()
 
-private let etcdMissing = "etcd not found: install etcd-server (apt-get install etcd-server) or run scripts/test.sh"
+let etcdMissing = "etcd not found: install etcd-server (apt-get install etcd-server) or run scripts/test.sh"
 
 private func monotonicNs() -> UInt64 { SystemClock().monotonicNs() }
 
@@ -28,19 +29,22 @@ struct EtcdStartError: Error, CustomStringConvertible {
     var description: String
 }
 
-/// A single-member etcd on loopback with its own data directory, killed by `stop()`.
-private final class EtcdServer {
+/// A single-member etcd on loopback with its own data directory, killed by `stop()`; with `tls`,
+/// it serves HTTPS with that certificate and requires client certificates of the same CA.
+final class EtcdServer {
     let clientPort: UInt16
     let directory: String
     private let process = Process()
+    private let transport: WitnessTransport
 
-    init(binary: String) throws {
+    init(binary: String, tls: TLSFiles? = nil) throws {
         let (clientPort, peerPort) = try freePorts()
         self.clientPort = clientPort
         directory = NSTemporaryDirectory() + "remusd-etcd-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        let client = "http://127.0.0.1:\(clientPort)"
+        let client = "\(tls == nil ? "http" : "https")://127.0.0.1:\(clientPort)"
         let peer = "http://127.0.0.1:\(peerPort)"
+        transport = try tls.map { .tls(try TLSContext(.client, files: $0), expectedName: "127.0.0.1") } ?? .plaintext
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = [
             "--name", "witness-test",
@@ -49,7 +53,7 @@ private final class EtcdServer {
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", "witness-test=\(peer)",
             "--initial-cluster-state", "new",
-        ]
+        ] + (tls.map { ["--cert-file", $0.certificate, "--key-file", $0.key, "--trusted-ca-file", $0.ca, "--client-cert-auth"] } ?? [])
         let logPath = directory + "/etcd.log"
         _ = FileManager.default.createFile(atPath: logPath, contents: nil)
         let log = FileHandle(forWritingAtPath: logPath)
@@ -69,7 +73,7 @@ private final class EtcdServer {
         let endpoint = Endpoint(host: "127.0.0.1", port: clientPort)
         let healthy = eventually(deadline: .after(seconds: Double(seconds))) {
             guard process.isRunning else { return true }  // reported below
-            guard let response = try? httpExchange(endpoint: endpoint, method: "GET", path: "/health", body: [], timeoutMs: 500)
+            guard let response = try? httpExchange(endpoint: endpoint, transport: transport, method: "GET", path: "/health", body: [], timeoutMs: 500)
             else { return false }
             return response.status == 200 && String(decoding: response.body, as: UTF8.self).contains("\"health\":\"true\"")
         }

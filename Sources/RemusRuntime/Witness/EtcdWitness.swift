@@ -62,6 +62,8 @@ public final class EtcdWitness: @unchecked Sendable {
     public let key: String
     /// The bound on each HTTP request, connect to last byte, in milliseconds.
     public let requestTimeoutMs: Int
+    /// Mutual TLS or plaintext.
+    public let transport: WitnessTransport
 
     private let keyBase64: String
     private let stateLock = MonitorLock()
@@ -81,7 +83,9 @@ public final class EtcdWitness: @unchecked Sendable {
     /// Parses `etcd://host[:port]/key` (port 2379 when omitted; `[v6addr]:port` for IPv6). The key
     /// may contain "/"; it may not be empty or contain "%", "?", "#", spaces or control characters.
     /// `requestTimeoutMs` bounds each request to etcd (default 1000 ms).
-    public init(url: String, requestTimeoutMs: Int = 1000) throws(WitnessError) {
+    /// - Parameter transport: mutual TLS in production (`WitnessConfiguration.transport()`),
+    ///   plaintext for a lab etcd on loopback.
+    public init(url: String, requestTimeoutMs: Int = 1000, transport: WitnessTransport = .plaintext) throws(WitnessError) {
         let scheme = "etcd://"
         guard url.lowercased().hasPrefix(scheme) else {
             let reason = url.contains("://") ? "unsupported scheme (only etcd:// is supported)" : "missing etcd:// scheme"
@@ -107,6 +111,7 @@ public final class EtcdWitness: @unchecked Sendable {
         self.key = String(key)
         self.keyBase64 = EtcdCodec.base64(String(key))
         self.requestTimeoutMs = requestTimeoutMs
+        self.transport = transport
     }
 
     /// The owner name the daemons use: "<role>:<hostname>:<pid>", e.g. "primary:hostA:4242".
@@ -350,13 +355,15 @@ public final class EtcdWitness: @unchecked Sendable {
 
     private func post(_ path: String, _ body: [UInt8], _ operation: String) throws(WitnessError) -> HTTPResponse {
         do {
-            return try httpExchange(endpoint: endpoint, method: "POST", path: path, body: body, timeoutMs: requestTimeoutMs)
+            return try httpExchange(endpoint: endpoint, transport: transport, method: "POST", path: path, body: body, timeoutMs: requestTimeoutMs)
         } catch {
             switch error {
             case .unreachable(let cause):
                 throw .unreachable(endpoint: endpoint.description, operation: operation, cause: cause)
             case .timedOut:
                 throw .timedOut(endpoint: endpoint.description, operation: operation, timeoutMs: requestTimeoutMs)
+            case .refused(let reason):
+                throw .refused(endpoint: endpoint.description, operation: operation, reason: reason)
             case .connectionFailed(let cause):
                 throw .malformedResponse(endpoint: endpoint.description, operation: operation, detail: cause)
             case .malformed(let parse):

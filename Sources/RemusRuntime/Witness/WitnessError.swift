@@ -7,6 +7,11 @@ public enum WitnessError: Error, Equatable, Sendable, CustomStringConvertible {
     /// No connection to etcd (refused, no route, name not resolved). `operation` is what we were
     /// doing ("renew lease"), `cause` the failing call and its errno text.
     case unreachable(endpoint: String, operation: String, cause: String)
+    /// The TLS handshake with etcd failed: its certificate is not signed by our CA or does not
+    /// name the host we dialled, or etcd refused our certificate. `reason` is the TLS layer's.
+    case refused(endpoint: String, operation: String, reason: String)
+    /// Our own witness certificate, key or CA cannot be used (`reason` names the file).
+    case tlsConfiguration(reason: String)
     /// etcd did not answer within the request timeout (milliseconds).
     case timedOut(endpoint: String, operation: String, timeoutMs: Int)
     /// etcd answered with an HTTP error status; `message` is etcd's own text when it sent one.
@@ -27,6 +32,12 @@ public enum WitnessError: Error, Equatable, Sendable, CustomStringConvertible {
         case .unreachable(let endpoint, let operation, let cause):
             return "witness etcd at \(endpoint) unreachable (\(operation): \(cause)); "
                 + Self.keptSafe + " — check that etcd runs and listens on \(endpoint)"
+        case .refused(let endpoint, let operation, let reason):
+            return "witness etcd at \(endpoint) failed the TLS handshake (\(operation): \(reason)); "
+                + Self.keptSafe + " — check that etcd's certificate is signed by the witness CA and names \(endpoint)'s host, "
+                + "and that etcd trusts our certificate's CA (its --trusted-ca-file)"
+        case .tlsConfiguration(let reason):
+            return "the witness's TLS files cannot be used: \(reason); nothing was started"
         case .timedOut(let endpoint, let operation, let timeoutMs):
             return "witness etcd at \(endpoint) did not answer within \(timeoutMs) ms (\(operation)); "
                 + Self.keptSafe + " — check etcd's health and the network to \(endpoint)"
