@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what remusd needs to build on Debian 12 (only what is missing), then builds it.
 # Usage: bash scripts/setup.sh [debug|release] [tests]   (default: release; "tests" adds what
-# the test suite uses besides: nftables for the black-holed connect, stress-ng for the run under load)
+# the test suite uses besides: nftables for the black-holed connect, stress-ng for the run under load,
+# qemu-utils for qemu-io, an NBD client independent of ours)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config="${1:-release}"
 
 packages=(libnl-3-dev libnl-route-3-dev libssl-dev pkg-config etcd-server libxen-dev)
-[ "${2:-}" = tests ] && packages+=(nftables stress-ng)
+[ "${2:-}" = tests ] && packages+=(nftables stress-ng qemu-utils)
 need=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")

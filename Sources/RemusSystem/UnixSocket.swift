@@ -140,6 +140,30 @@ public final class UnixConnection: Sendable {
         }
     }
 
+    /// Fills `buffer` whole before the deadline, straight into the caller's memory (for bulk
+    /// payloads). Returns false when the peer ended its side before the first byte; ending it
+    /// later, mid-buffer, is an error (EPIPE, "cut short"). Throws ETIMEDOUT at the deadline.
+    public func readExactly(into buffer: UnsafeMutableRawBufferPointer, until deadline: Deadline) throws(SystemError) -> Bool {
+        let fd = descriptor.raw
+        var done = 0
+        while done < buffer.count {
+            let result = try syscallOrWouldBlock("read(unix socket)") { Glibc.read(fd, buffer.baseAddress! + done, buffer.count - done) }
+            switch result {
+            case .done(0) where done == 0:
+                return false
+            case .done(0):
+                throw SystemError(call: "read(unix socket)", errno: .brokenPipe, detail: "the peer closed \(done) bytes into \(buffer.count)")
+            case .done(let n):
+                done += n
+            default:
+                guard try waitReady(fd, events: Int16(POLLIN), until: deadline, call: "read(unix socket)") else {
+                    throw SystemError(call: "read(unix socket)", errno: .timedOut, detail: "\(done) of \(buffer.count) bytes within \(deadline.budgetMs) ms")
+                }
+            }
+        }
+        return true
+    }
+
     /// Writes every byte before the deadline.
     public func write(_ bytes: [UInt8], until deadline: Deadline) throws(SystemError) {
         let fd = descriptor.raw
@@ -157,6 +181,14 @@ public final class UnixConnection: Sendable {
 
     /// Ends our direction (the peer reads end of input) and keeps reading.
     public func shutdownWrite() { _ = Glibc.shutdown(descriptor.raw, Int32(SHUT_WR)) }
+
+    /// Ends both directions: a read or wait on another thread returns at once.
+    public func shutdown() { _ = Glibc.shutdown(descriptor.raw, Int32(SHUT_RDWR)) }
+
+    /// Waits until input (or its end) is there to read; false when the deadline passed first.
+    public func waitReadable(until deadline: Deadline) throws(SystemError) -> Bool {
+        try waitReady(descriptor.raw, events: Int16(POLLIN), until: deadline, call: "poll(unix socket)")
+    }
 }
 
 /// The owner and mode of a file, without following a symbolic link at its end.
