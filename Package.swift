@@ -82,6 +82,7 @@ let package = Package(
                 "RemusDrill",
                 "RemusBench",
                 "RemusNetbufProbe",
+                "RemusDisk",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),

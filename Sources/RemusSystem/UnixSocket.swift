@@ -80,6 +80,19 @@ public final class UnixConnection: Sendable {
         self.descriptor = descriptor
     }
 
+    /// A connected pair: our end, and the other end's descriptor for someone else to use (the
+    /// kernel's NBD client). The caller closes that descriptor.
+    public static func socketPair() throws(SystemError) -> (UnixConnection, Int32) {
+        var fds: [Int32] = [-1, -1]
+        _ = try syscall("socketpair(AF_UNIX)") { Glibc.socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) }
+        do {
+            return (try UnixConnection(OwnedDescriptor(adopting: fds[0])), fds[1])
+        } catch {
+            close(fds[1])
+            throw error
+        }
+    }
+
     /// Connects to the socket at `path`, waiting at most until `deadline`.
     public static func connect(path: String, deadline: Deadline) throws(SystemError) -> UnixConnection {
         let socket = OwnedDescriptor(adopting: try syscall("socket(AF_UNIX)") {

@@ -14,7 +14,7 @@ struct Remusd: ParsableCommand {
         discussion: """
             The primary checkpoints the guest many times a second, ships each checkpoint to the backup and holds back the guest's output until the backup acknowledges that checkpoint as committed. When the primary dies the backup fences it and resumes the guest from the last committed checkpoint. 'remusd drill' shows all this on a simulated guest.
             """,
-        subcommands: [Protect.self, Receive.self, Status.self, Stop.self, Failover.self, Certs.self, Drill.self, Bench.self, Netbuf.self]
+        subcommands: [Protect.self, Receive.self, Status.self, Stop.self, Failover.self, Certs.self, Drill.self, Bench.self, Netbuf.self, Disk.self]
     )
 }
 

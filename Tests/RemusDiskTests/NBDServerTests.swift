@@ -284,6 +284,53 @@ struct NBDServerTests {
         #expect(records.flatMap(\.data) == data)
     }
 
+    @Test func theKernelsSideSpeaksTransmissionAtOnceOnASocketPair() throws {
+        // As the kernel's NBD client does after NBD_SET_SOCK: no handshake, requests straight away.
+        let directory = try makeTemporaryDirectory("remusd-nbd-kernel")
+        defer { removeTemporaryDirectory(directory) }
+        let image = try DiskFile(path: directory + "/k.img", create: true)
+        try image.truncate(to: 64 << 10)
+        let mutations = MutationLog()
+        let server = try NBDServer(socketPath: nil, descriptor: DiskDescriptor(disk: 3, blockSize: 4096, sizeBytes: 64 << 10, name: "xvdb"),
+                                   image: image, record: { try mutations.record($0) })
+        let (ours, theirs) = try UnixConnection.socketPair()
+        defer { close(theirs) }
+        let done = MutationLines()
+        startThread(name: "serve-kernel") {
+            server.serveKernel(ours)
+            done.append("ended")
+        }
+        func send(_ bytes: [UInt8]) { _ = bytes.withUnsafeBytes { write(theirs, $0.baseAddress, $0.count) } }
+        func reply() -> [UInt8] {
+            var got: [UInt8] = []
+            var chunk = [UInt8](repeating: 0, count: 16)
+            while got.count < 16 {
+                let n = chunk.withUnsafeMutableBytes { read(theirs, $0.baseAddress, 16 - got.count) }
+                if n <= 0 { break }
+                got += chunk[0..<n]
+            }
+            return got
+        }
+        send(request(NBD.cmdWrite, offset: 8192, length: 4096, handle: 1, flags: NBD.cmdFlagFUA) + [UInt8](repeating: 0xEE, count: 4096))
+        var r = NBDReader(reply())
+        #expect(r.u32() == NBD.simpleReplyMagic && r.u32() == 0 && r.u64() == 1)
+        send(request(NBD.cmdDisconnect, offset: 0, length: 0, handle: 2))
+        #expect(eventually(deadline: .after(seconds: 10)) { done.text == "ended" }, "the server did not end on NBD_CMD_DISC")
+        #expect(mutations.all == [.write(DiskWrite(disk: 3, offset: 8192, data: [UInt8](repeating: 0xEE, count: 4096)))])
+    }
+
+    @Test func aMissingNBDDeviceSaysToLoadTheModuleAndAttachesNothing() throws {
+        let directory = try makeTemporaryDirectory("remusd-nbd-missing")
+        defer { removeTemporaryDirectory(directory) }
+        let image = try DiskFile(path: directory + "/m.img", create: true)
+        try image.truncate(to: 4096)
+        let server = try NBDServer(socketPath: nil, descriptor: DiskDescriptor(disk: 0, blockSize: 512, sizeBytes: 4096, name: "m"),
+                                   image: image, record: { _ in })
+        #expect {
+            _ = try NBDKernelDevice(devicePath: directory + "/nbd-none", server: server)
+        } throws: { "\($0)".contains("modprobe nbd") }
+    }
+
     static func describe(_ m: DiskMutation) -> String {
         switch m {
         case .write(let w): "write(\(w.offset), \(w.data.count))"

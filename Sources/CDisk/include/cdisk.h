@@ -8,4 +8,20 @@
 /// the range reads as zeros and the file keeps its size. Returns 0, or -1 with errno set.
 int remus_punch_hole(int fd, off_t offset, off_t length);
 
+/// The kernel's NBD client (linux/nbd.h), driven by ioctls on an open /dev/nbdN: `_IO` is a
+/// function-like macro Swift cannot import. Each returns the ioctl's result (-1 with errno).
+/// Gives the device its socket, block size, size and transmission flags, and a request timeout
+/// in seconds (0: none).
+int remus_nbd_configure(int nbd_fd, int sock_fd, unsigned long block_size, unsigned long long size_bytes,
+                        unsigned long flags, unsigned long timeout_s);
+/// Serves the device until it is disconnected (blocks; call on a thread of its own).
+int remus_nbd_do_it(int nbd_fd);
+/// Asks the kernel to end the session (NBD_DISCONNECT); `remus_nbd_do_it` then returns.
+int remus_nbd_disconnect(int nbd_fd);
+/// Drops the socket and queued requests (NBD_CLEAR_QUE, NBD_CLEAR_SOCK) after the session ended.
+int remus_nbd_clear(int nbd_fd);
+/// Marks the calling thread an I/O flusher (PR_SET_IO_FLUSHER): its allocations never wait for
+/// the writeback it serves.
+int remus_set_io_flusher(void);
+
 #endif

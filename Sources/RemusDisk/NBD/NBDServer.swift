@@ -1,3 +1,4 @@
+import CDisk
 import Glibc
 import RemusCore
 import RemusSystem
@@ -43,7 +44,7 @@ public final class NBDServer: @unchecked Sendable {
     static let maxOptionBytes = 8 << 10
     static let maxOptions = 32
 
-    private let listener: UnixListener
+    private let listener: UnixListener?
     private let image: DiskFile
     private let record: @Sendable (DiskMutation) throws -> Void
     private let log: @Sendable (String) -> Void
@@ -65,12 +66,12 @@ public final class NBDServer: @unchecked Sendable {
         public var errors = 0
     }
 
-    /// Listens at `socketPath` (mode 0600) for clients of `image`, which must hold at least
-    /// `descriptor.sizeBytes` bytes.
+    /// Serves `image`, which must hold at least `descriptor.sizeBytes` bytes: to clients that
+    /// connect at `socketPath` (mode 0600) once started, and/or to the kernel (`attach`).
     /// - Parameters:
     ///   - record: called with each completed mutation, in order, before its reply is sent.
     ///   - log: one line per client and per protocol violation.
-    public init(socketPath: String, descriptor: DiskDescriptor, image: DiskFile,
+    public init(socketPath: String?, descriptor: DiskDescriptor, image: DiskFile,
                 record: @escaping @Sendable (DiskMutation) throws -> Void,
                 log: @escaping @Sendable (String) -> Void = { _ in },
                 handshakeTimeoutMs: Int = 5000, requestTimeoutMs: Int = 5000) throws {
@@ -85,12 +86,36 @@ public final class NBDServer: @unchecked Sendable {
         self.log = log
         self.handshakeTimeoutMs = handshakeTimeoutMs
         self.requestTimeoutMs = requestTimeoutMs
-        listener = try UnixListener(path: socketPath, mode: 0o600)
+        listener = try socketPath.map { path throws(SystemError) in try UnixListener(path: path, mode: 0o600) }
     }
 
-    /// Starts the accept thread.
+    /// Starts the accept thread (nothing without a socket path).
     public func start() {
-        startThread(name: "nbd-\(descriptor.name)") { [self] in acceptClients() }
+        guard let listener else { return }
+        startThread(name: "nbd-\(descriptor.name)") { [self] in acceptClients(listener) }
+    }
+
+    /// Serves the kernel's NBD client on `connection` (already in transmission: the kernel
+    /// skips the handshake) until it disconnects or `stop` is called. Blocks; the calling
+    /// thread is marked an I/O flusher, so serving the kernel's writeback never waits for it.
+    public func serveKernel(_ connection: UnixConnection) {
+        if remus_set_io_flusher() != 0 {
+            log("disk '\(descriptor.name)': PR_SET_IO_FLUSHER failed (\(String(cString: strerror(errno)))); under memory pressure the kernel may wait on its own writeback")
+        }
+        let admitted = monitor.withLock {
+            guard !stopped else { return false }
+            active = connection
+            counts.connections += 1
+            return true
+        }
+        guard admitted else { return }
+        defer { monitor.withLock { active = nil } }
+        do {
+            try transmission(connection)
+        } catch {
+            monitor.withLock { counts.errors += 1 }
+            if !isStopped { log("the kernel's NBD client of disk '\(descriptor.name)' stopped: \(error)") }
+        }
     }
 
     /// Stops accepting and ends the active connection; a request being served finishes first
@@ -100,7 +125,7 @@ public final class NBDServer: @unchecked Sendable {
             stopped = true
             return active
         }
-        listener.shutdown()
+        listener?.shutdown()
         connection?.shutdown()
     }
 
@@ -108,7 +133,7 @@ public final class NBDServer: @unchecked Sendable {
 
     private var isStopped: Bool { monitor.withLock { stopped } }
 
-    private func acceptClients() {
+    private func acceptClients(_ listener: UnixListener) {
         while !isStopped {
             let connection: UnixConnection
             do { connection = try listener.accept() } catch {
