@@ -36,6 +36,7 @@ struct DiskProbeNBD: ParsableCommand {
     var timeout: Int = 300
 
     func run() throws {
+        setvbuf(stdout, nil, _IOLBF, 0)  // the testbed polls our output file line by line
         let work = replayOnto + ".remusd"
         guard mkdir(work, 0o700) == 0 || errno == EEXIST else {
             throw ValidationError("cannot make \(work): \(String(cString: strerror(errno)))")
