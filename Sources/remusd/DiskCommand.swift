@@ -36,7 +36,6 @@ struct DiskProbeNBD: ParsableCommand {
     var timeout: Int = 300
 
     func run() throws {
-        setvbuf(stdout, nil, _IOLBF, 0)  // the testbed polls our output file line by line
         let work = replayOnto + ".remusd"
         guard mkdir(work, 0o700) == 0 || errno == EEXIST else {
             throw ValidationError("cannot make \(work): \(String(cString: strerror(errno)))")
@@ -47,9 +46,9 @@ struct DiskProbeNBD: ParsableCommand {
         let recorder = Recorder(staging: DiskEpochStaging(memoryBound: 64 << 20, spillPath: work + "/spill"))
         try recorder.staging.reset()
         let server = try NBDServer(socketPath: nil, descriptor: descriptor, image: file,
-                                   record: { try recorder.record($0) }, log: { print("remusd disk probe-nbd: \($0)") })
+                                   record: { try recorder.record($0) }, log: { say($0) })
         let attached = try NBDKernelDevice(devicePath: device, server: server)
-        print("remusd disk probe-nbd: \(image) attached as \(device) (\(size) bytes)")
+        say("\(image) attached as \(device) (\(size) bytes)")
         let deadline = Deadline.after(seconds: Double(timeout))
         while access(stopFile, F_OK) != 0 && !deadline.hasPassed { sleepNanoseconds(20_000_000) }
         let stoppedInTime = !deadline.hasPassed
@@ -60,7 +59,7 @@ struct DiskProbeNBD: ParsableCommand {
         let log = try DiskRedoLog(path: work + "/redo.log")
         try log.log(recorder.staging, epoch: 1)
         try log.applyLogged(to: DiskImages(descriptors: [descriptor], files: [try DiskFile(path: replayOnto, create: false)]))
-        print("remusd disk probe-nbd: \(counts.writes) writes (\(counts.bytesWritten) bytes), \(counts.flushes) flushes, "
+        say("\(counts.writes) writes (\(counts.bytesWritten) bytes), \(counts.flushes) flushes, "
             + "\(counts.discards) discards, \(counts.writeZeroes) write-zeroes, \(counts.reads) reads, \(counts.errors) errors; "
             + "\(recorder.staging.entryCount) records replayed onto \(replayOnto)")
         if !stoppedInTime { throw ValidationError("the stop file \(stopFile) did not appear within \(timeout) s") }
@@ -80,4 +79,10 @@ private final class Recorder: @unchecked Sendable {  // guarded by monitor
             }
         }
     }
+}
+
+/// One line to stdout, unbuffered: the testbed polls our output file.
+private func say(_ text: String) {
+    let bytes = Array("remusd disk probe-nbd: \(text)\n".utf8)
+    _ = bytes.withUnsafeBytes { write(STDOUT_FILENO, $0.baseAddress, $0.count) }
 }
