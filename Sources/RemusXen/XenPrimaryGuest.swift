@@ -205,6 +205,11 @@ final class SaveSession: @unchecked Sendable {
     private let deviceModel: CheckpointDeviceModel?
     /// The way the last suspend went (logged when it changes; save thread only).
     private var suspendMethod: SuspendMethod?
+    /// The guest's `HVM_PARAM_CALLBACK_IRQ` at the last suspend (logged when it changes; save
+    /// thread only).
+    private var callbackIRQ: UInt64?
+    /// Whether remusd has marked a suspend cancelled itself yet (logged once; save thread only).
+    private var markedCancelled = false
     private let readFd: Int32
     private let writeFd: Int32
     private let callbacks: UnsafeMutablePointer<save_callbacks>
@@ -355,12 +360,41 @@ final class SaveSession: @unchecked Sendable {
         // libxl's order (libxl__domain_resume): the device model continues first, so that the
         // vCPUs never run against a stopped one; the vCPUs resume even if it does not.
         let deviceModelFailure = deviceModel?.resume()
-        let rc = cxen_xc_domain_resume(control.handle, domid, 1)
-        let code = errno
-        let failure = rc == 0 ? deviceModelFailure : "xc_domain_resume(\(domid), fast) failed: \(String(cString: strerror(code)))"
+        var failure = markCancelledIfLibxcWillNot()
+        if failure == nil {
+            let rc = cxen_xc_domain_resume(control.handle, domid, 1)
+            let code = errno
+            failure = rc == 0 ? deviceModelFailure : "xc_domain_resume(\(domid), fast) failed: \(String(cString: strerror(code)))"
+        }
+        // libxl's last step (domain_resume_done): xenstored forgets the shutdown it saw, so its
+        // next one fires @releaseDomain again for whoever watches (remusd polls Xen instead).
+        if failure == nil && !cxen_xs_resume_domain(store.handle, domid) {
+            log.note("xs_resume_domain(\(domid)) failed: \(String(cString: strerror(errno)))", domid: domid, level: .warn)
+        }
         log.note("resumed" + (failure.map { ": \($0)" } ?? ""), domid: domid)
         finish(\.resumePoint, failure: failure)
         return failure == nil ? 1 : 0
+    }
+
+    /// Sets vCPU0's RAX to 1 (the suspend hypercall's "cancelled") where libxc's fast resume
+    /// would leave it 0 (`SuspendMethod.mustMarkCancelled`), as libxc itself does for PV guests.
+    /// Returns why it failed (the guest then stays suspended and the save ends), nil otherwise.
+    private func markCancelledIfLibxcWillNot() -> String? {
+        guard let method = suspendMethod,
+              SuspendMethod.mustMarkCancelled(kind: kind, method: method, callbackIRQ: callbackIRQ ?? 0) else { return nil }
+        var context = vcpu_guest_context_any_t()
+        guard cxen_xc_vcpu_getcontext(control.handle, domid, 0, &context) == 0 else {
+            return "xc_vcpu_getcontext(\(domid), vCPU 0) failed: \(String(cString: strerror(errno))); the guest stays suspended"
+        }
+        context.c.user_regs.rax = 1
+        guard cxen_xc_vcpu_setcontext(control.handle, domid, 0, &context) == 0 else {
+            return "xc_vcpu_setcontext(\(domid), vCPU 0) failed: \(String(cString: strerror(errno))); the guest stays suspended"
+        }
+        if !markedCancelled {
+            markedCancelled = true
+            log.note("HVM_PARAM_CALLBACK_IRQ is 0: remusd marks each suspend cancelled itself (vCPU0 RAX = 1), which libxc's fast resume does not for this guest", domid: domid, level: .info)
+        }
+        return nil
     }
 
     /// libxenguest's `switch_qemu_logdirty`: on when the save starts, off when it ends. A PVH
@@ -427,6 +461,10 @@ final class SaveSession: @unchecked Sendable {
             // As libxl: a parameter Xen does not return counts as 0.
             callbackIRQ = control.hvmParameter(domid: domid, HVM_PARAM_CALLBACK_IRQ) ?? 0
             acpiSState = control.hvmParameter(domid: domid, HVM_PARAM_ACPI_S_STATE) ?? 0
+            if self.callbackIRQ != callbackIRQ {
+                log.note("HVM_PARAM_CALLBACK_IRQ \(callbackIRQ)", domid: domid, level: .info)
+                self.callbackIRQ = callbackIRQ
+            }
         }
         return try SuspendMethod.choose(domid: domid, kind: kind, evtchnPort: suspendChannel?.guestPort,
                                         callbackIRQ: callbackIRQ, acpiSState: acpiSState)

@@ -42,6 +42,24 @@ enum SuspendMethod: Equatable, Sendable, CustomStringConvertible {
         return .xenstore
     }
 
+    /// Whether remusd itself must make the guest see this suspend as cancelled (vCPU0's RAX = 1,
+    /// the `SCHEDOP_shutdown` return value a guest reads as "resumed in the same domain") before
+    /// `xc_domain_resume(…, fast)`, which libxc does only where it can tell the guest has PV
+    /// drivers: for PV always, for an HVM container only when `HVM_PARAM_CALLBACK_IRQ` is
+    /// non-zero (`modify_returncode`, tools/libs/guest/xg_resume.c). A guest notified through
+    /// per-vCPU upcall vectors need not set that parameter (Linux 6.0 and later set it to 1 for
+    /// the toolstack's sake; nothing obliges other kernels to); after a cooperative suspend it is inside the hypercall all the same and
+    /// would otherwise take the checkpoint for a migration, rebinding every event channel and
+    /// reconnecting every device in a domain where they are all still there. After
+    /// `xc_domain_shutdown(SHUTDOWN_suspend)` the guest made no hypercall: its RAX is its own.
+    static func mustMarkCancelled(kind: XenGuestKind, method: SuspendMethod, callbackIRQ: UInt64) -> Bool {
+        guard kind != .pv && callbackIRQ == 0 else { return false }
+        switch method {
+        case .eventChannel, .xenstore: return true
+        case .shutdownHypercall: return false
+        }
+    }
+
     /// The guest's suspend event channel port from the value of its
     /// `device/suspend/event-channel` key (nil when the key is missing): a positive port number,
     /// as `xs_suspend_evtchn_port` reads it; anything else counts as none.

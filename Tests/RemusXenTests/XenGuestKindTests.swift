@@ -121,6 +121,24 @@ struct XenGuestKindTests {
         #expect(SuspendMethod.shutdownHypercall.description == "xc_domain_shutdown (no PV drivers)")
     }
 
+    @Test("An HVM container suspended cooperatively without HVM_PARAM_CALLBACK_IRQ is marked cancelled by remusd; libxc does it otherwise")
+    func cancellationMark() {
+        let cooperative: [SuspendMethod] = [.xenstore, .eventChannel(guestPort: 5)]
+        for method in cooperative {
+            // A PVH (or HVM) guest on per-vCPU upcall vectors that left the parameter 0: libxc
+            // would resume it with RAX 0, a completed suspend.
+            #expect(SuspendMethod.mustMarkCancelled(kind: .pvh, method: method, callbackIRQ: 0))
+            #expect(SuspendMethod.mustMarkCancelled(kind: .hvm, method: method, callbackIRQ: 0))
+            // libxc's modify_returncode sets RAX itself: PV always, HVM containers with a callback.
+            #expect(!SuspendMethod.mustMarkCancelled(kind: .pv, method: method, callbackIRQ: 0))
+            #expect(!SuspendMethod.mustMarkCancelled(kind: .pvh, method: method, callbackIRQ: 1))
+            #expect(!SuspendMethod.mustMarkCancelled(kind: .hvm, method: method, callbackIRQ: 0x0200_0000_0000_00f3))
+        }
+        // Stopped by Xen, not in a hypercall: its RAX is the guest's own and stays untouched.
+        #expect(!SuspendMethod.mustMarkCancelled(kind: .hvm, method: .shutdownHypercall, callbackIRQ: 0))
+        #expect(!SuspendMethod.mustMarkCancelled(kind: .pvh, method: .shutdownHypercall, callbackIRQ: 0))
+    }
+
     @Test("A guest in ACPI sleep is not checkpointed, and the message says how to wake it")
     func acpiSleepRefused() throws {
         for kind in [XenGuestKind.pvh, .hvm] {

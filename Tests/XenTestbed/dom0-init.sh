@@ -15,17 +15,26 @@ echo
 echo "TESTBED BOOTED uptime=$up kernel=$(uname -r)"
 hostname dom0
 ip link set lo up
-# A watchdog, so a hung toolstack still ends in a verdict and a power-off.
+# A watchdog, so a hung toolstack still ends in a verdict and a power-off. run.sh names the guest
+# kinds to test and the watchdog's limit on the kernel command line.
 . /xen-testbed.conf
-limit=$((REMUS_SECONDS + 480)); script=/xen-tests.sh
+cmdline=" $(cat /proc/cmdline) "
+arg() { case "$cmdline" in *" $1="*) v=${cmdline#*" $1="}; echo "${v%% *}" ;; esac; }
+guests=$(arg testbed_guests | tr '+' ' ')
+limit=$(arg testbed_watchdog)
+script="/xen-tests.sh ${guests:-pvh}"; limit=${limit:-$((REMUS_SECONDS + 600))}
 # Two-host mode (two-hosts.sh) names this host's role on the kernel command line; host B waits
 # through host A's guest, remusd's first synchronisation and the failover, so more time.
-case " $(cat /proc/cmdline) " in
-    *" testbed_role=primary "*) limit=$((REMUS_SECONDS + 720)); script="/host-role.sh primary" ;;
-    *" testbed_role=backup "*) limit=$((REMUS_SECONDS + 720)); script="/host-role.sh backup" ;;
+case "$cmdline" in
+    *" testbed_role=primary "*) limit=$((REMUS_SECONDS + 720)); script="/host-role.sh primary ${guests:-pvh}" ;;
+    *" testbed_role=backup "*) limit=$((REMUS_SECONDS + 720)); script="/host-role.sh backup ${guests:-pvh}" ;;
 esac
 timeout -k 10 "$limit" sh $script
-[ $? -lt 124 ] || echo "TESTBED FAIL: the dom0 tests did not finish within $limit s"
+if [ $? -ge 124 ]; then
+    echo "TESTBED FAIL: the dom0 tests did not finish within $limit s (what was running follows)"
+    . /dom0-lib.sh
+    diagnose
+fi
 echo "TESTBED DONE"
 sync
 /bin/busybox poweroff -f

@@ -3,7 +3,8 @@
 # runs the guest and protects it with remusd towards host B (backup); two-hosts.sh then kills
 # host A's whole QEMU (host loss) and host B must go on running the guest.
 #
-#   sh /host-role.sh primary|backup    (dom0-init.sh runs it when /proc/cmdline has testbed_role=…)
+#   sh /host-role.sh primary|backup [pvh|hvm|pv]   (dom0-init.sh runs it when /proc/cmdline has
+#                                                   testbed_role=…, with testbed_guests' kind)
 #
 # The wire: one virtio NIC per host on a QEMU socket netdev, bridged into xenbr0 in each dom0:
 # host A 10.0.0.1, the guest 10.0.0.2 (on A's bridge, later on B's), host B 10.0.0.3, one L2
@@ -11,6 +12,7 @@
 # <value>; host A ends with TESTBED KILL-ME, the cue for two-hosts.sh to kill its QEMU.
 . /xen-testbed.conf   # REMUS_SECONDS INTERVAL_MS
 role=$1
+testbed_kind=${2:-pvh}   # the guest's kind (dom0-lib.sh's write_guest_config)
 host_a=10.0.0.1
 guest_ip=10.0.0.2
 host_b=10.0.0.3
@@ -93,11 +95,7 @@ primary() {
     log=$guest_log
     answer=$(ask_counter)
     if [ -n "$answer" ]; then pass "guest answers TCP on port 7 from host A (counter $answer)"; else fail "guest does not answer TCP on port 7 from host A"; fi
-    # The counter's rate unprotected: the reference for the protected rate.
-    c1=$(last_counter "$log"); t1=$(now)
-    sleep 10
-    c2=$(last_counter "$log"); t2=$(now)
-    metric counter_rate_free "$(awk -v a="$c1" -v b="$c2" -v s="$t1" -v e="$t2" 'BEGIN { printf "%.2f", (b - a) / (e - s) }')"
+    measure_free_rate "$log"
 
     # remusd receive on host B listens before host B starts watching the guest. The probe is a
     # bare connect and close (busybox nc has no -z): remusd receive logs a failed handshake.

@@ -9,6 +9,8 @@
 # gives 4.20 a cache of its own, $cache/xen-4.20 (run.sh keeps one dom0 base and guest per cache).
 # Everything release-specific lives here, so run.sh reads the same for both.
 #
+# Both releases: suite, xen_series, hv_package, hv_image, dom0_xen_packages, dom0_dm_packages,
+# qemu_cpu, release_pv_skip (why PV guests are skipped, empty when they can run).
 # After `release_prepare` (4.20; for 4.17 every release_* value stays empty and run.sh uses its
 # own defaults):
 #   release_xen_version    the toolstack's package version: libxen-dev = xen-utils-4.20 = hypervisor
@@ -20,16 +22,23 @@
 
 release=${REMUSD_XEN_TESTBED_RELEASE:-4.17}
 case "$release" in
-    4.17) suite=bookworm; xen_series=4.17; guest_type=pv; release_dom0_packages="" ;;
-    # qemu-system-xen: an HVM guest's device model (libxl runs /usr/libexec/xen-qemu-system-i386).
-    4.20) suite=trixie; xen_series=4.20; guest_type=pvh; release_dom0_packages=qemu-system-xen ;;
+    4.17) suite=bookworm; xen_series=4.17 ;;
+    4.20) suite=trixie; xen_series=4.20 ;;
     *) die "REMUSD_XEN_TESTBED_RELEASE=$release: the testbed boots 4.17 (Debian 12) or 4.20 (Debian 13)" ;;
 esac
-# HAP for PVH and HVM guests under TCG: QEMU's emulated AMD SVM with nested paging (the default
-# qemu64 model leaves both off; PV guests need shadow paging instead, which 4.20 is built
-# without); SSE4.2 as real hosts have it (remusd's CRC32C).
-qemu_cpu=qemu64
-[ "$release" = 4.17 ] || qemu_cpu=qemu64,+svm,+npt,+ssse3,+sse4.1,+sse4.2,+popcnt
+hv_package=xen-hypervisor-$xen_series-amd64      # the hypervisor, unpacked, never installed
+hv_image=boot/xen-$xen_series-amd64              # in that package: .gz (the ELF) and .config
+# dom0's toolstack, pinned to libxen-dev's version; qemu-system-xen is HVM's device model (libxl
+# runs /usr/libexec/xen-qemu-system-i386) and brings SeaBIOS; hvmloader comes with xen-utils.
+dom0_xen_packages="xen-utils-$xen_series xen-utils-common xenstore-utils"
+dom0_dm_packages="qemu-system-xen"
+# QEMU's CPU: qemu64 plus AMD SVM with nested paging gives Xen HAP (virt_caps: pv hvm hap), which
+# PVH and HVM guests are checkpointed with; SSE4.2 as real hosts have it (remusd's CRC32C).
+qemu_cpu=qemu64,+svm,+npt,+ssse3,+sse4.1,+sse4.2,+popcnt
+# PV guests need shadow paging, which Debian builds 4.17's security updates without and 4.20
+# entirely without: 4.17 looks for an older package that has it (run.sh), 4.20 skips PV.
+release_pv_skip=""
+[ "$release" = 4.17 ] || release_pv_skip="PV guests: Debian 13's $hv_package is built without shadow paging (PV log-dirty needs it; XSA-495), so no PV guest can be checkpointed on Xen $xen_series; PVH and HVM are"
 release_xen_version="" release_headers="" release_kver="" release_vmlinuz="" release_modules_base=""
 release_hv_version="" release_dom0_sources=""
 if [ "$release" != 4.17 ]; then cache=$cache/xen-$release; mkdir -p "$cache"; fi

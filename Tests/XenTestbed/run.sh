@@ -1,21 +1,26 @@
 #!/bin/bash
-# The Xen testbed: Debian 12's Xen 4.17 with a Debian dom0 under QEMU (TCG), a tiny PV guest, and
-# Xen's own `xl remus -F -n` as the baseline remusd is measured against. Builds everything from
-# Debian packages into a cache outside git, boots, runs Tests/XenTestbed/dom0-tests.sh in dom0,
-# powers off, prints the verdict lines and one result table; exits 0 only if every check passed.
+# The Xen testbed: Debian 12's current Xen 4.17 with a Debian dom0 under QEMU (TCG, with AMD
+# SVM and nested paging so Xen has HAP), small PVH and HVM guests, and Xen's own `xl remus -F -n`
+# as the baseline remusd is measured against. Builds everything from Debian packages into a cache
+# outside git, boots, runs Tests/XenTestbed/xen-tests.sh in dom0 (its guest sections once per
+# guest kind), powers off, prints the verdict lines and one result table per guest kind; exits 0
+# only if every check passed.
 #
 #   bash Tests/XenTestbed/run.sh
 #
 # Environment (defaults in brackets):
-#   REMUSD_XEN_TESTBED_RELEASE       4.17 (Debian 12) or 4.20 (Debian 13: trixie dom0, kernel 6.12, a PVH
-#                                     guest; remusd built against trixie's libxen-dev) [4.17]; see release.sh
-#   REMUSD_XEN_TESTBED_CACHE          build directory, outside git [~/.cache/remusd-xen-testbed]
+#   REMUSD_XEN_TESTBED_RELEASE        4.17 (Debian 12) or 4.20 (Debian 13: trixie dom0, kernel 6.12; remusd
+#                                     built against trixie's libxen-dev) [4.17]; see release.sh
+#   REMUSD_XEN_TESTBED_GUESTS         guest kinds, space-separated: pvh, hvm, pv [pvh hvm]; pv boots
+#                                     separately on a hypervisor with shadow paging (skipped when none is left)
+#   REMUSD_XEN_TESTBED_CACHE          build directory, outside git [~/.cache/remusd-xen-testbed; 4.20: its xen-4.20/]
 #   REMUSD_XEN_TESTBED_KERNEL         dom0 and guest kernel version [newest /boot/vmlinuz-* with modules]
-#   REMUSD_XEN_TESTBED_TIMEOUT        seconds before QEMU is killed [900]
-#   REMUSD_XEN_TESTBED_REMUS_SECONDS  how long `xl remus` protects the guest before the kill [60]
+#   REMUSD_XEN_TESTBED_TIMEOUT        seconds before a QEMU is killed [the dom0 watchdog's limit + 120]
+#   REMUSD_XEN_TESTBED_REMUS_SECONDS  how long `xl remus` and remusd protect the guest before the kill [20]
 #   REMUSD_XEN_TESTBED_INTERVAL_MS    checkpoint interval of `xl remus -i` and `remusd protect --interval`, ms [200]
 #   REMUSD_XEN_TESTBED_XL=0           leave out the `xl remus` baseline (remusd's tests only)
-#   REMUSD_XEN_TESTBED_HYPERVISOR     xen-hypervisor-4.17-amd64 version [newest with shadow paging]
+#   REMUSD_XEN_TESTBED_HYPERVISOR     hypervisor package version for PVH/HVM [libxen-dev's]
+#   REMUSD_XEN_TESTBED_PV_HYPERVISOR  hypervisor package version for PV [newest with shadow paging]
 #   REMUSD_XEN_TESTBED_MIRROR         Debian mirror for debootstrap [the host's first Debian apt source]
 #   REMUSD_XEN_TESTBED_SKIP_BUILD=1   reuse the cached remusd build instead of running swift build
 #   REMUSD_XEN_TESTBED_SWIFT_TESTS=0  leave the RemusXenTests bundle out of dom0
@@ -25,10 +30,11 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${REMUSD_XEN_TESTBED_CACHE:-$HOME/.cache/remusd-xen-testbed}
-timeout_s=${REMUSD_XEN_TESTBED_TIMEOUT:-900}
-remus_seconds=${REMUSD_XEN_TESTBED_REMUS_SECONDS:-60}
+remus_seconds=${REMUSD_XEN_TESTBED_REMUS_SECONDS:-20}
 interval_ms=${REMUSD_XEN_TESTBED_INTERVAL_MS:-200}
 xl_baseline=${REMUSD_XEN_TESTBED_XL:-1}
+guests=${REMUSD_XEN_TESTBED_GUESTS:-pvh}
+
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)
 
@@ -41,7 +47,13 @@ die() { echo "xen-testbed: $*" >&2; exit 2; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 [ "$(id -u)" -eq 0 ] || die "run as root: debootstrap and chroot need it"
 # shellcheck source=release.sh
-. "$here/release.sh"   # suite, xen_series, qemu_cpu, guest_type, release_prepare
+. "$here/release.sh"   # suite, xen_series, the package names, qemu_cpu, release_prepare
+for kind in $guests; do
+    case "$kind" in pv|pvh|hvm) ;; *) die "REMUSD_XEN_TESTBED_GUESTS: unknown guest kind '$kind' (pv, pvh, hvm)" ;; esac
+done
+# PVH and HVM share one boot (hardware-assisted paging); PV needs a hypervisor of its own.
+hap_guests=$(for kind in $guests; do [ "$kind" = pv ] || echo "$kind"; done | xargs)
+pv_guests=$(for kind in $guests; do [ "$kind" != pv ] || echo "$kind"; done | head -1)
 
 # --- 1. Debian packages on the build host --------------------------------------------------
 packages=(qemu-system-x86 debootstrap linux-image-amd64 busybox-static cpio kmod gzip
@@ -61,7 +73,7 @@ mirror=${mirror%/}
 release_prepare
 
 # The Xen version is the one remusd is built against (libxen-dev); dom0's tools are pinned to
-# exactly that version.
+# exactly that version, and so is the hypervisor PVH and HVM guests run on.
 xen_version=${release_xen_version:-$(dpkg-query -W -f='${Version}' libxen-dev)}
 case "$xen_version" in "$xen_series".*) ;; *) die "libxen-dev is $xen_version; this testbed needs Xen $xen_series" ;; esac
 
@@ -78,52 +90,66 @@ modules_base=${release_modules_base:-/}   # modprobe -d: where lib/modules/<vers
 [ -n "$kver" ] && [ -r "$vmlinuz" ] || die "no readable /boot/vmlinuz-<version> with /lib/modules/<version>; apt-get install linux-image-amd64"
 say "Xen $xen_version, kernel $kver"
 
-# --- 3. The hypervisor: extracted from its package, never installed -------------------------
-# PV guests can only be checkpointed when the hypervisor has shadow paging (PV log-dirty mode
-# is built on it), and under TCG there is no HAP for HVM guests either. Debian's Xen 4.17.7
-# security updates are built without CONFIG_SHADOW_PAGING (XSA-495: shadow paging deprecated),
-# so take the newest xen-hypervisor-4.17-amd64 whose /boot/*.config still enables it. The
-# hypercall interface (domctl/sysctl version 0x15) is the same across 4.17.x, so dom0's tools
-# stay at libxen-dev's version.
-hv_pick=$cache/hypervisor.version
-if [ -n "$release_hv_version" ]; then
-    hv_version=$release_hv_version
-elif [ -n "${REMUSD_XEN_TESTBED_HYPERVISOR:-}" ]; then
-    hv_version=$REMUSD_XEN_TESTBED_HYPERVISOR
-elif [ -s "$hv_pick" ] && [ -s "$cache/xen-$(cat "$hv_pick").elf" ]; then
-    hv_version=$(cat "$hv_pick")
-else
-    hv_version=""
-fi
-if [ -z "$hv_version" ] || [ ! -s "$cache/xen-$hv_version.elf" ]; then
-    debs=$cache/debs
-    for v in ${hv_version:-$(apt-cache madison xen-hypervisor-4.17-amd64 | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' | sort -Vru)}; do
-        rm -rf "$debs" && mkdir -p "$debs"
-        (cd "$debs" && apt-get download "xen-hypervisor-4.17-amd64=$v" > "$cache/download.log" 2>&1) \
-            || die "apt-get download xen-hypervisor-4.17-amd64=$v failed (see $cache/download.log)"
-        dpkg -x "$debs"/xen-hypervisor-4.17-amd64_*.deb "$debs/x"
-        if ! grep -q "^CONFIG_SHADOW_PAGING=y" "$debs"/x/boot/xen-4.17-amd64.config; then
-            say "xen-hypervisor-4.17-amd64 $v is built without shadow paging: PV guests cannot be checkpointed on it"
-            [ -n "${REMUSD_XEN_TESTBED_HYPERVISOR:-}" ] || continue
-        fi
-        # QEMU's -kernel loads the ELF32 multiboot image directly: no GRUB, no ISO.
-        zcat "$debs"/x/boot/xen-4.17-amd64.gz > "$cache/xen-$v.elf.tmp" && mv "$cache/xen-$v.elf.tmp" "$cache/xen-$v.elf"
-        hv_version=$v
-        break
-    done
+# --- 3. The hypervisors: extracted from their package, never installed ----------------------
+# PVH and HVM guests are checkpointed through hardware-assisted paging (HAP): QEMU's TCG offers
+# it with -cpu qemu64,+svm,+npt, so they run on the hypervisor of libxen-dev's version, the one
+# a current Debian host runs. PV guests need shadow paging (PV log-dirty mode is built on it),
+# and Debian's current security updates are built without CONFIG_SHADOW_PAGING (XSA-495: shadow
+# paging deprecated): PV boots on the newest package version whose config still enables it,
+# while the archive has one. The hypercall interface is the same across a series.
+extract_hypervisor() {  # version → $cache/xen-<version>.elf and .config
+    local v=$1 debs=$cache/debs
+    [ -s "$cache/xen-$v.elf" ] && [ -s "$cache/xen-$v.config" ] && return 0
+    rm -rf "$debs" && mkdir -p "$debs"
+    (cd "$debs" && apt-get download "$hv_package=$v" > "$cache/download.log" 2>&1) \
+        || { rm -rf "$debs"; say "apt-get download $hv_package=$v failed (see $cache/download.log)"; return 1; }
+    dpkg -x "$debs/$hv_package"_*.deb "$debs/x"
+    cp "$debs/x/$hv_image.config" "$cache/xen-$v.config"
+    # QEMU's -kernel loads the ELF32 multiboot image directly: no GRUB, no ISO.
+    zcat "$debs/x/$hv_image.gz" > "$cache/xen-$v.elf.tmp" && mv "$cache/xen-$v.elf.tmp" "$cache/xen-$v.elf"
     rm -rf "$debs"
-    [ -n "$hv_version" ] && [ -s "$cache/xen-$hv_version.elf" ] \
-        || die "no xen-hypervisor-4.17-amd64 version with shadow paging in the apt sources (set REMUSD_XEN_TESTBED_HYPERVISOR=<version> to force one)"
-    echo "$hv_version" > "$hv_pick"
-    say "hypervisor extracted: xen-hypervisor-4.17-amd64 $hv_version"
+    say "hypervisor extracted: $hv_package $v"
+}
+hv_version=""
+if [ -n "$hap_guests" ]; then
+    if [ -n "$release_hv_version" ]; then
+        hv_version=$release_hv_version   # release_prepare extracted it
+    else
+        hv_version=${REMUSD_XEN_TESTBED_HYPERVISOR:-$xen_version}
+        extract_hypervisor "$hv_version" || die "no $hv_package $hv_version for $hap_guests guests"
+    fi
+    say "hypervisor $hv_version, dom0 tools $xen_version"
 fi
-xen_elf=$cache/xen-$hv_version.elf
-say "hypervisor $hv_version, dom0 tools $xen_version"
+say "QEMU -cpu $qemu_cpu"
+pv_hv_version=""; pv_skip=""
+if [ -n "$pv_guests" ] && [ -n "$release_pv_skip" ]; then
+    pv_skip=$release_pv_skip
+elif [ -n "$pv_guests" ]; then
+    pv_pick=$cache/pv-hypervisor.version
+    if [ -n "${REMUSD_XEN_TESTBED_PV_HYPERVISOR:-}" ]; then
+        pv_hv_version=$REMUSD_XEN_TESTBED_PV_HYPERVISOR
+        extract_hypervisor "$pv_hv_version" || die "no $hv_package $pv_hv_version (REMUSD_XEN_TESTBED_PV_HYPERVISOR)"
+    elif [ -s "$pv_pick" ] && [ -s "$cache/xen-$(cat "$pv_pick").elf" ]; then
+        pv_hv_version=$(cat "$pv_pick")
+    else
+        for v in $(apt-cache madison "$hv_package" | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' | sort -Vru); do
+            extract_hypervisor "$v" || continue
+            if grep -q "^CONFIG_SHADOW_PAGING=y" "$cache/xen-$v.config"; then pv_hv_version=$v; break; fi
+            say "$hv_package $v is built without shadow paging: PV guests cannot be checkpointed on it"
+        done
+        [ -z "$pv_hv_version" ] || echo "$pv_hv_version" > "$pv_pick"
+    fi
+    if [ -n "$pv_hv_version" ]; then
+        say "PV hypervisor $pv_hv_version (shadow paging), dom0 tools $xen_version"
+    else
+        pv_skip="PV guests: no $hv_package with shadow paging is left in the apt sources (PV log-dirty needs it; Debian builds $xen_version without, XSA-495); set REMUSD_XEN_TESTBED_PV_HYPERVISOR=<version> to use one from elsewhere"
+    fi
+fi
 
 # --- 4. dom0 base image: debootstrap minbase + Xen's tools, trimmed -----------------------
 # socat: the tests' UDP receiver for the guest's counter lines (busybox's nc has no UDP).
 base_packages="kmod,iproute2,procps,busybox-static,psmisc,sysvinit-utils,socat"
-xen_packages="xen-utils-$xen_series=$xen_version xen-utils-common=$xen_version xenstore-utils=$xen_version $release_dom0_packages"
+xen_packages="$(for p in $dom0_xen_packages; do printf '%s=%s ' "$p" "$xen_version"; done)$dom0_dm_packages"
 
 build_dom0_base() {
     local out=$1 root=$cache/dom0-root
@@ -148,7 +174,8 @@ build_dom0_base() {
     umount_chroot
     trap - EXIT
     rm -f "$root/usr/sbin/policy-rc.d"
-    # Trim: documentation, locales, apt's caches, bytecode, the PV shim (hvmloader stays: HVM).
+    # Trim: documentation, locales, apt's caches, bytecode, the PV shim (no PV-in-PVH here);
+    # hvmloader stays (HVM guests boot through it).
     rm -rf "$root"/usr/share/{doc,man,info,locale,lintian,bash-completion} "$root"/var/cache/apt/* \
            "$root"/var/lib/apt/lists/* "$root"/usr/lib/xen-$xen_series/boot/xen-shim "$root"/var/log/*.log
     find "$root" -xdev -name __pycache__ -type d -prune -exec rm -rf {} +
@@ -227,8 +254,8 @@ dom0_modules=(xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-netback x
               bridge ifb sch_plug sch_ingress act_mirred cls_u32 tun loop
               virtio_pci virtio_net)   # the two-host mode's wire (two-hosts.sh)
 overlay_hash=$( {
-    echo "$kver $base_hash $remus_seconds $interval_ms $xl_baseline $guest_type ${dom0_modules[*]}"
-    sha256sum "$vmlinuz" "$remusd" "$guest_initrd" "$here/dom0-init.sh" "$here/dom0-lib.sh" "$here/xen-tests.sh" "$here/host-role.sh" "$here/run.sh" "$here/release.sh" "$here/../TestbedLib/initramfs.sh"
+    echo "$kver $base_hash $remus_seconds $interval_ms $xl_baseline ${dom0_modules[*]}"
+    sha256sum "$vmlinuz" "$remusd" "$guest_initrd" "$here/dom0-init.sh" "$here/dom0-lib.sh" "$here/xen-tests.sh" "$here/xen-guest-tests.sh" "$here/host-role.sh" "$here/run.sh" "$here/release.sh" "$here/../TestbedLib/initramfs.sh"
     if [ -x "$swift_tests" ]; then sha256sum "$swift_tests"; fi
 } | sha256sum | cut -c1-16)
 overlay=$cache/dom0-overlay-$overlay_hash.cpio.gz
@@ -271,10 +298,11 @@ else
     cp "$guest_initrd" "$root/guest/initrd.cpio.gz"
     cp "$here/dom0-init.sh" "$root/init"
     cp "$here/xen-tests.sh" "$root/xen-tests.sh"
+    cp "$here/xen-guest-tests.sh" "$root/xen-guest-tests.sh"
     cp "$here/host-role.sh" "$root/host-role.sh"
     cp "$here/dom0-lib.sh" "$root/dom0-lib.sh"
-    chmod +x "$root/init" "$root/xen-tests.sh" "$root/host-role.sh"
-    printf 'REMUS_SECONDS=%s\nINTERVAL_MS=%s\nXL_BASELINE=%s\nGUEST_TYPE=%s\n' "$remus_seconds" "$interval_ms" "$xl_baseline" "$guest_type" > "$root/xen-testbed.conf"
+    chmod +x "$root/init" "$root/xen-tests.sh" "$root/xen-guest-tests.sh" "$root/host-role.sh"
+    printf 'REMUS_SECONDS=%s\nINTERVAL_MS=%s\nXL_BASELINE=%s\n' "$remus_seconds" "$interval_ms" "$xl_baseline" > "$root/xen-testbed.conf"
     # Only entries below usr/, guest/ and the top-level files: never a directory entry that
     # would collide with the base's /lib -> usr/lib symlink.
     (cd "$root" && find . -mindepth 1 -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$overlay.tmp"
@@ -291,72 +319,124 @@ say "dom0 initramfs: $(du -h "$dom0_initrd" | cut -f1) (base + overlay)"
 # --- 8. Boot Xen and dom0 under QEMU (TCG) -------------------------------------------------
 # TCG, not KVM: this machine's KVM cannot emulate Xen's shadow-stack instructions, and it was
 # slower anyway. One QEMU at a time on this machine (the lock), at low priority.
-xen_args="console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all dom0_mem=1536M,max:1536M dom0_max_vcpus=2 console_timestamps=boot"
 dom0_args="console=hvc0 earlyprintk=xen loglevel=4"
-log=$cache/console.log
-rm -f "$log" "$log.txt"
-say "waiting for the QEMU lock (/tmp/remusd-qemu.lock)"
-t_lock=$(date +%s.%N)
-set +e
-flock /tmp/remusd-qemu.lock bash -c '
-    echo "xen-testbed: booting Xen under QEMU (TCG) after $(awk -v a="$1" -v b="$(date +%s.%N)" "BEGIN { printf \"%.0f\", b - a }") s waiting; console in $2"
-    date +%s.%N > "$2.boot-start"
-    exec nice -n 10 timeout "$3" qemu-system-x86_64 -accel tcg,thread=multi -cpu "$9" -m 4G -smp 2 \
-        -display none -monitor none -no-reboot -nic none -serial "file:$2" \
-        -kernel "$4" -append "$5" -initrd "$6 $7,$8"' \
-    _ "$t_lock" "$log" "$timeout_s" "$xen_elf" "$xen_args" "$vmlinuz" "$dom0_args" "$dom0_initrd" "$qemu_cpu"
-qemu_status=$?
-set -e
-t_boot=$(cat "$log.boot-start" 2>/dev/null || echo "$t_lock")
-run_s=$(elapsed "$t_boot")
+# The dom0 watchdog's limit for a boot with $1 guest kinds: per kind the xl baseline and remusd's
+# sections, each protecting for REMUS_SECONDS, with room for slow first synchronisations: a quiet
+# machine needs ~8 minutes per kind, one that other work loads (load 8-11 on 2 cores) ~21.
+watchdog_s() { echo $(( 120 + $1 * (2 * remus_seconds + 1800) )); }
+boots_s=0
+# Boots one hypervisor with dom0 running xen-tests.sh for the guest kinds $3 (space-separated);
+# console in $2. Sets qemu_status, boot_timeout and the QEMU time, adds it to boots_s.
+boot_xen() {
+    local elf=$1 log=$2 kinds=$3 n limit t_lock t_boot
+    n=$(echo "$kinds" | wc -w)
+    limit=$(watchdog_s "$n")
+    boot_timeout=${REMUSD_XEN_TESTBED_TIMEOUT:-$((limit + 120))}
+    local xen_args="console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all dom0_mem=1536M,max:1536M dom0_max_vcpus=2 console_timestamps=boot"
+    rm -f "$log" "$log.txt"
+    say "waiting for the QEMU lock (/tmp/remusd-qemu.lock)"
+    t_lock=$(date +%s.%N)
+    set +e
+    flock /tmp/remusd-qemu.lock bash -c '
+        echo "xen-testbed: booting Xen under QEMU (TCG) after $(awk -v a="$1" -v b="$(date +%s.%N)" "BEGIN { printf \"%.0f\", b - a }") s waiting; guests: $9; console in $2"
+        date +%s.%N > "$2.boot-start"
+        exec nice -n 10 timeout "$3" qemu-system-x86_64 -accel tcg,thread=multi -cpu "${10}" -m 4G -smp 2 \
+            -display none -monitor none -no-reboot -nic none -serial "file:$2" \
+            -kernel "$4" -append "$5" -initrd "$6 $7 testbed_guests=${9// /+} testbed_watchdog=${11},$8"' \
+        _ "$t_lock" "$log" "$boot_timeout" "$elf" "$xen_args" "$vmlinuz" "$dom0_args" "$dom0_initrd" "$kinds" "$qemu_cpu" "$limit"
+    qemu_status=$?
+    set -e
+    t_boot=$(cat "$log.boot-start" 2>/dev/null || echo "$t_lock")
+    boot_run_s=$(elapsed "$t_boot")
+    boots_s=$(awk -v a="$boots_s" -v b="$boot_run_s" 'BEGIN { printf "%.0f", a + b }')
+    [ -f "$log" ] || die "QEMU wrote no console log (exit status $qemu_status)"
+    tr -d '\r' < "$log" > "$log.txt"
+}
 
-# --- 9. Verdict and the result table ------------------------------------------------------
-[ -f "$log" ] || die "QEMU wrote no console log (exit status $qemu_status)"
-tr -d '\r' < "$log" > "$log.txt"
-grep -aE "^TESTBED (PASS|FAIL|INFO|SKIP)" "$log.txt" || true
-metric() { sed -n "s/^TESTBED METRIC $1 \([^ ]*\).*/\1/p" "$log.txt" | tail -1; }
-booted=$(sed -n 's/.*TESTBED BOOTED uptime=\([0-9.]*\).*/\1/p' "$log.txt" | head -1)
+# --- 9. Verdicts and one result table per guest kind --------------------------------------
+# xen-tests.sh starts each kind's lines with "TESTBED KIND <kind>"; its metrics are read from
+# that part of the console only.
+kind_part() { awk -v k="$2" '/^TESTBED KIND / { on = ($3 == k) } /^TESTBED DONE/ { on = 0 } on' "$1"; }
 row() { printf '  %-52s %12s  %s\n' "$1" "${2:-—}" "$3"; }
-echo
-echo "Baseline: Xen's own Remus (xl remus -F -n -i $interval_ms, no network buffering), $guest_type guest 128 MiB, 1 vCPU,"
-echo "hypervisor $hv_version, dom0 tools $xen_version ($suite, kernel $kver), QEMU TCG -cpu $qemu_cpu with 2 vCPUs"
-row "measure" "value" "unit"
-row "dom0 kernel to /init (dom0 uptime)" "$booted" "s"
-row "Xen's services started (/etc/init.d/xen start)" "$(metric xen_services_s)" "s"
-row "xl create of the guest" "$(metric xl_create_s)" "s"
-row "guest counter seen after xl create" "$(metric guest_counter_s)" "s"
-row "guest counter rate, unprotected" "$(metric counter_rate_free)" "1/s"
-row "xl remus start to first checkpoint (live pre-copy)" "$(metric remus_sync_s)" "s"
-row "protected for" "$(metric protected_s)" "s"
-row "checkpoints taken" "$(metric checkpoints)" ""
-row "checkpoints per second (asked: $(awk -v i="$interval_ms" 'BEGIN { printf "%.1f", 1000 / i }'))" "$(metric checkpoints_per_s)" "1/s"
-row "time between checkpoints, mean" "$(metric checkpoint_gap_ms)" "ms"
-row "time between checkpoints, max" "$(metric checkpoint_gap_max_ms)" "ms"
-row "pages sent per checkpoint, mean" "$(metric pages_per_checkpoint)" "4 KiB pages"
-row "guest counter rate, protected" "$(metric counter_rate_protected)" "1/s"
-row "failover: kill to the receiver seeing the stream end" "$(metric failover_stream_broken_s)" "s"
-row "failover: kill to xl reporting \"Remus Failover\"" "$(metric failover_noticed_s)" "s"
-row "failover: kill to backup unpaused" "$(metric failover_running_s)" "s"
-row "failover: kill to guest answering TCP on the backup" "$(metric failover_answer_s)" "s"
-row "guest counter before kill / after failover" "$(metric counter_before_kill) / $(metric counter_after_failover)" ""
-row "counter lines printed again by the backup" "$(metric counter_repeated)" "lines"
-echo
-# Side by side: the same guest, the same interval, the same length of protection, one run.
 row2() { printf '  %-56s %18s %18s  %s\n' "$1" "${2:-—}" "${3:-—}" "$4"; }
-gap_over=$(awk -v g="$(metric checkpoint_gap_ms)" -v i="$interval_ms" 'BEGIN { if (g != "") printf "%.0f", g - i }')
-echo "Side by side: xl remus -F -n -i $interval_ms and remusd protect --interval $interval_ms (netbuf on the vif), backup on the same dom0"
-row2 "measure" "xl remus" "remusd" "unit"
-row2 "start to first checkpoint (live pre-copy of 128 MiB)" "$(metric remus_sync_s)" "$(metric remusd_sync_s)" "s"
-row2 "checkpoints per second (asked: $(awk -v i="$interval_ms" 'BEGIN { printf "%.1f", 1000 / i }'))" "$(metric checkpoints_per_s)" "$(metric remusd_checkpoints_per_s)" "1/s"
-row2 "guest counter rate, protected (unprotected: $(metric counter_rate_free))" "$(metric counter_rate_protected)" "$(metric remusd_counter_rate)" "1/s"
-row2 "pause per checkpoint, p50 / p99 (xl: gap - interval)" "${gap_over:+~$gap_over}" "$(metric remusd_pause_p50_ms) / $(metric remusd_pause_p99_ms)" "ms"
-row2 "ping round trip while protected (unprotected: $(metric free_ping_rtt_ms))" "" "$(metric remusd_ping_rtt_ms)" "ms"
-row2 "failover: kill to the guest answering TCP" "$(metric failover_answer_s)" "$(metric remusd_failover_answer_s)" "s"
-row2 "failover: primary domain destroyed, to the guest answering" "$([ "$xl_baseline" = 1 ] && echo none)" "$(metric remusd_destroy_answer_s)" "s"
-row2 "planned switchover: command to the guest answering" "$([ "$xl_baseline" = 1 ] && echo none)" "$(metric remusd_switchover_answer_s)" "s"
-row2 "counter lines the outside received twice (UDP)" "$(metric udp_repeated)" "$(metric remusd_udp_repeated)" "lines"
-row2 "output held until the backup has the checkpoint" "$([ "$xl_baseline" = 1 ] && echo no)" "yes" ""
-echo "  (xl remus detects nothing but a broken stream: its failover starts at the kill; remusd's after --timeout 3000 ms of silence and the fence)"
+# Prints the tables of guest kind $2 from console $1 (its hypervisor version $3).
+kind_tables() {
+    local part; part=$(mktemp)
+    kind_part "$1" "$2" > "$part"
+    metric() { sed -n "s/^TESTBED METRIC $1 \([^ ]*\).*/\1/p" "$part" | tail -1; }
+    local kind_name; kind_name=$(echo "$2" | tr a-z A-Z)
+    local booted; booted=$(sed -n 's/.*TESTBED BOOTED uptime=\([0-9.]*\).*/\1/p' "$1" | head -1)
+    local asked; asked=$(awk -v i="$interval_ms" 'BEGIN { printf "%.1f", 1000 / i }')
+    echo
+    echo "$kind_name guest (128 MiB, 1 vCPU): Xen's own Remus (xl remus -F -n -i $interval_ms, no network buffering),"
+    echo "hypervisor $3, dom0 tools $xen_version ($suite, kernel $kver), QEMU TCG ($qemu_cpu) with 2 vCPUs"
+    row "measure" "value" "unit"
+    row "dom0 kernel to /init (dom0 uptime)" "$booted" "s"
+    row "Xen's services started (/etc/init.d/xen start)" "$(sed -n 's/^TESTBED METRIC xen_services_s \([^ ]*\).*/\1/p' "$1" | head -1)" "s"
+    row "xl create of the guest" "$(metric xl_create_s)" "s"
+    row "guest counter seen after xl create" "$(metric guest_counter_s)" "s"
+    row "guest counter rate, unprotected" "$(metric counter_rate_free)" "1/s"
+    row "xl remus start to first checkpoint (live pre-copy)" "$(metric remus_sync_s)" "s"
+    row "protected for" "$(metric protected_s)" "s"
+    row "checkpoints taken" "$(metric checkpoints)" ""
+    row "checkpoints per second (asked: $asked)" "$(metric checkpoints_per_s)" "1/s"
+    row "time between checkpoints, mean" "$(metric checkpoint_gap_ms)" "ms"
+    row "time between checkpoints, max" "$(metric checkpoint_gap_max_ms)" "ms"
+    row "pages sent per checkpoint, mean" "$(metric pages_per_checkpoint)" "4 KiB pages"
+    row "guest counter rate, protected" "$(metric counter_rate_protected)" "1/s"
+    row "failover: kill to the receiver seeing the stream end" "$(metric failover_stream_broken_s)" "s"
+    row "failover: kill to xl reporting \"Remus Failover\"" "$(metric failover_noticed_s)" "s"
+    row "failover: kill to backup unpaused" "$(metric failover_running_s)" "s"
+    row "failover: kill to guest answering TCP on the backup" "$(metric failover_answer_s)" "s"
+    row "guest counter before kill / after failover" "$(metric counter_before_kill) / $(metric counter_after_failover)" ""
+    row "counter lines printed again by the backup" "$(metric counter_repeated)" "lines"
+    echo
+    # Side by side: the same guest, the same interval, the same length of protection, one run.
+    local gap_over; gap_over=$(awk -v g="$(metric checkpoint_gap_ms)" -v i="$interval_ms" 'BEGIN { if (g != "") printf "%.0f", g - i }')
+    echo "$kind_name side by side: xl remus -F -n -i $interval_ms and remusd protect --interval $interval_ms (netbuf on the vif), backup on the same dom0"
+    row2 "measure" "xl remus" "remusd" "unit"
+    row2 "start to first checkpoint (live pre-copy of 128 MiB)" "$(metric remus_sync_s)" "$(metric remusd_sync_s)" "s"
+    row2 "checkpoints per second (asked: $asked)" "$(metric checkpoints_per_s)" "$(metric remusd_checkpoints_per_s)" "1/s"
+    row2 "guest counter rate, protected (unprotected: $(metric counter_rate_free))" "$(metric counter_rate_protected)" "$(metric remusd_counter_rate)" "1/s"
+    row2 "pause per checkpoint, p50 / p99 (xl: gap - interval)" "${gap_over:+~$gap_over}" "$(metric remusd_pause_p50_ms) / $(metric remusd_pause_p99_ms)" "ms"
+    row2 "ping round trip while protected (unprotected: $(metric free_ping_rtt_ms))" "" "$(metric remusd_ping_rtt_ms)" "ms"
+    row2 "failover: kill to the guest answering TCP" "$(metric failover_answer_s)" "$(metric remusd_failover_answer_s)" "s"
+    row2 "failover: primary domain destroyed, to the guest answering" "$([ "$xl_baseline" = 1 ] && echo none)" "$(metric remusd_destroy_answer_s)" "s"
+    row2 "planned switchover: command to the guest answering" "$([ "$xl_baseline" = 1 ] && echo none)" "$(metric remusd_switchover_answer_s)" "s"
+    row2 "counter lines the outside received twice (UDP)" "$(metric udp_repeated)" "$(metric remusd_udp_repeated)" "lines"
+    row2 "output held until the backup has the checkpoint" "$([ "$xl_baseline" = 1 ] && echo no)" "yes" ""
+    echo "  (xl remus detects nothing but a broken stream: its failover starts at the kill; remusd's backup sees the closed connection (kill) or STREAM_END (destroy) at once, then runs the fence)"
+    rm -f "$part"
+}
+
+# PVH and HVM in one boot on the current hypervisor; PV in its own boot on one with shadow paging.
+logs=(); hypervisors=(); boot_kinds=()
+if [ -n "$hap_guests" ]; then
+    logs+=("$cache/console.log"); hypervisors+=("$hv_version"); boot_kinds+=("$hap_guests")
+fi
+if [ -n "$pv_hv_version" ]; then
+    logs+=("$cache/console-pv.log"); hypervisors+=("$pv_hv_version"); boot_kinds+=("pv")
+fi
+statuses=(); timeouts=()
+for i in "${!logs[@]}"; do
+    boot_xen "$cache/xen-${hypervisors[$i]}.elf" "${logs[$i]}" "${boot_kinds[$i]}"
+    statuses+=("$qemu_status"); timeouts+=("$boot_timeout")
+    say "QEMU with ${boot_kinds[$i]} ran $boot_run_s s"
+done
+failed=0
+for i in "${!logs[@]}"; do
+    echo
+    echo "xen-testbed: ${boot_kinds[$i]} on hypervisor ${hypervisors[$i]}:"
+    grep -aE "^TESTBED (PASS|FAIL|INFO|SKIP)" "${logs[$i]}.txt" || true
+done
+[ -z "$pv_skip" ] || echo "TESTBED SKIP: $pv_skip"
+for i in "${!logs[@]}"; do
+    for kind in ${boot_kinds[$i]}; do kind_tables "${logs[$i]}.txt" "$kind" "${hypervisors[$i]}"; done
+done
 echo
-echo "xen-testbed: timing: total $(elapsed "$t_start") s, QEMU $run_s s (dom0 kernel to /init ${booted:-?} s)"
-testbed_verdict xen-testbed "$log.txt" "$qemu_status" "$timeout_s"
+echo "xen-testbed: timing: total $(elapsed "$t_start") s, QEMU $boots_s s"
+for i in "${!logs[@]}"; do
+    ( testbed_verdict "xen-testbed (${boot_kinds[$i]})" "${logs[$i]}.txt" "${statuses[$i]}" "${timeouts[$i]}" ) || failed=1
+done
+[ ${#logs[@]} -gt 0 ] || { echo "TESTBED FAIL: no guest kind could be tested (REMUSD_XEN_TESTBED_GUESTS=$guests)"; failed=1; }
+exit $failed

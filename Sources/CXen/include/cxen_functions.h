@@ -40,6 +40,10 @@
     CXEN_FN(CXEN_LIB_CTRL, int, xc_hvm_param_get, \
         (xc_interface *handle, uint32_t dom, uint32_t param, uint64_t *value), (handle, dom, param, value)) \
     CXEN_FN(CXEN_LIB_CTRL, int, xc_domain_shutdown, (xc_interface *xch, uint32_t domid, int reason), (xch, domid, reason)) \
+    CXEN_FN(CXEN_LIB_CTRL, int, xc_vcpu_getcontext, \
+        (xc_interface *xch, uint32_t domid, uint32_t vcpu, vcpu_guest_context_any_t *ctxt), (xch, domid, vcpu, ctxt)) \
+    CXEN_FN(CXEN_LIB_CTRL, int, xc_vcpu_setcontext, \
+        (xc_interface *xch, uint32_t domid, uint32_t vcpu, vcpu_guest_context_any_t *ctxt), (xch, domid, vcpu, ctxt)) \
     CXEN_FN(CXEN_LIB_CTRL, void *, xc__hypercall_buffer_alloc_pages, \
         (xc_interface *xch, xc_hypercall_buffer_t *b, int nr_pages), (xch, b, nr_pages)) \
     CXEN_VOID(CXEN_LIB_CTRL, xc__hypercall_buffer_free_pages, \
@@ -60,6 +64,7 @@
         (struct xs_handle *h, xs_transaction_t t, const char *path, unsigned int *len), (h, t, path, len)) \
     CXEN_FN(CXEN_LIB_STORE, bool, xs_write, \
         (struct xs_handle *h, xs_transaction_t t, const char *path, const void *data, unsigned int len), (h, t, path, data, len)) \
+    CXEN_FN(CXEN_LIB_STORE, bool, xs_resume_domain, (struct xs_handle *h, unsigned int domid), (h, domid)) \
     CXEN_FN(CXEN_LIB_STORE, char **, xs_directory, \
         (struct xs_handle *h, xs_transaction_t t, const char *path, unsigned int *num), (h, t, path, num)) \
     CXEN_FN(CXEN_LIB_EVTCHN, xenevtchn_handle *, xenevtchn_open, (struct xentoollog_logger *logger, unsigned int flags), (logger, flags)) \
