@@ -66,7 +66,9 @@ struct MetricsProcessTests {
         var second = first
         #expect(eventually(deadline: .after(milliseconds: 10_000), pollEveryMs: 20) {
             second = (try? MetricsScrape.fetch(pair.primaryMetrics)) ?? second
+            // Captures run up to 8 ahead of the ACKs: wait for the first ACK too, not only for captures.
             return (second.integer("remusd_primary_checkpoints_total") ?? 0) >= checkpointsBefore + 3
+                && (second.integer("remusd_primary_epoch_acknowledged") ?? 0) > 0
         })
         #expect(second.state("remusd_primary_state") == "protected")
         #expect(second.value("remusd_primary_state", ["state": "degraded"]) == 0)
