@@ -44,6 +44,7 @@ package enum LoopBenchmark {
         bitmap.clearAll()
         let arena = StagingArena(pageSize: pageSize, capacityPages: max(dirtyPages * 2, 1024))
         var pauses: [Double] = []
+        var splits: [PauseSplit] = []
         var captured: [Int] = []
         for epoch in 1...repetitions {
             var dirty = 0
@@ -52,54 +53,99 @@ package enum LoopBenchmark {
                 try guest.harvestDirty(into: &bitmap)
                 dirty = bitmap.count
             }
-            let t0 = clock.monotonicNs()
+            var stopwatch = PauseStopwatch(clock: clock)
             try guest.suspend()
+            stopwatch.suspended()
             try guest.harvestDirty(into: &bitmap)
             arena.reset(epoch: Epoch(epoch), kind: .checkpoint)
             try guest.capturePages(bitmap, into: arena)
             _ = try guest.captureState(clock: clock)
+            stopwatch.captured()
             try guest.resume()
-            pauses.append(Double(clock.monotonicNs() - t0))
+            let split = stopwatch.resumed()
+            splits.append(split)
+            pauses.append(Double(split.totalNs))
             captured.append(arena.count)
             bitmap.clearAll()
         }
         let capturedMedian = captured.sorted()[captured.count / 2]
-        rows.append(row("pause per checkpoint", pauses.map { $0 / 1000 }, "µs", "\(capturedMedian) pages captured (median)"))
+        rows.append(row("pause per checkpoint", pauses.map { $0 / 1000 }, "µs", "\(capturedMedian) pages captured (median); p99 \(fmt(percentile(99, pauses) / 1000)) µs"))
+        for (part, ns) in [("suspend", splits.map(\.suspendNs)), ("capture", splits.map(\.captureNs)), ("resume", splits.map(\.resumeNs))] {
+            let us = ns.map { Double($0) / 1000 }
+            rows.append(row("pause: \(part)", us, "µs", "p99 \(fmt(percentile(99, us))) µs; " + ratio(us, pauses.map { $0 / 1000 }) + " of the pause (medians)"))
+        }
         let captureRates = zip(pauses, captured).map { Double($1 * pageSize) / $0 }
         rows.append(row("capture speed", captureRates, "GB/s", ratio(captureRates, hotRates) + " of hot-set memcpy, " + ratio(captureRates, coldRates) + " of cold memcpy"))
 
-        // Limit 2: raw loopback TCP; then checkpoints encoded and written over the same kind of socket.
+        // Limit 2: raw loopback TCP; then checkpoints encoded and written over the same kind of
+        // socket. The four are measured in rounds, one sample of each per round, so that a load
+        // that comes and goes (other work on the machine) weighs on all of them alike; the ratios
+        // are medians of the rounds' ratios.
         let chunk = [UInt8](repeating: 0xa5, count: 1 << 20)
         let rawTotal = 256 << 20
-        let raw = try loopbackThroughput(bytes: rawTotal, repetitions: repetitions) { channel in
-            var sent = 0
-            while sent < rawTotal { try channel.write(chunk); sent += chunk.count }
-            return sent
+        // A buffer as large as the shipping arena (64 MiB, past the caches): what the kernel's
+        // copy costs when the bytes come from memory, as a checkpoint's pages do.
+        let span = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 20, alignment: 4096)
+        defer { span.deallocate() }
+        span.initializeMemory(as: UInt8.self, repeating: 0xa5)
+        // Arenas of non-zero pages so the encoder cannot shortcut them: one the writer checksums
+        // itself (before), one sealed once as the loop thread does after capture (now).
+        func filledArena() -> StagingArena {
+            let arena = StagingArena(pageSize: pageSize, capacityPages: 16384)
+            arena.reset(epoch: 1, kind: .checkpoint)
+            for pfn in 0..<16384 {
+                let page = arena.append(pfn: PFN(pfn), encoding: .raw)!
+                page.withMemoryRebound(to: UInt64.self) { words in for i in words.indices { words[i] = UInt64(pfn) &* 0x9E37_79B9_7F4A_7C15 &+ UInt64(i) } }
+            }
+            return arena
         }
-        rows.append(row("raw loopback TCP", raw, "GB/s", "\(rawTotal >> 20) MiB per sample, the limit for shipping"))
-        // Fill the arena with non-zero pages so the encoder cannot shortcut them.
-        let shipArena = StagingArena(pageSize: pageSize, capacityPages: 16384)
-        shipArena.reset(epoch: 1, kind: .checkpoint)
-        for pfn in 0..<16384 {
-            let page = shipArena.append(pfn: PFN(pfn), encoding: .raw)!
-            page.withMemoryRebound(to: UInt64.self) { words in for i in words.indices { words[i] = UInt64(pfn) &* 0x9E37_79B9_7F4A_7C15 &+ UInt64(i) } }
+        let plainArena = filledArena(), sealedArena = filledArena()
+        var sealRates: [Double] = []
+        for _ in 0..<repetitions {
+            let t0 = clock.monotonicNs()
+            sealedArena.seal()
+            sealRates.append(Double(sealedArena.dataBytes) / Double(clock.monotonicNs() - t0))
         }
         let state = try guest.captureState(clock: clock)
         let perSample = 16
-        /// 16 checkpoints of the arena per sample, over plain TCP or mutual TLS.
-        func shipping(tls: (TLSContext, TLSContext, Int)?) throws -> [Double] {
+        /// 16 checkpoints of `arena` per sample, over plain TCP or mutual TLS.
+        func shipping(_ arena: StagingArena, tls: (TLSContext, TLSContext, Int)?, repetitions: Int) throws -> [Double] {
             try loopbackThroughput(bytes: 0, repetitions: repetitions, tls: tls) { channel in
                 let writer = RecordWriter(channel: channel, pageSize: pageSize)
                 var sent = 0
                 for i in 0..<perSample {
-                    shipArena.epoch = Epoch(i + 1)
-                    sent += try writer.writeCheckpoint(shipArena, state: state)
+                    arena.epoch = Epoch(i + 1)
+                    sent += try writer.writeCheckpoint(arena, state: state)
                 }
                 return sent
             }
         }
-        let shipped = try shipping(tls: nil)
-        rows.append(row("checkpoint shipping", shipped, "GB/s", ratio(shipped, raw) + " of raw TCP; 64 MiB checkpoints, encoded + CRC32C + writev"))
+        var raw: [Double] = [], rawCold: [Double] = [], unsealed: [Double] = [], shipped: [Double] = []
+        for _ in 0..<repetitions {
+            raw += try loopbackThroughput(bytes: rawTotal, repetitions: 1) { channel in
+                var sent = 0
+                while sent < rawTotal { try channel.write(chunk); sent += chunk.count }
+                return sent
+            }
+            rawCold += try loopbackThroughput(bytes: rawTotal, repetitions: 1) { channel in
+                var sent = 0
+                while sent < rawTotal {
+                    let at = sent % span.count
+                    try channel.write(UnsafeRawBufferPointer(rebasing: span[at..<(at + chunk.count)]))
+                    sent += chunk.count
+                }
+                return sent
+            }
+            unsealed += try shipping(plainArena, tls: nil, repetitions: 1)
+            shipped += try shipping(sealedArena, tls: nil, repetitions: 1)
+        }
+        rows.append(row("raw loopback TCP", raw, "GB/s", "\(rawTotal >> 20) MiB per sample in 1 MiB writes of one buffer (cache-hot): the limit for shipping"))
+        rows.append(row("raw loopback TCP from a 64 MiB buffer", rawCold, "GB/s", roundRatio(rawCold, raw) + " of the cache-hot limit; 1 MiB writes walking a buffer the size of the shipping arena (bytes come from memory)"))
+        rows.append(row("seal after capture (CRC32C + zero test, off the pause)", sealRates, "GB/s",
+                        ratio(sealRates, hotRates) + " of hot-set memcpy; once per checkpoint on the loop thread, while the writer sends the previous one"))
+        rows.append(row("checkpoint shipping", shipped, "GB/s", roundRatio(shipped, raw) + " of raw TCP, " + roundRatio(shipped, rawCold) + " of raw TCP from 64 MiB; 64 MiB checkpoints from a sealed arena: CRC32C combined, pages only sent (writev)"))
+        rows.append(row("checkpoint shipping, CRC32C in the writer", unsealed, "GB/s",
+                        roundRatio(unsealed, raw) + " of raw TCP, " + roundRatio(unsealed, rawCold) + " of raw TCP from 64 MiB, " + roundRatio(shipped, unsealed) + " sealed/this; the writer reads every page for its checksum before sending it (before the seal)"))
 
         // The same over mutual TLS 1.3 (userspace unless the kernel took the records): 1 MiB
         // writes, then checkpoints with page segments coalesced into 16 KiB records, and with one
@@ -117,9 +163,9 @@ package enum LoopBenchmark {
             return sent
         }
         rows.append(row("TLS 1.3 loopback, 1 MiB writes", tlsRaw, "GB/s", ratio(tlsRaw, raw) + " of raw TCP; \(kernelTLS)"))
-        let coalesced = try shipping(tls: (tls.server, tls.client, TLSChannel.recordBytes))
+        let coalesced = try shipping(sealedArena, tls: (tls.server, tls.client, TLSChannel.recordBytes), repetitions: repetitions)
         rows.append(row("checkpoint shipping over TLS", coalesced, "GB/s", ratio(coalesced, shipped) + " of plaintext shipping, " + ratio(coalesced, raw) + " of raw TCP; segments coalesced into 16 KiB records"))
-        let perSegment = try shipping(tls: (tls.server, tls.client, 0))
+        let perSegment = try shipping(sealedArena, tls: (tls.server, tls.client, 0), repetitions: repetitions)
         rows.append(row("checkpoint shipping over TLS, SSL_write per segment", perSegment, "GB/s", ratio(perSegment, coalesced) + " of coalesced: one record and one syscall per page"))
         return rows
     }
@@ -186,6 +232,18 @@ package enum LoopBenchmark {
     private static func row(_ name: String, _ samples: [Double], _ unit: String, _ note: String) -> Row {
         let s = samples.sorted()
         return Row(name: name, median: s[s.count / 2], low: s.first ?? 0, high: s.last ?? 0, unit: unit, note: note)
+    }
+
+    /// The p-th percentile (0…100) of `samples`, nearest rank.
+    private static func percentile(_ p: Double, _ samples: [Double]) -> Double {
+        let s = samples.sorted()
+        return s[min(s.count - 1, Int((Double(s.count - 1) * p / 100).rounded()))]
+    }
+
+    /// The median over rounds of `a[i] / b[i]` (samples taken side by side), as "N %".
+    private static func roundRatio(_ a: [Double], _ b: [Double]) -> String {
+        let ratios = zip(a, b).map { $0 / $1 }.sorted()
+        return "\(Int((ratios[ratios.count / 2] * 100).rounded())) %"
     }
 
     private static func ratio(_ a: [Double], _ b: [Double]) -> String {

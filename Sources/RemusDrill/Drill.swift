@@ -64,6 +64,13 @@ package struct FailoverResult: Sendable {
     package var detectionMs: Double
     /// Loss detected to guest running, ms.
     package var activationMs: Double
+    /// Loss detected to the fence's success, ms (nil: the backup's report has none).
+    package var fenceMs: Double?
+    /// Loss detected to the replica ready to run (built while the fence ran), ms; nil when it
+    /// was not prepared ahead.
+    package var prepareMs: Double?
+    /// The unpause: activation begun to guest running, ms.
+    package var unpauseMs: Double?
     /// Packets the outside world saw from state the backup did not commit (I1 violations).
     package var releasedUncommitted: Int
     /// Packets emitted by the dead primary and never released (lost with it, as in any Remus).

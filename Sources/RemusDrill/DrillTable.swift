@@ -1,9 +1,10 @@
 /// The drill's table: one row per failover, then a summary.
 package enum DrillTable {
     package static func render(_ results: [FailoverResult]) -> String {
-        var rows = [["#", "fault", "epoch", "cut mid-ckpt", "detect ms", "activate ms", "uncommitted out", "lost w/ primary", "verified"]]
+        var rows = [["#", "fault", "epoch", "cut mid-ckpt", "detect ms", "activate ms", "fence ms", "prepare ms", "unpause ms", "uncommitted out", "lost w/ primary", "verified"]]
         for r in results {
             rows.append(["\(r.index)", r.fault.rawValue, "\(r.epoch)", r.cutMidCheckpoint ? "yes" : "no", r.falseAlarm ? "early*" : format(r.detectionMs), format(r.activationMs),
+                         r.fenceMs.map(format) ?? "-", r.prepareMs.map(format) ?? "-", r.unpauseMs.map(format) ?? "-",
                          "\(r.releasedUncommitted)", "\(r.discardedWithPrimary)", r.verified ? "yes" : "NO"])
         }
         let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max() ?? 0 }
@@ -16,6 +17,13 @@ package enum DrillTable {
             func pct(_ a: [Double], _ p: Double) -> String { a.isEmpty ? "-" : format(a[min(Int(Double(a.count - 1) * p), a.count - 1)]) }
             out += "\n\ndetection ms: median \(pct(detect, 0.5)), p90 \(pct(detect, 0.9)), max \(pct(detect, 1))"
             out += "\nactivation ms: median \(pct(activate, 0.5)), p90 \(pct(activate, 0.9)), max \(pct(activate, 1))"
+            // Its phases: the fence and the preparation both start at the loss and run in parallel;
+            // the unpause follows whichever ends last.
+            for (name, values) in [("fence", results.compactMap(\.fenceMs)), ("prepare (alongside the fence)", results.compactMap(\.prepareMs)),
+                                   ("unpause", results.compactMap(\.unpauseMs))] where !values.isEmpty {
+                let sorted = values.sorted()
+                out += "\n  \(name) ms: median \(pct(sorted, 0.5)), p90 \(pct(sorted, 0.9)), max \(pct(sorted, 1))"
+            }
             out += "\ncut mid-checkpoint: \(results.filter(\.cutMidCheckpoint).count) of \(results.count)"
             let alarms = results.filter(\.falseAlarm).count
             if alarms > 0 {

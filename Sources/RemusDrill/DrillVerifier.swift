@@ -14,6 +14,12 @@ enum DrillVerifier {
             detectionMs: detected >= killedAt ? Double(detected - killedAt) / 1e6 : 0,
             activationMs: activated >= detected ? Double(activated - detected) / 1e6 : 0,
             releasedUncommitted: 0, discardedWithPrimary: 0, verified: false, problems: [])
+        func since(_ key: String, _ from: UInt64) -> Double? {
+            report.number(key).map { $0 >= from ? Double($0 - from) / 1e6 : 0 }
+        }
+        result.fenceMs = since("fenced_ns", detected)
+        result.prepareMs = since("prepared_ns", detected)
+        result.unpauseMs = report.number("unpause_started_ns").map { activated >= $0 ? Double(activated - $0) / 1e6 : 0 }
         // Silence detected before the kill: a false alarm under load. It is safe when the checks
         // below pass (the primary held its output, the fence waited for the real death).
         result.falseAlarm = detected < killedAt

@@ -7,12 +7,20 @@ import RemusCore
 package struct ActivationReport {
     package var fields: [String: String] = [:]
 
-    static func before(epoch: Epoch, lastHeardAt: UInt64, lossDetectedAt: UInt64, lostWhileStaging: Bool, fencedAt: UInt64) -> ActivationReport {
+    /// - Parameters:
+    ///   - fencedAt: when the fence succeeded (or the activation began, without one).
+    ///   - preparedAt: when the replica was ready to run, built while the fence ran; nil when it
+    ///     was not prepared ahead.
+    ///   - unpauseStartedAt: when the activation (the unpause) began.
+    static func before(epoch: Epoch, lastHeardAt: UInt64, lossDetectedAt: UInt64, lostWhileStaging: Bool, fencedAt: UInt64,
+                       preparedAt: UInt64? = nil, unpauseStartedAt: UInt64) -> ActivationReport {
         var r = ActivationReport()
         r.fields["epoch"] = "\(epoch)"
         r.fields["last_heard_ns"] = "\(lastHeardAt)"
         r.fields["loss_detected_ns"] = "\(lossDetectedAt)"
         r.fields["fenced_ns"] = "\(fencedAt)"
+        if let preparedAt { r.fields["prepared_ns"] = "\(preparedAt)" }
+        r.fields["unpause_started_ns"] = "\(unpauseStartedAt)"
         r.fields["lost_while_staging"] = lostWhileStaging ? "1" : "0"
         return r
     }

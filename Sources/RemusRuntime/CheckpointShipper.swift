@@ -243,6 +243,8 @@ struct PrimaryStatistics {
     var unacknowledgedBytes: [Epoch: UInt64] = [:]
     var lastAckAt: UInt64 = 0
     var pauses = SampleWindow()
+    /// The same pauses split into suspend / capture / resume.
+    var pauseSplit = PauseSplitWindows()
     var dirtyPages = SampleWindow()
     var checkpointTimes = SampleWindow(capacity: 64)
     var lastReport = ""
@@ -263,6 +265,7 @@ struct PrimaryStatistics {
         lines.append("channel: \(channel)")
         if let p50 = pauses.percentile(50), let p99 = pauses.percentile(99) {
             lines.append("pause: p50 \(micro(p50)) µs, p99 \(micro(p99)) µs over the last \(min(pauses.total, 1024)) checkpoints")
+            if let split = pauseSplit.render() { lines.append("pause split: \(split)") }
         }
         if let d50 = dirtyPages.percentile(50) { lines.append("checkpoint size: p50 \(d50) pages, last \(lastCheckpointBytes) bytes on the wire") }
         if let rate = checkpointRate { lines.append("checkpoint rate: \(String(Int(rate.rounded()))) /s") }
@@ -301,6 +304,32 @@ struct PrimaryStatistics {
         case .stopping: return "STOPPING"
         case .stopped: return "STOPPED"
         }
+    }
+}
+
+/// The recent pauses split into suspend / capture / resume (`PauseSplit`), one window per part.
+public struct PauseSplitWindows: Sendable {
+    public private(set) var suspend = SampleWindow()
+    public private(set) var capture = SampleWindow()
+    public private(set) var resume = SampleWindow()
+
+    public init() {}
+
+    public mutating func add(_ split: PauseSplit) {
+        suspend.add(split.suspendNs)
+        capture.add(split.captureNs)
+        resume.add(split.resumeNs)
+    }
+
+    /// The parts by name, in the order of the pause.
+    public var parts: [(name: String, window: SampleWindow)] { [("suspend", suspend), ("capture", capture), ("resume", resume)] }
+
+    /// "suspend p50 12 / p99 40 µs, capture p50 400 / p99 900 µs, resume p50 8 / p99 20 µs"; nil when empty.
+    public func render() -> String? {
+        guard suspend.count > 0 else { return nil }
+        return parts.map { part in
+            "\(part.name) p50 \((part.window.percentile(50) ?? 0) / 1000) / p99 \((part.window.percentile(99) ?? 0) / 1000) µs"
+        }.joined(separator: ", ")
     }
 }
 

@@ -479,14 +479,17 @@ public final class PrimaryProtection: @unchecked Sendable {
             execute(engine.onCaptureFailed(epoch, reason: "no free staging arena (all \(arenas.total) in use)", now: clock.monotonicNs()))
             return
         }
-        let start = clock.monotonicNs()
+        var stopwatch = PauseStopwatch(clock: clock)
+        let start = stopwatch.startNs
         let limit = kind == .final ? arena.capacityPages : min(arena.capacityPages, engine.capturePageLimit)
         var failure: String?
         var deferred: Int?
         var state: GuestState?
         do {
             try guest.suspend()
+            stopwatch.suspended()
             defer {
+                stopwatch.captured()
                 if kind != .final || failure != nil || deferred != nil {
                     do { try guest.resume() } catch { failure = failure ?? "resume failed: \(error)" }
                 }
@@ -515,7 +518,8 @@ public final class PrimaryProtection: @unchecked Sendable {
         } catch {
             failure = "\(error)"
         }
-        let pause = clock.monotonicNs() - start
+        let split = stopwatch.resumed()
+        let pause = split.totalNs
         if let pages = deferred {
             arenas.give(arena)
             updateStats { $0.deferred += 1 }
@@ -531,9 +535,13 @@ public final class PrimaryProtection: @unchecked Sendable {
             execute(engine.onCaptureFailed(epoch, reason: failure ?? "no state", now: clock.monotonicNs()))
             return
         }
+        // The guest runs again: checksum and zero-test the pages now, while they are still in
+        // the cache and off both the pause and the writer's path (it then only sends them).
+        arena.seal()
         capturedArenas[epoch] = (arena, state)
         updateStats {
             $0.pauses.add(pause)
+            $0.pauseSplit.add(split)
             $0.dirtyPages.add(UInt64(arena.count))
             $0.checkpointTimes.add(start)
         }

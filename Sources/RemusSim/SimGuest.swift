@@ -315,10 +315,12 @@ public final class SimGuest: PageCapturingGuest, @unchecked Sendable {
             nic: nic, name: name, uuid: uuid ?? SimGuest.defaultUUID(config), autoRun: autoRun)
     }
 
-    /// A guest built from existing memory and registers (a replica being activated).
+    /// A guest built from existing memory and registers (a replica being activated). With
+    /// `suspended`, its vCPU threads start parked and run no op until `resume()`.
     init(
         config: SimConfig, memory: GuestMemory, registers: [SimRegisters], guestClock: GuestClock,
-        clock: any HostClock, nic: SimOutputBuffer?, name: String, uuid: GuestUUID, autoRun: Bool
+        clock: any HostClock, nic: SimOutputBuffer?, name: String, uuid: GuestUUID, autoRun: Bool,
+        suspended: Bool = false
     ) throws(SimError) {
         self.config = config
         descriptor = GuestDescriptor(
@@ -326,6 +328,13 @@ public final class SimGuest: PageCapturingGuest, @unchecked Sendable {
         machine = GuestMachine(
             config: config, memory: memory, registers: registers, guestClock: guestClock, clock: clock, nic: nic,
             autoRun: autoRun)
+        if suspended {
+            // Before any vCPU thread exists: each parks before its first op.
+            machine.control.withLock {
+                machine.suspendRequested = true
+                machine.pauseRequested.store(true, ordering: .releasing)
+            }
+        }
         if autoRun {
             do { try machine.start(name: name) } catch {
                 machine.halt()

@@ -25,6 +25,8 @@ public final class SimReplica: PageReplica, Sendable {
     private enum Phase {
         case unconfigured
         case ready(Image)
+        /// Built from the committed image with its vCPUs parked, waiting for `activate`.
+        case prepared(SimGuest, committed: GuestState, epoch: Epoch?)
         case activated(SimGuest, committed: GuestState, epoch: Epoch?)
         case discarded
     }
@@ -66,8 +68,8 @@ public final class SimReplica: PageReplica, Sendable {
                     throw .replicaState("already holds guest \(image.uuid) (\(image.config.memoryBytes) bytes); "
                         + "refusing guest \(header.guestUUID) — discard this replica first")
                 }
-            case .activated:
-                throw .replicaState("already activated; the guest runs here now")
+            case .prepared, .activated:
+                throw .replicaState("already prepared for a takeover or activated; the guest runs here now or is about to")
             case .discarded:
                 throw .replicaState("discarded; create a new replica")
             }
@@ -110,22 +112,49 @@ public final class SimReplica: PageReplica, Sendable {
     @discardableResult
     public func activate(clock activationClock: any HostClock) throws -> ActivatedGuest {
         let guest = try phase.withLock { phase throws(SimError) -> SimGuest in
-            guard case .ready(let image) = phase else { throw .replicaState("activate while not ready") }
-            guard let committed = image.committed else {
-                throw .replicaState("activate before any checkpoint was committed; there is no consistent image")
+            let (guest, committed, epoch): (SimGuest, GuestState, Epoch?)
+            switch phase {
+            case .prepared(let prepared, let c, let e):
+                (guest, committed, epoch) = (prepared, c, e)
+                try? guest.resume()
+            case .ready(let image):
+                (guest, committed) = try Self.build(image, clock: activationClock, nic: nic, autoRun: autoRunOnActivation, suspended: false)
+                epoch = image.committedEpoch
+            case .unconfigured, .activated, .discarded:
+                throw .replicaState("activate while not ready")
             }
-            var registers: [SimRegisters] = []
-            for state in committed.vcpus { registers.append(try SimRegisters(state)) }
-            let guestClock = GuestClock.resumed(
-                from: committed.clock, committedAtHostNs: image.committedAtHostNs,
-                hostMonotonicNs: activationClock.monotonicNs(), hostWallNs: activationClock.wallNs())
-            let guest = try SimGuest(
-                config: image.config, memory: image.memory, registers: registers, guestClock: guestClock,
-                clock: activationClock, nic: nic, name: image.name, uuid: image.uuid, autoRun: autoRunOnActivation)
-            phase = .activated(guest, committed: committed, epoch: image.committedEpoch)
+            phase = .activated(guest, committed: committed, epoch: epoch)
             return guest
         }
         return .inProcess(guest, output: guest.nic)
+    }
+
+    /// Builds the guest from the committed image with its vCPUs parked: `activate` only resumes it.
+    public func prepareActivation(clock activationClock: any HostClock) throws {
+        try phase.withLock { phase throws(SimError) in
+            guard case .ready(let image) = phase else { throw .replicaState("prepare while not ready") }
+            let (guest, committed) = try Self.build(image, clock: activationClock, nic: nic, autoRun: autoRunOnActivation, suspended: true)
+            phase = .prepared(guest, committed: committed, epoch: image.committedEpoch)
+        }
+    }
+
+    /// The guest of the committed image; its clock continues from the checkpoint's by the real
+    /// time elapsed since the commit (I4), also while it waits suspended for its activation.
+    private static func build(
+        _ image: Image, clock: any HostClock, nic: SimOutputBuffer?, autoRun: Bool, suspended: Bool
+    ) throws(SimError) -> (SimGuest, GuestState) {
+        guard let committed = image.committed else {
+            throw .replicaState("activate before any checkpoint was committed; there is no consistent image")
+        }
+        var registers: [SimRegisters] = []
+        for state in committed.vcpus { registers.append(try SimRegisters(state)) }
+        let guestClock = GuestClock.resumed(
+            from: committed.clock, committedAtHostNs: image.committedAtHostNs,
+            hostMonotonicNs: clock.monotonicNs(), hostWallNs: clock.wallNs())
+        let guest = try SimGuest(
+            config: image.config, memory: image.memory, registers: registers, guestClock: guestClock,
+            clock: clock, nic: nic, name: image.name, uuid: image.uuid, autoRun: autoRun, suspended: suspended)
+        return (guest, committed)
     }
 
     public func discard() {
@@ -143,12 +172,20 @@ public final class SimReplica: PageReplica, Sendable {
         }
     }
 
+    /// The guest built by `prepareActivation`, parked until `activate`; nil in any other phase.
+    public var preparedGuest: SimGuest? {
+        phase.withLock { phase -> SimGuest? in
+            if case .prepared(let guest, _, _) = phase { return guest }
+            return nil
+        }
+    }
+
     /// The last committed checkpoint's state (also after activation: the state it resumed from).
     public var committedState: GuestState? {
         phase.withLock { phase -> GuestState? in
             switch phase {
             case .ready(let image): return image.committed
-            case .activated(_, let committed, _): return committed
+            case .prepared(_, let committed, _), .activated(_, let committed, _): return committed
             case .unconfigured, .discarded: return nil
             }
         }
@@ -159,7 +196,7 @@ public final class SimReplica: PageReplica, Sendable {
         phase.withLock { phase -> Epoch? in
             switch phase {
             case .ready(let image): return image.committedEpoch
-            case .activated(_, _, let epoch): return epoch
+            case .prepared(_, _, let epoch), .activated(_, _, let epoch): return epoch
             case .unconfigured, .discarded: return nil
             }
         }
@@ -170,7 +207,7 @@ public final class SimReplica: PageReplica, Sendable {
         phase.withLock { phase -> SimConfig? in
             switch phase {
             case .ready(let image): return image.config
-            case .activated(let guest, _, _): return guest.config
+            case .prepared(let guest, _, _), .activated(let guest, _, _): return guest.config
             case .unconfigured, .discarded: return nil
             }
         }

@@ -179,9 +179,34 @@ public final class XenReplica: StreamingReplica, @unchecked Sendable {
         return "libxl_domain_create_restore returned \(r.rc)" + (r.log.isEmpty ? "" : "; libxl said: " + r.log.joined(separator: " | "))
     }
 
-    /// Failover: the last complete checkpoint becomes the running domain, under Xen's control.
+    /// The domain libxl finished from the last checkpoint and left paused (`prepareActivation`).
+    private var preparedDomid: UInt32?
+
+    /// Failover, while the primary is fenced: the end of the stream closes it at the last
+    /// checkpoint, libxenguest restores it and libxl finishes the domain (devices, hotplug
+    /// scripts, vifs) — all of it with the domain paused. `activate` then only unpauses it.
+    public func prepareActivation(clock: any HostClock) throws {
+        preparedDomid = try finishDomain()
+    }
+
+    /// Failover: the last complete checkpoint becomes the running domain, under Xen's control
+    /// (finished here unless `prepareActivation` did it while the fence ran).
     @discardableResult
     public func activate(clock: any HostClock) throws -> ActivatedGuest {
+        let domid = try preparedDomid ?? finishDomain()
+        preparedDomid = nil
+        let before = log.count
+        let rc = cxen_libxl_domain_unpause(light.context, domid, nil)
+        guard rc == 0 else {
+            throw XenError(call: "libxl_domain_unpause(\(domid))", libxl: rc, log: log.lines(since: before).map(\.description))
+        }
+        giveOriginalName(domid: domid)
+        return .underHypervisor
+    }
+
+    /// Ends the restore stream at the last complete checkpoint and waits until libxl has built
+    /// the domain from it, paused; returns its id.
+    private func finishDomain() throws -> UInt32 {
         let deadline = monotonicNanoseconds() + deadlineNs
         drain(until: deadline)
         let fed = monitor.withLock { fedCheckpoints }
@@ -197,14 +222,7 @@ public final class XenReplica: StreamingReplica, @unchecked Sendable {
         guard result.rc == 0 else {
             throw XenBackendError("libxl could not finish the domain from checkpoint \(fed): \(restoreSummary()); the incoming domain '\(incomingName)' is left for inspection")
         }
-        let domid = result.domid
-        let before = log.count
-        let rc = cxen_libxl_domain_unpause(light.context, domid, nil)
-        guard rc == 0 else {
-            throw XenError(call: "libxl_domain_unpause(\(domid))", libxl: rc, log: log.lines(since: before).map(\.description))
-        }
-        giveOriginalName(domid: domid)
-        return .underHypervisor
+        return result.domid
     }
 
     /// Renames the running domain from `…--incoming` to its own name; when the old primary

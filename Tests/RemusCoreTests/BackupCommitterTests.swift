@@ -51,8 +51,10 @@ struct BackupCommitterTests {
         let d = c.onConnectionLost(reason: "EOF", now: 11)
         #expect(d.first == .discardStaged, "the half-received checkpoint 3 is dropped (I2)")
         #expect(d.contains(.fencePrimary))
+        #expect(d.contains(.prepareActivation(2)), "the replica is prepared alongside the fence")
         #expect(!d.contains { if case .activate = $0 { true } else { false } }, "no activation before fencing (I7)")
         #expect(c.state == .fencing(committed: 2, attempt: 1, fence: .running(deadline: 11 + settings.fenceTimeoutNs)))
+        #expect(c.onPrepared(success: true, detail: "ready", now: 11) == [])
         #expect(c.onFenced(success: true, detail: "primary process gone", now: 12).contains(.activate(2)))
         _ = c.onActivated(now: 13)
         #expect(c.state == .active(from: 2))
@@ -64,8 +66,11 @@ struct BackupCommitterTests {
         #expect(runTicks(&c, from: 0, through: 400 * ms).contains(.fencePrimary))
         #expect(!c.acceptsPrimary, "not while the fence is running: it may be switching the primary off")
         _ = c.onFenced(success: false, detail: "primary still up", now: 401 * ms)
+        #expect(!c.acceptsPrimary, "not while the replica is being prepared: the new stream would replace it under the preparation")
+        _ = c.onPrepared(success: true, detail: "ready", now: 401 * ms)
         #expect(c.acceptsPrimary)
         let d = c.onPrimaryConnected(now: 402 * ms)
+        #expect(c.preparation == .none, "the prepared replica is replaced with the new stream's")
         #expect(d.contains { if case .report(let r) = $0 { r.contains("fencing called off") } else { false } })
         #expect(c.state == .receiving(committed: 0, connected: true))
         #expect(c.onFenced(success: true, detail: "late", now: 403 * ms) == [], "a late fence result changes nothing")
@@ -217,6 +222,7 @@ struct BackupCommitterDiskTests {
         let lost = c.onConnectionLost(reason: "EOF", now: 11)
         #expect(lost.first == .discardStaged, "disk 3 is dropped with memory 3")
         #expect(!lost.contains(.applyDisk(3)))
+        _ = c.onPrepared(success: true, detail: "ready", now: 11)
         let fenced = c.onFenced(success: true, detail: "gone", now: 12)
         #expect(fenced.contains(.activate(2)) && !fenced.contains { if case .applyDisk = $0 { true } else { false } })
     }
@@ -231,6 +237,7 @@ struct BackupCommitterDiskTests {
         #expect(!activates(fenced), "not on disks older than memory 3")
         #expect(c.state == .activating(committed: 3))
         #expect(c.onDiskApplied(2, now: 402 * ms) == [], "an older epoch's report changes nothing")
+        #expect(c.onPrepared(success: true, detail: "ready", now: 402 * ms) == [], "prepared, but the disks are not at 3 yet")
         #expect(c.onDiskApplied(3, now: 403 * ms) == [.activate(3)])
         _ = c.onActivated(now: 404 * ms)
         #expect(c.state == .active(from: 3))
@@ -267,6 +274,7 @@ struct BackupCommitterDiskTests {
         var c = receivingDisks(committed: 1)
         commit(&c, 2, now: 1)
         _ = c.onConnectionLost(reason: "EOF", now: 2)
+        _ = c.onPrepared(success: true, detail: "ready", now: 2)
         #expect(!activates(c.onFenced(success: true, detail: "gone", now: 3)))
         let failed = c.onDiskApplyFailed(2, reason: "EIO", now: 4)
         #expect(!activates(failed))
@@ -275,5 +283,86 @@ struct BackupCommitterDiskTests {
         let retried = c.onOperatorActivate(now: 5)
         #expect(retried.contains(.applyDisk(2)) && !activates(retried))
         #expect(c.onDiskApplied(2, now: 6) == [.activate(2)])
+    }
+}
+
+@Suite("Backup committer: failover prepared in parallel with the fence (I7)")
+struct BackupCommitterPreparationTests {
+    @Test("The replica is prepared from the moment the loss is detected, in the same step as the fence; the guest runs only after the fence succeeded")
+    func preparationStartsWithTheFenceAndActivationWaitsForTheFence() {
+        var c = receiving(committed: 4)
+        let lost = runTicks(&c, from: 0, through: 300 * ms)
+        #expect(lost.contains(.fencePrimary) && lost.contains(.prepareActivation(4)))
+        #expect(c.preparation == .running && c.lossDetectedAt == 300 * ms)
+        // Ready long before the fence answers: still nothing runs.
+        #expect(c.onPrepared(success: true, detail: "ready", now: 310 * ms) == [])
+        #expect(c.preparation == .ready(at: 310 * ms))
+        #expect(c.state == .fencing(committed: 4, attempt: 1, fence: .running(deadline: 300 * ms + settings.fenceTimeoutNs)))
+        let fenced = c.onFenced(success: true, detail: "powered off", now: 2_900 * ms)
+        #expect(fenced.filter { if case .activate = $0 { true } else { false } } == [.activate(4)])
+        #expect(c.fencedAt == 2_900 * ms)
+        _ = c.onActivated(now: 2_901 * ms)
+        #expect(c.state == .active(from: 4))
+    }
+
+    @Test("A fence that fails, and one that never answers, are retried for as long as it takes; the prepared replica never runs meanwhile")
+    func failingAndSlowFencesNeverLetThePreparedGuestRun() {
+        var c = receiving(committed: 2)
+        var seen = runTicks(&c, from: 0, through: 300 * ms)
+        seen += c.onPrepared(success: true, detail: "ready", now: 301 * ms)
+        // Ten failed attempts, each retried a heartbeat later.
+        var now = 301 * ms
+        for _ in 0..<10 {
+            seen += c.onFenced(success: false, detail: "fence agent exit 1", now: now)
+            seen += runTicks(&c, from: now, through: now + settings.heartbeatNs)
+            now += settings.heartbeatNs
+        }
+        // Then attempts that hang: each is given up at the fence timeout and started again.
+        seen += runTicks(&c, from: now, through: now + 5 * settings.fenceTimeoutNs)
+        #expect(!activates(seen), "the guest ran before any fence succeeded (I7)")
+        #expect(seen.filter { $0 == .fencePrimary }.count >= 15)
+        #expect(seen.filter { if case .prepareActivation = $0 { true } else { false } }.count == 1, "prepared once, not per attempt")
+        guard case .fencing(_, let attempt, _) = c.state else { Issue.record("state \(c.state)"); return }
+        #expect(attempt >= 15)
+        #expect(c.onPrepared(success: true, detail: "late duplicate", now: now) == [], "a second report changes nothing")
+        let end = now + 5 * settings.fenceTimeoutNs
+        #expect(c.onFenced(success: true, detail: "finally", now: end) == [.report("primary fenced (finally); activating checkpoint 2"), .activate(2)])
+    }
+
+    @Test("A fence that succeeds before the replica is ready waits for it; then the guest runs")
+    func activationWaitsForThePreparation() {
+        var c = receiving(committed: 3)
+        _ = c.onConnectionLost(reason: "EOF", now: 10)
+        #expect(!activates(c.onFenced(success: true, detail: "gone", now: 20)))
+        #expect(c.state == .activating(committed: 3))
+        #expect(c.onPrepared(success: true, detail: "ready", now: 30) == [.activate(3)])
+    }
+
+    @Test("A preparation that failed is reported; the activation builds the replica the ordinary way")
+    func failedPreparationFallsBackToAFullActivation() {
+        var c = receiving(committed: 3)
+        _ = c.onConnectionLost(reason: "EOF", now: 10)
+        let failed = c.onPrepared(success: false, detail: "libxl said no", now: 15)
+        #expect(failed.contains { if case .report(let r) = $0 { r.contains("libxl said no") } else { false } } && !activates(failed))
+        #expect(c.preparation == .failed("libxl said no"))
+        #expect(activates(c.onFenced(success: true, detail: "gone", now: 20)))
+    }
+
+    @Test("Without a fence to wait for, and for a human, nothing is prepared ahead")
+    func otherPoliciesDoNotPrepare() {
+        var unsafe = receiving(.unsafeNoFence, committed: 2)
+        let d = unsafe.onConnectionLost(reason: "EOF", now: 0)
+        #expect(d.contains(.activate(2)) && !d.contains(.prepareActivation(2)))
+        var human = receiving(.operatorOnly, committed: 2)
+        #expect(!human.onConnectionLost(reason: "EOF", now: 0).contains(.prepareActivation(2)))
+        #expect(human.onOperatorActivate(now: 1).contains(.activate(2)))
+    }
+
+    @Test("The operator's activation during a preparation waits for it too")
+    func operatorActivationWaitsForThePreparation() {
+        var c = receiving(committed: 5)
+        _ = c.onConnectionLost(reason: "EOF", now: 0)
+        #expect(!activates(c.onOperatorActivate(now: 1)))
+        #expect(c.onPrepared(success: true, detail: "ready", now: 2) == [.activate(5)])
     }
 }

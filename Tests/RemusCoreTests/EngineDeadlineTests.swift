@@ -179,7 +179,8 @@ struct EngineDeadlineTests {
         #expect(d.contains { if case .report(let r) = $0 { r.contains("did not finish within 2000 ms") } else { false } })
         #expect(!d.contains { if case .activate = $0 { true } else { false } })
         #expect(c.state == .fencing(committed: 2, attempt: 2, fence: .running(deadline: 10 * ms + 2 * settings.fenceTimeoutNs)))
-        // The retry succeeds.
+        // The replica was prepared meanwhile; the retry succeeds.
+        _ = c.onPrepared(success: true, detail: "ready", now: 20 * ms)
         #expect(c.onFenced(success: true, detail: "off", now: 3_000 * ms).contains(.activate(2)))
     }
 
@@ -187,6 +188,7 @@ struct EngineDeadlineTests {
         var c = receivingCommitter(.fence, committed: 1, at: 0)
         _ = c.onConnectionLost(reason: "EOF", now: 0)
         _ = c.onFenced(success: false, detail: "exit 1", now: 5 * ms)
+        _ = c.onPrepared(success: true, detail: "ready", now: 5 * ms)
         #expect(c.acceptsPrimary, "no fence runs: a primary that comes back is taken back")
         #expect(c.nextDeadline == 55 * ms)
         #expect(c.onTick(now: 54 * ms) == [], "an early tick does not start a fence early")

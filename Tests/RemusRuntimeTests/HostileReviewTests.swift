@@ -96,6 +96,9 @@ struct HostileReviewTests {
         #expect(reached, "\(pair.backupStatus)")
         #expect(seconds < 6, "the fence command sleeps 6 s; the attempt reads \(seconds) s")
         #expect(pair.backupStatus.contains("state: FENCING the primary (attempt 1, running for "), "\(pair.backupStatus)")
+        // The replica was built alongside the fence, and waits: it does not run before the fence ends (I7).
+        #expect(pair.backupLog.contains("replica ready to run"), "\(pair.backupLog)")
+        #expect(!pair.backupLog.contains("ACTIVATED") && !pair.backupStatus.contains("ACTIVE"), "\(pair.backupStatus)")
     }
 
     // MARK: Protection itself

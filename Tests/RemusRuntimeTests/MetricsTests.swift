@@ -66,7 +66,9 @@ struct MetricsProcessTests {
         var second = first
         #expect(eventually(deadline: .after(milliseconds: 10_000), pollEveryMs: 20) {
             second = (try? MetricsScrape.fetch(pair.primaryMetrics)) ?? second
+            // Captures run up to 8 ahead of the ACKs: wait for the first ACK too, not only for captures.
             return (second.integer("remusd_primary_checkpoints_total") ?? 0) >= checkpointsBefore + 3
+                && (second.integer("remusd_primary_epoch_acknowledged") ?? 0) > 0
         })
         #expect(second.state("remusd_primary_state") == "protected")
         #expect(second.value("remusd_primary_state", ["state": "degraded"]) == 0)
@@ -154,6 +156,7 @@ struct MetricsProcessTests {
         stats.state = .protecting(switchoverPending: false, outputHeldSince: nil)
         for (i, pause) in [400_000, 900_000, 1_500_000].enumerated() {
             stats.pauses.add(UInt64(pause))
+            stats.pauseSplit.add(PauseSplit(suspendNs: 20_000, captureNs: UInt64(pause) - 50_000, resumeNs: 30_000))
             stats.dirtyPages.add(UInt64(100 * (i + 1)))
             stats.checkpointTimes.add(UInt64(i) * 100_000_000)
             stats.captured = Epoch(i + 1)
@@ -174,6 +177,12 @@ struct MetricsProcessTests {
         #expect(snapshot.integer("remusd_primary_shipped_bytes_total") == 7000)
         #expect(snapshot.integer("remusd_primary_epoch_captured") == 3)
         #expect(snapshot.value("remusd_primary_pause_recent_seconds", ["quantile": "0.5"]) == 0.0009)
+        // The pause's parts: a histogram each (one sample per checkpoint) and the recent p50 / p99.
+        #expect(snapshot.value("remusd_primary_pause_part_seconds_count", ["part": "capture"]) == 3)
+        #expect(snapshot.value("remusd_primary_pause_part_seconds_bucket", ["part": "capture", "le": "0.001"]) == 2)
+        #expect(snapshot.value("remusd_primary_pause_part_recent_seconds", ["part": "capture", "quantile": "0.5"]) == 0.00085)
+        #expect(snapshot.value("remusd_primary_pause_part_recent_seconds", ["part": "resume", "quantile": "0.99"]) == 0.00003)
+        #expect(stats.render().contains("pause split: suspend p50 20 / p99 20 µs, capture p50 850 / p99 1450 µs, resume p50 30 / p99 30 µs"), "\(stats.render())")
         #expect(snapshot.value("remusd_primary_checkpoint_rate_per_second") == 10)
         #expect(snapshot.value("remusd_primary_last_ack_age_seconds") == 0.5)
         // Another daemon's registry saw none of it: no global bootstrap in library code.

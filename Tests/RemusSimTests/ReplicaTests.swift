@@ -98,6 +98,48 @@ struct ReplicaTests {
         #expect(packets.counter("gaps") == unacked)
     }
 
+    @Test("A replica prepared for a takeover holds its guest parked: no op, no packet until activate, then it runs on from the checkpoint")
+    func aPreparedGuestRunsNothingUntilActivated() throws {
+        var config = smallConfig(vcpus: 2)
+        config.opRateLimit = 400_000  // real time: bounds the ops the verifier replays
+        let clock = SystemHostClock()
+        let primary = try SimGuest(config: config, clock: clock, nic: SimOutputBuffer(sink: SimPacketRecorder()))
+        let backupOut = SimPacketRecorder()
+        let replica = SimReplica(clock: clock, nic: SimOutputBuffer(sink: backupOut, holding: false))
+        let loop = try CheckpointLoop(primary: primary, replica: replica, clock: clock)
+        for _ in 0..<4 {
+            #expect(primary.waitForProgress(ops: primary.publishedOpCounts.max()! + 5_000, timeoutNs: 20 * secondNs))
+            try loop.checkpoint()
+        }
+        primary.shutdown()
+        let committed = try #require(loop.lastState)
+        let committedOps = try committed.vcpus.map { try SimRegisters($0).opCount }
+
+        try replica.prepareActivation(clock: clock)
+        let prepared = try #require(replica.preparedGuest)
+        #expect(replica.activatedGuest == nil)
+        // Every vCPU thread parks before its first op: once all are parked, none has run one.
+        try prepared.suspend()
+        #expect(try prepared.registers().map(\.opCount) == committedOps, "a prepared guest ran ops before its activation (I7)")
+        #expect(backupOut.count == 0, "a prepared guest emitted packets before its activation (I7)")
+        let verifier = SimVerifier(config: config)
+        let atPreparation = verifier.verifyActivation(guest: prepared, committed: committed)
+        #expect(atPreparation.passed, "\(atPreparation)")
+        // Nothing more may reach it: it is no longer the replica of a stream.
+        #expect(throws: SimError.self) { try replica.commit(loop.arena, state: committed) }
+
+        guard case .inProcess(let running, _) = try replica.activate(clock: clock) else {
+            Issue.record("a simulated replica's activation did not hand back the guest running here")
+            return
+        }
+        defer { prepared.shutdown() }
+        #expect(running === prepared && replica.activatedGuest === prepared && replica.preparedGuest == nil)
+        #expect(prepared.waitForProgress(ops: committedOps.max()! + 5_000, timeoutNs: 20 * secondNs), "the activated guest runs")
+        try prepared.suspend()
+        let later = verifier.verifyActivation(guest: prepared, committed: committed)
+        #expect(later.passed, "\(later)")
+    }
+
     @Test func aCorruptedReplicaPageFailsTheVerifier() throws {
         let config = smallConfig()
         let clock = ManualClock()

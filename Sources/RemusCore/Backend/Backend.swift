@@ -135,12 +135,24 @@ public protocol ReplicaTarget: AnyObject {
     var commitMode: CommitMode { get }
     /// Builds (or checks) the replica from the primary's DOMAIN_CONFIG and stream header.
     func configure(header: StreamHeader, config: DomainConfig) throws
-    /// Resumes the guest from the last committed checkpoint; says where it runs now.
+    /// Builds the guest of the last committed checkpoint up to the point of running it, without
+    /// letting it run (Xen: the restore stream closed, libxl's domain built and left paused; the
+    /// simulated guest: memory, registers and clock in place, vCPUs parked). Called at most once,
+    /// after the last commit, while the primary is being fenced: it may still run, so nothing
+    /// here may let this copy run or emit anything (I7). `activate` then only lets it run; a
+    /// replica that cannot prepare ahead does nothing here.
+    func prepareActivation(clock: any HostClock) throws
+    /// Resumes the guest from the last committed checkpoint (prepared or not); says where it runs now.
     @discardableResult
     func activate(clock: any HostClock) throws -> ActivatedGuest
     /// Throws the replica away (planned stop). A page replica waits for a `withCommittedPage`
     /// in progress.
     func discard()
+}
+
+extension ReplicaTarget {
+    /// Nothing to build ahead: `activate` does it all.
+    public func prepareActivation(clock: any HostClock) throws {}
 }
 
 /// How committed checkpoints reach a replica: the backup's shell switches over this value.

@@ -29,8 +29,21 @@ public final class StagingArena: @unchecked Sendable {
     /// Bytes of page data held.
     public private(set) var dataBytes: Int = 0
 
+    /// What `seal()` found in one raw page: its CRC32C register and whether it is all zero.
+    public struct PageSeal: Equatable, Sendable {
+        /// `CRC32C.register(of:)` the page's data.
+        public var register: UInt32
+        /// Every byte is zero (it travels as `.zero`).
+        public var isZero: Bool
+    }
+
+    /// Whether `seal()` ran since the last change: then every raw page's checksum and zero
+    /// test are known, and shipping reads each page only to send it.
+    public private(set) var isSealed = false
+
     private let data: UnsafeMutableRawPointer
     private let entries: UnsafeMutablePointer<Entry>
+    private let seals: UnsafeMutablePointer<PageSeal>
 
     /// - Parameters:
     ///   - pageSize: bytes per page.
@@ -42,11 +55,13 @@ public final class StagingArena: @unchecked Sendable {
         // Large allocations come straight from mmap: untouched capacity costs no memory.
         data = .allocate(byteCount: pageSize * capacityPages, alignment: 4096)
         entries = .allocate(capacity: capacityPages)
+        seals = .allocate(capacity: capacityPages)
     }
 
     deinit {
         data.deallocate()
         entries.deallocate()
+        seals.deallocate()
     }
 
     /// Empties the arena for a new checkpoint.
@@ -55,6 +70,7 @@ public final class StagingArena: @unchecked Sendable {
         self.kind = kind
         count = 0
         dataBytes = 0
+        isSealed = false
     }
 
     /// Whether `pages` more pages fit.
@@ -66,6 +82,7 @@ public final class StagingArena: @unchecked Sendable {
     public func append(pfn: PFN, encoding: PageEncoding) -> UnsafeMutableRawBufferPointer? {
         precondition(count < capacityPages, "staging arena full (\(capacityPages) pages)")
         precondition(encoding != .delta, "the arena holds decoded pages only")
+        isSealed = false
         var offset = 0
         var destination: UnsafeMutableRawBufferPointer?
         if encoding == .raw {
@@ -76,6 +93,24 @@ public final class StagingArena: @unchecked Sendable {
         entries[count] = Entry(pfn: pfn, encoding: encoding, offset: offset)
         count += 1
         return destination
+    }
+
+    /// Checksums every raw page and tests it for zero, once, after the last page was written
+    /// (the primary: right after the guest resumed, while the pages are still in the cache), so
+    /// that the writer never reads a page except to send it. Appending or resetting unseals.
+    public func seal() {
+        for i in 0..<count where entries[i].encoding == .raw {
+            let page = UnsafeRawBufferPointer(start: data + entries[i].offset, count: pageSize)
+            // SAFETY: i < count ≤ capacityPages, the capacity of `seals`.
+            seals[i] = isZeroPage(page) ? PageSeal(register: 0, isZero: true) : PageSeal(register: CRC32C.register(of: page), isZero: false)
+        }
+        isSealed = true
+    }
+
+    /// What `seal()` found in the raw page at `index`; nil when the arena is not sealed.
+    public func pageSeal(_ index: Int) -> PageSeal? {
+        precondition(index < count && entries[index].encoding == .raw)
+        return isSealed ? seals[index] : nil
     }
 
     /// The entry at `index`.

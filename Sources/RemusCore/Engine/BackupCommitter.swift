@@ -8,7 +8,9 @@
 /// - I1/I2: `.sendAck(N)` only after `onCommitted(N)`: an ACK means complete, verified and applied.
 /// - I2: a checkpoint is committed only from `onCheckpointComplete`; anything else discards staging.
 /// - I7: `.activate` only after `onFenced(success: true)` (or a planned switchover, where the
-///   primary itself handed over).
+///   primary itself handed over). What does not let the guest run — `.prepareActivation`:
+///   closing the restore stream, the domain built paused, devices plumbed — starts the moment the
+///   loss is detected and runs while the fence does; `.activate` then only lets the guest run.
 /// - I9: with disks, `.commit(N)` makes checkpoint N's disk operations durable in the redo log
 ///   before its memory is applied (so the ACK that follows covers both); `.applyDisk(N)` — the
 ///   redo log onto the disk images — comes only after `onCommitted(N)`, never before memory N is
@@ -70,7 +72,11 @@ public struct BackupCommitter: Sendable {
         case closeConnection
         /// Make sure the primary is off; report `onFenced`.
         case fencePrimary
-        /// Resume the guest from the last committed checkpoint; report `onActivated`.
+        /// Build the replica of checkpoint `Epoch` up to the point of running it, without letting
+        /// it run (the fence may still fail); report `onPrepared`. No commit comes after it.
+        case prepareActivation(Epoch)
+        /// Let the guest run from the last committed checkpoint (prepared or not: an unprepared
+        /// replica is built first); report `onActivated`.
         case activate(Epoch)
         /// Throw the replica away.
         case discardReplica
@@ -100,6 +106,24 @@ public struct BackupCommitter: Sendable {
     public private(set) var diskApplyPending: Epoch?
     /// An activation waits for `diskApplyPending` to be applied first (I9).
     private var activationWaitsForDisk = false
+
+    /// Where the preparation of the replica for activation stands (`.prepareActivation`).
+    public enum Preparation: Equatable, Sendable {
+        /// None asked for (no loss yet, or a policy that activates at once).
+        case none
+        /// Running since the loss was detected, alongside the fence.
+        case running
+        /// The replica is ready to run (at `at`, monotonic ns).
+        case ready(at: UInt64)
+        /// It failed; `.activate` builds the replica the ordinary way (and says why if it fails too).
+        case failed(String)
+    }
+    /// The preparation of the replica for the takeover now under way.
+    public private(set) var preparation = Preparation.none
+    /// An activation (fence succeeded) waits for the preparation to finish.
+    private var activationWaitsForPreparation = false
+    /// When the fence that allowed the takeover succeeded (monotonic ns); nil before.
+    public private(set) var fencedAt: UInt64?
 
     /// Whether a primary's connection is open.
     public var connected: Bool {
@@ -152,8 +176,9 @@ public struct BackupCommitter: Sendable {
         case .listening, .stopped: return true
         case .receiving(_, let connected): return !connected
         // A primary that reconnects while we fence it is alive: take it back (it held its output),
-        // unless a fence is running right now and may be switching it off.
-        case .fencing: return !fenceInFlight
+        // unless a fence is running right now and may be switching it off, or the replica is
+        // being prepared (the new stream replaces it once that is done; the primary retries).
+        case .fencing: return !fenceInFlight && preparation != .running
         case .awaitingOperator, .activating, .active: return false
         }
     }
@@ -170,6 +195,9 @@ public struct BackupCommitter: Sendable {
         }
         lossDetectedAt = nil
         lostWhileStaging = false
+        fencedAt = nil
+        preparation = .none
+        activationWaitsForPreparation = false
         state = .receiving(committed: 0, connected: true)
         staging = nil
         replicatesDisks = disks
@@ -233,7 +261,7 @@ public struct BackupCommitter: Sendable {
         diskApplyPending = nil
         guard activationWaitsForDisk, case .activating(let committed) = state else { return [] }
         activationWaitsForDisk = false
-        return [.activate(committed)]
+        return activate(committed)
     }
 
     /// Applying `epoch`'s disk operations failed: the images are not at the committed checkpoint,
@@ -353,7 +381,18 @@ public struct BackupCommitter: Sendable {
             return say ? [.report("fencing the primary failed (attempt \(attempt)): \(detail); the guest stays down here until fencing succeeds; retrying every heartbeat")] : []
         }
         state = .activating(committed: committed)
+        fencedAt = now
         return [.report("primary fenced (\(detail)); activating checkpoint \(committed)")] + activate(committed)
+    }
+
+    /// The replica is ready to run (`success`), or its preparation failed (`detail` says why).
+    public mutating func onPrepared(success: Bool, detail: String, now: UInt64) -> [Directive] {
+        guard preparation == .running else { return [] }
+        preparation = success ? .ready(at: now) : .failed(detail)
+        let said: [Directive] = success ? [] : [.report("preparing the replica for the takeover failed: \(detail); it is built again when the guest is activated")]
+        guard activationWaitsForPreparation, case .activating(let committed) = state else { return said }
+        activationWaitsForPreparation = false
+        return said + activate(committed)
     }
 
     /// The operator says the primary is off (`remusd failover --activate`).
@@ -379,11 +418,16 @@ public struct BackupCommitter: Sendable {
     // MARK: - Helpers
 
     /// `.activate(committed)`, or nothing yet while the disk images are still being brought to
-    /// `committed`: `onDiskApplied` emits it then (I9: the guest never resumes on older disks).
+    /// `committed` (`onDiskApplied` emits it then; I9: the guest never resumes on older disks) or
+    /// the replica is still being prepared (`onPrepared` emits it then).
     private mutating func activate(_ committed: Epoch) -> [Directive] {
         guard diskApplyPending == nil else {
             activationWaitsForDisk = true
             return [.report("waiting for the disk writes of checkpoint \(diskApplyPending ?? 0) to reach the disk images before activating")]
+        }
+        guard preparation != .running else {
+            activationWaitsForPreparation = true
+            return []
         }
         return [.activate(committed)]
     }
@@ -414,7 +458,10 @@ public struct BackupCommitter: Sendable {
         switch fencePolicy {
         case .fence:
             state = .fencing(committed: committed, attempt: 1, fence: .running(deadline: now + settings.fenceTimeoutNs))
-            return [.report("primary lost (\(reason)); fencing it before taking over checkpoint \(committed)"), .fencePrimary]
+            // Everything that does not let the guest run starts now, in parallel with the fence.
+            preparation = .running
+            return [.report("primary lost (\(reason)); fencing it before taking over checkpoint \(committed); preparing the replica meanwhile"),
+                    .fencePrimary, .prepareActivation(committed)]
         case .unsafeNoFence:
             state = .activating(committed: committed)
             return [.report("primary lost (\(reason)); activating checkpoint \(committed) WITHOUT fencing (--unsafe-no-fence)")] + activate(committed)

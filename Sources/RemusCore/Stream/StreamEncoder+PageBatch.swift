@@ -92,6 +92,10 @@ extension StreamEncoder {
         precondition(n > 0 && n <= maxPagesPerBatch, "a PAGE_BATCH holds 1...\(maxPagesPerBatch) pages, not \(n)")
         precondition(entries.lowerBound >= 0 && entries.upperBound <= arena.count, "entries \(entries) outside the arena's 0..<\(arena.count)")
         precondition(arena.pageSize == pageSize, "arena page size \(arena.pageSize), stream page size \(pageSize)")
+        // A sealed arena's pages were checksummed and zero-tested after capture: without deltas
+        // (whose bytes are computed here) the batch's CRC is combined from those, page data unread.
+        let sealed = arena.isSealed && !useDelta
+        if sealed && pageShift?.length != pageSize { pageShift = CRC32C.Shift(length: pageSize) }
         if useDelta && deltaScratch == nil {
             deltaScratch = .allocate(byteCount: maxPagesPerBatch * pageSize, alignment: 8)
         }
@@ -123,7 +127,7 @@ extension StreamEncoder {
             var inScratch = false
             if encoding == .raw {
                 let page = arena.pageData(index)
-                if isZeroPage(page) {
+                if sealed ? arena.pageSeal(index)!.isZero : isZeroPage(page) {
                     encoding = .zero
                 } else if useDelta, let scratch = deltaScratch, let base = deltaBase(entry.pfn), base.count == pageSize,
                     let deltaLength = PageDelta.encode(
@@ -177,8 +181,16 @@ extension StreamEncoder {
         let flags = RecordHeader.mandatoryFlag
         var crc = RecordHeader.crcOfFields(typeCode: RecordType.pageBatch.rawValue, flags: flags, bodyLength: UInt32(bodyLength))
         crc = CRC32C.extend(crc, head + RecordHeader.size, indexEnd - RecordHeader.size)
-        for s in 1..<segmentCount {
-            crc = CRC32C.extend(crc, segmentStorage[s].base, segmentStorage[s].count)
+        if sealed, let shift = pageShift {
+            // The data segments are exactly the non-zero raw pages, in entry order.
+            for index in entries where arena.entry(index).encoding == .raw {
+                let seal = arena.pageSeal(index)!
+                if !seal.isZero { crc = CRC32C.extend(crc, register: seal.register, shift: shift) }
+            }
+        } else {
+            for s in 1..<segmentCount {
+                crc = CRC32C.extend(crc, segmentStorage[s].base, segmentStorage[s].count)
+            }
         }
         let header = RecordHeader(typeCode: RecordType.pageBatch.rawValue, flags: flags, bodyLength: UInt32(bodyLength), crc: crc)
         header.write(to: head)

@@ -31,6 +31,8 @@ public struct StreamEncoder: ~Copyable {
     let segmentStorage: UnsafeMutablePointer<StreamSegment>
     /// Delta-encoded pages of the batch being encoded, each padded to 8; maxPagesPerBatch pages.
     var deltaScratch: UnsafeMutableRawPointer?
+    /// Extends a CRC over one page without reading it (sealed arenas); made on first use.
+    var pageShift: CRC32C.Shift?
 
     /// - Parameters:
     ///   - pageSize: bytes per page, one of `StreamLimits.pageSizes`.

@@ -75,6 +75,54 @@ public enum CRC32C {
         return remus_crc32c_extend(crc, base, bytes.count)
     }
 
+    /// The register (no inversion) that `bytes` leave when it starts at 0: what a page's data
+    /// adds to any CRC that extends over it, computed once (see `extend(_:register:shift:)`).
+    public static func register(of bytes: UnsafeRawBufferPointer) -> UInt32 {
+        ~extend(0xFFFF_FFFF, bytes)
+    }
+
+    /// Extends `crc` over bytes whose `register(of:)` is `register`, without reading them:
+    /// CRC32C is linear, so the register after them is `shift` (the bytes' length) applied to
+    /// the register before, XOR what the bytes alone leave.
+    @inline(__always)
+    public static func extend(_ crc: UInt32, register: UInt32, shift: Shift) -> UInt32 {
+        ~(shift.apply(~crc) ^ register)
+    }
+
+    /// The linear map "run the register over `length` zero bytes", as four byte tables
+    /// (applied with four lookups instead of `length` bytes of work).
+    public struct Shift: Sendable {
+        /// Bytes the map runs the register over.
+        public let length: Int
+        private let tables: [UInt32]
+
+        public init(length: Int) {
+            self.length = length
+            let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: max(length, 1), alignment: 64)
+            defer { zeros.deallocate() }
+            zeros.initializeMemory(as: UInt8.self, repeating: 0)
+            let span = UnsafeRawBufferPointer(rebasing: zeros[0..<length])
+            // The image of each register bit; a register's image is the XOR of its bits' images.
+            let basis = (0..<32).map { bit in ~extend(~(UInt32(1) << bit), span) }
+            var tables = [UInt32](repeating: 0, count: 4 * 256)
+            for k in 0..<4 {
+                for b in 0..<256 {
+                    var v: UInt32 = 0
+                    for j in 0..<8 where b & (1 << j) != 0 { v ^= basis[8 * k + j] }
+                    tables[k * 256 + b] = v
+                }
+            }
+            self.tables = tables
+        }
+
+        /// The register after `length` zero bytes, starting from `register`.
+        @inline(__always)
+        public func apply(_ register: UInt32) -> UInt32 {
+            tables[Int(register & 0xFF)] ^ tables[256 + Int((register >> 8) & 0xFF)]
+                ^ tables[512 + Int((register >> 16) & 0xFF)] ^ tables[768 + Int(register >> 24)]
+        }
+    }
+
     /// The same CRC from the table path whatever the CPU (the tests' oracle for the fast path).
     static func extendPortable(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
         guard let base = bytes.baseAddress, bytes.count > 0 else { return crc }

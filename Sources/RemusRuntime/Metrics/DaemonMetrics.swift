@@ -23,11 +23,14 @@ public final class DaemonMetrics: Sendable {
         registry = PrometheusCollectorRegistry()
         var factory = PrometheusMetricsFactory(registry: registry)
         // A pause is a local copy: tens of microseconds to tens of milliseconds.
-        factory.durationHistogramBuckets[PrimaryMetrics.pauseName] = [
+        let pauseBuckets: [Duration] = [
             .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2),
             .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
             .milliseconds(250), .seconds(1),
         ]
+        factory.durationHistogramBuckets[PrimaryMetrics.pauseName] = pauseBuckets
+        // Its parts: a suspend or resume alone can take a few microseconds.
+        factory.durationHistogramBuckets[PrimaryMetrics.pausePartName] = [.microseconds(10), .microseconds(50)] + pauseBuckets
         factory.valueHistogramBuckets[PrimaryMetrics.checkpointPagesName] = [0, 1, 16, 64, 256, 1024, 4096, 16384, 65536, 262_144]
         factory.valueHistogramBuckets[PrimaryMetrics.checkpointBytesName] = [
             4096, 65536, 262_144, 1_048_576, 4_194_304, 16_777_216, 67_108_864, 268_435_456, 1_073_741_824,
@@ -77,6 +80,7 @@ struct TotalCounter {
 /// under its lock (per event, per checkpoint: never per page).
 struct PrimaryMetrics {
     static let pauseName = "remusd_primary_pause_seconds"
+    static let pausePartName = "remusd_primary_pause_part_seconds"
     static let checkpointPagesName = "remusd_primary_checkpoint_pages"
     static let checkpointBytesName = "remusd_primary_checkpoint_bytes"
 
@@ -89,6 +93,8 @@ struct PrimaryMetrics {
     private var checkpoints: TotalCounter
     private let pause: CoreMetrics.Timer
     private let pauseP50, pauseP99: Gauge
+    /// Per part of the pause (suspend, capture, resume): a histogram and the recent p50 / p99.
+    private let pauseParts: [(histogram: CoreMetrics.Timer, p50: Gauge, p99: Gauge)]
     private let checkpointPages, checkpointBytes: Recorder
     private let checkpointPagesP50, lastCheckpointBytes: Gauge
     private let checkpointRate: Gauge
@@ -113,6 +119,11 @@ struct PrimaryMetrics {
         pause = CoreMetrics.Timer(label: Self.pauseName, factory: factory)
         pauseP50 = Gauge(label: "remusd_primary_pause_recent_seconds", dimensions: [("quantile", "0.5")], factory: factory)
         pauseP99 = Gauge(label: "remusd_primary_pause_recent_seconds", dimensions: [("quantile", "0.99")], factory: factory)
+        pauseParts = PauseSplitWindows().parts.map { part in
+            (CoreMetrics.Timer(label: Self.pausePartName, dimensions: [("part", part.name)], factory: factory),
+             Gauge(label: "remusd_primary_pause_part_recent_seconds", dimensions: [("part", part.name), ("quantile", "0.5")], factory: factory),
+             Gauge(label: "remusd_primary_pause_part_recent_seconds", dimensions: [("part", part.name), ("quantile", "0.99")], factory: factory))
+        }
         checkpointPages = Recorder(label: Self.checkpointPagesName, factory: factory)
         checkpointBytes = Recorder(label: Self.checkpointBytesName, factory: factory)
         checkpointPagesP50 = Gauge(label: "remusd_primary_checkpoint_recent_pages", dimensions: [("quantile", "0.5")], factory: factory)
@@ -145,6 +156,9 @@ struct PrimaryMetrics {
         // One histogram sample per checkpoint captured since the last call.
         if stats.pauses.total > pausesSeen {
             if let latest = stats.pauses.latest { pause.recordNanoseconds(latest) }
+            for (metric, part) in zip(pauseParts, stats.pauseSplit.parts) {
+                if let latest = part.window.latest { metric.histogram.recordNanoseconds(latest) }
+            }
             if let pages = stats.dirtyPages.latest { checkpointPages.record(pages) }
             pausesSeen = stats.pauses.total
         }
@@ -174,6 +188,12 @@ struct PrimaryMetrics {
         if let p50 = stats.pauses.percentile(50), let p99 = stats.pauses.percentile(99) {
             pauseP50.record(Double(p50) / 1e9)
             pauseP99.record(Double(p99) / 1e9)
+        }
+        for (metric, part) in zip(pauseParts, stats.pauseSplit.parts) {
+            if let p50 = part.window.percentile(50), let p99 = part.window.percentile(99) {
+                metric.p50.record(Double(p50) / 1e9)
+                metric.p99.record(Double(p99) / 1e9)
+            }
         }
         if let pages = stats.dirtyPages.percentile(50) { checkpointPagesP50.record(pages) }
         checkpointRate.record(stats.checkpointRate ?? 0)
