@@ -96,11 +96,15 @@ private func attackerCheckpoints(uuid: GuestUUID, epochs: ClosedRange<Epoch>, fi
     return recording.bytes
 }
 
-/// The guest UUID a backup's status says it serves.
-private func servedUUID(_ status: String) -> GuestUUID? {
-    guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix("serving: guest") }),
-          let open = line.firstIndex(of: "("), let close = line[open...].firstIndex(of: ")") else { return nil }
-    return GuestUUID(parsing: String(line[line.index(after: open)..<close]))
+/// The guest UUID of the primary a backup's log says connected first ("… connected over …:
+/// guest 'g1' UUID, simulated, …").
+private func connectedUUID(_ log: String) -> GuestUUID? {
+    guard let line = log.split(separator: "\n").first(where: { $0.contains(" connected over ") }),
+          let range = line.range(of: "guest '") else { return nil }
+    let rest = line[range.upperBound...]
+    guard let quote = rest.firstIndex(of: "'") else { return nil }
+    let uuid = rest[rest.index(quote, offsetBy: 2)...].prefix(36)
+    return GuestUUID(parsing: String(uuid))
 }
 
 /// The committed checkpoint a status shows.
@@ -130,7 +134,7 @@ struct HostileInputTests {
         let pair = try DaemonPair(backupArguments: ["--fence", "false", "--fence-timeout", "500", "--heartbeat", "50", "--timeout", "800"], tag: tag)
         try pair.startPrimary(primaryArguments)
         try #require(eventually(deadline: .after(seconds: 30)) { pair.backupStatus.contains("RECEIVING (committed") }, "\(pair.backupStatus)\n\(pair.primaryLog)")
-        let uuid = try #require(servedUUID(pair.backupStatus), "\(pair.backupStatus)")
+        let uuid = try #require(connectedUUID(pair.backupLog), "\(pair.backupLog)")
         pair.primary?.signal(SIGKILL)
         try #require(eventually(deadline: .after(seconds: 10)) { pair.backupStatus.contains("state: FENCING") }, "\(pair.backupStatus)")
         return (pair, committed(pair.backupStatus), uuid)
