@@ -1,5 +1,6 @@
 import RemusCore
 import RemusSim
+import RemusXen
 
 /// The one place in the runtime that names the backends. The daemons ask it for the guest to
 /// protect or for a replica of a primary's stream; from then on they switch over what the guest
@@ -39,6 +40,15 @@ struct BackendFactory: Sendable {
     /// configures it.
     func makeReplica(for header: StreamHeader, guestNIC: any PacketSink, clock: any HostClock) throws -> BackupReplica {
         try replicaMaker(header, guestNIC, clock)
+    }
+
+    /// The guest memory a primary's hello declares, bytes, read from its DOMAIN_CONFIG before
+    /// anything is built for it (the backup checks it against its memory budget).
+    static func declaredGuestBytes(_ header: StreamHeader, _ config: DomainConfig) throws -> UInt64 {
+        switch config.format {
+        case .simulated: return try SimConfig(config).memoryBytes
+        case .libxlJSON: return try XenDomainConfigPolicy.declaredMemoryBytes(config.bytes)
+        }
     }
 
     @Sendable

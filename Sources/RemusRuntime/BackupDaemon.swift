@@ -16,7 +16,7 @@ import RemusTLS
 /// go through the event loop or a `Gate`.
 public final class BackupDaemon: @unchecked Sendable {
     enum Event: Sendable {
-        case hello(generation: Int, channel: any ByteChannel, header: StreamHeader, config: DomainConfig, answer: Gate<String?>)
+        case hello(generation: Int, channel: any ByteChannel, sender: StreamSender, guestBytes: UInt64, header: StreamHeader, config: DomainConfig, answer: Gate<String?>)
         case began(generation: Int, CheckpointBegin)
         case complete(generation: Int, CheckpointEnd, StagedCheckpoint, done: Gate<Bool>)
         case streamEnd(generation: Int, StreamEnd)
@@ -28,6 +28,7 @@ public final class BackupDaemon: @unchecked Sendable {
         /// The replica's preparation for the takeover finished (`.prepareActivation`).
         case prepared(Bool, String)
         case operatorActivate
+        case operatorDiscard
         case terminate
         case protectionFinished
     }
@@ -38,6 +39,14 @@ public final class BackupDaemon: @unchecked Sendable {
     private var committer: BackupCommitter
     private var replica: BackupReplica?
     private var replicaHeader: StreamHeader?
+    /// Whose replica this backup holds: the primary identity and the guest it was admitted for
+    /// (I10: only the same sender may stream here again without the operator).
+    private var replicaSender: StreamSender?
+    /// The address that sender connected from (guarded by `statsLock`): the connection cap
+    /// makes room for it.
+    private var replicaHost: String?
+    /// Open connections, the cap on pending ones, and their deadlines.
+    let connections: ConnectionTable
     private var generation = 0
     private var channel: (any ByteChannel)?
     private var writer: CheckpointShipper?
@@ -79,6 +88,10 @@ public final class BackupDaemon: @unchecked Sendable {
         self.metrics = metrics
         backupMetrics = BackupMetrics(factory: metrics.factory)
         loop = EventLoop(clock: clock)
+        var helloBudgetMs = config.helloTimeoutMs
+        if case .mutualTLS(let tls) = config.security { helloBudgetMs += tls.handshakeTimeoutMs }
+        connections = ConnectionTable(pendingLimit: config.maxPendingConnections,
+                                      helloBudgetNs: UInt64(helloBudgetMs) * 1_000_000, silenceNs: config.settings.timeoutNs)
         let policy: BackupCommitter.FencePolicy
         switch config.fence {
         case .command, .witness: policy = .fence
@@ -126,6 +139,9 @@ public final class BackupDaemon: @unchecked Sendable {
                 case "activate":
                     loop.post(.operatorActivate)
                     return "activation requested\n"
+                case "discard":
+                    loop.post(.operatorDiscard)
+                    return "discard requested: this backup drops its connection and image (see its log)\n"
                 case "switchover", "stop":
                     // After a takeover this daemon protects the guest onwards: it is the primary now.
                     guard let protection = statsLock.withLock({ self.protection }) else {
@@ -134,7 +150,7 @@ public final class BackupDaemon: @unchecked Sendable {
                     if line == "stop" { protection.stop(.plannedStop) } else { protection.switchover() }
                     return "\(line) requested for the guest this daemon took over\n"
                 default:
-                    return "unknown command '\(line)' (a backup knows 'activate'; after a takeover also 'stop' and 'switchover')\n"
+                    return "unknown command '\(line)' (a backup knows 'activate' and 'discard'; after a takeover also 'stop' and 'switchover')\n"
                 }
             })
         let metricsServer = try config.metricsListen.map { listen in
@@ -195,9 +211,19 @@ public final class BackupDaemon: @unchecked Sendable {
                 setStatus("accept", "ok (recovered from a failure burst)")
                 failing = false
             }
+            guard let ticket = connections.register(ch, preferredHost: statsLock.withLock({ replicaHost })) else {
+                // Refused before a byte is read: the cap bounds threads and buffers, not the log.
+                let counts = connections.counts
+                Log.warning("refused a connection from \(ch.peer): \(counts.pending) connections already wait for their handshake (--max-pending-connections \(connections.pendingLimit)); nothing changed here")
+                setStatus("last refused", "\(ch.peer) (over the cap): \(counts.pending) connections pending")
+                statsLock.withLock { refusedConnections += 1 }
+                ch.shutdown()
+                continue
+            }
             gen += 1
             let thisGeneration = gen
             startThread(name: "backup-reader") { [self] in
+                defer { ticket.closed() }
                 // The handshake runs here, not on the listener: a peer that stalls in it holds
                 // only its own thread, until the handshake deadline drops it.
                 let secured: any ByteChannel
@@ -205,7 +231,7 @@ public final class BackupDaemon: @unchecked Sendable {
                     refused(ch.peer, error)
                     return
                 }
-                serve(secured, generation: thisGeneration)
+                serve(secured, ticket: ticket, generation: thisGeneration)
             }
         }
     }
@@ -219,23 +245,30 @@ public final class BackupDaemon: @unchecked Sendable {
     }
 
     /// Handshake, then decode → validate → stage until the stream ends.
-    private func serve(_ ch: any ByteChannel, generation gen: Int) {
+    private func serve(_ ch: any ByteChannel, ticket: ConnectionTable.Ticket, generation gen: Int) {
         let ourHeader = StreamHeader(
             features: [], pageSize: 4096, backend: .simulated, role: .backup,
             guestUUID: .zero, guestName: "", senderVersion: remusdVersion)
         let receiver: CheckpointReceiver
         do {
             try RecordWriter.writeHeader(ourHeader, to: ch)
-            receiver = CheckpointReceiver(channel: ch)
+            receiver = CheckpointReceiver(channel: ch, ticket: ticket)
             let (header, config) = try receiver.readHello()
+            let sender = StreamSender(identity: Self.identity(of: ch), guestUUID: header.guestUUID, guestName: header.guestName)
+            let guestBytes: UInt64
+            do { guestBytes = try BackendFactory.declaredGuestBytes(header, config) } catch {
+                throw ProtocolError("\(sender.guestDescription): \(error)")
+            }
             let answer = Gate<String?>()
-            loop.post(.hello(generation: gen, channel: ch, header: header, config: config, answer: answer))
+            loop.post(.hello(generation: gen, channel: ch, sender: sender, guestBytes: guestBytes, header: header, config: config, answer: answer))
             if let refusal = answer.wait() {
-                Log.warning("refused a primary from \(ch.peer): \(refusal)")
+                Log.warning("refused a primary from \(ch.peer) ('\(sender.identity)'): \(refusal)")
                 try? RecordWriter(channel: ch, pageSize: 4096).write(PeerError(code: 1, message: refusal))
                 ch.shutdown()
                 return
             }
+            ticket.admitted()
+            receiver.accepted(pageSize: header.pageSize, guestBytes: guestBytes)
         } catch {
             Log.warning("handshake with \(ch.peer) failed: \(error); nothing changed here")
             ch.shutdown()
@@ -263,6 +296,12 @@ public final class BackupDaemon: @unchecked Sendable {
         }
     }
 
+    /// The authenticated identity of a connection: its certificate's name, or "plaintext:ADDRESS".
+    static func identity(of channel: any ByteChannel) -> String {
+        if let tls = channel as? TLSChannel { return tls.peerIdentity }
+        return "plaintext:" + (Endpoint(parsing: channel.peer, defaultPort: 0)?.host ?? channel.peer)
+    }
+
     private let replicaLock = MonitorLock()
     private var replicaForReaders: (any PageReplica)?
 
@@ -275,7 +314,16 @@ public final class BackupDaemon: @unchecked Sendable {
     private func handle(_ event: Event) {
         let now = clock.monotonicNs()
         switch event {
-        case .hello(let gen, let ch, let header, let domainConfig, let answer):
+        case .hello(let gen, let ch, let sender, let guestBytes, let header, let domainConfig, let answer):
+            let decision = config.admission.decide(sender, declaredGuestBytes: guestBytes, holder: replicaSender,
+                                                   state: committer.state, fenceInFlight: committer.fenceInFlight)
+            switch decision {
+            case .refuse(let why):
+                answer.open(with: why)
+                return
+            case .admit(let replacing):
+                if replacing { execute(committer.onConnectionReplaced(now: now)) }
+            }
             guard committer.acceptsPrimary else {
                 answer.open(with: "this backup is \(describe(committer.state)); it accepts no primary now")
                 return
@@ -298,8 +346,11 @@ public final class BackupDaemon: @unchecked Sendable {
             }
             generation = gen
             channel = ch
+            replicaSender = sender
+            statsLock.withLock { replicaHost = Endpoint(parsing: ch.peer, defaultPort: 0)?.host }
             writer = CheckpointShipper(channel: ch, generation: gen, header: header, blackhole: false) { _ in }
             setStatus("primary", "\(ch.peer) guest '\(header.guestName)' over \(ReplicationTransport.describe(ch))")
+            setStatus("serving", "\(sender.guestDescription) of \(guestBytes >> 20) MiB from primary '\(sender.identity)'")
             Log.info("primary \(ch.peer) connected over \(ReplicationTransport.describe(ch)): guest '\(header.guestName)' \(header.guestUUID), \(header.backend), \(header.senderVersion)", logContext)
             answer.open(with: nil)
             execute(committer.onPrimaryConnected(now: now))
@@ -339,6 +390,8 @@ public final class BackupDaemon: @unchecked Sendable {
             execute(committer.onPrepared(success: ok, detail: detail, now: now))
         case .operatorActivate:
             execute(committer.onOperatorActivate(now: now))
+        case .operatorDiscard:
+            execute(committer.onOperatorDiscard(now: now))
         case .terminate:
             Log.info("terminating on signal")
             protection?.stop(.shutdown)
@@ -441,6 +494,9 @@ public final class BackupDaemon: @unchecked Sendable {
             _ = preparing?.wait()  // a preparation in progress uses the replica: let it finish
             replica?.target.discard()
             replica = nil
+            replicaSender = nil
+            statsLock.withLock { replicaHost = nil }
+            setStatus("serving", "nothing (no image held)")
             replicaLock.withLock { replicaForReaders = nil }
         case .report(let text):
             Log.info(text, logContext)
@@ -560,7 +616,7 @@ public final class BackupDaemon: @unchecked Sendable {
 
     private func renderStatus() -> String {
         var lines = ["role: backup"]
-        for key in ["listen", "channel", "accept", "state", "committed", "failover", "primary", "last event", "last refused"] {
+        for key in ["listen", "channel", "accept", "state", "committed", "failover", "primary", "serving", "last event", "last refused"] {
             if key == "state", let f = fenceAttempt, statusLines[key]?.hasPrefix("FENCING") == true {
                 // A fence command may hang: say how long this attempt has been running.
                 let tenths = (clock.monotonicNs() - min(f.startedAt, clock.monotonicNs())) / 100_000_000

@@ -1,3 +1,4 @@
+import Glibc
 import RemusTLS
 import RemusCore
 
@@ -157,6 +158,15 @@ public struct ReceiveConfiguration: Sendable {
     /// How primaries must connect (mutual TLS unless `--insecure-plaintext`); also how a guest
     /// taken over here is protected onwards (`reprotectTo`).
     public var security: ChannelSecurity
+    /// Which primaries and guests this backup takes a stream from (`--accept-guest`,
+    /// `--memory-budget`); see `PrimaryAdmission`.
+    public var admission = PrimaryAdmission(guestMemoryBudget: physicalMemoryBytes())
+    /// Connections that may wait at once for their TLS handshake and hello
+    /// (`--max-pending-connections`); more are closed at once.
+    public var maxPendingConnections = defaultMaxPendingConnections
+    /// Longest from the end of the TLS handshake (plaintext: the accept) to the primary's stream
+    /// header and DOMAIN_CONFIG, milliseconds (`--hello-timeout`).
+    public var helloTimeoutMs = defaultHelloTimeoutMs
 
     public init(listen: Endpoint, settings: ProtectionSettings, fence: FenceConfiguration, reprotectTo: Endpoint?,
                 nicSink: Endpoint?, activationReport: String?, exitAfterProtection: Bool, statusSocket: String,
@@ -172,6 +182,18 @@ public struct ReceiveConfiguration: Sendable {
         self.exitAfterProtection = exitAfterProtection
         self.statusSocket = statusSocket
     }
+}
+
+/// The default `--max-pending-connections` of `remusd receive`.
+public let defaultMaxPendingConnections = 16
+
+/// The default `--hello-timeout` of `remusd receive`, milliseconds.
+public let defaultHelloTimeoutMs = 3000
+
+/// This host's physical memory, bytes: the default `--memory-budget` (a backup holds its
+/// replica in memory; a guest larger than the host cannot be held).
+public func physicalMemoryBytes() -> UInt64 {
+    UInt64(max(sysconf(Int32(_SC_PHYS_PAGES)), 1)) * UInt64(max(sysconf(Int32(_SC_PAGESIZE)), 1))
 }
 
 /// The default `--fence-timeout` of `remusd receive`, milliseconds.

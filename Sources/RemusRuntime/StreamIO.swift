@@ -138,6 +138,14 @@ final class StreamReader {
     private var validator: CheckpointValidator
     /// Called after every read that returned bytes (liveness while a long checkpoint arrives).
     var onBytes: (() -> Void)?
+    /// The connection's entry in the backup's table: told of every read and every whole item,
+    /// so a record that trickles in misses its deadline.
+    var ticket: ConnectionTable.Ticket?
+    /// Largest record body taken (see `StreamDecoder.recordBodyLimit`).
+    var recordBodyLimit: Int {
+        get { decoder.recordBodyLimit }
+        set { decoder.recordBodyLimit = newValue }
+    }
 
     init(channel: any ByteChannel, direction: CheckpointValidator.Direction) {
         self.channel = channel
@@ -148,7 +156,10 @@ final class StreamReader {
     /// Views inside the event stay valid until the next call.
     func next() throws -> CheckpointEvent? {
         while true {
-            if let item = try decoder.next() { return try validator.validate(item) }
+            if let item = try decoder.next() {
+                ticket?.itemComplete()
+                return try validator.validate(item)
+            }
             let space = decoder.writableSpace()
             let n = try channel.read(into: space)
             if n == 0 {
@@ -156,6 +167,7 @@ final class StreamReader {
                 return nil
             }
             decoder.commit(n)
+            ticket?.progress(pendingBytes: decoder.pendingItemBytes)
             onBytes?()
         }
     }
@@ -186,14 +198,55 @@ final class StagedCheckpoint: @unchecked Sendable {
     var layout: MemoryLayout?
     /// The hypervisor library's stream bytes of this checkpoint (OPAQUE_PAYLOAD, in order).
     var stream: [UInt8] = []
+    /// The guest's pages as its DOMAIN_CONFIG declares them: no page number at or above, and
+    /// no more pages than this in one checkpoint.
+    let guestPages: UInt64
+    /// Most bytes one checkpoint may stage (pages, state and stream bytes together).
+    let byteLimit: Int
+    /// Bytes staged for this checkpoint so far.
+    private(set) var stagedBytes = 0
+    /// Pages staged for this checkpoint so far.
+    private(set) var stagedPages: UInt64 = 0
 
-    init(pageSize: Int) {
+    /// Room beyond the guest's memory that one checkpoint's state, device model and the
+    /// hypervisor library's framing may take (64 MiB).
+    static let stateAllowance = 64 << 20
+
+    init(pageSize: Int, guestBytes: UInt64) {
         self.pageSize = pageSize
-        arenas = [StagingArena(pageSize: pageSize, capacityPages: Self.chunkPages)]
+        guestPages = guestBytes / UInt64(pageSize)
+        byteLimit = Int(clamping: guestBytes) &+ Self.stateAllowance
+        arenas = [StagingArena(pageSize: pageSize, capacityPages: min(Self.chunkPages, Int(clamping: max(guestPages, 1))))]
+    }
+
+    /// Counts `bytes` more against the checkpoint's limit; throws (before they are staged) when
+    /// they would pass it.
+    func reserve(_ bytes: Int, for what: String) throws {
+        guard stagedBytes + bytes <= byteLimit else {
+            throw StreamDecodeError(.lengthOverLimit, typeCode: nil, offset: 0,
+                "checkpoint \(begin.epoch) would stage more than \(byteLimit >> 20) MiB (\(what)): more than the guest's declared memory plus \(Self.stateAllowance >> 20) MiB; it was dropped before it was staged, the replica keeps its last committed checkpoint")
+        }
+        stagedBytes += bytes
+    }
+
+    /// Checks a page number against the guest's declared size before the page is staged, and
+    /// that the checkpoint does not carry more pages than the guest has.
+    func checkPage(_ pfn: PFN) throws {
+        guard stagedPages < guestPages else {
+            throw StreamDecodeError(.lengthOverLimit, typeCode: RecordType.pageBatch.rawValue, offset: 0,
+                "checkpoint \(begin.epoch) carries more than the \(guestPages) pages the primary declared for its guest; it was dropped, the replica keeps its last committed checkpoint")
+        }
+        stagedPages += 1
+        guard pfn < guestPages else {
+            throw StreamDecodeError(.malformedBody, typeCode: RecordType.pageBatch.rawValue, offset: 0,
+                "page \(pfn) lies beyond the \(guestPages) pages the primary declared for its guest; checkpoint \(begin.epoch) was dropped, the replica keeps its last committed checkpoint")
+        }
     }
 
     func reset(_ begin: CheckpointBegin) {
         self.begin = begin
+        stagedBytes = 0
+        stagedPages = 0
         current = 0
         arenas[0].reset(epoch: begin.epoch, kind: begin.kind)
         vcpus.removeAll(keepingCapacity: true)
@@ -207,7 +260,7 @@ final class StagedCheckpoint: @unchecked Sendable {
     func arenaWithRoom() -> StagingArena {
         if !arenas[current].hasRoom(for: 1) {
             current += 1
-            if current == arenas.count { arenas.append(StagingArena(pageSize: pageSize, capacityPages: Self.chunkPages)) }
+            if current == arenas.count { arenas.append(StagingArena(pageSize: pageSize, capacityPages: arenas[0].capacityPages)) }
             arenas[current].reset(epoch: begin.epoch, kind: begin.kind)
         }
         return arenas[current]
@@ -250,8 +303,11 @@ final class CheckpointReceiver {
     private let reader: StreamReader
     private var staged: StagedCheckpoint?
 
-    init(channel: any ByteChannel) {
+    /// Until the hello is accepted no record may be larger than a DOMAIN_CONFIG.
+    init(channel: any ByteChannel, ticket: ConnectionTable.Ticket? = nil) {
         reader = StreamReader(channel: channel, direction: .primaryToBackup)
+        reader.ticket = ticket
+        reader.recordBodyLimit = RecordType.domainConfig.maximumBody(pageSize: 4096)
     }
 
     /// The primary's stream header and DOMAIN_CONFIG.
@@ -259,8 +315,14 @@ final class CheckpointReceiver {
         let header = try reader.readHeader()
         guard let event = try reader.next() else { throw ProtocolError("the primary closed the connection before sending DOMAIN_CONFIG") }
         guard case .domainConfig(let config) = event else { throw ProtocolError("the primary's stream has no DOMAIN_CONFIG after its header") }
-        staged = StagedCheckpoint(pageSize: Int(header.pageSize))
         return (header, config)
+    }
+
+    /// The hello was accepted for a guest of `guestBytes`: records of any size may follow, and
+    /// checkpoints are staged within that guest's bounds.
+    func accepted(pageSize: UInt32, guestBytes: UInt64) {
+        reader.recordBodyLimit = StreamLimits.maxRecordBody
+        staged = StagedCheckpoint(pageSize: Int(pageSize), guestBytes: guestBytes)
     }
 
     /// Receives until the stream ends. Throws StreamDecodeError for a rejected stream.
@@ -284,6 +346,8 @@ final class CheckpointReceiver {
                 switch content {
                 case .pageBatch(let batch):
                     for entry in batch {
+                        try staged.checkPage(entry.pfn)
+                        try staged.reserve(staged.pageSize, for: "page \(entry.pfn)")
                         let arena = staged.arenaWithRoom()
                         switch entry.encoding {
                         case .raw:
@@ -308,8 +372,12 @@ final class CheckpointReceiver {
                             try PageDelta.apply(entry.data, to: dst)
                         }
                     }
-                case .vcpuState(let v): staged.vcpus.append(v)
-                case .deviceState(let d): staged.devices.append(d)
+                case .vcpuState(let v):
+                    try staged.reserve(v.bytes.count, for: "vCPU state")
+                    staged.vcpus.append(v)
+                case .deviceState(let d):
+                    try staged.reserve(d.bytes.count, for: "device state")
+                    staged.devices.append(d)
                 case .clock(let c): staged.clock = c
                 case .memoryLayout(let l): staged.layout = l
                 case .opaquePayload(let chunk):
@@ -317,6 +385,7 @@ final class CheckpointReceiver {
                     guard chunk.stream == .libxl else {
                         throw ProtocolError("the primary sent an OPAQUE_PAYLOAD of stream \(chunk.stream); a backup takes libxl's stream only; the replica keeps its last committed checkpoint")
                     }
+                    try staged.reserve(chunk.bytes.count, for: "the hypervisor library's stream")
                     staged.stream.append(contentsOf: chunk.bytes)
                 case .diskWrite, .diskCommand:
                     // The validator lets them through only when DISKS was negotiated, which this

@@ -122,6 +122,18 @@ struct Receive: ParsableCommand {
     @Option(name: .customLong("tls-handshake-timeout"), help: ArgumentHelp("Longest a connection may take to complete its TLS handshake; then it is dropped (a peer that stalls holds nothing longer).", valueName: "ms"))
     var handshakeTimeout: Int = defaultHandshakeTimeoutMs
 
+    @Option(name: .customLong("accept-guest"), help: ArgumentHelp("A guest this backup serves, by name or UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx). Repeatable. Default: any guest, from any primary the channel accepts; either way, once a backup holds a guest's image only that guest's primary (same identity, same UUID) may stream to it until the operator runs 'remusd failover --discard'.", valueName: "name|uuid"))
+    var acceptGuests: [String] = []
+
+    @Option(name: .customLong("memory-budget"), help: ArgumentHelp("Largest guest memory a primary may declare, in MiB; a larger guest is refused before anything is allocated. Default: this host's physical memory.", valueName: "MiB"))
+    var memoryBudget: UInt64?
+
+    @Option(name: .customLong("max-pending-connections"), help: ArgumentHelp("Connections that may wait at once for their TLS handshake and hello; more are closed at once (the primary's own streaming connection does not count).", valueName: "n"))
+    var maxPendingConnections: Int = defaultMaxPendingConnections
+
+    @Option(name: .customLong("hello-timeout"), help: ArgumentHelp("Longest from the end of the TLS handshake (plaintext: the accept) to the primary's stream header and DOMAIN_CONFIG; then the connection is dropped.", valueName: "ms"))
+    var helloTimeout: Int = defaultHelloTimeoutMs
+
     @Option(help: ArgumentHelp("Command that makes sure the primary is off (exit 0: it is; an empty command is refused). Retried every heartbeat until it succeeds. Alternatives: --witness, --unsafe-no-fence; with none the backup waits for 'remusd failover --activate'.", valueName: "command"))
     var fence: String?
 
@@ -158,6 +170,12 @@ struct Receive: ParsableCommand {
         for name in allowPeers where name.isEmpty || isIPAddress(name) || name.contains(where: { $0.isWhitespace || $0 == "," }) {
             throw ValidationError("--tls-allow-peer '\(name)' is not a certificate name: give the DNS name or CN of a primary's certificate (one per flag; IP addresses are not matched)")
         }
+        for guest in acceptGuests where GuestSelector(parsing: guest) == nil {
+            throw ValidationError("--accept-guest '\(guest)' is empty: give a guest name or UUID")
+        }
+        if let memoryBudget, memoryBudget < 1 || memoryBudget > 1 << 24 { throw ValidationError("--memory-budget must be between 1 MiB and 16 TiB (16777216 MiB), got \(memoryBudget)") }
+        if maxPendingConnections < 1 || maxPendingConnections > 4096 { throw ValidationError("--max-pending-connections must be between 1 and 4096, got \(maxPendingConnections)") }
+        if helloTimeout < 1 || helloTimeout > 600_000 { throw ValidationError("--hello-timeout must be between 1 ms and 10 minutes, got \(helloTimeout) ms") }
         if handshakeTimeout < 1 || handshakeTimeout > 600_000 { throw ValidationError("--tls-handshake-timeout must be between 1 ms and 10 minutes, got \(handshakeTimeout) ms") }
         if let fence, fence.allSatisfy(\.isWhitespace) {
             throw ValidationError("--fence needs a command that makes sure the primary is off (exit status 0: it is); an empty one would count as fenced and could leave two copies of the guest running. To wait for the operator instead, leave --fence out")
@@ -194,6 +212,10 @@ struct Receive: ParsableCommand {
             simNICTap: tap.configuration(holding: true))
         config.fenceTimeoutMs = fenceTimeout
         config.metricsListen = metrics.endpoint
+        config.admission.servedGuests = acceptGuests.compactMap { GuestSelector(parsing: $0) }
+        if let memoryBudget { config.admission.guestMemoryBudget = memoryBudget << 20 }
+        config.maxPendingConnections = maxPendingConnections
+        config.helloTimeoutMs = helloTimeout
         let code = try BackupDaemon(config, metrics: metrics.bootstrap()).run()
         if code != 0 { throw ExitCode(code) }
     }
@@ -248,7 +270,7 @@ struct Failover: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Hand a guest to its backup on purpose (planned switchover), or confirm on a backup that the primary is off (--activate).",
         discussion: """
-            On the primary: 'remusd failover <domain>' suspends the guest, sends a final checkpoint, and once the backup acknowledges it the backup runs the guest and it is stopped here; no output is lost or released twice. If the acknowledgement never comes, the guest stays suspended here (never two running copies) and the backup takes over. On a backup waiting for the operator: 'remusd failover --activate' takes over.
+            On the primary: 'remusd failover <domain>' suspends the guest, sends a final checkpoint, and once the backup acknowledges it the backup runs the guest and it is stopped here; no output is lost or released twice. If the acknowledgement never comes, the guest stays suspended here (never two running copies) and the backup takes over. On a backup waiting for the operator: 'remusd failover --activate' takes over. On a backup: 'remusd failover --discard' drops the image it holds (a backup never lets another primary or guest replace it by itself).
             """)
 
     @Argument(help: "The protected guest (on the primary, for a planned switchover).")
@@ -257,12 +279,15 @@ struct Failover: ParsableCommand {
     @Flag(help: "On a backup waiting for the operator: the primary is off, activate the guest here.")
     var activate = false
 
+    @Flag(help: "On a backup: drop the image it holds and its primary's connection, so that another primary or guest may stream to it (it never lets one replace a held image by itself).")
+    var discard = false
+
     @Option(help: ArgumentHelp("The daemon's status socket (default: found in the run directory).", valueName: "path"))
     var socket: String?
 
     func validate() throws {
-        if activate == (domain != nil) {
-            throw ValidationError("name the guest to switch over ('remusd failover <domain>' on the primary), or use --activate on a backup — not both")
+        if [activate, discard, domain != nil].filter({ $0 }).count != 1 {
+            throw ValidationError("name the guest to switch over ('remusd failover <domain>' on the primary), or use --activate or --discard on a backup — one of them")
         }
     }
 
@@ -281,9 +306,9 @@ struct Failover: ParsableCommand {
             throw ValidationError(candidates.isEmpty ? "no backup daemon found in \(RunDirectory.path)" : "several backups run here; name one with --socket: \(candidates.joined(separator: ", "))")
         }
         do {
-            print(try StatusClient.query(candidates[0], command: "activate"), terminator: "")
+            print(try StatusClient.query(candidates[0], command: activate ? "activate" : "discard"), terminator: "")
         } catch let error as StatusClient.NoAnswer {
-            printError("\(error); nothing was activated")
+            printError("\(error); nothing was \(activate ? "activated" : "discarded")")
             throw ExitCode(3)
         }
     }

@@ -19,7 +19,10 @@ struct AcceptLoopTests {
                         "--heartbeat", "50", "--timeout", "300", "--unsafe-no-fence", "--status-socket", dir + "/backup.sock",
                         // Idle connections are held for the whole test (the handshake deadline would
                         // drop them after 3 s and end the burst early).
-                        "--tls-handshake-timeout", "120000"] + tlsArguments("backup"),
+                        "--tls-handshake-timeout", "120000",
+                        // The cap on pending connections (16 by default) would refuse them before
+                        // the descriptors run out; this test is about running out.
+                        "--max-pending-connections", "200"] + tlsArguments("backup"),
             outputFile: dir + "/backup.log", environment: env)
         defer { backup.signal(SIGKILL); backup.wait() }
         try waitForFile(dir + "/backup.sock", what: "the backup", deadlineMs: 10_000)

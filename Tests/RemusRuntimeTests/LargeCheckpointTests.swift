@@ -65,6 +65,7 @@ private func receive(_ bytes: [UInt8], into replica: SimReplica) throws -> [Epoc
     let receiver = CheckpointReceiver(channel: BytesChannel(bytes))
     let (header, config) = try receiver.readHello()
     try replica.configure(header: header, config: config)
+    receiver.accepted(pageSize: header.pageSize, guestBytes: try SimConfig(config).memoryBytes)
     var committed: [Epoch] = []
     try receiver.receive(
         deltaBases: { replica },

@@ -53,7 +53,7 @@ private enum Session {
     static let checkpointStreams: [[UInt8]] = [[], noise((3 << 20) + 5, seed: 13), noise(17, seed: 14)]
     static let header = StreamHeader(features: [], pageSize: 4096, backend: .xen, role: .primary,
                                      guestUUID: GuestUUID(high: 0x1234, low: 0x5678), guestName: "pv-guest", senderVersion: "test")
-    static let config = DomainConfig(format: .libxlJSON, bytes: Array(#"{"c_info":{"type":"pv","name":"pv-guest"}}"#.utf8))
+    static let config = DomainConfig(format: .libxlJSON, bytes: Array(#"{"c_info":{"type":"pv","name":"pv-guest"},"b_info":{"max_memkb":65536}}"#.utf8))
     static let end = StreamEnd(reason: .shutdown, lastEpoch: 3, message: "host maintenance")
 
     /// What a backup that received everything hands its replica, call by call.
@@ -197,6 +197,7 @@ private func receive(from channel: any ByteChannel) -> Received {
         r.header = header
         r.config = config
         try replica.configure(header: header, config: config)
+        receiver.accepted(pageSize: header.pageSize, guestBytes: 1 << 30)
         try receiver.receive(
             deltaBases: { nil },  // a streaming replica holds no pages to decode deltas against
             began: { r.begins.append($0) },

@@ -157,7 +157,7 @@ struct ProcessTests {
         _ = try reader.readHeader()
         let header = StreamHeader(features: [], pageSize: 4096, backend: .xen, role: .primary,
                                   guestUUID: GuestUUID(high: 1, low: 2), guestName: "guest", senderVersion: remusdVersion)
-        try RecordWriter.writePreamble(header: header, config: DomainConfig(format: .libxlJSON, bytes: Array("{}".utf8)), to: channel)
+        try RecordWriter.writePreamble(header: header, config: DomainConfig(format: .libxlJSON, bytes: Array(#"{"b_info":{"max_memkb":65536}}"#.utf8)), to: channel)
         // The primary is told why, in an ERROR record, before the backup closes the connection.
         var refusal: PeerError?
         while let event = try reader.next() {

@@ -167,7 +167,7 @@ private struct GuestGone: Error, CustomStringConvertible {
 /// A libxenguest-shaped guest: a live phase in uneven pieces, then one chunk per checkpoint.
 /// Checks the call order the Xen backend relies on. `@unchecked Sendable`: state in the ledger.
 private final class FakeXenGuest: StreamingGuest, @unchecked Sendable {
-    static let config = DomainConfig(format: .libxlJSON, bytes: Array(#"{"c_info":{"type":"pv","name":"flow-guest"}}"#.utf8))
+    static let config = DomainConfig(format: .libxlJSON, bytes: Array(#"{"c_info":{"type":"pv","name":"flow-guest"},"b_info":{"max_memkb":65536}}"#.utf8))
 
     let descriptor = GuestDescriptor(name: "flow-guest", uuid: GuestUUID(high: 0xF10, low: 0x0F1), backend: .xen,
                                      pageSize: 4096, pageCount: 32768)

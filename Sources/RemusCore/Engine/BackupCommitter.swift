@@ -208,6 +208,33 @@ public struct BackupCommitter: Sendable {
         return out
     }
 
+    /// The shell drops the open connection because the same primary (identity and guest)
+    /// connected again: its old connection is dead on its side. The partial checkpoint goes; the
+    /// committed one stays until the new stream replaces it (`onPrimaryConnected`).
+    public mutating func onConnectionReplaced(now: UInt64) -> [Directive] {
+        guard case .receiving(let committed, true) = state else { return [] }
+        staging = nil
+        state = .receiving(committed: committed, connected: false)
+        return [.discardStaged, .closeConnection, .report("the primary connected again; dropping its previous connection")]
+    }
+
+    /// The operator drops what this backup holds (`remusd failover --discard`): the connection,
+    /// the staged and the committed checkpoints. Afterwards any primary it serves may connect.
+    /// Refused once the guest runs here.
+    public mutating func onOperatorDiscard(now: UInt64) -> [Directive] {
+        switch state {
+        case .receiving, .fencing, .awaitingOperator, .stopped, .listening:
+            let held = committedEpoch
+            staging = nil
+            lossDetectedAt = nil
+            state = .stopped("discarded by the operator")
+            return [.discardStaged, .closeConnection, .discardReplica,
+                    .report("the operator discarded this backup's image (checkpoint \(held)); any primary this backup serves may connect now")]
+        case .activating, .active:
+            return [.report("nothing discarded: the guest runs here (state \(state)); stop it with 'remusd stop'")]
+        }
+    }
+
     /// Bytes arrived from the primary.
     public mutating func onPeerActivity(now: UInt64) -> [Directive] {
         heard(now)

@@ -29,6 +29,21 @@ public struct StreamDecoder: ~Copyable, @unchecked Sendable {
     public private(set) var skippedOptionalRecords = 0
     /// Stream bytes consumed by returned items.
     public var bytesConsumed: UInt64 { consumed }
+    /// Largest record body this decoder takes, bytes: `StreamLimits.maxRecordBody` unless a
+    /// reader lowers it (a backup does until it accepted the primary's hello, so a peer it has
+    /// not accepted can make it hold no more than a DOMAIN_CONFIG).
+    public var recordBodyLimit: Int = StreamLimits.maxRecordBody
+
+    /// Bytes of the stream header or record being received, header included, once its length
+    /// is in; nil between items (no byte of the next one buffered).
+    public var pendingItemBytes: Int? {
+        let available = end - start
+        guard available > 0 else { return nil }
+        let p = UnsafeRawPointer(buffer + start)
+        if header == nil { return available >= 16 ? Int(p.le(12, as: UInt32.self)) : Wire.headerMinimumBytes }
+        guard available >= RecordHeader.size else { return RecordHeader.size }
+        return RecordHeader.size + align8(Int(min(p.le(8, as: UInt32.self), UInt32(StreamLimits.maxRecordBody))))
+    }
 
     var buffer: UnsafeMutableRawPointer
     var capacity: Int
@@ -292,6 +307,9 @@ public struct StreamDecoder: ~Copyable, @unchecked Sendable {
             throw error(.lengthOverLimit, "body length \(lengthField) exceeds the limit of \(StreamLimits.maxRecordBody) bytes")
         }
         let length = Int(lengthField)
+        guard length <= recordBodyLimit else {
+            throw error(.lengthOverLimit, "body length \(length) exceeds this reader's limit of \(recordBodyLimit) bytes (a backup takes no larger record before it accepted the primary's hello)")
+        }
         if let type {
             let limit = type.maximumBody(pageSize: Int(header.pageSize))
             guard length <= limit else {
