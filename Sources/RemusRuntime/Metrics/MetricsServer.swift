@@ -4,7 +4,7 @@ import Glibc
 /// `GET /metrics` with the daemon's metrics as Prometheus text, and everything else with 404.
 ///
 /// It never blocks the daemon: an accept thread and one thread per client, at most `maxClients`
-/// at once (more wait up to `admissionWaitMs` for a slot, then are told 503 and closed); a
+/// at once (more are told 503 and closed at once); a
 /// request must arrive whole within `readDeadlineMs` and `maxRequestBytes` (else 408 or 431);
 /// one request per connection (`Connection: close`).
 /// Rendering takes the statistics lock only for a copy-sized moment.
@@ -15,8 +15,6 @@ public final class MetricsServer: @unchecked Sendable {
     public static let maxClients = 4
     /// How long a client may take to send its request, milliseconds; also bounds the reply's write.
     public static let readDeadlineMs = 2000
-    /// How long a connection waits for a free slot before it is told 503.
-    public static let admissionWaitMs = 1000
     /// The largest request (request line and headers) read, bytes.
     public static let maxRequestBytes = 8 << 10
     /// The Content-Type of Prometheus' text format.
@@ -48,9 +46,7 @@ public final class MetricsServer: @unchecked Sendable {
                 sleepNanoseconds(100_000_000)
                 continue
             }
-            // Waits up to `admissionWaitMs` for a slot: only clients beyond `maxClients` that
-            // keep their slots that long (silent ones hold theirs for `readDeadlineMs`) see 503.
-            let admitted = slots.serve(threadName: "metrics-client", waitingUntil: monotonicNanoseconds() + UInt64(Self.admissionWaitMs) * 1_000_000) {
+            let admitted = slots.serve(threadName: "metrics-client") {
                 [self] in serve(client, render: render)
             }
             if !admitted {

@@ -130,7 +130,7 @@ public final class StatusSocket: @unchecked Sendable {  // listener, path and cl
                 try? client.write(Array(reply.utf8), until: quick)
                 continue
             }
-            let admitted = slots.serve(threadName: "status-client", waitingUntil: monotonicNanoseconds() + 1_000_000_000) {
+            let admitted = slots.serve(threadName: "status-client") {
                 // A status reader sends nothing and half-closes; a control client sends one line.
                 guard let received = try? client.readLine(limit: 256, until: .after(milliseconds: Self.readDeadlineMs)) else { return }
                 let line = String(decoding: received, as: UTF8.self).trimmingWhitespace()
