@@ -52,6 +52,14 @@ public final class DiskEpochStaging {
         try append(DiskEntry(command), data: UnsafeRawBufferPointer(start: nil, count: 0))
     }
 
+    /// Stages what a served disk reported (`NBDServer`'s records), in its order.
+    public func append(_ mutation: DiskMutation) throws {
+        switch mutation {
+        case .write(let w): try w.data.withUnsafeBytes { try appendWrite(disk: w.disk, offset: w.offset, data: $0) }
+        case .command(let c): try append(c)
+        }
+    }
+
     private func append(_ entry: DiskEntry, data: UnsafeRawBufferPointer) throws {
         let header = entry.bytes
         let padding = entry.storedDataBytes - data.count

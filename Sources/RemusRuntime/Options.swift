@@ -103,21 +103,9 @@ public struct WitnessConfiguration: Equatable, Sendable {
         self.tls = tls
     }
 
-    /// How to reach etcd: a TLS client context over `tls` checking etcd's certificate against
-    /// the URL's host, or plaintext.
-    public func transport() throws(WitnessError) -> WitnessTransport {
-        guard let tls else { return .plaintext }
-        let host = try EtcdWitness(url: url).endpoint.host
-        do {
-            return .tls(try TLSContext(.client, files: tls), expectedName: host)
-        } catch {
-            throw .tlsConfiguration(reason: error.detail)
-        }
-    }
-
-    /// The witness this configuration names, over its transport.
+    /// The witness this configuration names, over mutual TLS when `tls` is given.
     public func makeWitness() throws(WitnessError) -> EtcdWitness {
-        try EtcdWitness(url: url, requestTimeoutMs: requestTimeoutMs, transport: transport())
+        try EtcdWitness(url: url, requestTimeoutMs: requestTimeoutMs, tls: tls)
     }
 }
 

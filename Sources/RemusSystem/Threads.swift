@@ -129,15 +129,8 @@ public final class ClientSlots: @unchecked Sendable {
 
     /// Runs `body` on a thread named `threadName` when a slot is free, and frees the slot when
     /// `body` returns. Returns false, running nothing, when all `capacity` slots are taken.
-    ///
-    /// With `waitingUntil` (monotonic ns), waits that long for a slot first: a client that
-    /// follows another one at once must not be refused because the other's thread has sent its
-    /// reply but not yet returned (on a busy machine that takes a while to be scheduled).
-    public func serve(threadName: String, waitingUntil deadline: UInt64? = nil, _ body: @escaping @Sendable () -> Void) -> Bool {
+    public func serve(threadName: String, _ body: @escaping @Sendable () -> Void) -> Bool {
         let admitted = monitor.withLock {
-            if let deadline {
-                while busy >= capacity && monotonicNanoseconds() < deadline { _ = monitor.wait(untilMonotonic: deadline) }
-            }
             guard busy < capacity else { return false }
             busy += 1
             return true

@@ -72,12 +72,7 @@ private final class Recorder: @unchecked Sendable {  // guarded by monitor
     private let monitor = MonitorLock()
     init(staging: DiskEpochStaging) { self.staging = staging }
     func record(_ mutation: DiskMutation) throws {
-        try monitor.withLock {
-            switch mutation {
-            case .write(let w): try w.data.withUnsafeBytes { try staging.appendWrite(disk: w.disk, offset: w.offset, data: $0) }
-            case .command(let c): try staging.append(c)
-            }
-        }
+        try monitor.withLock { try staging.append(mutation) }
     }
 }
 

@@ -99,9 +99,6 @@ struct TimingOptions: ParsableArguments {
 
     func validate() throws {
         if let problem = settings().problem() { throw ValidationError(problem) }
-        if let witness {
-            do { _ = try EtcdWitness(url: witness) } catch { throw ValidationError("--witness: \(error)") }
-        }
         if witnessTTL < 1 || witnessTTL > 3600 { throw ValidationError("--witness-ttl must be between 1 and 3600 s") }
     }
 }

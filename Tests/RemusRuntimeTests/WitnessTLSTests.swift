@@ -16,8 +16,7 @@ struct WitnessTLSTests {
     }
 
     private func witness(_ url: String, files: TLSFiles = testCertificates.files(for: "primary"), timeoutMs: Int = 3000) throws -> EtcdWitness {
-        let config = WitnessConfiguration(url: url, ttlSeconds: 2, tls: files)
-        return try EtcdWitness(url: url, requestTimeoutMs: timeoutMs, transport: config.transport())
+        try EtcdWitness(url: url, requestTimeoutMs: timeoutMs, tls: files)
     }
 
     @Test(.enabled(if: etcdPath != nil, Comment(rawValue: etcdMissing)))

@@ -18,7 +18,6 @@ public final class NBDKernelDevice: @unchecked Sendable {
     private let monitor = MonitorLock()
     private var sessionEnded = false
     private var serverEnded = false
-    private var sessionResult: Int32 = 0
 
     /// The device's request timeout: a request the server has not answered by then fails in
     /// the kernel (the guest sees an I/O error) instead of hanging.
@@ -54,8 +53,8 @@ public final class NBDKernelDevice: @unchecked Sendable {
                               detail: code == EBUSY ? "the device is in use; choose a free /dev/nbdN" : nil)
         }
         startThread(name: "nbd-kernel") { [self] in
-            let rc = remus_nbd_do_it(device)
-            monitor.withLock { sessionEnded = true; sessionResult = rc; monitor.broadcast() }
+            _ = remus_nbd_do_it(device)  // returns when the session ends, whatever its status
+            monitor.withLock { sessionEnded = true; monitor.broadcast() }
         }
         startThread(name: "nbd-serve") { [self] in
             server.serveKernel(ours)
@@ -69,19 +68,11 @@ public final class NBDKernelDevice: @unchecked Sendable {
     @discardableResult
     public func detach(timeoutMs: Int = 10_000) -> Bool {
         _ = remus_nbd_disconnect(device)
-        let deadline = monotonicNanoseconds() + UInt64(timeoutMs) * 1_000_000
-        var ended = monitor.withLock { () -> Bool in
-            while !(sessionEnded && serverEnded) && monotonicNanoseconds() < deadline { _ = monitor.wait(untilMonotonic: deadline) }
-            return sessionEnded && serverEnded
-        }
+        var ended = waitForBothThreads(untilMonotonic: monotonicNanoseconds() + UInt64(timeoutMs) * 1_000_000)
         if !ended {
             // The kernel did not let go in time: cut the socket under it.
             server.stop()
-            ended = monitor.withLock { () -> Bool in
-                let cut = monotonicNanoseconds() + 2_000_000_000
-                while !(sessionEnded && serverEnded) && monotonicNanoseconds() < cut { _ = monitor.wait(untilMonotonic: cut) }
-                return sessionEnded && serverEnded
-            }
+            ended = waitForBothThreads(untilMonotonic: monotonicNanoseconds() + 2_000_000_000)
         }
         _ = remus_nbd_clear(device)
         if ended {
@@ -89,5 +80,13 @@ public final class NBDKernelDevice: @unchecked Sendable {
             close(device)
         }
         return ended
+    }
+
+    /// Waits until the kernel's session and the serving thread have both ended, or the deadline.
+    private func waitForBothThreads(untilMonotonic deadline: UInt64) -> Bool {
+        monitor.withLock {
+            while !(sessionEnded && serverEnded) && monotonicNanoseconds() < deadline { _ = monitor.wait(untilMonotonic: deadline) }
+            return sessionEnded && serverEnded
+        }
     }
 }

@@ -179,9 +179,8 @@ public final class NBDServer: @unchecked Sendable {
         greeting.u64(NBD.optionMagic)
         greeting.u16(NBD.flagFixedNewstyle | NBD.flagNoZeroes)
         try connection.write(greeting.bytes, until: deadline)
-        guard let clientFlags = NBDReader(try readExact(connection, 4, deadline, what: "the client flags")).u32Value else {
-            throw NBDViolation("the client flags are missing")
-        }
+        var flagsReader = NBDReader(try readExact(connection, 4, deadline, what: "the client flags"))
+        let clientFlags = flagsReader.u32() ?? 0
         guard clientFlags & NBD.clientFlagFixedNewstyle != 0 else {
             throw NBDViolation("the client does not speak fixed newstyle negotiation (flags \(clientFlags)); use a current NBD client")
         }
@@ -371,12 +370,4 @@ struct NBDViolation: Error, CustomStringConvertible {
     var reason: String
     init(_ reason: String) { self.reason = reason }
     var description: String { reason }
-}
-
-extension NBDReader {
-    /// The whole of a 4-byte message as a big-endian value.
-    var u32Value: UInt32? {
-        var copy = self
-        return copy.u32()
-    }
 }

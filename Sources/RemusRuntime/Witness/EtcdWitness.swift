@@ -1,3 +1,4 @@
+import RemusTLS
 import Glibc
 
 /// A lease on the witness key, as last confirmed by etcd.
@@ -83,9 +84,9 @@ public final class EtcdWitness: @unchecked Sendable {
     /// Parses `etcd://host[:port]/key` (port 2379 when omitted; `[v6addr]:port` for IPv6). The key
     /// may contain "/"; it may not be empty or contain "%", "?", "#", spaces or control characters.
     /// `requestTimeoutMs` bounds each request to etcd (default 1000 ms).
-    /// - Parameter transport: mutual TLS in production (`WitnessConfiguration.transport()`),
-    ///   plaintext for a lab etcd on loopback.
-    public init(url: String, requestTimeoutMs: Int = 1000, transport: WitnessTransport = .plaintext) throws(WitnessError) {
+    /// - Parameter tls: our certificate, key and CA for mutual TLS with etcd, whose certificate
+    ///   must name the URL's host; nil: plaintext (a lab etcd on loopback).
+    public init(url: String, requestTimeoutMs: Int = 1000, tls: TLSFiles? = nil) throws(WitnessError) {
         let scheme = "etcd://"
         guard url.lowercased().hasPrefix(scheme) else {
             let reason = url.contains("://") ? "unsupported scheme (only etcd:// is supported)" : "missing etcd:// scheme"
@@ -111,7 +112,15 @@ public final class EtcdWitness: @unchecked Sendable {
         self.key = String(key)
         self.keyBase64 = EtcdCodec.base64(String(key))
         self.requestTimeoutMs = requestTimeoutMs
-        self.transport = transport
+        if let tls {
+            do {
+                transport = .tls(try TLSContext(.client, files: tls), expectedName: endpoint.host)
+            } catch {
+                throw .tlsConfiguration(reason: error.detail)
+            }
+        } else {
+            transport = .plaintext
+        }
     }
 
     /// The owner name the daemons use: "<role>:<hostname>:<pid>", e.g. "primary:hostA:4242".
