@@ -564,11 +564,14 @@ public final class BackupDaemon: @unchecked Sendable {
         let loop = self.loop
         var held: (EtcdWitness, WitnessConfiguration)?
         if case .witness(let wc) = config.fence {
-            // Taken over by fencing: the key is ours. After a switchover the old primary hands it
-            // over; until it does (or its lease runs out) keep asking.
+            // Taken over by fencing: the key is ours, under a lease taken at the fence, which may
+            // be near its end by now (activation and the next backup's start can take seconds on
+            // a loaded host): acquire renews it, so protection starts with a whole lease. After a
+            // switchover the old primary hands the key over; until it does (or its lease runs
+            // out) keep asking.
             let w = try witnessClient(wc)
             let deadline = clock.monotonicNs() + UInt64(wc.ttlSeconds + 2) * 1_000_000_000
-            var ours = w.lease != nil
+            var ours = false
             while !ours && clock.monotonicNs() < deadline {
                 ours = (try? w.acquire(owner: EtcdWitness.ownerName(role: "backup"), ttlSeconds: wc.ttlSeconds)) ?? false
                 if !ours { pauseBriefly(ms: 100) }

@@ -116,20 +116,33 @@ public func monotonicNanoseconds() -> UInt64 {
 }
 
 /// A cap on the clients a server answers at once, each on a thread of its own: one slow client
-/// never blocks the others, and a flood never makes the server hold more than `capacity` threads.
+/// never blocks the others, and a flood never makes the server hold more than `capacity` threads
+/// serving plus `lingerCapacity` closing.
 ///
-/// `@unchecked Sendable`: `busy` is guarded by `monitor`.
+/// `@unchecked Sendable`: `busy` and `lingering` are guarded by `monitor`.
 public final class ClientSlots: @unchecked Sendable {
     /// Most clients served at once.
     public let capacity: Int
+    /// Most threads closing gently at once after their client's reply went out (see `serve`).
+    public let lingerCapacity: Int
     private let monitor = MonitorLock()
     private var busy = 0
+    private var lingering = 0
 
-    public init(capacity: Int) { self.capacity = capacity }
+    public init(capacity: Int, lingerCapacity: Int = 0) {
+        self.capacity = capacity
+        self.lingerCapacity = lingerCapacity
+    }
 
     /// Runs `body` on a thread named `threadName` when a slot is free, and frees the slot when
     /// `body` returns. Returns false, running nothing, when all `capacity` slots are taken.
-    public func serve(threadName: String, _ body: @escaping @Sendable () -> Void) -> Bool {
+    ///
+    /// `body` gets `replied`: called right before the step that lets the client see the end of
+    /// its reply (a shutdown for writing), it frees the slot then, so that a client that read its
+    /// whole reply and comes straight back never finds its own slot still taken. It returns
+    /// whether the thread may linger to close gently (one of `lingerCapacity`, held until `body`
+    /// returns); when it returns false, `body` must return at once. Call it at most once.
+    public func serve(threadName: String, _ body: @escaping @Sendable (_ replied: () -> Bool) -> Void) -> Bool {
         let admitted = monitor.withLock {
             guard busy < capacity else { return false }
             busy += 1
@@ -137,16 +150,33 @@ public final class ClientSlots: @unchecked Sendable {
         }
         guard admitted else { return false }
         startThread(name: threadName) { [self] in
-            defer { monitor.withLock { busy -= 1; monitor.broadcast() } }
-            body()
+            var serving = true, lingers = false
+            defer {
+                monitor.withLock {
+                    if serving { busy -= 1 }
+                    if lingers { lingering -= 1 }
+                    monitor.broadcast()
+                }
+            }
+            body {
+                precondition(serving, "ClientSlots: replied() called twice")
+                return monitor.withLock {
+                    serving = false
+                    busy -= 1
+                    lingers = lingering < lingerCapacity
+                    if lingers { lingering += 1 }
+                    monitor.broadcast()
+                    return lingers
+                }
+            }
         }
         return true
     }
 
-    /// Waits until no client is being served, or until `deadline` (monotonic ns) passes.
+    /// Waits until no client is being served or lingering, or until `deadline` (monotonic ns) passes.
     public func waitUntilIdle(untilMonotonic deadline: UInt64) {
         monitor.withLock {
-            while busy > 0 && monotonicNanoseconds() < deadline { _ = monitor.wait(untilMonotonic: deadline) }
+            while busy + lingering > 0 && monotonicNanoseconds() < deadline { _ = monitor.wait(untilMonotonic: deadline) }
         }
     }
 }

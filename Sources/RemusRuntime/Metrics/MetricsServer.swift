@@ -4,7 +4,8 @@ import Glibc
 /// `GET /metrics` with the daemon's metrics as Prometheus text, and everything else with 404.
 ///
 /// It never blocks the daemon: an accept thread and one thread per client, at most `maxClients`
-/// at once (more are told 503 and closed at once); a
+/// at once (more are told 503 and closed at once; a client's slot is free again before it sees
+/// the end of its reply); a
 /// request must arrive whole within `readDeadlineMs` and `maxRequestBytes` (else 408 or 431);
 /// one request per connection (`Connection: close`).
 /// Rendering takes the statistics lock only for a copy-sized moment.
@@ -23,7 +24,8 @@ public final class MetricsServer: @unchecked Sendable {
     private let listener: TCPListener
     /// Where it listens (the bound port when asked for port 0).
     public let endpoint: Endpoint
-    private let slots = ClientSlots(capacity: MetricsServer.maxClients)
+    /// Up to `maxClients` served, and as many closing gently after their reply.
+    private let slots = ClientSlots(capacity: MetricsServer.maxClients, lingerCapacity: MetricsServer.maxClients)
 
     /// - Parameter render: the metrics text, called on a client's thread for each `GET /metrics`.
     public init(listen: Endpoint, render: @escaping @Sendable () -> [UInt8]) throws {
@@ -47,7 +49,7 @@ public final class MetricsServer: @unchecked Sendable {
                 continue
             }
             let admitted = slots.serve(threadName: "metrics-client") {
-                [self] in serve(client, render: render)
+                [self] replied in serve(client, render: render, replied: replied)
             }
             if !admitted {
                 client.setSendTimeout(nanoseconds: 200_000_000)
@@ -57,7 +59,9 @@ public final class MetricsServer: @unchecked Sendable {
         }
     }
 
-    private func serve(_ client: TCPChannel, render: () -> [UInt8]) {
+    /// - Parameter replied: frees the client's slot before it can see the end of the reply
+    ///   (`ClientSlots.serve`); true if this thread may then drain the client's last bytes.
+    private func serve(_ client: TCPChannel, render: () -> [UInt8], replied: () -> Bool) {
         defer { client.shutdown() }
         let deadline = Deadline.after(milliseconds: Self.readDeadlineMs)
         let reply: [UInt8]
@@ -80,10 +84,14 @@ public final class MetricsServer: @unchecked Sendable {
         }
         client.setSendTimeout(nanoseconds: UInt64(Self.readDeadlineMs) * 1_000_000)
         do { try client.write(reply) } catch { return }
+        // The slot is free before the client sees the end of its reply: a scraper that comes
+        // straight back is served, however late this thread is scheduled.
+        let mayLinger = replied()
         // Close gently: a client still sending (an oversized request) would otherwise get a
-        // reset that can destroy the reply before it reads it. Bounded in bytes and time.
+        // reset that can destroy the reply before it reads it. Bounded in bytes and time, and
+        // in threads (with every linger slot taken, the close is abrupt).
         client.shutdownWrite()
-        Self.drain(client, limit: 4 << 20, until: .after(milliseconds: 500))
+        if mayLinger { Self.drain(client, limit: 4 << 20, until: .after(milliseconds: 500)) }
     }
 
     enum RequestOutcome: Equatable {

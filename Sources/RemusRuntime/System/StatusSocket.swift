@@ -130,7 +130,9 @@ public final class StatusSocket: @unchecked Sendable {  // listener, path and cl
                 try? client.write(Array(reply.utf8), until: quick)
                 continue
             }
-            let admitted = slots.serve(threadName: "status-client") {
+            // The slot frees before the client sees its reply end: the connection closes only
+            // once the thread is done (it holds `client`).
+            let admitted = slots.serve(threadName: "status-client") { _ in
                 // A status reader sends nothing and half-closes; a control client sends one line.
                 guard let received = try? client.readLine(limit: 256, until: .after(milliseconds: Self.readDeadlineMs)) else { return }
                 let line = String(decoding: received, as: UTF8.self).trimmingWhitespace()
