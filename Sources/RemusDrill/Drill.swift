@@ -193,7 +193,9 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
         // Generation 0: a fresh guest protected towards backup 0.
         var b = 0  // index of the current backup (and of its port)
         var backup = try startBackup(0)
-        try waitForFile("\(dir)/backup-0.sock", what: "backup 0 to listen", deadlineMs: 5000)
+        // Generous: under emulation on a loaded host a daemon's start takes seconds; one that
+        // fails to start ends the wait at once.
+        try waitForFile("\(dir)/backup-0.sock", what: "backup 0 to listen", deadlineMs: 30_000, madeBy: backup, log: "\(dir)/backup-0.log")
         let p = config.simulated
         let overload = config.faults.contains(.overload)
         var primary = try ChildProcess(

@@ -10,11 +10,15 @@ func format(_ v: Double) -> String {
     return String(r)
 }
 
-/// Polls for `path` to exist until `deadlineMs` passes.
-package func waitForFile(_ path: String, what: String, deadlineMs: UInt64) throws {
+/// Polls for `path` to exist until `deadlineMs` passes, or until `process` (the one that makes
+/// it) has exited: a daemon that failed at start fails the wait at once, not at its deadline.
+package func waitForFile(_ path: String, what: String, deadlineMs: UInt64, madeBy process: ChildProcess? = nil, log: String? = nil) throws {
     let clock = SystemClock()
     let deadline = clock.monotonicNs() + deadlineMs * 1_000_000
     while access(path, F_OK) != 0 {
+        if let status = process?.poll() {
+            throw ProtocolError("gave up waiting for \(what) (\(path)): the process ended (\(ChildProcess.exitCode(status).map { "exit code \($0)" } ?? "signal \(status & 0x7f)"))" + (log.map { "; see \($0)" } ?? ""))
+        }
         if clock.monotonicNs() > deadline { throw ProtocolError("timed out after \(deadlineMs) ms waiting for \(what) (\(path))") }
         pauseBriefly(ms: 2)
     }
