@@ -259,9 +259,18 @@ public final class BackupDaemon: @unchecked Sendable {
             do { guestBytes = try BackendFactory.declaredGuestBytes(header, config) } catch {
                 throw ProtocolError("\(sender.guestDescription): \(error)")
             }
-            let answer = Gate<String?>()
-            loop.post(.hello(generation: gen, channel: ch, sender: sender, guestBytes: guestBytes, header: header, config: config, answer: answer))
-            if let refusal = answer.wait() {
+            // What the configuration names on this host (Xen: files, scripts, bridges) is checked
+            // before the loop hears of the hello: a refused one changes nothing here.
+            var refusal: String?
+            do { try BackendFactory.checkHostResources(config, policy: self.config.xenPaths) } catch {
+                refusal = "\(sender.guestDescription): \(error)"
+            }
+            if refusal == nil {
+                let answer = Gate<String?>()
+                loop.post(.hello(generation: gen, channel: ch, sender: sender, guestBytes: guestBytes, header: header, config: config, answer: answer))
+                refusal = answer.wait()
+            }
+            if let refusal {
                 Log.warning("refused a primary from \(ch.peer) ('\(sender.identity)'): \(refusal)")
                 try? RecordWriter(channel: ch, pageSize: 4096).write(PeerError(code: 1, message: refusal))
                 ch.shutdown()
