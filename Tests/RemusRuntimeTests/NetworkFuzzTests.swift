@@ -322,12 +322,14 @@ final class FuzzedBackup {
     var statusPath: String { directory + "/backup.sock" }
     static let settings = ProtectionSettings(intervalNs: 20_000_000, heartbeatNs: 50_000_000, timeoutNs: 400_000_000, maxPauseNs: 0)
 
-    init(expected: [Epoch: UInt64]) throws {
+    /// - Parameter xenReplica: builds the replica of a Xen stream (default: none, refused).
+    init(expected: [Epoch: UInt64], xenReplica: (@Sendable () -> any ReplicaTarget)? = nil) throws {
         signal(SIGPIPE, SIG_IGN)
         directory = try freshRunDirectory("netfuzz")
         port = try freePorts(1)[0]
         let ledger = self.ledger
         let backends = BackendFactory(makeReplica: { header, _, clock in
+            if header.backend == .xen, let xenReplica { return BackupReplica(xenReplica()) }
             guard header.backend == .simulated else { throw ProtocolError("the fuzzed backup takes simulated streams only") }
             return BackupReplica(CheckedSimReplica(inner: SimReplica(clock: clock, autoRunOnActivation: false), ledger: ledger, expected: expected))
         })
