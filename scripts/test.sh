@@ -4,7 +4,8 @@
 # xl remus protecting real Xen PVH domains on Debian 12's current Xen 4.17, on one host and
 # across two; REMUSD_XEN_TESTBED_GUESTS picks the guest kinds, Tests/XenTestbed/README.md).
 # REMUSD_SKIP_TESTBED=1 skips every QEMU testbed; REMUSD_SKIP_XEN_TESTBED=1 only the Xen ones;
-# REMUSD_FUZZ_SECONDS sets the fuzz time (default 60).
+# REMUSD_FUZZ_SECONDS sets the decoder fuzz time (default 60), REMUSD_NET_FUZZ_SECONDS the network
+# fuzzer's (default 60; the unit suite runs it for 8 s) and REMUSD_NET_FUZZ_SEED re-runs one seed.
 # The slow tier (REMUSD_SLOW=1; on by default under CI=true, REMUSD_SLOW=0 leaves it out): the
 # unit suite three times back to back under a CPU hog (a flake is a bug: none may show), and the
 # replica read/discard race under ThreadSanitizer.
@@ -59,6 +60,10 @@ if [ -f Fuzz/run.sh ]; then
     step "fuzzing the stream decoder (${REMUSD_FUZZ_SECONDS:-60} s)"
     bash Fuzz/run.sh "${REMUSD_FUZZ_SECONDS:-60}"
 fi
+
+step "fuzzing a live backup over the network (${REMUSD_NET_FUZZ_SECONDS:-60} s; the seed is printed, REMUSD_NET_FUZZ_SEED=N re-runs one)"
+REMUSD_NET_FUZZ_SECONDS="${REMUSD_NET_FUZZ_SECONDS:-60}" swift test --skip-build --filter NetworkFuzzTests 2>&1 \
+    | grep -E "network fuzz:|✘|↳ seed|Test run with"
 
 if [ -f Tests/Testbed/run.sh ] && [ "${REMUSD_SKIP_TESTBED:-0}" != 1 ]; then
     step "kernel testbed: plug qdisc under QEMU"

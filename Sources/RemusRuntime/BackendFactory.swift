@@ -51,6 +51,15 @@ struct BackendFactory: Sendable {
         }
     }
 
+    /// Refuses a DOMAIN_CONFIG that names files, scripts or bridges of this host outside the
+    /// operator's `policy` (Xen; a simulated guest names none).
+    static func checkHostResources(_ config: DomainConfig, policy: XenPathPolicy) throws {
+        switch config.format {
+        case .simulated: return
+        case .libxlJSON: try policy.check(config.bytes)
+        }
+    }
+
     @Sendable
     private static func openStandardPrimary(_ config: ProtectConfiguration, clock: any HostClock) throws -> OpenedGuest {
         switch config.backend {

@@ -259,9 +259,18 @@ public final class BackupDaemon: @unchecked Sendable {
             do { guestBytes = try BackendFactory.declaredGuestBytes(header, config) } catch {
                 throw ProtocolError("\(sender.guestDescription): \(error)")
             }
-            let answer = Gate<String?>()
-            loop.post(.hello(generation: gen, channel: ch, sender: sender, guestBytes: guestBytes, header: header, config: config, answer: answer))
-            if let refusal = answer.wait() {
+            // What the configuration names on this host (Xen: files, scripts, bridges) is checked
+            // before the loop hears of the hello: a refused one changes nothing here.
+            var refusal: String?
+            do { try BackendFactory.checkHostResources(config, policy: self.config.xenPaths) } catch {
+                refusal = "\(sender.guestDescription): \(error)"
+            }
+            if refusal == nil {
+                let answer = Gate<String?>()
+                loop.post(.hello(generation: gen, channel: ch, sender: sender, guestBytes: guestBytes, header: header, config: config, answer: answer))
+                refusal = answer.wait()
+            }
+            if let refusal {
                 Log.warning("refused a primary from \(ch.peer) ('\(sender.identity)'): \(refusal)")
                 try? RecordWriter(channel: ch, pageSize: 4096).write(PeerError(code: 1, message: refusal))
                 ch.shutdown()
@@ -278,10 +287,12 @@ public final class BackupDaemon: @unchecked Sendable {
             try receiver.receive(
                 deltaBases: { [self] in replicaForReader() },
                 began: { [loop] begin in loop.post(.began(generation: gen, begin)) },
-                complete: { [loop] end, staged in
+                complete: { [self, loop] end, staged in
                     let done = Gate<Bool>()
                     loop.post(.complete(generation: gen, end, staged, done: done))
-                    return done.wait()
+                    guard done.wait() else { return false }
+                    try waitForFeedRoom()
+                    return true
                 },
                 activity: { [loop] in loop.post(.activity(generation: gen)) },
                 streamEnd: { [loop] end in loop.post(.streamEnd(generation: gen, end)) })
@@ -290,6 +301,10 @@ public final class BackupDaemon: @unchecked Sendable {
             // Cut off mid-record: a lost connection (the partial checkpoint is dropped), not garbage.
             loop.post(.lost(generation: gen, error.description))
         } catch let error as StreamDecodeError {
+            loop.post(.rejected(generation: gen, error.description))
+        } catch let error as FeedFellBehind {
+            // The primary is alive; this backup cannot keep up: like a rejected stream, it keeps
+            // what it committed and gives the primary the timeout to reconnect.
             loop.post(.rejected(generation: gen, error.description))
         } catch {
             loop.post(.lost(generation: gen, "\(error)"))
@@ -304,6 +319,24 @@ public final class BackupDaemon: @unchecked Sendable {
 
     private let replicaLock = MonitorLock()
     private var replicaForReaders: (any PageReplica)?
+    /// The replica's feed queue, when it applies checkpoints behind one (Xen).
+    private var feedForReaders: (any FeedBoundedReplica)?
+
+    /// The reader, after each commit: reads on only once the replica's feed queue is within its
+    /// bound (backpressure on the connection; nothing acknowledged is dropped). A feed still over
+    /// it after half the silence timeout ends the connection before the committer would take a
+    /// live primary for a lost one.
+    private func waitForFeedRoom() throws {
+        guard let feed = replicaLock.withLock({ feedForReaders }) else { return }
+        let waitNs = config.settings.timeoutNs / 2
+        if let behind = feed.waitForFeedRoom(until: monotonicNanoseconds() + waitNs) {
+            throw FeedFellBehind(description: "libxl's restore fell behind: \(behind) after \(waitNs / 1_000_000) ms; dropping the connection so the primary resynchronises")
+        }
+    }
+
+    private struct FeedFellBehind: Error, CustomStringConvertible {
+        let description: String
+    }
 
     /// The replica the reader decodes deltas against (set on the loop thread before the reader
     /// starts staging); nil when there is none or it takes a hypervisor library's stream.
@@ -339,7 +372,8 @@ public final class BackupDaemon: @unchecked Sendable {
                 case .pages(let pageReplica): deltaBases = pageReplica
                 case .stream: deltaBases = nil
                 }
-                replicaLock.withLock { replicaForReaders = deltaBases }
+                let feed = built.target as? any FeedBoundedReplica
+                replicaLock.withLock { replicaForReaders = deltaBases; feedForReaders = feed }
             } catch {
                 answer.open(with: "cannot build the replica: \(error)")
                 return
@@ -497,7 +531,7 @@ public final class BackupDaemon: @unchecked Sendable {
             replicaSender = nil
             statsLock.withLock { replicaHost = nil }
             setStatus("serving", "nothing (no image held)")
-            replicaLock.withLock { replicaForReaders = nil }
+            replicaLock.withLock { replicaForReaders = nil; feedForReaders = nil }
         case .report(let text):
             Log.info(text, logContext)
             setStatus("last event", text)

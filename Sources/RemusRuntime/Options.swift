@@ -1,6 +1,7 @@
 import Glibc
 import RemusTLS
 import RemusCore
+import RemusXen
 
 /// Parameters of the simulated guest chosen on the command line.
 public struct SimulatedGuestParameters: Equatable, Sendable {
@@ -155,6 +156,9 @@ public struct ReceiveConfiguration: Sendable {
     /// Longest from the end of the TLS handshake (plaintext: the accept) to the primary's stream
     /// header and DOMAIN_CONFIG, milliseconds (`--hello-timeout`).
     public var helloTimeoutMs = defaultHelloTimeoutMs
+    /// What a Xen primary's DOMAIN_CONFIG may name on this host (`--xen-allow-path`,
+    /// `--xen-allow-bridge`).
+    public var xenPaths = XenPathPolicy()
 
     public init(listen: Endpoint, settings: ProtectionSettings, fence: FenceConfiguration, reprotectTo: Endpoint?,
                 nicSink: Endpoint?, activationReport: String?, exitAfterProtection: Bool, statusSocket: String,

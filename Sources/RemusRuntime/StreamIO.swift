@@ -325,13 +325,14 @@ final class CheckpointReceiver {
         staged = StagedCheckpoint(pageSize: Int(pageSize), guestBytes: guestBytes)
     }
 
-    /// Receives until the stream ends. Throws StreamDecodeError for a rejected stream.
+    /// Receives until the stream ends. Throws StreamDecodeError for a rejected stream, and what
+    /// `complete` throws.
     /// `deltaBases` is the replica whose committed pages delta-encoded pages are decoded against
     /// (nil when there is none, or the replica takes a hypervisor library's stream).
     func receive(
         deltaBases: () -> (any PageReplica)?,
         began: (CheckpointBegin) -> Void,
-        complete: (CheckpointEnd, StagedCheckpoint) -> Bool,
+        complete: (CheckpointEnd, StagedCheckpoint) throws -> Bool,
         activity: @escaping () -> Void,
         streamEnd: (StreamEnd) -> Void
     ) throws {
@@ -394,7 +395,7 @@ final class CheckpointReceiver {
                 default: break
                 }
             case .checkpointComplete(let end):
-                _ = complete(end, staged)
+                _ = try complete(end, staged)
             case .heartbeat:
                 activity()
             case .streamEnded(let end):

@@ -15,9 +15,12 @@ import RemusSystem
 /// the last checkpoint, libxl finishes building the domain, and remusd renames and unpauses
 /// it. A planned stop (`discard`) destroys the incoming domain.
 ///
-/// `@unchecked Sendable`: the queue and progress are guarded by `monitor`; the rest is set up
+/// The queue between commit and pipe is bounded by backpressure (`XenFeedQueue`): after each
+/// commit the backup's reader waits for room before it reads the next checkpoint.
+///
+/// `@unchecked Sendable`: progress is guarded by `monitor`, the queue by its own; the rest is set up
 /// in `configure` on the backup's loop thread before the threads start.
-public final class XenReplica: StreamingReplica, @unchecked Sendable {
+public final class XenReplica: StreamingReplica, FeedBoundedReplica, @unchecked Sendable {
     let log: XenLog
     let light: XenLight
     /// How long libxl may take to finish the domain after the stream ends.
@@ -29,7 +32,8 @@ public final class XenReplica: StreamingReplica, @unchecked Sendable {
 
     private let monitor = MonitorLock()
     // Guarded by `monitor`:
-    private var queue: [(bytes: [UInt8], checkpoint: Bool)] = []
+    /// Committed bytes not yet in the pipe (its own lock, taken inside `monitor`, never around it).
+    private let queue: XenFeedQueue
     private var feeding = false
     private var fedCheckpoints = 0
     private var queuedCheckpoints = 0
@@ -39,9 +43,13 @@ public final class XenReplica: StreamingReplica, @unchecked Sendable {
     private var closing = false
 
     /// Opens a libxl context; builds nothing until `configure`.
-    public init(log: XenLog, deadlineNs: UInt64 = 180_000_000_000) throws {
+    /// What the feed queue may hold before the backup's reader waits for libxl, bytes.
+    public static let defaultFeedBoundBytes = 256 << 20
+
+    public init(log: XenLog, deadlineNs: UInt64 = 180_000_000_000, feedBoundBytes: Int = XenReplica.defaultFeedBoundBytes) throws {
         self.log = log
         self.deadlineNs = deadlineNs
+        queue = XenFeedQueue(boundBytes: feedBoundBytes)
         light = try XenLight(log: log)
         light.reapOwnChildrenOnly()
         // A restore that fails closes its end of the pipe; the feeder must get EPIPE, not die.
@@ -117,13 +125,14 @@ public final class XenReplica: StreamingReplica, @unchecked Sendable {
             restoreResult = (rc, domid, said)
             monitor.broadcast()
         }
+        queue.stop("libxl's restore ended")
     }
 
     public func commitStream(_ bytes: [UInt8], checkpoint: Bool) throws {
         try monitor.withLock { () throws -> Void in
             if let feedFailure { throw XenBackendError("libxl's restore stopped taking the stream: \(feedFailure)") }
             if restoreDone { throw XenBackendError("libxl's restore ended early (\(restoreSummary())); the primary must start a new stream") }
-            queue.append((bytes, checkpoint))
+            queue.append(.init(bytes: bytes, checkpoint: checkpoint))
             if checkpoint { queuedCheckpoints += 1 }
             if !feeding {
                 feeding = true
@@ -136,15 +145,15 @@ public final class XenReplica: StreamingReplica, @unchecked Sendable {
     /// Writes queued bytes into the pipe in order until the queue is empty.
     private func feed() {
         while true {
-            let next: ([UInt8], Bool)? = monitor.withLock {
-                guard !queue.isEmpty, feedFailure == nil, !closing else {
+            let next: XenFeedQueue.Item? = monitor.withLock {
+                guard feedFailure == nil, !closing, let item = queue.takeFirst() else {
                     feeding = false
                     monitor.broadcast()
                     return nil
                 }
-                return queue.removeFirst()
+                return item
             }
-            guard let (bytes, checkpoint) = next else { return }
+            guard let (bytes, checkpoint) = next.map({ ($0.bytes, $0.checkpoint) }) else { return }
             var offset = 0
             var failure: String?
             bytes.withUnsafeBytes { raw in
@@ -162,7 +171,14 @@ public final class XenReplica: StreamingReplica, @unchecked Sendable {
                 if let failure { feedFailure = failure } else if checkpoint { fedCheckpoints += 1 }
                 monitor.broadcast()
             }
+            queue.written(bytes.count)
+            if let failure { queue.stop(failure) }
         }
+    }
+
+    /// The backup's reader, after each commit: waits until the feed queue is within its bound.
+    public func waitForFeedRoom(until deadlineNs: UInt64) -> String? {
+        queue.waitForRoom(until: deadlineNs)
     }
 
     /// Waits until every queued byte is in the pipe (or the feeder failed).
@@ -216,6 +232,7 @@ public final class XenReplica: StreamingReplica, @unchecked Sendable {
         // The end of the stream, at a checkpoint boundary: libxenguest restores the last
         // checkpoint, libxl finishes the domain.
         monitor.withLock { closing = true }
+        queue.stop("the stream was closed for the failover")
         close(writeFd)
         writeFd = -1
         let result = try waitForRestore(until: deadline)
@@ -254,9 +271,9 @@ public final class XenReplica: StreamingReplica, @unchecked Sendable {
     public func discard() {
         monitor.withLock {
             closing = true
-            queue.removeAll()
             monitor.broadcast()
         }
+        queue.stop("the replica was discarded")
         if writeFd >= 0 {
             close(writeFd)
             writeFd = -1

@@ -134,6 +134,12 @@ struct Receive: ParsableCommand {
     @Option(name: .customLong("hello-timeout"), help: ArgumentHelp("Longest from the end of the TLS handshake (plaintext: the accept) to the primary's stream header and DOMAIN_CONFIG; then the connection is dropped.", valueName: "ms"))
     var helloTimeout: Int = defaultHelloTimeoutMs
 
+    @Option(name: .customLong("xen-allow-path"), help: ArgumentHelp("A directory whose files a Xen primary's domain configuration may name on this host (kernel, ramdisk, firmware, disk images, device model, hotplug scripts), besides /etc/xen and /var/lib/xen. Repeatable. A configuration naming anything else is refused at the hello, naming the path.", valueName: "dir"))
+    var xenAllowPaths: [String] = []
+
+    @Option(name: .customLong("xen-allow-bridge"), help: ArgumentHelp("A bridge a Xen guest's NICs may attach to on this host, besides xenbr0. Repeatable. A configuration naming another bridge is refused at the hello.", valueName: "name"))
+    var xenAllowBridges: [String] = []
+
     @Option(help: ArgumentHelp("Command that makes sure the primary is off (exit 0: it is; an empty command is refused). Retried every heartbeat until it succeeds. Alternatives: --witness, --unsafe-no-fence; with none the backup waits for 'remusd failover --activate'.", valueName: "command"))
     var fence: String?
 
@@ -172,6 +178,12 @@ struct Receive: ParsableCommand {
         }
         for guest in acceptGuests where GuestSelector(parsing: guest) == nil {
             throw ValidationError("--accept-guest '\(guest)' is empty: give a guest name or UUID")
+        }
+        for dir in xenAllowPaths where !dir.hasPrefix("/") || dir.split(separator: "/").contains("..") {
+            throw ValidationError("--xen-allow-path '\(dir)' must be an absolute directory without '..' components")
+        }
+        for bridge in xenAllowBridges where bridge.isEmpty || bridge.count > 15 || bridge.contains(where: { $0 == "/" || $0.isWhitespace }) {
+            throw ValidationError("--xen-allow-bridge '\(bridge)' is not an interface name (1 to 15 characters, no '/' or spaces)")
         }
         if let memoryBudget, memoryBudget < 1 || memoryBudget > 1 << 24 { throw ValidationError("--memory-budget must be between 1 MiB and 16 TiB (16777216 MiB), got \(memoryBudget)") }
         if maxPendingConnections < 1 || maxPendingConnections > 4096 { throw ValidationError("--max-pending-connections must be between 1 and 4096, got \(maxPendingConnections)") }
@@ -216,6 +228,8 @@ struct Receive: ParsableCommand {
         if let memoryBudget { config.admission.guestMemoryBudget = memoryBudget << 20 }
         config.maxPendingConnections = maxPendingConnections
         config.helloTimeoutMs = helloTimeout
+        config.xenPaths.allowedDirectories += xenAllowPaths
+        config.xenPaths.allowedBridges += xenAllowBridges
         let code = try BackupDaemon(config, metrics: metrics.bootstrap()).run()
         if code != 0 { throw ExitCode(code) }
     }

@@ -25,8 +25,13 @@ final class HandWrittenPeer: @unchecked Sendable {
 
     /// Connects over mutual TLS as `identity` and reads the backup's stream header. Every read
     /// afterwards ends by `deadline` at the latest: the connection is shut down then.
-    init(port: UInt16, identity: String = "intruder", deadline: Deadline = .after(seconds: 30)) throws {
-        channel = try connectAsPrimary(port: port, identity: identity)
+    convenience init(port: UInt16, identity: String = "intruder", deadline: Deadline = .after(seconds: 30)) throws {
+        try self.init(channel: connectAsPrimary(port: port, identity: identity), deadline: deadline)
+    }
+
+    /// Takes over a connection already made (a plaintext one, for the network fuzzer).
+    init(channel: any ByteChannel, deadline: Deadline) throws {
+        self.channel = channel
         reader = StreamReader(channel: channel, direction: .backupToPrimary)
         let channel = self.channel
         startThread(name: "peer-deadline") { [watchdog, weak self] in

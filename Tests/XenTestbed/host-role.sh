@@ -178,7 +178,7 @@ backup() {
     # host A's whole QEMU, so once remusd notices the loss, host A is off. (Should remusd take
     # over while host A merely stalls, two-hosts.sh fails the run: host A was not killed.)
     remusd receive --listen "0.0.0.0:$port" --timeout 3000 --heartbeat 200 --fence "true" \
-        --tls-cert /usr/share/remusd/tls/backup.pem --tls-key /usr/share/remusd/tls/backup.key --tls-ca /usr/share/remusd/tls/ca.pem --tls-allow-peer primary 2>&1 | stamp > /tmp/receive.log &
+        --tls-cert /usr/share/remusd/tls/backup.pem --tls-key /usr/share/remusd/tls/backup.key --tls-ca /usr/share/remusd/tls/ca.pem --tls-allow-peer primary --xen-allow-path /guest 2>&1 | stamp > /tmp/receive.log &
     deadline=$(( $(now_s) + 20 ))
     until ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; do
         [ "$(now_s)" -lt $deadline ] && [ -n "$(pids_matching "*remusd receive *")" ] || break

@@ -177,7 +177,7 @@ fencing="--fence fence-guest --fence-timeout 60000"
 # primary's first connection gets 20 s (--connect-timeout) instead of 3.
 # remusd's log lines carry no uptime: stamp them.
 start_receive() {
-    remusd receive --listen 127.0.0.1:7788 $timing $fencing --tls-cert /usr/share/remusd/tls/backup.pem --tls-key /usr/share/remusd/tls/backup.key --tls-ca /usr/share/remusd/tls/ca.pem --tls-allow-peer primary 2>&1 | stamp > "$1" &
+    remusd receive --listen 127.0.0.1:7788 $timing $fencing --tls-cert /usr/share/remusd/tls/backup.pem --tls-key /usr/share/remusd/tls/backup.key --tls-ca /usr/share/remusd/tls/ca.pem --tls-allow-peer primary --xen-allow-path /guest 2>&1 | stamp > "$1" &
 }
 start_protect() {
     remusd protect guest 127.0.0.1:7788 --backend xen $timing --connect-timeout 20000 --tls-cert /usr/share/remusd/tls/primary.pem --tls-key /usr/share/remusd/tls/primary.key --tls-ca /usr/share/remusd/tls/ca.pem --tls-peer-name backup 2>&1 | stamp > "$1" &

@@ -206,6 +206,16 @@ public protocol StreamingReplica: ReplicaTarget {
     func commitStream(_ bytes: [UInt8], checkpoint: Bool) throws
 }
 
+/// A replica that applies committed checkpoints behind a queue of its own (Xen: the feed into
+/// libxl's restore). The backup's reader calls `waitForFeedRoom` after each commit and reads the
+/// next checkpoint only when it returns nil, so the queue is bounded by backpressure on the
+/// connection, never by dropping what was acknowledged.
+public protocol FeedBoundedReplica: AnyObject {
+    /// Blocks until the queue is within its bound, the feed has ended, or `deadlineNs`
+    /// (monotonic) passes; nil when the reader may go on, otherwise what is still queued.
+    func waitForFeedRoom(until deadlineNs: UInt64) -> String?
+}
+
 extension StreamingReplica {
     public var commitMode: CommitMode { .stream(self) }
 }
