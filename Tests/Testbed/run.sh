@@ -79,7 +79,10 @@ fi
 [ "${REMUSD_TESTBED_SWIFT_TESTS:-1}" = 1 ] || rm -f "$swift_tests"
 
 # --- 4. initramfs, rebuilt when an input changes ----------------------------------------
-modules=(ifb sch_plug sch_ingress act_mirred cls_u32 veth bridge tun)
+# tls needs the kernel's AES-GCM for the keys OpenSSL hands it: gcm, ctr and ghash are modules in
+# Debian's kernel, which the kernel would load on demand through modprobe, and this initramfs has
+# none; without them setsockopt(TLS_TX) fails and OpenSSL falls back to userspace TLS.
+modules=(ifb sch_plug sch_ingress act_mirred cls_u32 veth bridge tun nbd tls gcm ctr ghash_generic)
 inputs_hash=$( {
     echo "$kver"; sha256sum "$vmlinuz" "$remusd" "$here/init.sh" "$here/guest-tests.sh" "$here/run.sh" "$here/../TestbedLib/initramfs.sh"
     if [ -x "$swift_tests" ]; then sha256sum "$swift_tests"; fi
