@@ -556,11 +556,12 @@ test_nbd() {
 }
 test_nbd
 
-# 13. Kernel TLS: with the tls module (and the kernel's AES-GCM: gcm, ghash) loaded, a protected
+# 13. Kernel TLS: with the tls module (and the kernel's AES-GCM: gcm, ctr, ghash) loaded here, a protected
 # pair over loopback gets kTLS for sending on both sides of the replication channel (the build
 # machine's kernel has no tls module). OpenSSL 3.0 (Debian 12) hands the kernel only the sending
 # direction of a TLS 1.3 connection; receiving in the kernel needs OpenSSL 3.2 or later.
 test_ktls() {
+    for m in $(cat /lib/modules-load/order-ktls); do insmod "/lib/modules-load/$m.ko" || fail "insmod $m (for kTLS)"; done
     grep -qw tls /proc/sys/net/ipv4/tcp_available_ulp 2>/dev/null || { fail "the kernel offers no tls ULP: $(cat /proc/sys/net/ipv4/tcp_available_ulp 2>&1)"; return; }
     remusd certs /tmp/certs primary backup=127.0.0.1 > /tmp/certs.out 2>&1 || { fail "remusd certs: $(cat /tmp/certs.out)"; return; }
     c=/tmp/certs

@@ -79,15 +79,18 @@ fi
 [ "${REMUSD_TESTBED_SWIFT_TESTS:-1}" = 1 ] || rm -f "$swift_tests"
 
 # --- 4. initramfs, rebuilt when an input changes ----------------------------------------
-# tls needs the kernel's AES-GCM for the keys OpenSSL hands it: gcm, ctr and ghash are modules in
-# Debian's kernel, which the kernel would load on demand through modprobe, and this initramfs has
-# none; without them setsockopt(TLS_TX) fails and OpenSSL falls back to userspace TLS.
-modules=(ifb sch_plug sch_ingress act_mirred cls_u32 veth bridge tun nbd tls gcm ctr ghash_generic)
+modules=(ifb sch_plug sch_ingress act_mirred cls_u32 veth bridge tun nbd)
+# Loaded by the kTLS check only (lib/modules-load/order-ktls), after the drills: tls needs the
+# kernel's AES-GCM for the keys OpenSSL hands it, and gcm, ctr and ghash are modules in Debian's
+# kernel that the kernel would load on demand through a modprobe this initramfs does not have.
+# Loaded at boot they would put the drills' TLS on the emulated CPU's software AES in the kernel,
+# slower here than OpenSSL's own.
+ktls_modules=(tls gcm ctr ghash_generic)
 inputs_hash=$( {
     echo "$kver"; sha256sum "$vmlinuz" "$remusd" "$here/init.sh" "$here/guest-tests.sh" "$here/run.sh" "$here/../TestbedLib/initramfs.sh"
     if [ -x "$swift_tests" ]; then sha256sum "$swift_tests"; fi
     dpkg-query -W busybox-static iproute2 libnl-3-200 libnl-route-3-200 libc6 2>/dev/null
-    echo "${modules[*]}"
+    echo "${modules[*]} / ${ktls_modules[*]}"
 } | sha256sum | cut -c1-16)
 initrd=$cache/initramfs-$inputs_hash.cpio.gz
 if [ -f "$initrd" ]; then
@@ -99,6 +102,8 @@ else
     ln -s ../run "$root/var/run"
     cp /bin/busybox "$root/bin/busybox"
 
+    testbed_collect_modules "$root" "$kver" "${ktls_modules[@]}"
+    mv "$root/lib/modules-load/order" "$root/lib/modules-load/order-ktls"
     testbed_collect_modules "$root" "$kver" "${modules[@]}"
 
     # Binaries with their shared libraries, each at its own path (RUNPATH and the loader's
