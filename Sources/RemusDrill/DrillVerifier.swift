@@ -26,6 +26,10 @@ enum DrillVerifier {
         if report.fields["memory_verified"] != "yes" {
             problems.append("memory/registers/layout: \(report.fields["memory_report"] ?? "no verification in the report")")
         }
+        // I9: the disk as the guest resumed on it against a replay to the committed checkpoint.
+        if let disk = report.fields["disk_verified"], disk != "yes" {
+            problems.append("disk (I9): \(report.fields["disk_report"] ?? "no verification in the report")")
+        }
         guard let state = report.committedState(), let configHex = report.fields["domain_config"], let configBytes = unhex(Substring(configHex)),
               let config = try? SimConfig(DomainConfig(format: .simulated, bytes: configBytes)) else {
             result.problems = problems + ["the activation report has no readable committed state"]

@@ -10,11 +10,18 @@ public struct SimulatedGuestParameters: Equatable, Sendable {
     /// Pages dirtied per second across the guest (0: unthrottled).
     public var dirtyRate: UInt64
     public var seed: UInt64
-    public init(memoryBytes: UInt64, vcpus: Int, dirtyRate: UInt64, seed: UInt64) {
+    /// The virtual disk's image (created sparse when missing), replicated with the checkpoints;
+    /// nil: the guest has no disk.
+    public var diskPath: String?
+    /// The virtual disk's size in bytes (with `diskPath`).
+    public var diskBytes: UInt64
+    public init(memoryBytes: UInt64, vcpus: Int, dirtyRate: UInt64, seed: UInt64, diskPath: String? = nil, diskBytes: UInt64 = 16 << 20) {
         self.memoryBytes = memoryBytes
         self.vcpus = vcpus
         self.dirtyRate = dirtyRate
         self.seed = seed
+        self.diskPath = diskPath
+        self.diskBytes = diskBytes
     }
 }
 
@@ -155,6 +162,9 @@ public struct ReceiveConfiguration: Sendable {
     /// Longest from the end of the TLS handshake (plaintext: the accept) to the primary's stream
     /// header and DOMAIN_CONFIG, milliseconds (`--hello-timeout`).
     public var helloTimeoutMs = defaultHelloTimeoutMs
+    /// Where the replicated disks' images live (`--disk-dir`): one per disk, named as the primary
+    /// names it, plus the redo log and spill files. nil: this backup does not offer DISKS.
+    public var diskDirectory: String?
 
     public init(listen: Endpoint, settings: ProtectionSettings, fence: FenceConfiguration, reprotectTo: Endpoint?,
                 nicSink: Endpoint?, activationReport: String?, exitAfterProtection: Bool, statusSocket: String,

@@ -89,7 +89,7 @@ struct Protect: ParsableCommand {
             backup: Endpoint(parsing: backup, defaultPort: defaultPort)!,
             backend: kind,
             settings: settings,
-            simulated: SimulatedGuestParameters(memoryBytes: sim.memoryMiB << 20, vcpus: sim.vcpus, dirtyRate: sim.dirtyRate, seed: sim.seed),
+            simulated: sim.parameters,
             nicSink: sim.nicSink.flatMap { Endpoint(parsing: $0, defaultPort: 0) },
             maxCheckpointPages: maxCheckpointMiB * 256,
             unsafeNoNetbuf: noNetbuf,
@@ -150,6 +150,9 @@ struct Receive: ParsableCommand {
     var nicSink: String?
 
     @OptionGroup var tap: SimNICTapOptions
+
+    @Option(name: .customLong("disk-dir"), help: ArgumentHelp("Replicate the primary's disks into this directory (default: none; this backup then refuses a guest with disks). It holds one image per disk, named as the primary names the disk (e.g. xvda), at least the disk's size; remusd keeps its redo log and spill files there too.", valueName: "dir"))
+    var diskDirectory: String?
 
     @Option(name: .customLong("activation-report"), help: ArgumentHelp("Write what was activated (epoch, state, memory hash, timings) to this file, for 'remusd drill'.", valueName: "path"))
     var activationReport: String?
@@ -216,6 +219,7 @@ struct Receive: ParsableCommand {
         if let memoryBudget { config.admission.guestMemoryBudget = memoryBudget << 20 }
         config.maxPendingConnections = maxPendingConnections
         config.helloTimeoutMs = helloTimeout
+        config.diskDirectory = diskDirectory
         let code = try BackupDaemon(config, metrics: metrics.bootstrap()).run()
         if code != 0 { throw ExitCode(code) }
     }
