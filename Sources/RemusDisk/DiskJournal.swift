@@ -134,9 +134,12 @@ public final class DiskJournal: GuestDisks, @unchecked Sendable {
     }
 
     /// Makes every completed write of `disk` durable here (fdatasync), then journals the flush.
-    public func flush(disk: UInt32) throws {
+    /// With `localSync` false the local fdatasync is skipped (only the journal entry is made):
+    /// for a caller whose host-side durability does not matter, since failover resumes from the
+    /// backup's image, which applies the flush's epoch durably anyway.
+    public func flush(disk: UInt32, localSync: Bool = true) throws {
         try check(disk, 0, 0)
-        try files[Int(disk)].sync()
+        if localSync { try files[Int(disk)].sync() }
         lock.withLock { journal(DiskEntry(kind: .flush, disk: disk, offset: 0, length: 0), nil) }
     }
 

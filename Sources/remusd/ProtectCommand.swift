@@ -151,7 +151,7 @@ struct Receive: ParsableCommand {
 
     @OptionGroup var tap: SimNICTapOptions
 
-    @Option(name: .customLong("disk-dir"), help: ArgumentHelp("Replicate the primary's disks into this directory (default: none; this backup then refuses a guest with disks). It holds one image per disk, named as the primary names the disk (e.g. xvda), at least the disk's size; remusd keeps its redo log and spill files there too.", valueName: "dir"))
+    @Option(name: .customLong("disk-dir"), help: ArgumentHelp("Replicate the primary's disks into this directory (default: none; a primary whose guest has disks then refuses this backup). It holds one image per disk, named as the primary names the disk (e.g. xvda), at least the disk's size; remusd keeps its redo log and spill files there too.", valueName: "dir"))
     var diskDirectory: String?
 
     @Option(name: .customLong("activation-report"), help: ArgumentHelp("Write what was activated (epoch, state, memory hash, timings) to this file, for 'remusd drill'.", valueName: "path"))
