@@ -282,7 +282,8 @@ public final class BackupDaemon: @unchecked Sendable {
         defer { if let staging { unlink(staging.spillPath) } }
         do {
             try RecordWriter.writeHeader(ourHeader, to: ch)
-            receiver = CheckpointReceiver(channel: ch, ticket: ticket, offeredFeatures: offered)
+            receiver = CheckpointReceiver(channel: ch, ticket: ticket, offeredFeatures: offered,
+                                          maxDiskBytesPerCheckpoint: config.maxDiskBytesPerCheckpoint)
             let (header, config, described) = try receiver.readHello()
             let sender = StreamSender(identity: Self.identity(of: ch), guestUUID: header.guestUUID, guestName: header.guestName)
             let guestBytes: UInt64
@@ -300,7 +301,7 @@ public final class BackupDaemon: @unchecked Sendable {
             ticket.admitted()
             receiver.accepted(pageSize: header.pageSize, guestBytes: guestBytes)
             // `disks` was set before the listener started and never changes.
-            if !described.isEmpty, let s = disks?.makeStaging(tag: gen) {
+            if !described.isEmpty, let s = disks?.makeStaging(tag: gen, memoryBound: self.config.diskStagingMemoryBytes) {
                 receiver.stageDisks(into: s)
                 staging = s
             }
@@ -579,6 +580,16 @@ public final class BackupDaemon: @unchecked Sendable {
                     loop.post(.prepared(false, "\(error)"))
                 }
                 done.open(with: true)
+            }
+            // Alongside the fence too: after the apply of the committed epoch (the worker keeps
+            // order), make "applied" durable now, so the activation's own sync finds nothing to
+            // write and the unpause does not wait for an fdatasync.
+            if let disks, committer.replicatesDisks {
+                diskWorker.run {
+                    do { try disks.syncHeader() } catch {
+                        Log.warning("syncing the redo log in \(disks.directory) ahead of the takeover failed: \(error); the activation syncs it again before the guest runs")
+                    }
+                }
             }
         case .activate(let epoch):
             activate(epoch: epoch, now: now)

@@ -216,10 +216,14 @@ final class StreamReader {
         set { decoder.recordBodyLimit = newValue }
     }
 
-    /// - Parameter offeredFeatures: the features this end offered in its own header.
-    init(channel: any ByteChannel, direction: CheckpointValidator.Direction, offeredFeatures: StreamFeatures = []) {
+    /// - Parameters:
+    ///   - offeredFeatures: the features this end offered in its own header.
+    ///   - maxDiskBytesPerCheckpoint: most bytes of disk records one checkpoint may carry.
+    init(channel: any ByteChannel, direction: CheckpointValidator.Direction, offeredFeatures: StreamFeatures = [],
+         maxDiskBytesPerCheckpoint: UInt64 = StreamLimits.defaultMaxDiskBytesPerCheckpoint) {
         self.channel = channel
-        validator = CheckpointValidator(direction: direction, offeredFeatures: offeredFeatures)
+        validator = CheckpointValidator(direction: direction, offeredFeatures: offeredFeatures,
+                                        maxDiskBytesPerCheckpoint: maxDiskBytesPerCheckpoint)
     }
 
     /// The next validated event, or nil when the peer closed the connection at a record boundary.
@@ -380,9 +384,14 @@ final class CheckpointReceiver {
     private var lookahead: CheckpointEvent?
 
     /// Until the hello is accepted no record may be larger than a DOMAIN_CONFIG.
-    /// - Parameter offeredFeatures: the features this backup offered in its header.
-    init(channel: any ByteChannel, ticket: ConnectionTable.Ticket? = nil, offeredFeatures: StreamFeatures = []) {
-        reader = StreamReader(channel: channel, direction: .primaryToBackup, offeredFeatures: offeredFeatures)
+    /// - Parameters:
+    ///   - offeredFeatures: the features this backup offered in its header.
+    ///   - maxDiskBytesPerCheckpoint: most bytes of disk records one checkpoint may carry, checked
+    ///     before each is staged (`--max-disk-checkpoint`).
+    init(channel: any ByteChannel, ticket: ConnectionTable.Ticket? = nil, offeredFeatures: StreamFeatures = [],
+         maxDiskBytesPerCheckpoint: UInt64 = StreamLimits.defaultMaxDiskBytesPerCheckpoint) {
+        reader = StreamReader(channel: channel, direction: .primaryToBackup, offeredFeatures: offeredFeatures,
+                              maxDiskBytesPerCheckpoint: maxDiskBytesPerCheckpoint)
         reader.ticket = ticket
         reader.recordBodyLimit = RecordType.domainConfig.maximumBody(pageSize: 4096)
     }

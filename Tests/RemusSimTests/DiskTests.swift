@@ -80,4 +80,51 @@ struct SimDiskTests {
         #expect(!text.contains("disk"))
         #expect(try SimConfig(plain.encode()) == plain)
     }
+
+    @Test("A replica prepared during the fence gets the backup's image only at activation, before its first op, and writes to it from the checkpoint on (I7 + I9)")
+    func aPreparedReplicaGetsItsDiskAtActivation() throws {
+        let config = diskConfig()
+        let directory = try scratchDirectory()
+        defer { _ = unlink(directory + "/primary.img"); _ = unlink(directory + "/backup.img"); _ = unlink(directory + "/other.img"); _ = rmdir(directory) }
+        let clock = ManualClock()
+        let journal = try SimGuest.openDisk(config, path: directory + "/primary.img", create: true)
+        let primary = try SimGuest(config: config, clock: clock, nic: nil, disk: journal, autoRun: false)
+        let replica = SimReplica(clock: clock, autoRunOnActivation: false)
+        let loop = try CheckpointLoop(primary: primary, replica: replica, clock: clock)
+        primary.stepAll(ops: 3000)
+        try loop.checkpoint()
+        let committed = try #require(loop.lastState)
+
+        try replica.prepareActivation(clock: clock)
+        let prepared = try #require(replica.preparedGuest)
+        #expect(prepared.disks == nil, "a replica prepared while the disk apply may still run must not hold the images yet")
+        // The backup's image at the committed checkpoint: what the apply of N leaves.
+        let image = try read(directory + "/primary.img")
+        let backup = try DiskFile(path: directory + "/backup.img", create: true)
+        try image.withUnsafeBytes { try backup.write($0, at: 0) }
+        replica.attachDisk(try SimGuest.openDisk(config, path: directory + "/backup.img", create: false))
+
+        guard case .inProcess(let activated, _) = try replica.activate(clock: clock) else {
+            Issue.record("a simulated replica's activation did not hand back the guest running here")
+            return
+        }
+        let running = try #require(activated as? SimGuest)
+        #expect(running === prepared && running.disks != nil)
+        let verifier = SimVerifier(config: config)
+        let atActivation = try read(directory + "/backup.img")
+        #expect(atActivation.withUnsafeBytes { verifier.verifyDisk(image: $0, committed: committed) }.passed)
+        #expect(throws: SimError.self, "a disk is attached only before the guest first runs") {
+            try running.attachDisk(try SimGuest.openDisk(config, path: directory + "/other.img", create: true))
+        }
+
+        // It runs on from the checkpoint: its writes land in the backup's image, as a replay says.
+        running.stepAll(ops: 700)
+        try running.suspend()
+        let later = try running.captureState(clock: clock)
+        let written = try read(directory + "/backup.img")
+        #expect(written != atActivation, "the activated guest wrote nothing to its disk")
+        let report = written.withUnsafeBytes { verifier.verifyDisk(image: $0, committed: later) }
+        #expect(report.passed, "\(report)")
+        #expect(running.diskFailures == 0)
+    }
 }
