@@ -72,6 +72,12 @@ package struct FailoverResult: Sendable {
     package var prepareMs: Double?
     /// The unpause: activation begun to guest running, ms.
     package var unpauseMs: Double?
+    /// I9: the disk the guest resumed on equals a replay to the committed checkpoint (nil: no disk).
+    package var diskVerified: Bool?
+    /// How long the backup took to apply the committed epoch's disk writes to its images, ms.
+    package var diskApplyMs: Double?
+    /// Loss detected to the images at the committed epoch, ms (0: applied before the loss).
+    package var diskReadyMs: Double?
     /// Packets the outside world saw from state the backup did not commit (I1 violations).
     package var releasedUncommitted: Int
     /// Packets emitted by the dead primary and never released (lost with it, as in any Remus).

@@ -31,7 +31,7 @@ public final class BackupDaemon: @unchecked Sendable {
         /// The disk worker logged `epoch`'s disk operations durably (error: why not).
         case diskLogged(Epoch, error: String?)
         /// The disk worker applied the logged epoch to the images (error: why not).
-        case diskApplied(Epoch, error: String?)
+        case diskApplied(Epoch, error: String?, tookNs: UInt64)
         case operatorActivate
         case operatorDiscard
         case terminate
@@ -61,6 +61,9 @@ public final class BackupDaemon: @unchecked Sendable {
     private var activationTiming: (lostAt: UInt64, activatedAt: UInt64)?
     /// The preparation running now, if any: opened when it has finished (loop thread).
     private var preparing: Gate<Bool>?
+    /// The last successful disk apply: its epoch, how long it took, when it finished (loop thread;
+    /// the activation report carries it for the committed epoch).
+    private var lastDiskApply: (epoch: Epoch, tookNs: UInt64, at: UInt64)?
     /// Where the last failover's time went (guarded by `statsLock`, shown by `status`).
     private var failoverPhases: FailoverPhases?
     /// The number of the last fence run started (loop thread).
@@ -454,11 +457,12 @@ public final class BackupDaemon: @unchecked Sendable {
                 return execute(committer.onCommitFailed(epoch, reason: "logging its disk writes failed: \(error)", now: now))
             }
             commitMemory(epoch, commit.staged, commit.done, voidingDiskOnFailure: true)
-        case .diskApplied(let epoch, let error):
+        case .diskApplied(let epoch, let error, let tookNs):
             if let error {
                 Log.error("applying the disk writes of checkpoint \(epoch) failed: \(error)", logContext)
                 execute(committer.onDiskApplyFailed(epoch, reason: error, now: now))
             } else {
+                lastDiskApply = (epoch, tookNs, now)
                 execute(committer.onDiskApplied(epoch, now: now))
             }
         case .operatorActivate:
@@ -516,13 +520,14 @@ public final class BackupDaemon: @unchecked Sendable {
             }
         case .applyDisk(let epoch):
             guard let disks else { return execute(committer.onDiskApplyFailed(epoch, reason: "no disk directory", now: now)) }
-            let loop = self.loop
+            let (loop, clock) = (self.loop, self.clock)
             diskWorker.run {
+                let started = clock.monotonicNs()
                 do {
                     try disks.apply()
-                    loop.post(.diskApplied(epoch, error: nil))
+                    loop.post(.diskApplied(epoch, error: nil, tookNs: clock.monotonicNs() - started))
                 } catch {
-                    loop.post(.diskApplied(epoch, error: "\(error)"))
+                    loop.post(.diskApplied(epoch, error: "\(error)", tookNs: clock.monotonicNs() - started))
                 }
             }
         case .sendAck(let epoch):
@@ -647,7 +652,8 @@ public final class BackupDaemon: @unchecked Sendable {
             let report = ActivationReport.before(
                 epoch: epoch, lastHeardAt: committer.lastHeardAt, lossDetectedAt: lostAt,
                 lostWhileStaging: committer.lostWhileStaging, fencedAt: committer.fencedAt ?? now,
-                preparedAt: preparedAt, unpauseStartedAt: now)
+                preparedAt: preparedAt, unpauseStartedAt: now,
+                diskApply: lastDiskApply.flatMap { $0.epoch == epoch ? (tookNs: $0.tookNs, at: $0.at) : nil })
             // The images hold `epoch` (the committer activates only after its apply, and after the
             // fence): make "applied" durable before the guest writes to them, then hand them to
             // the replica — a guest prepared during the fence gets them before its first op.
@@ -714,6 +720,10 @@ public final class BackupDaemon: @unchecked Sendable {
             // over; until it does (or its lease runs out) keep asking.
             let w = try witnessClient(wc)
             let deadline = clock.monotonicNs() + UInt64(wc.ttlSeconds + 2) * 1_000_000_000
+            // Held since the fence: renew it now, since the activation (with its verification of
+            // memory and disk under --activation-report) may have used most of its TTL, and the
+            // protection below self-fences on a lease that is not confirmed in time.
+            if w.lease != nil { _ = try? w.renew() }
             var ours = w.lease != nil
             while !ours && clock.monotonicNs() < deadline {
                 ours = (try? w.acquire(owner: EtcdWitness.ownerName(role: "backup"), ttlSeconds: wc.ttlSeconds)) ?? false
