@@ -3,6 +3,7 @@
 import Glibc
 import RemusCore
 import RemusSystem
+import Synchronization
 
 /// A protected guest's disks on the primary (`GuestDisks`): what its I/O path calls.
 ///
@@ -44,6 +45,15 @@ public final class DiskJournal: GuestDisks, @unchecked Sendable {
     private var journal = DiskOperations()
     private var recording = false
     private var overflowed = false
+    /// Local writes handed to `localWriter` so far (`writeApplyingLater`), guarded by `lock`.
+    private var localWritesQueued: UInt64 = 0
+    /// Local writes done (or failed), guarded by `localDone`.
+    private var localWritesDone: UInt64 = 0
+    private let localDone = MonitorLock()
+    /// Applies `writeApplyingLater`'s writes to the images, in order; started on first use.
+    private var localWriter: SerialWorker?
+    /// Local writes of `writeApplyingLater` that failed (the image then differs from the journal).
+    public let localWriteFailures = Atomic<UInt64>(0)
 
     /// Opens (with `create`: creates, sparse, when missing) and locks each disk's image.
     /// Nothing is written to an image here. Throws naming the disk and what to do when an image
@@ -104,14 +114,39 @@ public final class DiskJournal: GuestDisks, @unchecked Sendable {
         try check(disk, offset, UInt64(data.count))
         try lock.withLock {
             try files[Int(disk)].write(data, at: offset)
-            var done = 0
-            while done < data.count {
-                let n = min(data.count - done, StreamLimits.maxDiskWriteBytes)
-                journal(DiskEntry(kind: .write, disk: disk, offset: offset + UInt64(done), length: UInt64(n)),
-                        UnsafeRawBufferPointer(rebasing: data[done..<(done + n)]))
-                done += n
+            journalWrite(disk: disk, offset: offset, data: data)
+        }
+    }
+
+    /// Journals a write now and applies it to the local image soon after, in order, on a worker
+    /// thread: for a caller that must not wait for host I/O (the simulated guest's vCPU, which
+    /// parks for a checkpoint only between ops: a `pwrite` held up by the filesystem's journal
+    /// stretched its checkpoint pauses). I9 needs the journal entry, which carries the data; the
+    /// local image is read only for a full copy, and `restartJournal` and `read` first wait for
+    /// every write journaled before them.
+    public func writeApplyingLater(disk: UInt32, offset: UInt64, data: UnsafeRawBufferPointer) throws {
+        try check(disk, offset, UInt64(data.count))
+        let copy = [UInt8](data)
+        let file = files[Int(disk)]
+        lock.withLock {
+            journalWrite(disk: disk, offset: offset, data: data)
+            if localWriter == nil { localWriter = SerialWorker(name: "disk-local-writes") }
+            localWritesQueued += 1
+            // Queued under `lock`: the images see the writes in the journal's order.
+            localWriter?.run { [self] in
+                do { try copy.withUnsafeBytes { try file.write($0, at: offset) } } catch { localWriteFailures.add(1, ordering: .relaxed) }
+                localDone.withLock {
+                    localWritesDone += 1
+                    localDone.broadcast()
+                }
             }
         }
+    }
+
+    /// Waits until every write `writeApplyingLater` journaled so far reached the local image.
+    public func waitForLocalWrites() {
+        let queued = lock.withLock { localWritesQueued }
+        localDone.withLock { while localWritesDone < queued { localDone.wait() } }
     }
 
     /// Journals an operation the caller already applied to the local image, in the order it
@@ -161,6 +196,17 @@ public final class DiskJournal: GuestDisks, @unchecked Sendable {
         }
     }
 
+    /// Journals a write in DISK_WRITE-sized entries (lock held).
+    private func journalWrite(disk: UInt32, offset: UInt64, data: UnsafeRawBufferPointer) {
+        var done = 0
+        while done < data.count {
+            let n = min(data.count - done, StreamLimits.maxDiskWriteBytes)
+            journal(DiskEntry(kind: .write, disk: disk, offset: offset + UInt64(done), length: UInt64(n)),
+                    UnsafeRawBufferPointer(rebasing: data[done..<(done + n)]))
+            done += n
+        }
+    }
+
     /// Appends to the journal (lock held); past the bound the journal is dropped and the next seal fails.
     private func journal(_ entry: DiskEntry, _ data: UnsafeRawBufferPointer?) {
         guard recording, !overflowed else { return }
@@ -186,11 +232,15 @@ public final class DiskJournal: GuestDisks, @unchecked Sendable {
     // MARK: - GuestDisks
 
     public func restartJournal() {
-        lock.withLock {
+        let queued = lock.withLock {
             journal.removeAll()
             overflowed = false
             recording = true
+            return localWritesQueued
         }
+        // A write journaled before the restart is in no journal now: the full copy that follows
+        // must read it from the image.
+        localDone.withLock { while localWritesDone < queued { localDone.wait() } }
     }
 
     public func sealEpoch() throws -> DiskOperations {
@@ -207,6 +257,7 @@ public final class DiskJournal: GuestDisks, @unchecked Sendable {
 
     public func read(disk: UInt32, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
         try check(disk, offset, UInt64(buffer.count))
+        waitForLocalWrites()
         try files[Int(disk)].read(into: buffer, at: offset)
     }
 }

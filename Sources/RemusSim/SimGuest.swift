@@ -95,7 +95,9 @@ struct JournalDiskPort: SimDiskPort {
 
     mutating func write(blockNumber number: UInt64) {
         guard let disk = machine.disk else { return }
-        do { try disk.write(disk: 0, offset: number * UInt64(block.count), data: UnsafeRawBufferPointer(block)) } catch {
+        // Journaled now, applied to the local image by the journal's worker: a vCPU must not wait
+        // for host I/O inside an op (a checkpoint waits for it to park).
+        do { try disk.writeApplyingLater(disk: 0, offset: number * UInt64(block.count), data: UnsafeRawBufferPointer(block)) } catch {
             // A real guest would see EIO; the simulated one counts it, and its disk no longer
             // matches a replay, which the verifier then reports.
             machine.diskFailures.add(1, ordering: .relaxed)
@@ -431,7 +433,9 @@ public final class SimGuest: PageCapturingGuest, @unchecked Sendable {
     }
 
     /// Disk operations whose local I/O failed (the disk then no longer matches a replay).
-    public var diskFailures: UInt64 { machine.diskFailures.load(ordering: .relaxed) }
+    public var diskFailures: UInt64 {
+        machine.diskFailures.load(ordering: .relaxed) + (machine.disk?.localWriteFailures.load(ordering: .relaxed) ?? 0)
+    }
 
     // MARK: PageCapturingGuest
 

@@ -41,6 +41,7 @@ struct SimDiskTests {
         try guest.suspend()
         let committed = try guest.captureState(clock: clock)
         let sealed = try journal.sealEpoch()
+        journal.waitForLocalWrites()
         let image = try read(directory + "/xvda.img")
         let verifier = SimVerifier(config: config)
         let report = image.withUnsafeBytes { verifier.verifyDisk(image: $0, committed: committed) }
@@ -57,6 +58,7 @@ struct SimDiskTests {
         // A write issued after the checkpoint reached the disk: caught.
         try guest.resume()
         guest.stepAll(ops: 70)
+        journal.waitForLocalWrites()
         let later = try read(directory + "/xvda.img")
         let extra = later.withUnsafeBytes { verifier.verifyDisk(image: $0, committed: committed) }
         #expect(!extra.passed && (extra.counter("differingBlocks") ?? 0) > 0, "\(extra)")
@@ -99,10 +101,12 @@ struct SimDiskTests {
         let prepared = try #require(replica.preparedGuest)
         #expect(prepared.disks == nil, "a replica prepared while the disk apply may still run must not hold the images yet")
         // The backup's image at the committed checkpoint: what the apply of N leaves.
+        journal.waitForLocalWrites()
         let image = try read(directory + "/primary.img")
         let backup = try DiskFile(path: directory + "/backup.img", create: true)
         try image.withUnsafeBytes { try backup.write($0, at: 0) }
-        replica.attachDisk(try SimGuest.openDisk(config, path: directory + "/backup.img", create: false))
+        let backupDisk = try SimGuest.openDisk(config, path: directory + "/backup.img", create: false)
+        replica.attachDisk(backupDisk)
 
         guard case .inProcess(let activated, _) = try replica.activate(clock: clock) else {
             Issue.record("a simulated replica's activation did not hand back the guest running here")
@@ -121,6 +125,7 @@ struct SimDiskTests {
         running.stepAll(ops: 700)
         try running.suspend()
         let later = try running.captureState(clock: clock)
+        backupDisk.waitForLocalWrites()
         let written = try read(directory + "/backup.img")
         #expect(written != atActivation, "the activated guest wrote nothing to its disk")
         let report = written.withUnsafeBytes { verifier.verifyDisk(image: $0, committed: later) }
