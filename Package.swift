@@ -27,7 +27,7 @@ let package = Package(
         // The one system layer: the errno error type, the syscall choke point, owned descriptors,
         // sockets and child processes with deadlines, our threads and the monitor lock.
         .target(name: "RemusSystem", dependencies: [.product(name: "SystemPackage", package: "swift-system")]),
-        .target(name: "RemusSim", dependencies: ["RemusCore", "RemusSystem"]),
+        .target(name: "RemusSim", dependencies: ["RemusCore", "RemusSystem", "RemusDisk"]),
         .systemLibrary(
             name: "CNetlink",
             pkgConfig: "libnl-route-3.0",
@@ -60,7 +60,7 @@ let package = Package(
         // Logging through swift-log (our own line format), metrics through swift-metrics with an
         // explicit factory per daemon, served as Prometheus text.
         .target(name: "RemusRuntime", dependencies: [
-            "RemusCore", "RemusSim", "RemusNetbuf", "RemusSystem", "RemusTLS", "RemusXen",
+            "RemusCore", "RemusSim", "RemusDisk", "RemusNetbuf", "RemusSystem", "RemusTLS", "RemusXen",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "CoreMetrics", package: "swift-metrics"),
             .product(name: "Prometheus", package: "swift-prometheus"),
@@ -93,7 +93,7 @@ let package = Package(
         .testTarget(name: "RemusSystemTests", dependencies: ["RemusSystem", "RemusTestSupport"]),
         .testTarget(name: "RemusTLSTests", dependencies: ["RemusTLS", "COpenSSL", "RemusSystem", "RemusTestSupport"]),
         .testTarget(name: "RemusCoreTests", dependencies: ["RemusCore"], resources: [.copy("Golden")]),
-        .testTarget(name: "RemusSimTests", dependencies: ["RemusSim", "RemusCore", "RemusSystem"]),
+        .testTarget(name: "RemusSimTests", dependencies: ["RemusSim", "RemusCore", "RemusSystem", "RemusDisk"]),
         .testTarget(name: "RemusDiskTests", dependencies: ["RemusDisk", "RemusCore", "RemusSystem", "RemusTestSupport"]),
         .testTarget(name: "RemusNetbufTests", dependencies: ["RemusNetbuf", "RemusNetbufProbe", "RemusCore", "RemusSystem", "RemusTestSupport"]),
         .testTarget(name: "RemusXenTests", dependencies: ["RemusXen", "CXen", "RemusCore", "RemusSystem"]),

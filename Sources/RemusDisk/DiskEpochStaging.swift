@@ -9,14 +9,14 @@ import RemusSystem
 /// `reset`). How much a primary can make it hold is bounded by the stream validator
 /// (`CheckpointValidator.maxDiskBytesPerCheckpoint`), checked before each record is staged.
 ///
-/// Used by one thread at a time (the connection's reader while staging, the loop thread while it
-/// copies the epoch into the redo log).
-public final class DiskEpochStaging {
+/// `@unchecked Sendable`: used by one thread at a time, handed over whole (the connection's reader
+/// stages, then waits while the backup's disk worker copies the epoch into the redo log).
+public final class DiskEpochStaging: @unchecked Sendable {
     /// Bytes kept in memory before operations spill to the file.
     public let memoryBound: Int
     /// The spill file's path.
     public let spillPath: String
-    private var memory: [UInt8] = []
+    private var memory = DiskOperations()
     private var spill: DiskFile?
     /// Bytes in the spill file.
     public private(set) var spilledBytes: UInt64 = 0
@@ -32,11 +32,11 @@ public final class DiskEpochStaging {
     }
 
     /// Bytes staged (memory and spill file).
-    public var stagedBytes: UInt64 { UInt64(memory.count) + spilledBytes }
+    public var stagedBytes: UInt64 { UInt64(memory.bytes.count) + spilledBytes }
 
     /// Forgets everything staged (the epoch was committed into the redo log, or discarded).
     public func reset() throws {
-        memory.removeAll(keepingCapacity: memory.capacity <= memoryBound)
+        memory.removeAll(keepingCapacityUpTo: memoryBound)
         if spilledBytes > 0 { try spill?.truncate(to: 0) }
         spilledBytes = 0
         entryCount = 0
@@ -65,10 +65,8 @@ public final class DiskEpochStaging {
         let padding = entry.storedDataBytes - data.count
         let total = header.count + data.count + padding
         // Once anything spilled, everything after it spills too: the order stays memory, then file.
-        if spilledBytes == 0 && memory.count + total <= memoryBound {
-            memory.append(contentsOf: header)
-            memory.append(contentsOf: data)
-            memory.append(contentsOf: repeatElement(0, count: padding))
+        if spilledBytes == 0 && memory.bytes.count + total <= memoryBound {
+            memory.append(entry, data: data)
         } else {
             let file = try spillFile()
             try header.withUnsafeBytes { h in try file.write(h, at: spilledBytes) }
@@ -94,7 +92,7 @@ public final class DiskEpochStaging {
     /// Calls `body` with the staged bytes in order: the memory part, then the spill file in
     /// pieces of at most `chunkBytes` (read into `scratch`).
     func forEachChunk(scratch: UnsafeMutableRawBufferPointer, _ body: (UnsafeRawBufferPointer) throws -> Void) throws {
-        try memory.withUnsafeBytes { m in if m.count > 0 { try body(m) } }
+        try memory.bytes.withUnsafeBytes { m in if m.count > 0 { try body(m) } }
         guard let spill else { return }
         var done: UInt64 = 0
         while done < spilledBytes {

@@ -80,6 +80,16 @@ public final class DiskFile: @unchecked Sendable {
         }
     }
 
+    /// Takes an exclusive advisory lock on the file (flock), or says who holds it: nil when
+    /// taken, else why not. Held until the file is closed: no two remusd processes — a primary
+    /// and a backup on one host, two backups — write one image.
+    public func lockExclusive() -> String? {
+        let result = flock(descriptor.raw, LOCK_EX | LOCK_NB)
+        guard result != 0 else { return nil }
+        let code = errno
+        return code == EWOULDBLOCK ? "another process has it open for writing (a running remusd or a VM)" : "flock failed: \(SystemError(call: "flock(\(path))", errno: code))"
+    }
+
     /// Makes what was written durable (fdatasync).
     public func sync() throws(SystemError) {
         _ = try syscall("fdatasync(\(path))") { fdatasync(descriptor.raw) }

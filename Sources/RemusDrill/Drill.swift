@@ -2,6 +2,7 @@ import Glibc
 import RemusCore
 import RemusNetbuf
 import RemusRuntime
+import RemusSim
 import RemusTLS
 
 /// What `remusd drill` runs.
@@ -71,6 +72,12 @@ package struct FailoverResult: Sendable {
     package var prepareMs: Double?
     /// The unpause: activation begun to guest running, ms.
     package var unpauseMs: Double?
+    /// I9: the disk the guest resumed on equals a replay to the committed checkpoint (nil: no disk).
+    package var diskVerified: Bool?
+    /// How long the backup took to apply the committed epoch's disk writes to its images, ms.
+    package var diskApplyMs: Double?
+    /// Loss detected to the images at the committed epoch, ms (0: applied before the loss).
+    package var diskReadyMs: Double?
     /// Packets the outside world saw from state the backup did not commit (I1 violations).
     package var releasedUncommitted: Int
     /// Packets emitted by the dead primary and never released (lost with it, as in any Remus).
@@ -184,6 +191,16 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
                         "--metrics-listen", "\(metricsEndpoint(g + 1))"] + timing + tapArguments(g + 1)
                 + tlsArguments("backup") + ["--tls-allow-peer", "primary", "--tls-allow-peer", "backup"]
             args += witnessed ? try witnessArguments(g + 1) : ["--fence", "test -e \(dir)/fenced-\(g)"]
+            if config.simulated.diskPath != nil {
+                // The operator's part: a directory with an image named as the guest's disk.
+                let disks = "\(dir)/disks-\(g)"
+                if mkdir(disks, 0o755) != 0 && errno != EEXIST { throw SystemError(call: "mkdir(\(disks))", errno: errno) }
+                let image = open(disks + "/" + SimGuest.diskName, O_CREAT | O_WRONLY | O_CLOEXEC, 0o600)
+                guard image >= 0 else { throw SystemError(call: "open(\(disks)/\(SimGuest.diskName))", errno: errno) }
+                defer { close(image) }
+                if ftruncate(image, off_t(config.simulated.diskBytes)) != 0 { throw SystemError(call: "ftruncate(\(disks)/\(SimGuest.diskName))", errno: errno) }
+                args += ["--disk-dir", disks]
+            }
             if g + 1 < ports.count { args += ["--reprotect-to", try replicationAddress(g + 1)] }
             let child = try ChildProcess(arguments: args, outputFile: "\(dir)/backup-\(g).log", environment: env)
             children.append(child)
@@ -204,6 +221,7 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
                         "--sim-dirty-rate", overload ? "0" : "\(p.dirtyRate)",
                         "--sim-seed", "\(p.seed)", "--nic-sink", "\(observer.endpoint)", "--status-socket", "\(dir)/primary-0.sock",
                         "--metrics-listen", "\(metricsEndpoint(0))"] + timing + tlsArguments("primary")
+                + (p.diskPath.map { ["--sim-disk", "\(dir)/\($0)", "--sim-disk-size", "\(p.diskBytes >> 20)"] } ?? [])
                 + (config.injectEarlyRelease ? ["--unsafe", "--no-netbuf"] : []) + (try witnessArguments(0))
                 + tapArguments(0, held: !config.injectEarlyRelease),
             outputFile: "\(dir)/primary-0.log", environment: env)

@@ -1,11 +1,11 @@
 /// The drill's table: one row per failover, then a summary.
 package enum DrillTable {
     package static func render(_ results: [FailoverResult]) -> String {
-        var rows = [["#", "fault", "epoch", "cut mid-ckpt", "detect ms", "activate ms", "fence ms", "prepare ms", "unpause ms", "uncommitted out", "lost w/ primary", "verified"]]
+        var rows = [["#", "fault", "epoch", "cut mid-ckpt", "detect ms", "activate ms", "fence ms", "prepare ms", "unpause ms", "uncommitted out", "lost w/ primary", "disk I9", "verified"]]
         for r in results {
             rows.append(["\(r.index)", r.fault.rawValue, "\(r.epoch)", r.cutMidCheckpoint ? "yes" : "no", r.falseAlarm ? "early*" : format(r.detectionMs), format(r.activationMs),
                          r.fenceMs.map(format) ?? "-", r.prepareMs.map(format) ?? "-", r.unpauseMs.map(format) ?? "-",
-                         "\(r.releasedUncommitted)", "\(r.discardedWithPrimary)", r.verified ? "yes" : "NO"])
+                         "\(r.releasedUncommitted)", "\(r.discardedWithPrimary)", r.diskVerified.map { $0 ? "yes" : "NO" } ?? "-", r.verified ? "yes" : "NO"])
         }
         let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max() ?? 0 }
         var out = rows.map { row in
@@ -23,6 +23,15 @@ package enum DrillTable {
                                    ("unpause", results.compactMap(\.unpauseMs))] where !values.isEmpty {
                 let sorted = values.sorted()
                 out += "\n  \(name) ms: median \(pct(sorted, 0.5)), p90 \(pct(sorted, 0.9)), max \(pct(sorted, 1))"
+            }
+            let disks = results.compactMap(\.diskVerified)
+            if !disks.isEmpty {
+                out += "\ndisk (I9) verified block by block at \(disks.filter { $0 }.count) of \(results.count) failovers"
+                for (name, values) in [("disk apply (the committed epoch's writes onto the backup's images)", results.compactMap(\.diskApplyMs)),
+                                       ("images at the committed epoch, after the loss (0: before it)", results.compactMap(\.diskReadyMs))] where !values.isEmpty {
+                    let sorted = values.sorted()
+                    out += "\n  \(name) ms: median \(pct(sorted, 0.5)), p90 \(pct(sorted, 0.9)), max \(pct(sorted, 1))"
+                }
             }
             out += "\ncut mid-checkpoint: \(results.filter(\.cutMidCheckpoint).count) of \(results.count)"
             let alarms = results.filter(\.falseAlarm).count

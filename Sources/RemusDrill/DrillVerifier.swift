@@ -26,10 +26,20 @@ enum DrillVerifier {
         if report.fields["memory_verified"] != "yes" {
             problems.append("memory/registers/layout: \(report.fields["memory_report"] ?? "no verification in the report")")
         }
+        // I9: the disk as the guest resumed on it against a replay to the committed checkpoint.
+        if let disk = report.fields["disk_verified"] {
+            result.diskVerified = disk == "yes"
+            if disk != "yes" { problems.append("disk (I9): \(report.fields["disk_report"] ?? "no verification in the report")") }
+        }
+        result.diskApplyMs = report.number("disk_apply_ns").map { Double($0) / 1e6 }
+        result.diskReadyMs = since("disk_applied_ns", detected)
         guard let state = report.committedState(), let configHex = report.fields["domain_config"], let configBytes = unhex(Substring(configHex)),
               let config = try? SimConfig(DomainConfig(format: .simulated, bytes: configBytes)) else {
             result.problems = problems + ["the activation report has no readable committed state"]
             return result
+        }
+        if config.diskBytes > 0 && result.diskVerified == nil {
+            problems.append("disk (I9): the guest has a disk but the activation report carries no verification of it")
         }
         let verifier = SimVerifier(config: config)
         // I1: every packet from an earlier primary must come from state this checkpoint holds.

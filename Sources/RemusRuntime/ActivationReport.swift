@@ -12,14 +12,21 @@ package struct ActivationReport {
     ///   - preparedAt: when the replica was ready to run, built while the fence ran; nil when it
     ///     was not prepared ahead.
     ///   - unpauseStartedAt: when the activation (the unpause) began.
+    ///   - diskApply: with disks, how long the apply of `epoch`'s disk writes took on the backup and
+    ///     when it finished (before the loss when the backup kept up).
     static func before(epoch: Epoch, lastHeardAt: UInt64, lossDetectedAt: UInt64, lostWhileStaging: Bool, fencedAt: UInt64,
-                       preparedAt: UInt64? = nil, unpauseStartedAt: UInt64) -> ActivationReport {
+                       preparedAt: UInt64? = nil, unpauseStartedAt: UInt64,
+                       diskApply: (tookNs: UInt64, at: UInt64)? = nil) -> ActivationReport {
         var r = ActivationReport()
         r.fields["epoch"] = "\(epoch)"
         r.fields["last_heard_ns"] = "\(lastHeardAt)"
         r.fields["loss_detected_ns"] = "\(lossDetectedAt)"
         r.fields["fenced_ns"] = "\(fencedAt)"
         if let preparedAt { r.fields["prepared_ns"] = "\(preparedAt)" }
+        if let diskApply {
+            r.fields["disk_apply_ns"] = "\(diskApply.tookNs)"
+            r.fields["disk_applied_ns"] = "\(diskApply.at)"
+        }
         r.fields["unpause_started_ns"] = "\(unpauseStartedAt)"
         r.fields["lost_while_staging"] = lostWhileStaging ? "1" : "0"
         return r

@@ -95,8 +95,14 @@ struct BackupReplica {
     /// simulated guest: memory and registers against a replay, the first clock reading); nil for
     /// a backend that has no such check.
     let verifyActivation: ((_ clock: any HostClock) throws -> [String: String])?
+    /// Hands the replicated disks (each with its image's path, at the committed checkpoint) to
+    /// the guest the replica will activate; with `snapshot`, the backend also keeps their content
+    /// for `verifyActivation`. nil: the backend takes no disks.
+    let attachDisks: ((_ disks: [(DiskDescriptor, String)], _ snapshot: Bool) throws -> Void)?
 
-    init(_ target: any ReplicaTarget, verifyActivation: ((_ clock: any HostClock) throws -> [String: String])? = nil) {
+    init(_ target: any ReplicaTarget, verifyActivation: ((_ clock: any HostClock) throws -> [String: String])? = nil,
+         attachDisks: ((_ disks: [(DiskDescriptor, String)], _ snapshot: Bool) throws -> Void)? = nil) {
+        self.attachDisks = attachDisks
         self.target = target
         self.verifyActivation = verifyActivation
     }

@@ -1,6 +1,7 @@
 import Glibc
 import Logging
 import RemusCore
+import RemusDisk
 import RemusNetbuf
 import RemusSim
 import RemusTLS
@@ -16,7 +17,7 @@ import RemusTLS
 /// go through the event loop or a `Gate`.
 public final class BackupDaemon: @unchecked Sendable {
     enum Event: Sendable {
-        case hello(generation: Int, channel: any ByteChannel, sender: StreamSender, guestBytes: UInt64, header: StreamHeader, config: DomainConfig, answer: Gate<String?>)
+        case hello(generation: Int, channel: any ByteChannel, sender: StreamSender, guestBytes: UInt64, header: StreamHeader, config: DomainConfig, disks: [DiskDescriptor], answer: Gate<String?>)
         case began(generation: Int, CheckpointBegin)
         case complete(generation: Int, CheckpointEnd, StagedCheckpoint, done: Gate<Bool>)
         case streamEnd(generation: Int, StreamEnd)
@@ -27,6 +28,10 @@ public final class BackupDaemon: @unchecked Sendable {
         case fenced(run: Int, Bool, String)
         /// The replica's preparation for the takeover finished (`.prepareActivation`).
         case prepared(Bool, String)
+        /// The disk worker logged `epoch`'s disk operations durably (error: why not).
+        case diskLogged(Epoch, error: String?)
+        /// The disk worker applied the logged epoch to the images (error: why not).
+        case diskApplied(Epoch, error: String?, tookNs: UInt64)
         case operatorActivate
         case operatorDiscard
         case terminate
@@ -56,6 +61,9 @@ public final class BackupDaemon: @unchecked Sendable {
     private var activationTiming: (lostAt: UInt64, activatedAt: UInt64)?
     /// The preparation running now, if any: opened when it has finished (loop thread).
     private var preparing: Gate<Bool>?
+    /// The last successful disk apply: its epoch, how long it took, when it finished (loop thread;
+    /// the activation report carries it for the committed epoch).
+    private var lastDiskApply: (epoch: Epoch, tookNs: UInt64, at: UInt64)?
     /// Where the last failover's time went (guarded by `statsLock`, shown by `status`).
     private var failoverPhases: FailoverPhases?
     /// The number of the last fence run started (loop thread).
@@ -75,6 +83,15 @@ public final class BackupDaemon: @unchecked Sendable {
     private var plug: PlugOutputBuffer?
     /// Where replicas come from (tests inject a fake Xen replica: off Xen there is no libxl).
     let backends: BackendFactory
+    /// The disk directory (`--disk-dir`): its images, redo log and staging; nil without one
+    /// (this backup then does not offer DISKS). Loop thread, but for `makeStaging`.
+    private var disks: BackupDisks?
+    /// Runs the disk directory's blocking work (redo log, image writes, fdatasync) in order, off
+    /// the loop thread, which keeps sending heartbeats meanwhile.
+    private let diskWorker = SerialWorker(name: "backup-disks")
+    /// The checkpoint whose disk operations the worker is logging: its memory is applied and the
+    /// reader let go when that is done (`.diskLogged`).
+    private var loggingCommit: (epoch: Epoch, staged: StagedCheckpoint, done: Gate<Bool>)?
 
     /// - Parameter metrics: the process's registry (the executable bootstraps swift-metrics with
     ///   it); by default one of the daemon's own.
@@ -115,6 +132,18 @@ public final class BackupDaemon: @unchecked Sendable {
             plug = try SimulatedBackend.plugBuffer(tap)
             let held = plug.map { p in p.attachments.map { "\($0.interface) (\($0.ifbName))" }.joined(separator: ", ") }
             Log.info("a taken-over guest's NIC writes into tap \(tap.tap)" + (held.map { "; its output is held by plug qdiscs on \($0)" } ?? ""))
+        }
+        if let directory = config.diskDirectory {
+            let opened = try BackupDisks(directory: directory)
+            disks = opened
+            if let epoch = opened.recoveredEpoch {
+                Log.info("disk directory \(directory): finished applying the disk writes of checkpoint \(epoch) that a previous run had logged (its images now hold checkpoint \(epoch) whole)")
+            }
+            if let problem = opened.recoveryProblem {
+                Log.warning("disk directory \(directory): \(problem); the images will be copied whole when a primary connects")
+            }
+            Log.info("replicating disks into \(directory)")
+            setStatus("disks", "directory \(directory), no stream yet")
         }
         SignalWatcher.start { [loop] in loop.post(.terminate) }
         // Certificates are loaded before the port opens: a bad file is reported, nothing listens.
@@ -246,14 +275,19 @@ public final class BackupDaemon: @unchecked Sendable {
 
     /// Handshake, then decode → validate → stage until the stream ends.
     private func serve(_ ch: any ByteChannel, ticket: ConnectionTable.Ticket, generation gen: Int) {
+        // DISKS is offered only with a disk directory: a primary with disks then refuses this backup.
+        let offered: StreamFeatures = config.diskDirectory == nil ? [] : [.disks]
         let ourHeader = StreamHeader(
-            features: [], pageSize: 4096, backend: .simulated, role: .backup,
+            features: offered, pageSize: 4096, backend: .simulated, role: .backup,
             guestUUID: .zero, guestName: "", senderVersion: remusdVersion)
         let receiver: CheckpointReceiver
+        var staging: DiskEpochStaging?
+        defer { if let staging { unlink(staging.spillPath) } }
         do {
             try RecordWriter.writeHeader(ourHeader, to: ch)
-            receiver = CheckpointReceiver(channel: ch, ticket: ticket)
-            let (header, config) = try receiver.readHello()
+            receiver = CheckpointReceiver(channel: ch, ticket: ticket, offeredFeatures: offered,
+                                          maxDiskBytesPerCheckpoint: config.maxDiskBytesPerCheckpoint)
+            let (header, config, described) = try receiver.readHello()
             let sender = StreamSender(identity: Self.identity(of: ch), guestUUID: header.guestUUID, guestName: header.guestName)
             let guestBytes: UInt64
             do { guestBytes = try BackendFactory.declaredGuestBytes(header, config) } catch {
@@ -267,7 +301,7 @@ public final class BackupDaemon: @unchecked Sendable {
             }
             if refusal == nil {
                 let answer = Gate<String?>()
-                loop.post(.hello(generation: gen, channel: ch, sender: sender, guestBytes: guestBytes, header: header, config: config, answer: answer))
+                loop.post(.hello(generation: gen, channel: ch, sender: sender, guestBytes: guestBytes, header: header, config: config, disks: described, answer: answer))
                 refusal = answer.wait()
             }
             if let refusal {
@@ -278,6 +312,11 @@ public final class BackupDaemon: @unchecked Sendable {
             }
             ticket.admitted()
             receiver.accepted(pageSize: header.pageSize, guestBytes: guestBytes)
+            // `disks` was set before the listener started and never changes.
+            if !described.isEmpty, let s = disks?.makeStaging(tag: gen, memoryBound: self.config.diskStagingMemoryBytes) {
+                receiver.stageDisks(into: s)
+                staging = s
+            }
         } catch {
             Log.warning("handshake with \(ch.peer) failed: \(error); nothing changed here")
             ch.shutdown()
@@ -347,7 +386,7 @@ public final class BackupDaemon: @unchecked Sendable {
     private func handle(_ event: Event) {
         let now = clock.monotonicNs()
         switch event {
-        case .hello(let gen, let ch, let sender, let guestBytes, let header, let domainConfig, let answer):
+        case .hello(let gen, let ch, let sender, let guestBytes, let header, let domainConfig, let described, let answer):
             let decision = config.admission.decide(sender, declaredGuestBytes: guestBytes, holder: replicaSender,
                                                    state: committer.state, fenceInFlight: committer.fenceInFlight)
             switch decision {
@@ -364,6 +403,24 @@ public final class BackupDaemon: @unchecked Sendable {
             do {
                 let built = try backends.makeReplica(for: header, guestNIC: tapSink ?? SimulatedBackend.sink(config.nicSink), clock: clock)
                 try built.target.configure(header: header, config: domainConfig)
+                // The disks last: accepting them voids an unapplied redo record of the old stream.
+                if !described.isEmpty {
+                    guard let disks else {
+                        answer.open(with: "this backup has no disk directory (--disk-dir) for the guest's disks \(described.map { "'\($0.name)'" }.joined(separator: ", ")); nothing was changed")
+                        return
+                    }
+                    if let refusal = disks.open(described) {
+                        answer.open(with: refusal)
+                        return
+                    }
+                    // Before any checkpoint of this stream is logged (the worker keeps order).
+                    diskWorker.run {
+                        do { try disks.prepareStream() } catch {
+                            Log.error("the disk directory \(disks.directory) cannot be written: \(error); this stream's checkpoints fail to commit until it can")
+                        }
+                    }
+                    setStatus("disks", described.map { "\($0.name) (\($0.sizeBytes >> 20) MiB)" }.joined(separator: ", ") + " in \(disks.directory)")
+                }
                 replica?.target.discard()
                 replica = built
                 replicaHeader = header
@@ -387,7 +444,7 @@ public final class BackupDaemon: @unchecked Sendable {
             setStatus("serving", "\(sender.guestDescription) of \(guestBytes >> 20) MiB from primary '\(sender.identity)'")
             Log.info("primary \(ch.peer) connected over \(ReplicationTransport.describe(ch)): guest '\(header.guestName)' \(header.guestUUID), \(header.backend), \(header.senderVersion)", logContext)
             answer.open(with: nil)
-            execute(committer.onPrimaryConnected(now: now))
+            execute(committer.onPrimaryConnected(now: now, disks: !described.isEmpty))
         case .began(let gen, let begin):
             guard gen == generation else { return }
             execute(committer.onCheckpointBegan(begin, now: now))
@@ -422,6 +479,26 @@ public final class BackupDaemon: @unchecked Sendable {
                 Log.info("replica ready to run: prepared in \((now - min(lostAt, now)) / 1_000_000) ms after the loss was detected", logContext)
             }
             execute(committer.onPrepared(success: ok, detail: detail, now: now))
+        case .diskLogged(let epoch, let error):
+            guard let commit = loggingCommit, commit.epoch == epoch else {
+                // Its checkpoint was given up meanwhile: the logged record must never be applied.
+                if error == nil { voidLoggedDisk() }
+                return
+            }
+            loggingCommit = nil
+            if let error {
+                commit.done.open(with: false)
+                return execute(committer.onCommitFailed(epoch, reason: "logging its disk writes failed: \(error)", now: now))
+            }
+            commitMemory(epoch, commit.staged, commit.done, voidingDiskOnFailure: true)
+        case .diskApplied(let epoch, let error, let tookNs):
+            if let error {
+                Log.error("applying the disk writes of checkpoint \(epoch) failed: \(error)", logContext)
+                execute(committer.onDiskApplyFailed(epoch, reason: error, now: now))
+            } else {
+                lastDiskApply = (epoch, tookNs, now)
+                execute(committer.onDiskApplied(epoch, now: now))
+            }
         case .operatorActivate:
             execute(committer.onOperatorActivate(now: now))
         case .operatorDiscard:
@@ -451,21 +528,42 @@ public final class BackupDaemon: @unchecked Sendable {
                 pendingCommit = nil
                 gate.open(with: false)
             }
+            if let commit = loggingCommit {
+                loggingCommit = nil
+                commit.done.open(with: false)  // its record is voided once logged (`.diskLogged`)
+            }
         case .commit(let epoch):
-            guard let (staged, gate) = pendingCommit, let replica else { return }
+            guard let (staged, gate) = pendingCommit, replica != nil else { return }
             pendingCommit = nil
-            do {
-                try staged.commit(to: replica.target)
-                gate.open(with: true)
-                statsLock.withLock { backupMetrics.checkpointCommitted() }
-                execute(committer.onCommitted(epoch, now: clock.monotonicNs()))
-            } catch {
+            guard committer.replicatesDisks else { return commitMemory(epoch, staged, gate) }
+            // I9: the epoch's disk operations are durable in the redo log before memory is
+            // applied and acknowledged (`.diskLogged`); the reader waits until then.
+            guard let disks, let staging = staged.disks else {
                 gate.open(with: false)
-                execute(committer.onCommitFailed(epoch, reason: "\(error)", now: clock.monotonicNs()))
+                return execute(committer.onCommitFailed(epoch, reason: "checkpoint \(epoch) of a stream with disks has no disk staging; this is a bug in remusd", now: now))
+            }
+            loggingCommit = (epoch, staged, gate)
+            let loop = self.loop
+            diskWorker.run {
+                do {
+                    try disks.log(staging, epoch: epoch)
+                    loop.post(.diskLogged(epoch, error: nil))
+                } catch {
+                    loop.post(.diskLogged(epoch, error: "\(error)"))
+                }
             }
         case .applyDisk(let epoch):
-            // This daemon does not offer DISKS yet, so the committer never replicates disks here.
-            preconditionFailure("applyDisk(\(epoch)) on a backup that did not negotiate disks")
+            guard let disks else { return execute(committer.onDiskApplyFailed(epoch, reason: "no disk directory", now: now)) }
+            let (loop, clock) = (self.loop, self.clock)
+            diskWorker.run {
+                let started = clock.monotonicNs()
+                do {
+                    try disks.apply()
+                    loop.post(.diskApplied(epoch, error: nil, tookNs: clock.monotonicNs() - started))
+                } catch {
+                    loop.post(.diskApplied(epoch, error: "\(error)", tookNs: clock.monotonicNs() - started))
+                }
+            }
         case .sendAck(let epoch):
             writer?.enqueue(.ack(Ack(epoch: epoch, backupMonotonicNs: now)))
         case .sendHeartbeat(let sequence):
@@ -522,6 +620,16 @@ public final class BackupDaemon: @unchecked Sendable {
                 }
                 done.open(with: true)
             }
+            // Alongside the fence too: after the apply of the committed epoch (the worker keeps
+            // order), make "applied" durable now, so the activation's own sync finds nothing to
+            // write and the unpause does not wait for an fdatasync.
+            if let disks, committer.replicatesDisks {
+                diskWorker.run {
+                    do { try disks.syncHeader() } catch {
+                        Log.warning("syncing the redo log in \(disks.directory) ahead of the takeover failed: \(error); the activation syncs it again before the guest runs")
+                    }
+                }
+            }
         case .activate(let epoch):
             activate(epoch: epoch, now: now)
         case .discardReplica:
@@ -538,6 +646,37 @@ public final class BackupDaemon: @unchecked Sendable {
         }
     }
 
+    /// Applies a verified checkpoint's memory to the replica and lets the reader go on; with
+    /// `voidingDiskOnFailure`, a failure voids the disk record logged for it.
+    private func commitMemory(_ epoch: Epoch, _ staged: StagedCheckpoint, _ gate: Gate<Bool>, voidingDiskOnFailure: Bool = false) {
+        guard let replica else {
+            gate.open(with: false)
+            if voidingDiskOnFailure { voidLoggedDisk() }
+            return
+        }
+        do {
+            try staged.commit(to: replica.target)
+        } catch {
+            if voidingDiskOnFailure { voidLoggedDisk() }
+            gate.open(with: false)
+            return execute(committer.onCommitFailed(epoch, reason: "\(error)", now: clock.monotonicNs()))
+        }
+        gate.open(with: true)
+        statsLock.withLock { backupMetrics.checkpointCommitted() }
+        execute(committer.onCommitted(epoch, now: clock.monotonicNs()))
+    }
+
+    /// The redo log's last record belongs to a checkpoint that was not committed: void it (in
+    /// order after whatever the worker does now) so that it is never applied.
+    private func voidLoggedDisk() {
+        guard let disks else { return }
+        diskWorker.run {
+            do { try disks.void() } catch {
+                Log.error("voiding an uncommitted disk record in \(disks.directory) failed: \(error); nothing of it was applied — restart 'remusd receive': the next stream voids it and copies the images whole")
+            }
+        }
+    }
+
     private func activate(epoch: Epoch, now: UInt64) {
         guard let replica, let replicaHeader else { preconditionFailure("activation without a replica") }
         let lostAt = committer.lossDetectedAt ?? now
@@ -547,7 +686,20 @@ public final class BackupDaemon: @unchecked Sendable {
             let report = ActivationReport.before(
                 epoch: epoch, lastHeardAt: committer.lastHeardAt, lossDetectedAt: lostAt,
                 lostWhileStaging: committer.lostWhileStaging, fencedAt: committer.fencedAt ?? now,
-                preparedAt: preparedAt, unpauseStartedAt: now)
+                preparedAt: preparedAt, unpauseStartedAt: now,
+                diskApply: lastDiskApply.flatMap { $0.epoch == epoch ? (tookNs: $0.tookNs, at: $0.at) : nil })
+            // The images hold `epoch` (the committer activates only after its apply, and after the
+            // fence): make "applied" durable before the guest writes to them, then hand them to
+            // the replica — a guest prepared during the fence gets them before its first op.
+            if let disks {
+                if disks.images != nil {
+                    try disks.syncHeader()
+                    guard let attach = replica.attachDisks else {
+                        throw ProtocolError("the \(replicaHeader.backend) backend cannot take over replicated disks yet; the images in \(disks.directory) hold checkpoint \(epoch)")
+                    }
+                    try attach(disks.handOver(), config.activationReport != nil)
+                }
+            }
             let activated = try replica.target.activate(clock: clock)
             let activatedAt = clock.monotonicNs()
             activationTiming = (lostAt, activatedAt)
@@ -653,7 +805,7 @@ public final class BackupDaemon: @unchecked Sendable {
 
     private func renderStatus() -> String {
         var lines = ["role: backup"]
-        for key in ["listen", "channel", "accept", "state", "committed", "failover", "primary", "serving", "last event", "last refused"] {
+        for key in ["listen", "channel", "accept", "state", "committed", "failover", "primary", "serving", "disks", "last event", "last refused"] {
             if key == "state", let f = fenceAttempt, statusLines[key]?.hasPrefix("FENCING") == true {
                 // A fence command may hang: say how long this attempt has been running.
                 let tenths = (clock.monotonicNs() - min(f.startedAt, clock.monotonicNs())) / 100_000_000

@@ -51,6 +51,8 @@ final class CheckpointShipper: @unchecked Sendable {
         /// The live phase of a streaming guest: its library's bytes as they come, until it waits
         /// to suspend the guest for the first checkpoint.
         case precopyStream(round: Int, guest: any StreamingGuest, progress: @Sendable (_ sent: Int, _ total: Int) -> Void)
+        /// The full copy of the guest's disks at the start of a connection, as pre-copy rounds.
+        case diskCopy(any GuestDisks)
         case checkpoint(arena: StagingArena, state: GuestState)
         case heartbeat(Heartbeat)
         case ack(Ack)
@@ -62,7 +64,7 @@ final class CheckpointShipper: @unchecked Sendable {
         var arena: StagingArena? {
             switch self {
             case .precopyPages(_, _, _, let arena, _), .checkpoint(let arena, _): return arena
-            case .precopyStream, .heartbeat, .ack, .streamEnd, .close: return nil
+            case .precopyStream, .diskCopy, .heartbeat, .ack, .streamEnd, .close: return nil
             }
         }
     }
@@ -156,6 +158,19 @@ final class CheckpointShipper: @unchecked Sendable {
                 case .precopyStream(let round, let guest, let progress):
                     let (pages, remaining) = try precopyStream(guest, writer: writer, progress: progress)
                     post(.precopyShipped(generation: generation, round: round, remainingDirty: remaining, pages: pages))
+                case .diskCopy(let disks):
+                    let total = disks.descriptors.reduce(UInt64(0)) { $0 + $1.sizeBytes }
+                    Log.info("copying the guest's disks to the backup: \(disks.descriptors.map { "\($0.name) (\($0.sizeBytes >> 20) MiB)" }.joined(separator: ", "))")
+                    var quarter: UInt64 = 0
+                    if !blackhole {
+                        try writer.writeDiskCopy(disks) { copied, _ in
+                            let now = total > 0 ? copied * 4 / total : 4
+                            if now > quarter {
+                                quarter = now
+                                Log.info("disk copy: \(copied >> 20) of \(total >> 20) MiB")
+                            }
+                        }
+                    }
                 case .checkpoint(let arena, let state):
                     let epoch = arena.epoch
                     let result = Result { blackhole ? 0 : try writer.writeCheckpoint(arena, state: state) }

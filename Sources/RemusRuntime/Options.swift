@@ -11,11 +11,18 @@ public struct SimulatedGuestParameters: Equatable, Sendable {
     /// Pages dirtied per second across the guest (0: unthrottled).
     public var dirtyRate: UInt64
     public var seed: UInt64
-    public init(memoryBytes: UInt64, vcpus: Int, dirtyRate: UInt64, seed: UInt64) {
+    /// The virtual disk's image (created sparse when missing), replicated with the checkpoints;
+    /// nil: the guest has no disk.
+    public var diskPath: String?
+    /// The virtual disk's size in bytes (with `diskPath`).
+    public var diskBytes: UInt64
+    public init(memoryBytes: UInt64, vcpus: Int, dirtyRate: UInt64, seed: UInt64, diskPath: String? = nil, diskBytes: UInt64 = 16 << 20) {
         self.memoryBytes = memoryBytes
         self.vcpus = vcpus
         self.dirtyRate = dirtyRate
         self.seed = seed
+        self.diskPath = diskPath
+        self.diskBytes = diskBytes
     }
 }
 
@@ -159,6 +166,16 @@ public struct ReceiveConfiguration: Sendable {
     /// What a Xen primary's DOMAIN_CONFIG may name on this host (`--xen-allow-path`,
     /// `--xen-allow-bridge`).
     public var xenPaths = XenPathPolicy()
+    /// Where the replicated disks' images live (`--disk-dir`): one per disk, named as the primary
+    /// names it, plus the redo log and spill files. nil: this backup does not offer DISKS.
+    public var diskDirectory: String?
+    /// Most bytes of disk records one checkpoint may carry (`--max-disk-checkpoint`): checked as
+    /// each record arrives, before it is staged; it also bounds the connection's spill file and
+    /// the redo log's record.
+    public var maxDiskBytesPerCheckpoint = StreamLimits.defaultMaxDiskBytesPerCheckpoint
+    /// Bytes of one checkpoint's disk records held in memory before the rest spills to a file in
+    /// the disk directory (`--disk-staging-memory`).
+    public var diskStagingMemoryBytes = defaultDiskStagingMemoryBytes
 
     public init(listen: Endpoint, settings: ProtectionSettings, fence: FenceConfiguration, reprotectTo: Endpoint?,
                 nicSink: Endpoint?, activationReport: String?, exitAfterProtection: Bool, statusSocket: String,
@@ -178,6 +195,14 @@ public struct ReceiveConfiguration: Sendable {
 
 /// The default `--max-pending-connections` of `remusd receive`.
 public let defaultMaxPendingConnections = 16
+
+/// The default `--disk-staging-memory` of `remusd receive`, bytes (32 MiB).
+public let defaultDiskStagingMemoryBytes = 32 << 20
+
+/// The smallest `--max-disk-checkpoint` of `remusd receive`, bytes (260 MiB): a primary copies its
+/// disks in pre-copy rounds of 256 MiB and bounds a checkpoint's disk journal at 256 MiB, plus
+/// the records' headers.
+public let minDiskBytesPerCheckpoint: UInt64 = 260 << 20
 
 /// The default `--hello-timeout` of `remusd receive`, milliseconds.
 public let defaultHelloTimeoutMs = 3000

@@ -89,8 +89,9 @@ public final class PrimaryProtection: @unchecked Sendable {
             capacity = 1
         }
         arenas = ArenaPool((0..<settings.maxShipping).map { _ in StagingArena(pageSize: d.pageSize, capacityPages: capacity) })
+        // DISKS only for a guest with disks: a backup without a disk directory can serve the rest.
         header = StreamHeader(
-            features: [], pageSize: UInt32(d.pageSize), backend: d.backend, role: .primary,
+            features: guest.disks == nil ? [] : [.disks], pageSize: UInt32(d.pageSize), backend: d.backend, role: .primary,
             guestUUID: d.uuid, guestName: d.name, senderVersion: remusdVersion)
         domainConfig = try guest.domainConfig()
     }
@@ -238,6 +239,7 @@ public final class PrimaryProtection: @unchecked Sendable {
             let header = self.header
             let config = domainConfig
             let transport = self.transport
+            let disks = guest.disks?.descriptors ?? []
             // A backup that drops SYNs, or stalls in the TLS handshake, costs the peer timeout (at
             // least 1 s), not the kernel's minutes.
             let connectBudgetNs = max(engine.settings.timeoutNs, 1_000_000_000)
@@ -246,8 +248,11 @@ public final class PrimaryProtection: @unchecked Sendable {
                     let ch = try transport.connect(to: endpoint, deadline: Deadline(afterNanoseconds: connectBudgetNs))
                     let reader = StreamReader(channel: ch, direction: .backupToPrimary)
                     let peerHeader = try reader.readHeader()
-                    try Self.check(peerHeader: peerHeader, against: header)
-                    try RecordWriter.writePreamble(header: header, config: config, to: ch)
+                    do { try Self.check(peerHeader: peerHeader, against: header, disks: disks) } catch {
+                        ch.shutdown()
+                        throw error
+                    }
+                    try RecordWriter.writePreamble(header: header, config: config, disks: disks, to: ch)
                     loop.post(.connected(generation: gen, channel: ch, reader: StreamReaderBox(reader)))
                 } catch {
                     loop.post(.connectFailed(generation: gen, reason: "\(error)"))
@@ -259,6 +264,8 @@ public final class PrimaryProtection: @unchecked Sendable {
             retiredWriter?.waitUntilStopped()
             retiredWriter = nil
             do {
+                // A new connection's disk journal starts now: the full copy of round 1 follows.
+                guest.disks?.restartJournal()
                 switch capture {
                 case .pages(let pageGuest, let dirty):
                     try pageGuest.startDirtyLogging()
@@ -286,6 +293,9 @@ public final class PrimaryProtection: @unchecked Sendable {
                     logIt = round == 1 && total > 0 && sent * 4 / total != before
                 }
                 if logIt { Log.info("synchronising: \(progressBar(sent, total))") }
+            }
+            if round == 1, let disks = guest.disks {
+                writer.enqueue(.diskCopy(disks))
             }
             switch capture {
             case .pages(let pageGuest, let dirty):
@@ -515,6 +525,9 @@ public final class PrimaryProtection: @unchecked Sendable {
                 state = try streamingGuest.captureCheckpoint(clock: clock)
                 try output.closeEpoch(epoch)
             }
+            // Still suspended: every disk operation whose completion memory `epoch` can show is
+            // in the journal, and none of epoch + 1 is (I9).
+            if let disks = guest.disks, state != nil { state?.disks = try disks.sealEpoch() }
         } catch {
             failure = "\(error)"
         }
@@ -586,9 +599,13 @@ public final class PrimaryProtection: @unchecked Sendable {
         }
     }
 
-    static func check(peerHeader: StreamHeader, against ours: StreamHeader) throws {
+    static func check(peerHeader: StreamHeader, against ours: StreamHeader, disks: [DiskDescriptor] = []) throws {
         guard peerHeader.role == .backup else {
             throw ProtocolError("the peer at the backup address is not a remusd backup (it announced role \(peerHeader.role))")
+        }
+        guard disks.isEmpty || peerHeader.features.contains(.disks) else {
+            let names = disks.map { "'\($0.name)'" }.joined(separator: ", ")
+            throw ProtocolError("the backup does not replicate disks (it runs without --disk-dir), and this guest's disk \(names) must be replicated with its memory; nothing was sent to it — restart the backup with 'remusd receive --disk-dir DIR', DIR holding an image of each disk")
         }
     }
 }

@@ -1,4 +1,5 @@
 import RemusCore
+import RemusDisk
 import RemusNetbuf
 import RemusSim
 
@@ -22,6 +23,7 @@ enum SimulatedBackend {
     static func config(_ p: SimulatedGuestParameters) -> SimConfig {
         var c = SimConfig(memoryBytes: p.memoryBytes, vcpus: p.vcpus, seed: p.seed)
         c.dirtyRateLimit = p.dirtyRate
+        if p.diskPath != nil { c.diskBytes = p.diskBytes }
         return c
     }
 
@@ -62,20 +64,40 @@ enum SimulatedBackend {
     /// holds them (`SimOutputBuffer.hold()`), or, over a tap, for ever (the plug holds them).
     static func startGuest(name: String, parameters: SimulatedGuestParameters, sink: any PacketSink, clock: any HostClock) throws -> (guest: SimGuest, output: SimOutputBuffer) {
         let output = SimOutputBuffer(sink: sink, holding: false)
-        let guest = try SimGuest(config: config(parameters), clock: clock, nic: output, name: name)
+        let c = config(parameters)
+        let disk = try parameters.diskPath.map { path in
+            do { return try SimGuest.openDisk(c, path: path, create: true) } catch { throw ProtocolError("\(error)") }
+        }
+        if let path = parameters.diskPath { Log.info("the guest's disk '\(SimGuest.diskName)' is \(path) (\(c.diskBytes >> 20) MiB), replicated with every checkpoint") }
+        let guest = try SimGuest(config: c, clock: clock, nic: output, name: name, disk: disk)
         return (guest, output)
     }
 
     /// An empty replica whose activated guest will emit into `sink`, and its check of that guest.
     static func makeReplica(sink: any PacketSink, clock: any HostClock) -> BackupReplica {
         let replica = SimReplica(clock: clock, nic: SimOutputBuffer(sink: sink, holding: false))
-        return BackupReplica(replica, verifyActivation: { clock in try verifyActivation(of: replica, clock: clock) })
+        // The disk as the guest resumes on it, read before it runs, for the I9 check.
+        let snapshot = DiskSnapshot()
+        return BackupReplica(
+            replica, verifyActivation: { clock in try verifyActivation(of: replica, disk: snapshot.image, clock: clock) },
+            attachDisks: { disks, keepSnapshot in
+                guard let (descriptor, path) = disks.first, disks.count == 1, let config = replica.config, config.diskBytes == descriptor.sizeBytes else {
+                    throw ProtocolError("the simulated guest has one disk of its config's size; the stream described \(disks.map { "'\($0.0.name)' (\($0.0.sizeBytes) bytes)" })")
+                }
+                let journal = try SimGuest.openDisk(config, path: path, create: false)
+                if keepSnapshot {
+                    var image = [UInt8](repeating: 0, count: Int(descriptor.sizeBytes))
+                    try image.withUnsafeMutableBytes { try journal.read(disk: 0, at: 0, into: $0) }
+                    snapshot.image = image
+                }
+                replica.attachDisk(journal)
+            })
     }
 
     /// The activation report's fields for an activated replica: the first guest clock reading
     /// (I4), the memory and registers verified against a replay (the guest is suspended for the
     /// check, after the activation time was taken), and the committed state.
-    static func verifyActivation(of replica: SimReplica, clock: any HostClock) throws -> [String: String] {
+    static func verifyActivation(of replica: SimReplica, disk: [UInt8]?, clock: any HostClock) throws -> [String: String] {
         guard let guest = replica.activatedGuest, let committed = replica.committedState, let config = replica.config else {
             return ["verified": "the simulated replica holds no activated guest"]
         }
@@ -85,7 +107,17 @@ enum SimulatedBackend {
         fields["first_guest_monotonic_ns"] = "\(reading.guestMonotonicNs)"
         fields["first_reading_host_ns"] = "\(clock.monotonicNs())"
         try guest.suspend()
-        let report = SimVerifier(config: config).verifyActivation(guest: guest, committed: committed)
+        // One replay for both checks: to the committed op counts for the disk, then on to the
+        // guest's current ones for memory.
+        let verifier = SimVerifier(config: config)
+        let replay = try SimReplay(config: config)
+        if config.diskBytes > 0 {
+            // I9 on the image as it was when the guest resumed (its continuation rewrites the same blocks).
+            let diskReport = disk.map { image in image.withUnsafeBytes { verifier.verifyDisk(image: $0, committed: committed, replay: replay) } }
+            fields["disk_verified"] = diskReport?.passed == true ? "yes" : "no"
+            fields["disk_report"] = diskReport?.description.replacingNewlines() ?? "the disk was not read before activation"
+        }
+        let report = verifier.verifyActivation(guest: guest, committed: committed, replay: replay)
         try guest.resume()
         fields["memory_verified"] = report.passed ? "yes" : "no"
         fields["memory_report"] = report.description.replacingNewlines()
@@ -108,4 +140,11 @@ final class PassThroughOutput: OutputBuffer {
     func releaseAll() throws { try inner.releaseAll() }
     func hold() throws {}
     func statistics() throws -> OutputStatistics { try inner.statistics() }
+}
+
+/// The simulated disk's content read before activation, for the activation report's I9 check.
+///
+/// `@unchecked Sendable`: written on the loop thread before activation, read on it after.
+final class DiskSnapshot: @unchecked Sendable {
+    var image: [UInt8]?
 }

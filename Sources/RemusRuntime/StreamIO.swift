@@ -1,5 +1,6 @@
 import Glibc
 import RemusCore
+import RemusDisk
 
 /// Writes stream records to a channel with the codec; page data goes out by writev straight from
 /// the staging arena (no copy). Used by one thread at a time (a connection's writer thread).
@@ -27,12 +28,13 @@ package final class RecordWriter {
         try channel.write(out)
     }
 
-    /// The primary's first bytes: its stream header and DOMAIN_CONFIG.
-    static func writePreamble(header: StreamHeader, config: DomainConfig, to channel: any ByteChannel) throws {
+    /// The primary's first bytes: its stream header, DOMAIN_CONFIG and its disks' DISK_DESCRIPTORs.
+    static func writePreamble(header: StreamHeader, config: DomainConfig, disks: [DiskDescriptor] = [], to channel: any ByteChannel) throws {
         var out: [UInt8] = []
         try StreamEncoder.appendHeader(header, into: &out)
-        var encoder = StreamEncoder(pageSize: Int(header.pageSize), features: [])
+        var encoder = StreamEncoder(pageSize: Int(header.pageSize), features: header.features)
         try encoder.append(.domainConfig(config), into: &out)
+        for disk in disks { try encoder.append(.diskDescriptor(disk), into: &out) }
         try channel.write(out)
     }
 
@@ -66,6 +68,7 @@ package final class RecordWriter {
             try encoder.append(.clock(state.clock), into: &buffer)
             try encoder.append(.memoryLayout(state.layout), into: &buffer)
             total += try writeStream(state.stream)
+            total += try writeDiskOperations(state.disks)
         }
         _ = try encoder.endCheckpoint(into: &buffer)
         total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
@@ -79,6 +82,72 @@ package final class RecordWriter {
         buffer.removeAll(keepingCapacity: true)
         try encoder.append(.checkpointBegin(CheckpointBegin(epoch: 0, kind: .precopy)), into: &buffer)
         var total = try writeStream(bytes)
+        _ = try encoder.endCheckpoint(into: &buffer)
+        total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
+        return total
+    }
+
+    /// Writes an epoch's disk operations in their order, each write's data straight from the
+    /// journal; returns bytes written.
+    private func writeDiskOperations(_ operations: DiskOperations) throws -> Int {
+        var total = 0
+        try operations.forEach { entry, data in
+            switch entry.kind {
+            case .write:
+                try encoder.appendDiskWrite(disk: entry.disk, offset: entry.offset, data: data, into: &buffer)
+                total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
+            case .flush, .discard, .writeZeroes:
+                let kind: DiskCommand.Kind = entry.kind == .flush ? .flush : entry.kind == .discard ? .discard : .writeZeroes
+                try encoder.append(.diskCommand(DiskCommand(disk: entry.disk, kind: kind, offset: entry.offset, length: entry.length)), into: &buffer)
+            }
+        }
+        return total
+    }
+
+    /// Most bytes of disk records one pre-copy round of the full disk copy carries (well inside
+    /// a backup's bound per checkpoint, 1 GiB by default).
+    static let diskCopyRoundBytes: UInt64 = 256 << 20
+
+    /// The full copy of every disk, read from the local images while the guest runs, as pre-copy
+    /// rounds (epoch 0) of DISK_WRITE records (all-zero pieces as write-zeroes). Operations the
+    /// guest makes meanwhile are in the journal and follow in checkpoint 1, so whatever a read
+    /// saw, the backup's images converge. Returns bytes written.
+    @discardableResult
+    func writeDiskCopy(_ disks: any GuestDisks, progress: (_ copied: UInt64, _ total: UInt64) -> Void) throws -> Int {
+        let piece = StreamLimits.maxDiskWriteBytes
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: piece, alignment: 4096)
+        defer { scratch.deallocate() }
+        let totalBytes = disks.descriptors.reduce(UInt64(0)) { $0 + $1.sizeBytes }
+        var copied: UInt64 = 0
+        var total = 0
+        var inRound: UInt64 = 0
+        buffer.removeAll(keepingCapacity: true)
+        try encoder.append(.checkpointBegin(CheckpointBegin(epoch: 0, kind: .precopy)), into: &buffer)
+        // Out at once: the backup learns that the disk descriptions ended before a piece is read.
+        total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
+        for disk in disks.descriptors {
+            var offset: UInt64 = 0
+            while offset < disk.sizeBytes {
+                if inRound >= Self.diskCopyRoundBytes {
+                    _ = try encoder.endCheckpoint(into: &buffer)
+                    try encoder.append(.checkpointBegin(CheckpointBegin(epoch: 0, kind: .precopy)), into: &buffer)
+                    inRound = 0
+                }
+                let n = Int(min(UInt64(piece), disk.sizeBytes - offset))
+                let view = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<n])
+                try disks.read(disk: disk.disk, at: offset, into: view)
+                if isZero(UnsafeRawBufferPointer(view)) {
+                    try encoder.append(.diskCommand(DiskCommand(disk: disk.disk, kind: .writeZeroes, offset: offset, length: UInt64(n))), into: &buffer)
+                } else {
+                    try encoder.appendDiskWrite(disk: disk.disk, offset: offset, data: UnsafeRawBufferPointer(view), into: &buffer)
+                }
+                total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
+                offset += UInt64(n)
+                copied += UInt64(n)
+                inRound += UInt64(n)
+                progress(copied, totalBytes)
+            }
+        }
         _ = try encoder.endCheckpoint(into: &buffer)
         total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
         return total
@@ -147,9 +216,14 @@ final class StreamReader {
         set { decoder.recordBodyLimit = newValue }
     }
 
-    init(channel: any ByteChannel, direction: CheckpointValidator.Direction) {
+    /// - Parameters:
+    ///   - offeredFeatures: the features this end offered in its own header.
+    ///   - maxDiskBytesPerCheckpoint: most bytes of disk records one checkpoint may carry.
+    init(channel: any ByteChannel, direction: CheckpointValidator.Direction, offeredFeatures: StreamFeatures = [],
+         maxDiskBytesPerCheckpoint: UInt64 = StreamLimits.defaultMaxDiskBytesPerCheckpoint) {
         self.channel = channel
-        validator = CheckpointValidator(direction: direction, offeredFeatures: [])
+        validator = CheckpointValidator(direction: direction, offeredFeatures: offeredFeatures,
+                                        maxDiskBytesPerCheckpoint: maxDiskBytesPerCheckpoint)
     }
 
     /// The next validated event, or nil when the peer closed the connection at a record boundary.
@@ -211,6 +285,9 @@ final class StagedCheckpoint: @unchecked Sendable {
     /// Room beyond the guest's memory that one checkpoint's state, device model and the
     /// hypervisor library's framing may take (64 MiB).
     static let stateAllowance = 64 << 20
+    /// This checkpoint's disk operations (DISK_WRITE, DISK_COMMAND, in order); nil when the
+    /// stream replicates no disks.
+    var disks: DiskEpochStaging?
 
     init(pageSize: Int, guestBytes: UInt64) {
         self.pageSize = pageSize
@@ -243,7 +320,8 @@ final class StagedCheckpoint: @unchecked Sendable {
         }
     }
 
-    func reset(_ begin: CheckpointBegin) {
+    func reset(_ begin: CheckpointBegin) throws {
+        try disks?.reset()
         self.begin = begin
         stagedBytes = 0
         stagedPages = 0
@@ -302,20 +380,40 @@ final class StagedCheckpoint: @unchecked Sendable {
 final class CheckpointReceiver {
     private let reader: StreamReader
     private var staged: StagedCheckpoint?
+    /// The event read after the last DISK_DESCRIPTOR, handled first by `receive`.
+    private var lookahead: CheckpointEvent?
 
     /// Until the hello is accepted no record may be larger than a DOMAIN_CONFIG.
-    init(channel: any ByteChannel, ticket: ConnectionTable.Ticket? = nil) {
-        reader = StreamReader(channel: channel, direction: .primaryToBackup)
+    /// - Parameters:
+    ///   - offeredFeatures: the features this backup offered in its header.
+    ///   - maxDiskBytesPerCheckpoint: most bytes of disk records one checkpoint may carry, checked
+    ///     before each is staged (`--max-disk-checkpoint`).
+    init(channel: any ByteChannel, ticket: ConnectionTable.Ticket? = nil, offeredFeatures: StreamFeatures = [],
+         maxDiskBytesPerCheckpoint: UInt64 = StreamLimits.defaultMaxDiskBytesPerCheckpoint) {
+        reader = StreamReader(channel: channel, direction: .primaryToBackup, offeredFeatures: offeredFeatures,
+                              maxDiskBytesPerCheckpoint: maxDiskBytesPerCheckpoint)
         reader.ticket = ticket
         reader.recordBodyLimit = RecordType.domainConfig.maximumBody(pageSize: 4096)
     }
 
-    /// The primary's stream header and DOMAIN_CONFIG.
-    func readHello() throws -> (StreamHeader, DomainConfig) {
+    /// The primary's stream header, DOMAIN_CONFIG and (with DISKS) its disks: the DISK_DESCRIPTORs
+    /// that follow DOMAIN_CONFIG, up to the first other record.
+    func readHello() throws -> (StreamHeader, DomainConfig, [DiskDescriptor]) {
         let header = try reader.readHeader()
         guard let event = try reader.next() else { throw ProtocolError("the primary closed the connection before sending DOMAIN_CONFIG") }
         guard case .domainConfig(let config) = event else { throw ProtocolError("the primary's stream has no DOMAIN_CONFIG after its header") }
-        return (header, config)
+        var disks: [DiskDescriptor] = []
+        if header.features.contains(.disks) {
+            while let next = try reader.next() {
+                guard case .diskDescriptor(let disk) = next else {
+                    // Only values come before the first BEGIN (the validator sees to it): safe to keep.
+                    lookahead = next
+                    break
+                }
+                disks.append(disk)
+            }
+        }
+        return (header, config, disks)
     }
 
     /// The hello was accepted for a guest of `guestBytes`: records of any size may follow, and
@@ -324,6 +422,10 @@ final class CheckpointReceiver {
         reader.recordBodyLimit = StreamLimits.maxRecordBody
         staged = StagedCheckpoint(pageSize: Int(pageSize), guestBytes: guestBytes)
     }
+
+    /// Where this connection's disk operations are staged (set after `accepted`, before `receive`,
+    /// when the primary's disks were accepted).
+    func stageDisks(into staging: DiskEpochStaging) { staged?.disks = staging }
 
     /// Receives until the stream ends. Throws StreamDecodeError for a rejected stream, and what
     /// `complete` throws.
@@ -338,10 +440,10 @@ final class CheckpointReceiver {
     ) throws {
         guard let staged else { preconditionFailure("receive before readHello") }
         reader.onBytes = activity
-        while let event = try reader.next() {
+        while let event = try lookahead.take() ?? reader.next() {
             switch event {
             case .checkpointBegan(let begin):
-                staged.reset(begin)
+                try staged.reset(begin)
                 began(begin)
             case .content(let content):
                 switch content {
@@ -388,10 +490,12 @@ final class CheckpointReceiver {
                     }
                     try staged.reserve(chunk.bytes.count, for: "the hypervisor library's stream")
                     staged.stream.append(contentsOf: chunk.bytes)
-                case .diskWrite, .diskCommand:
-                    // The validator lets them through only when DISKS was negotiated, which this
-                    // backup does not offer yet; refuse rather than drop a write.
-                    throw ProtocolError("the primary sent disk records, but this backup does not replicate disks; the replica keeps its last committed checkpoint")
+                case .diskWrite(let write):
+                    guard let disks = staged.disks else { throw Self.noDisks }
+                    try disks.appendWrite(disk: write.disk, offset: write.offset, data: write.data)
+                case .diskCommand(let command):
+                    guard let disks = staged.disks else { throw Self.noDisks }
+                    try disks.append(command)
                 default: break
                 }
             case .checkpointComplete(let end):
@@ -404,10 +508,26 @@ final class CheckpointReceiver {
             case .peerError(let e):
                 throw ProtocolError("the primary reported error \(e.code): \(e.message)")
             case .diskDescriptor(let disk):
-                throw ProtocolError("the primary describes disk \"\(disk.name)\", but this backup does not replicate disks; nothing was changed")
+                // The validator lets one through only before the first checkpoint, and readHello
+                // reads all of those: this one came after other records.
+                throw ProtocolError("the primary described disk \"\(disk.name)\" after its stream began; this backup takes a stream's disks only before its first checkpoint; nothing of it was applied")
             case .streamOpened, .domainConfig, .ack, .skipped:
                 break
             }
         }
     }
+
+    /// Disk records on a stream whose disks this backup did not accept (the validator lets them
+    /// through only with DISKS negotiated, so this is a primary breaking its own header).
+    static let noDisks = ProtocolError("the primary sent disk records without describing its disks first; the replica keeps its last committed checkpoint")
+}
+
+/// Whether every byte is zero (word by word: this runs over whole disks).
+func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+    var at = 0
+    while at + 8 <= bytes.count {
+        if bytes.loadUnaligned(fromByteOffset: at, as: UInt64.self) != 0 { return false }
+        at += 8
+    }
+    return bytes[at...].allSatisfy { $0 == 0 }
 }

@@ -40,6 +40,18 @@ public struct SimConfig: Sendable, Equatable {
     /// Every this many ops a vCPU gives a page of its region back to the host, and the next time
     /// takes it again (default 4096; 0 = no ballooning).
     public var balloonPeriod: UInt64 = 4096
+    /// Size of the guest's virtual disk in bytes (default 0: no disk). A multiple of
+    /// `SimConfig.diskBlockBytes`, split evenly between the vCPUs, each writing only its share.
+    public var diskBytes: UInt64 = 0
+    /// Every this many ops a vCPU makes a disk operation (default 16384: about 60 per second at
+    /// the default op rate): a one-block write, and
+    /// every `flushEveryDiskOps`-th a flush instead; its completion is recorded in guest memory.
+    public var diskPeriod: UInt64 = 16384
+
+    /// The disk's block size, bytes: one block per write.
+    public static let diskBlockBytes = 4096
+    /// Every this many disk operations of a vCPU one is a flush.
+    public static let flushEveryDiskOps: UInt64 = 8
 
     public init() {}
 
@@ -89,6 +101,16 @@ public struct SimConfig: Sendable, Equatable {
             throw bad("each vCPU's region would hold \(region) pages (working set \(workingSetFraction) of "
                 + "\(pageCount) pages over \(vcpus) vCPUs); it needs at least 2")
         }
+        if diskBytes > 0 {
+            let block = UInt64(Self.diskBlockBytes)
+            guard diskBytes % block == 0, diskBytes <= 1 << 40, diskBytes / block >= UInt64(vcpus) else {
+                throw bad("disk \(diskBytes) bytes is not a multiple of \(block) up to 1 TiB with a block per vCPU")
+            }
+            guard diskPeriod >= 2, diskPeriod <= 1 << 32 else { throw bad("disk period \(diskPeriod) ops is outside 2…2^32") }
+            guard WorkloadShape(self).workingSetStart >= UInt64(vcpus) else {
+                throw bad("no room below the working set for the vCPUs' disk completion pages")
+            }
+        }
     }
 
     // MARK: DOMAIN_CONFIG body
@@ -112,8 +134,11 @@ public struct SimConfig: Sendable, Equatable {
             ("dirty-rate-limit", String(dirtyRateLimit)),
             ("packet-every-stores", String(packetEveryStores)),
             ("balloon-period", String(balloonPeriod)),
-        ]
+        ] + (diskBytes == 0 ? [] : [("disk-bytes", String(diskBytes)), ("disk-period", String(diskPeriod))])
     }
+
+    /// Keys a DOMAIN_CONFIG may leave out (a guest without a disk, and streams from before disks).
+    private static let optionalKeys: Set<String> = ["disk-bytes", "disk-period"]
 
     /// The DOMAIN_CONFIG the backup builds the replica from: UTF-8 text, a `remus-sim-config 1`
     /// line, then one `key=value` line per parameter. Doubles print in their shortest exact form.
@@ -149,7 +174,7 @@ public struct SimConfig: Sendable, Equatable {
             values[key] = line[line.index(after: eq)...]
         }
         var config = SimConfig()
-        let known = Set(config.fields.map(\.0))
+        let known = Set(config.fields.map(\.0)).union(Self.optionalKeys)
         if let unknown = values.keys.sorted().first(where: { !known.contains($0) }) {
             throw bad("unknown key '\(unknown.prefix(40))'")
         }
@@ -170,6 +195,8 @@ public struct SimConfig: Sendable, Equatable {
         config.dirtyRateLimit = try take("dirty-rate-limit", UInt64.self)
         config.packetEveryStores = try take("packet-every-stores", UInt64.self)
         config.balloonPeriod = try take("balloon-period", UInt64.self)
+        if values["disk-bytes"] != nil { config.diskBytes = try take("disk-bytes", UInt64.self) }
+        if values["disk-period"] != nil { config.diskPeriod = try take("disk-period", UInt64.self) }
         try config.validate()
         self = config
     }

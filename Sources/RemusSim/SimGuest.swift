@@ -10,6 +10,7 @@
 // memory and registers are a pure function of (config, vCPU, op count), whatever the interleaving.
 
 import RemusCore
+import RemusDisk
 import Synchronization
 import RemusSystem
 
@@ -78,6 +79,40 @@ struct NICEmitter: PacketEmitter {
     @inline(__always) mutating func emit(_ packet: SimPacket) { nic?.emit(packet) }
 }
 
+/// The disk path of the vCPU threads and `step`: each operation through the guest's journal (the
+/// local image, then the epoch's journal), completed when the call returns.
+struct JournalDiskPort: SimDiskPort {
+    let machine: GuestMachine
+    let block: UnsafeMutableRawBufferPointer
+
+    /// A port with a block of its own (`release()` it when done).
+    init(_ machine: GuestMachine) {
+        self.machine = machine
+        block = .allocate(byteCount: SimConfig.diskBlockBytes, alignment: 4096)
+    }
+
+    func release() { block.deallocate() }
+
+    mutating func write(blockNumber number: UInt64) {
+        guard let disk = machine.disk else { return }
+        // Journaled now, applied to the local image by the journal's worker: a vCPU must not wait
+        // for host I/O inside an op (a checkpoint waits for it to park).
+        do { try disk.writeApplyingLater(disk: 0, offset: number * UInt64(block.count), data: UnsafeRawBufferPointer(block)) } catch {
+            // A real guest would see EIO; the simulated one counts it, and its disk no longer
+            // matches a replay, which the verifier then reports.
+            machine.diskFailures.add(1, ordering: .relaxed)
+        }
+    }
+
+    mutating func flush() {
+        guard let disk = machine.disk else { return }
+        // No local fdatasync: a vCPU parks only between ops, so a flush that waits for the host's
+        // disk would stretch the checkpoint's pause (a real guest's flush does not hold its vCPUs);
+        // what failover needs durable is the backup's image, which applies each epoch durably.
+        do { try disk.flush(disk: 0, localSync: false) } catch { machine.diskFailures.add(1, ordering: .relaxed) }
+    }
+}
+
 /// The machine the vCPU threads run on; shared by them and the controller (`SimGuest`).
 ///
 /// `@unchecked Sendable`: the mutable fields below `control` are only touched with `control`
@@ -91,6 +126,13 @@ final class GuestMachine: @unchecked Sendable {
     let clock: any HostClock
     let guestClock: GuestClock
     let autoRun: Bool
+    /// The virtual disk (local image and journal); nil without one. Set at construction, or by
+    /// `SimGuest.attachDisk` while no vCPU has run an op yet (a replica prepared during the fence
+    /// gets the backup's images only once they hold the committed checkpoint, I9); the vCPU
+    /// threads read it only after `resume()`'s handshake on `control`.
+    var disk: DiskJournal?
+    /// Disk operations whose local I/O failed.
+    let diskFailures = Atomic<UInt64>(0)
 
     /// Set when the vCPUs must stop at their next safe point (suspend or halt); checked every op.
     let pauseRequested = Atomic<Bool>(false)
@@ -103,6 +145,8 @@ final class GuestMachine: @unchecked Sendable {
     let control = MonitorLock()
     // Guarded by `control`:
     var suspendRequested = false
+    /// Whether a vCPU may have run an op (false only for a guest built suspended, until `resume`).
+    var mayHaveRun = true
     var halting = false
     var parked = 0
     var running = 0
@@ -110,8 +154,9 @@ final class GuestMachine: @unchecked Sendable {
 
     init(
         config: SimConfig, memory: GuestMemory, registers: [SimRegisters], guestClock: GuestClock,
-        clock: any HostClock, nic: SimOutputBuffer?, autoRun: Bool
+        clock: any HostClock, nic: SimOutputBuffer?, disk: DiskJournal?, autoRun: Bool
     ) {
+        self.disk = disk
         self.config = config
         shape = WorkloadShape(config)
         self.memory = memory
@@ -141,6 +186,8 @@ final class GuestMachine: @unchecked Sendable {
     private func runVCPU(_ slot: VCPUSlot) {
         var registers = slot.registers
         var emitter = NICEmitter(nic: nic)
+        var disk = JournalDiskPort(self)
+        defer { disk.release() }
         // Throttles: ops per second per vCPU, newly dirtied pages per second per guest.
         var speed = speedPercent.load(ordering: .relaxed)
         var (opBudget, pageBudget) = budgets(speed: speed)
@@ -164,7 +211,7 @@ final class GuestMachine: @unchecked Sendable {
                 throttle(&pageBudget, slot, registers.opCount)
                 continue
             }
-            let effect = executeOp(&registers, vcpu: slot.index, shape: shape, memory: memory, emitter: &emitter)
+            let effect = executeOp(&registers, vcpu: slot.index, shape: shape, memory: memory, emitter: &emitter, disk: &disk)
             if opBudget.isLimited { opBudget.tokens -= 1 }
             if pageBudget.isLimited && effect.newlyDirtied { pageBudget.tokens -= 1 }
             if registers.opCount & (Self.progressInterval - 1) == 0 { publishProgress(slot, registers.opCount) }
@@ -255,6 +302,7 @@ final class GuestMachine: @unchecked Sendable {
         control.lock()
         defer { control.unlock() }
         suspendRequested = false
+        mayHaveRun = true
         if !halting { pauseRequested.store(false, ordering: .releasing) }
         control.broadcast()
     }
@@ -302,36 +350,49 @@ public final class SimGuest: PageCapturingGuest, @unchecked Sendable {
     ///   - nic: where emitted packets go (nil: they are counted in the registers and dropped).
     ///   - name: guest name for the descriptor.
     ///   - uuid: guest identity (default derived from the seed).
+    ///   - disk: the virtual disk's image and journal (`SimGuest.openDisk`) when `config` has a
+    ///     disk; nil: its operations complete without reaching any image.
     ///   - autoRun: start the vCPU threads now (default); false for a guest driven by `step`.
     public convenience init(
         config: SimConfig, clock: any HostClock, nic: SimOutputBuffer?, name: String = "sim",
-        uuid: GuestUUID? = nil, autoRun: Bool = true
+        uuid: GuestUUID? = nil, disk: DiskJournal? = nil, autoRun: Bool = true
     ) throws {
         try config.validate()
         let memory = try GuestMemory(pageSize: config.pageSize, pageCount: config.pageCount)
         let registers = (0..<config.vcpus).map { SimRegisters(seed: config.seed, vcpu: UInt32($0)) }
         try self.init(
             config: config, memory: memory, registers: registers, guestClock: .boot(host: clock), clock: clock,
-            nic: nic, name: name, uuid: uuid ?? SimGuest.defaultUUID(config), autoRun: autoRun)
+            nic: nic, name: name, uuid: uuid ?? SimGuest.defaultUUID(config), disk: disk, autoRun: autoRun)
+    }
+
+    /// The name of the simulated guest's disk (the backup finds its image by it).
+    public static let diskName = "xvda"
+
+    /// Opens (`create`: creates when missing, sparse) the image of `config`'s disk at `path`,
+    /// as the guest's disk journal. Throws naming the disk and what to do (missing, smaller,
+    /// in use).
+    public static func openDisk(_ config: SimConfig, path: String, create: Bool) throws -> DiskJournal {
+        try DiskJournal([DiskJournal.Disk(name: diskName, path: path, sizeBytes: config.diskBytes, blockSize: UInt32(SimConfig.diskBlockBytes))], create: create)
     }
 
     /// A guest built from existing memory and registers (a replica being activated). With
     /// `suspended`, its vCPU threads start parked and run no op until `resume()`.
     init(
         config: SimConfig, memory: GuestMemory, registers: [SimRegisters], guestClock: GuestClock,
-        clock: any HostClock, nic: SimOutputBuffer?, name: String, uuid: GuestUUID, autoRun: Bool,
-        suspended: Bool = false
+        clock: any HostClock, nic: SimOutputBuffer?, name: String, uuid: GuestUUID, disk: DiskJournal? = nil,
+        autoRun: Bool, suspended: Bool = false
     ) throws(SimError) {
         self.config = config
         descriptor = GuestDescriptor(
             name: name, uuid: uuid, backend: .simulated, pageSize: config.pageSize, pageCount: config.pageCount)
         machine = GuestMachine(
             config: config, memory: memory, registers: registers, guestClock: guestClock, clock: clock, nic: nic,
-            autoRun: autoRun)
+            disk: disk, autoRun: autoRun)
         if suspended {
             // Before any vCPU thread exists: each parks before its first op.
             machine.control.withLock {
                 machine.suspendRequested = true
+                machine.mayHaveRun = false
                 machine.pauseRequested.store(true, ordering: .releasing)
             }
         }
@@ -354,6 +415,27 @@ public final class SimGuest: PageCapturingGuest, @unchecked Sendable {
 
     /// Where the guest's packets go.
     public var nic: SimOutputBuffer? { machine.nic }
+
+    /// The virtual disk, replicated with the checkpoints; nil without one.
+    public var disks: (any GuestDisks)? { machine.disk }
+
+    /// Gives a guest built `suspended` (a replica prepared for its takeover) its disk before it
+    /// first runs: the backup's images, once they hold the committed checkpoint (I9). Throws
+    /// when the guest already has a disk or has run.
+    public func attachDisk(_ journal: DiskJournal) throws(SimError) {
+        try machine.control.withLock { () throws(SimError) in
+            guard machine.disk == nil else { throw .replicaState("the guest already has its disk") }
+            guard !machine.mayHaveRun else {
+                throw .replicaState("a disk can be attached only to a guest that has not run yet")
+            }
+            machine.disk = journal
+        }
+    }
+
+    /// Disk operations whose local I/O failed (the disk then no longer matches a replay).
+    public var diskFailures: UInt64 {
+        machine.diskFailures.load(ordering: .relaxed) + (machine.disk?.localWriteFailures.load(ordering: .relaxed) ?? 0)
+    }
 
     // MARK: PageCapturingGuest
 
@@ -437,8 +519,10 @@ public final class SimGuest: PageCapturingGuest, @unchecked Sendable {
         let slot = machine.slots[vcpu]
         var registers = slot.registers
         var emitter = NICEmitter(nic: machine.nic)
+        var disk = JournalDiskPort(machine)
+        defer { disk.release() }
         for _ in 0..<ops {
-            _ = executeOp(&registers, vcpu: slot.index, shape: machine.shape, memory: machine.memory, emitter: &emitter)
+            _ = executeOp(&registers, vcpu: slot.index, shape: machine.shape, memory: machine.memory, emitter: &emitter, disk: &disk)
         }
         slot.registers = registers
     }

@@ -14,6 +14,17 @@ struct RecordingEmitter: PacketEmitter {
     var emitted: UInt64 { forgotten + UInt64(packets.count) }
 }
 
+/// The disk path of a replay: straight into its image in memory.
+struct ReplayDiskPort: SimDiskPort {
+    let image: UnsafeMutableRawBufferPointer
+    let block: UnsafeMutableRawBufferPointer
+    mutating func write(blockNumber number: UInt64) {
+        let at = Int(number) * block.count
+        UnsafeMutableRawBufferPointer(rebasing: image[at..<(at + block.count)]).copyMemory(from: UnsafeRawBufferPointer(block))
+    }
+    mutating func flush() {}
+}
+
 /// The workload replayed from the seed, vCPU by vCPU, forward only.
 ///
 /// Because each vCPU touches only its own region, vCPUs replay independently and the result does
@@ -29,6 +40,8 @@ public final class SimReplay {
     let memory: GuestMemory
     private var state: [SimRegisters]
     private var emitters: [RecordingEmitter]
+    /// The expected disk (the config's disk bytes, zero at boot; empty without a disk).
+    private var disk: ReplayDiskPort
 
     /// A replay at boot (every vCPU at op 0).
     public init(config: SimConfig) throws {
@@ -38,7 +51,18 @@ public final class SimReplay {
         memory = try GuestMemory(pageSize: config.pageSize, pageCount: config.pageCount)
         state = (0..<config.vcpus).map { SimRegisters(seed: config.seed, vcpu: UInt32($0)) }
         emitters = Array(repeating: RecordingEmitter(), count: config.vcpus)
+        let image = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(config.diskBytes), alignment: 4096)
+        image.initializeMemory(as: UInt8.self, repeating: 0)
+        disk = ReplayDiskPort(image: image, block: .allocate(byteCount: SimConfig.diskBlockBytes, alignment: 4096))
     }
+
+    deinit {
+        disk.image.deallocate()
+        disk.block.deallocate()
+    }
+
+    /// The expected disk content now (empty when the config has no disk).
+    public var expectedDisk: UnsafeRawBufferPointer { UnsafeRawBufferPointer(disk.image) }
 
     /// Runs vCPU `vcpu` forward until it has completed `opCount` ops. Never goes backwards.
     public func advance(vcpu: Int, to opCount: UInt64) {
@@ -47,7 +71,7 @@ public final class SimReplay {
         var registers = state[vcpu]
         let index = UInt32(vcpu)
         while registers.opCount < opCount {
-            _ = executeOp(&registers, vcpu: index, shape: shape, memory: memory, emitter: &emitters[vcpu])
+            _ = executeOp(&registers, vcpu: index, shape: shape, memory: memory, emitter: &emitters[vcpu], disk: &disk)
         }
         state[vcpu] = registers
     }
@@ -65,7 +89,7 @@ public final class SimReplay {
         var registers = state[vcpu]
         let index = UInt32(vcpu)
         while emitters[vcpu].emitted <= seq && registers.opCount < opLimit {
-            _ = executeOp(&registers, vcpu: index, shape: shape, memory: memory, emitter: &emitters[vcpu])
+            _ = executeOp(&registers, vcpu: index, shape: shape, memory: memory, emitter: &emitters[vcpu], disk: &disk)
         }
         state[vcpu] = registers
         return emitters[vcpu].emitted > seq
@@ -106,11 +130,12 @@ public final class SimReplay {
         return memory.absent.test(pfn) ? nil : memory.pageBytes(pfn)
     }
 
-    /// The expected memory digest now (`PageHash`). Only the working set can hold non-zero pages,
-    /// so only it is read.
+    /// The expected memory digest now (`PageHash`). Only the working set and the disk counter
+    /// pages below it can hold non-zero pages, so only they are read.
     public func memoryDigest() -> UInt64 {
         var digest = PageHash.memorySeed
-        for pfn in shape.workingSet where !memory.absent.test(pfn) && memory.written.test(pfn) {
+        let counters = shape.diskPeriod == 0 ? 0 : UInt64(config.vcpus)
+        for pfn in (shape.workingSet.lowerBound - counters)..<shape.workingSet.upperBound where !memory.absent.test(pfn) && memory.written.test(pfn) {
             let bytes = memory.pageBytes(pfn)
             if !PageHash.isZero(bytes) { digest = PageHash.fold(digest, pageHash: PageHash.page(bytes, pfn: pfn)) }
         }

@@ -2,6 +2,7 @@
 // SimGuest.
 
 import RemusCore
+import RemusDisk
 import Synchronization
 
 /// The simulated guest's replica on the backup host.
@@ -35,6 +36,12 @@ public final class SimReplica: PageReplica, Sendable {
     private let nic: SimOutputBuffer?
     private let autoRunOnActivation: Bool
     private let phase = Mutex(Phase.unconfigured)
+    /// The disk the activated guest writes to (the backup's image, at the committed checkpoint).
+    private let disk = Mutex<DiskJournal?>(nil)
+
+    /// Gives the guest this replica activates its disk: the backup's image, which holds the
+    /// committed checkpoint's disk (I9) when activation comes.
+    public func attachDisk(_ journal: DiskJournal) { disk.withLock { $0 = journal } }
 
     /// - Parameters:
     ///   - clock: the backup host's clocks (commit timestamps, the activated guest's clock).
@@ -116,9 +123,13 @@ public final class SimReplica: PageReplica, Sendable {
             switch phase {
             case .prepared(let prepared, let c, let e):
                 (guest, committed, epoch) = (prepared, c, e)
+                // Built during the fence, before the images held the committed checkpoint: it
+                // gets them now, before its first op (I9).
+                if let journal = disk.withLock({ $0 }) { try prepared.attachDisk(journal) }
                 try? guest.resume()
             case .ready(let image):
-                (guest, committed) = try Self.build(image, clock: activationClock, nic: nic, autoRun: autoRunOnActivation, suspended: false)
+                (guest, committed) = try Self.build(
+                    image, clock: activationClock, nic: nic, disk: disk.withLock { $0 }, autoRun: autoRunOnActivation, suspended: false)
                 epoch = image.committedEpoch
             case .unconfigured, .activated, .discarded:
                 throw .replicaState("activate while not ready")
@@ -133,7 +144,11 @@ public final class SimReplica: PageReplica, Sendable {
     public func prepareActivation(clock activationClock: any HostClock) throws {
         try phase.withLock { phase throws(SimError) in
             guard case .ready(let image) = phase else { throw .replicaState("prepare while not ready") }
-            let (guest, committed) = try Self.build(image, clock: activationClock, nic: nic, autoRun: autoRunOnActivation, suspended: true)
+            // No disk yet: the backup hands the images over only once they hold the committed
+            // checkpoint, which may still be being applied while the fence runs (`activate`
+            // attaches them before the first op).
+            let (guest, committed) = try Self.build(
+                image, clock: activationClock, nic: nic, disk: nil, autoRun: autoRunOnActivation, suspended: true)
             phase = .prepared(guest, committed: committed, epoch: image.committedEpoch)
         }
     }
@@ -141,7 +156,7 @@ public final class SimReplica: PageReplica, Sendable {
     /// The guest of the committed image; its clock continues from the checkpoint's by the real
     /// time elapsed since the commit (I4), also while it waits suspended for its activation.
     private static func build(
-        _ image: Image, clock: any HostClock, nic: SimOutputBuffer?, autoRun: Bool, suspended: Bool
+        _ image: Image, clock: any HostClock, nic: SimOutputBuffer?, disk: DiskJournal?, autoRun: Bool, suspended: Bool
     ) throws(SimError) -> (SimGuest, GuestState) {
         guard let committed = image.committed else {
             throw .replicaState("activate before any checkpoint was committed; there is no consistent image")
@@ -153,7 +168,7 @@ public final class SimReplica: PageReplica, Sendable {
             hostMonotonicNs: clock.monotonicNs(), hostWallNs: clock.wallNs())
         let guest = try SimGuest(
             config: image.config, memory: image.memory, registers: registers, guestClock: guestClock,
-            clock: clock, nic: nic, name: image.name, uuid: image.uuid, autoRun: autoRun, suspended: suspended)
+            clock: clock, nic: nic, name: image.name, uuid: image.uuid, disk: disk, autoRun: autoRun, suspended: suspended)
         return (guest, committed)
     }
 

@@ -122,6 +122,50 @@ public struct SimVerifier: Sendable {
         return report
     }
 
+    /// I9 for the simulated disk: `image` (the backup's disk as the guest resumes on it) must hold
+    /// exactly the writes the workload completed by the committed op counts — each recorded in
+    /// committed memory — and none issued after them. (A simulated disk operation completes
+    /// within one op and ops never straddle a checkpoint, so nothing is in flight.)
+    ///
+    /// - Parameter replay: as for `verifyActivation`; it must not be past the committed op counts.
+    public func verifyDisk(image: UnsafeRawBufferPointer, committed: GuestState, replay: SimReplay? = nil) -> SimReport {
+        var report = SimReport(check: "disk")
+        guard config.diskBytes > 0 else {
+            report.fail("the guest has no disk")
+            return report
+        }
+        guard image.count == Int(config.diskBytes) else {
+            report.fail("the disk image holds \(image.count) bytes, the guest's disk \(config.diskBytes)")
+            return report
+        }
+        guard let (replay, registers) = replayCommitted(committed, replay: replay, into: &report) else { return report }
+        let expected = replay.expectedDisk
+        let block = SimConfig.diskBlockBytes
+        let share = WorkloadShape(config).diskBlocksPerVCPU
+        var differing: UInt64 = 0
+        for number in 0..<(image.count / block) {
+            let range = (number * block)..<((number + 1) * block)
+            let found = UnsafeRawBufferPointer(rebasing: image[range])
+            let wanted = UnsafeRawBufferPointer(rebasing: expected[range])
+            // memcmp: 16 MiB compared byte by byte through Sequence is seconds in a debug build.
+            guard memcmp(found.baseAddress!, wanted.baseAddress!, block) != 0 else { continue }
+            differing += 1
+            let word = { (b: UnsafeRawBufferPointer) in String(b.loadUnaligned(as: UInt64.self), radix: 16) }
+            let owner = share > 0 ? UInt64(number) / share : 0
+            report.fail("block \(number) (vCPU \(owner)'s share): expected first word 0x\(word(wanted)), found 0x\(word(found)) — "
+                + (wanted.allSatisfy { $0 == 0 } ? "a write issued after the checkpoint reached the disk" : "a write completed by the checkpoint is missing or was overwritten"))
+        }
+        let shape = WorkloadShape(config)
+        let completed = (0..<config.vcpus).reduce(UInt64(0)) { sum, vcpu in
+            sum + replay.memory.load(pfn: shape.diskCounterPage(UInt32(vcpu)), word: 0)
+        }
+        report.count("diskBlocks", UInt64(image.count / block))
+        report.count("differingBlocks", differing)
+        report.count("diskOpsCompleted", completed)
+        report.count("committedOps", registers.reduce(0) { $0 + $1.opCount })
+        return report
+    }
+
     /// Replays to the committed op counts and compares the committed registers, devices and layout.
     private func replayCommitted(
         _ committed: GuestState, replay shared: SimReplay?, into report: inout SimReport

@@ -129,6 +129,10 @@ struct WorkloadShape: Sendable, Equatable {
     let hotThreshold: UInt64
     let packetEveryStores: UInt64
     let balloonPeriod: UInt64
+    /// Ops between two disk operations of a vCPU (0: no disk).
+    let diskPeriod: UInt64
+    /// Blocks of the disk each vCPU writes (its share, from block vcpu × this).
+    let diskBlocksPerVCPU: UInt64
 
     static func regionPages(_ c: SimConfig) -> UInt64 {
         let pageCount = c.pageSize > 0 ? c.memoryBytes / UInt64(c.pageSize) : 0
@@ -150,7 +154,14 @@ struct WorkloadShape: Sendable, Equatable {
         hotThreshold = UInt64((c.hotProbability * 65536).rounded(.down))
         packetEveryStores = c.packetEveryStores
         balloonPeriod = c.balloonPeriod
+        diskPeriod = c.diskBytes == 0 ? 0 : c.diskPeriod
+        diskBlocksPerVCPU = c.diskBytes / UInt64(SimConfig.diskBlockBytes) / UInt64(max(c.vcpus, 1))
     }
+
+    /// The page whose first word counts the disk operations `vcpu` completed (below the
+    /// working set, which no other op touches): memory N says which writes completed by N.
+    @inline(__always)
+    func diskCounterPage(_ vcpu: UInt32) -> UInt64 { workingSetStart - 1 - UInt64(vcpu) }
 
     /// First PFN of a vCPU's region.
     @inline(__always)
@@ -171,21 +182,58 @@ protocol PacketEmitter {
     mutating func emit(_ packet: SimPacket)
 }
 
+/// Where a vCPU's disk operations go: the guest's disk journal, or a replay's image. Each
+/// returns once the operation completed (the guest then records the completion in memory).
+protocol SimDiskPort {
+    /// One block (`SimConfig.diskBlockBytes`) the op fills before `write`.
+    var block: UnsafeMutableRawBufferPointer { get }
+    /// Writes `block` at block number `number` of the disk.
+    mutating func write(blockNumber number: UInt64)
+    /// Makes the completed writes durable.
+    mutating func flush()
+}
+
+/// The disk path of a guest without a disk: no op ever reaches it.
+struct NoDisk: SimDiskPort {
+    var block: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: nil, count: 0) }
+    mutating func write(blockNumber number: UInt64) { preconditionFailure("a disk write on a guest without a disk") }
+    mutating func flush() { preconditionFailure("a disk flush on a guest without a disk") }
+}
+
 /// Runs op number `registers.opCount` of `vcpu` against `memory`.
 ///
 /// Op i draws x from the PRNG. Every `balloonPeriod`-th op is a balloon op: give back the page
-/// `(x >> 32) % regionPages` of the region, or take the given-back page again. Otherwise bits 0…15
+/// `(x >> 32) % regionPages` of the region, or take the given-back page again — unless it is a
+/// `diskPeriod`-th op, which is a disk op: with d the vCPU's completed disk ops (its counter word), a
+/// flush when d + 1 is a multiple of `SimConfig.flushEveryDiskOps`, else a write of block
+/// `(x >> 32) % diskBlocksPerVCPU` of its share, word k = mix64(x ^ k << 40 ^ d); then the
+/// counter becomes d + 1 (the completion, in memory). Otherwise bits 0…15
 /// of x choose store or load, bits 16…31 hot or cold, bits 32…63 the page; y = mix64(x ^ i) the
 /// 8-byte word, and for a store the value. The given-back page is never touched: an op that draws
 /// it uses the next page of the region instead.
 @inline(__always)
-func executeOp<E: PacketEmitter>(
-    _ r: inout SimRegisters, vcpu: UInt32, shape: WorkloadShape, memory: GuestMemory, emitter: inout E
+func executeOp<E: PacketEmitter, D: SimDiskPort>(
+    _ r: inout SimRegisters, vcpu: UInt32, shape: WorkloadShape, memory: GuestMemory, emitter: inout E, disk: inout D
 ) -> OpEffect {
     let i = r.opCount
     let x = splitmix(&r.prng)
     r.opCount = i &+ 1
     let regionStart = shape.regionStart(vcpu)
+    // Before the balloon: with periods that share factors, a disk op must not be shadowed.
+    if shape.diskPeriod != 0 && (i &+ 1) % shape.diskPeriod == 0 {
+        let counter = shape.diskCounterPage(vcpu)
+        let done = memory.load(pfn: counter, word: 0)
+        if (done &+ 1) % SimConfig.flushEveryDiskOps == 0 {
+            disk.flush()
+        } else {
+            let block = disk.block
+            for k in 0..<(block.count / 8) {
+                block.storeBytes(of: mix64(x ^ UInt64(k) << 40 ^ done).littleEndian, toByteOffset: k * 8, as: UInt64.self)
+            }
+            disk.write(blockNumber: UInt64(vcpu) * shape.diskBlocksPerVCPU + (x >> 32) % shape.diskBlocksPerVCPU)
+        }
+        return OpEffect(newlyDirtied: memory.store(pfn: counter, word: 0, value: done &+ 1))
+    }
     if shape.balloonPeriod != 0 && (i &+ 1) % shape.balloonPeriod == 0 {
         r.balloonTransitions &+= 1
         if r.balloonPFN == SimRegisters.noBalloonPage {

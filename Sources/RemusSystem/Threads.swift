@@ -180,3 +180,33 @@ public final class ClientSlots: @unchecked Sendable {
         }
     }
 }
+
+/// One thread that runs jobs in the order they were given: blocking work (fdatasync of a disk
+/// image, a redo log) off a loop thread that must keep answering, without reordering it.
+///
+/// `@unchecked Sendable`: `jobs` is guarded by `monitor`.
+public final class SerialWorker: @unchecked Sendable {
+    private let monitor = MonitorLock()
+    private var jobs: [@Sendable () -> Void] = []
+
+    /// Starts the thread, named `name`; it lives as long as the process.
+    public init(name: String) {
+        startThread(name: name) { [self] in
+            while true {
+                let job = monitor.withLock {
+                    while jobs.isEmpty { monitor.wait() }
+                    return jobs.removeFirst()
+                }
+                job()
+            }
+        }
+    }
+
+    /// Runs `job` after every job given before it.
+    public func run(_ job: @escaping @Sendable () -> Void) {
+        monitor.withLock {
+            jobs.append(job)
+            monitor.broadcast()
+        }
+    }
+}

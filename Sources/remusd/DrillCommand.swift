@@ -36,6 +36,9 @@ struct Drill: ParsableCommand {
     @Option(name: .customLong("sim-dirty-rate"), help: ArgumentHelp("Pages the guest dirties per second.", valueName: "pages/s"))
     var dirtyRate: UInt64 = 20_000
 
+    @Option(name: .customLong("sim-disk-size"), help: ArgumentHelp("The guest's virtual disk, replicated and verified byte for byte at every failover (I9); 0: a guest without a disk.", valueName: "MiB"))
+    var diskMiB: UInt64 = 16
+
     @Option(help: ArgumentHelp("Work directory for logs and activation reports (default: a new one under /tmp, removed when every failover verified).", valueName: "path"))
     var directory: String?
 
@@ -60,6 +63,7 @@ struct Drill: ParsableCommand {
         if let problem = settings.problem() { throw ValidationError(problem) }
         if vcpus < 1 || vcpus > 64 { throw ValidationError("--sim-vcpus must be between 1 and 64") }
         if memoryMiB < 4 { throw ValidationError("--sim-memory must be at least 4 MiB") }
+        if diskMiB > 1024 { throw ValidationError("--sim-disk-size must be at most 1024 MiB (the verifier holds a replay of the disk in memory), got \(diskMiB)") }
         if let inject, inject != "early-release" { throw ValidationError("--inject knows only 'early-release'") }
         if let simNICTaps, simNICTaps.isEmpty || simNICTaps.utf8.count + String(failovers + 1).utf8.count > 15 {
             throw ValidationError("--sim-nic-taps '\(simNICTaps)': <prefix><n> must be an interface name of at most 15 bytes for n up to \(failovers + 1)")
@@ -71,7 +75,8 @@ struct Drill: ParsableCommand {
         let config = DrillConfiguration(
             failovers: failovers, seed: seed,
             settings: ProtectionSettings(intervalNs: interval * 1_000_000, heartbeatNs: heartbeat * 1_000_000, timeoutNs: timeout * 1_000_000),
-            simulated: SimulatedGuestParameters(memoryBytes: memoryMiB << 20, vcpus: vcpus, dirtyRate: dirtyRate, seed: seed),
+            simulated: SimulatedGuestParameters(memoryBytes: memoryMiB << 20, vcpus: vcpus, dirtyRate: dirtyRate, seed: seed,
+                                                diskPath: diskMiB == 0 ? nil : "primary-disk.img", diskBytes: diskMiB << 20),
             directory: directory, keep: keep, progress: !quiet)
         var drill = config
         drill.injectEarlyRelease = inject == "early-release"

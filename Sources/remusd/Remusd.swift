@@ -120,7 +120,19 @@ struct SimulatedGuestOptions: ParsableArguments {
     @Option(name: .customLong("nic-sink"), help: ArgumentHelp("Where the simulated NIC's released packets go (the outside world), host:port over TCP; with --sim-nic-tap only its port counts (the UDP port of the frames). None by default.", valueName: "host:port"))
     var nicSink: String?
 
+    @Option(name: .customLong("sim-disk"), help: ArgumentHelp("Give the simulated guest a virtual disk 'xvda' with this image (created sparse when missing), written by its workload and replicated with every checkpoint; the backup needs --disk-dir. Default: no disk.", valueName: "path"))
+    var diskPath: String?
+
+    @Option(name: .customLong("sim-disk-size"), help: ArgumentHelp("Size of the --sim-disk disk.", valueName: "MiB"))
+    var diskMiB: UInt64 = 16
+
+    /// The guest's parameters as the runtime takes them.
+    var parameters: SimulatedGuestParameters {
+        SimulatedGuestParameters(memoryBytes: memoryMiB << 20, vcpus: vcpus, dirtyRate: dirtyRate, seed: seed, diskPath: diskPath, diskBytes: diskMiB << 20)
+    }
+
     func validate() throws {
+        if diskMiB < 1 || diskMiB > 1 << 20 { throw ValidationError("--sim-disk-size must be between 1 MiB and 1 TiB, got \(diskMiB)") }
         if memoryMiB < 4 || memoryMiB > 1 << 20 { throw ValidationError("--sim-memory must be between 4 MiB and 1 TiB, got \(memoryMiB)") }
         if vcpus < 1 || vcpus > 64 { throw ValidationError("--sim-vcpus must be between 1 and 64, got \(vcpus)") }
         if let nicSink, Endpoint(parsing: nicSink, defaultPort: 0) == nil { throw ValidationError("--nic-sink: '\(nicSink)' is not host:port") }

@@ -96,6 +96,23 @@ struct BackupCommitterTests {
         #expect(c.lossDetectedAt == 400 * ms)
     }
 
+    @Test("Silence while this backup commits is not the primary's: the reader waits for the commit, so the timeout counts from its end")
+    func silenceDuringACommitDoesNotCount() {
+        var c = receiving(committed: 1)
+        _ = c.onCheckpointBegan(CheckpointBegin(epoch: 2, kind: .checkpoint), now: 10 * ms)
+        #expect(c.onCheckpointComplete(CheckpointEnd(epoch: 2, recordCount: 0, digest: 0, payloadBytes: 0), now: 10 * ms) == [.commit(2)])
+        #expect(c.committing)
+        // A disk commit's fdatasync takes a second on a loaded host: heartbeats go on, no loss.
+        let during = runTicks(&c, from: 10 * ms, through: 1_010 * ms)
+        #expect(!during.contains(.fencePrimary) && !during.contains(.closeConnection))
+        #expect(during.contains { if case .sendHeartbeat = $0 { true } else { false } })
+        #expect(c.onCommitted(2, now: 1_010 * ms) == [.sendAck(2)])
+        #expect(!c.committing)
+        // From the commit's end the primary has the whole timeout again, and no more.
+        #expect(!runTicks(&c, from: 1_010 * ms, through: 1_309 * ms).contains(.fencePrimary))
+        #expect(runTicks(&c, from: 1_309 * ms, through: 1_310 * ms).contains(.fencePrimary))
+    }
+
     @Test func withoutFenceTheBackupWaitsForTheOperator() {
         var c = receiving(.operatorOnly, committed: 3)
         let d = c.onConnectionLost(reason: "EOF", now: 0)

@@ -24,7 +24,7 @@ private let someClock = ClockState(guestMonotonicNs: 1, guestWallNs: 1, tscKHz: 
 /// Checkpoint 1 staged with one zero page and the state records, and `stream` as its hypervisor stream bytes.
 private func staged(pages: Int, stream: [UInt8]) -> StagedCheckpoint {
     let checkpoint = StagedCheckpoint(pageSize: 4096, guestBytes: simConfig.memoryBytes)
-    checkpoint.reset(CheckpointBegin(epoch: 1, kind: .checkpoint))
+    try! checkpoint.reset(CheckpointBegin(epoch: 1, kind: .checkpoint))  // no disk staging: cannot throw
     for pfn in 0..<UInt64(pages) { checkpoint.arenaWithRoom().append(pfn: pfn, encoding: .zero) }
     checkpoint.clock = someClock
     checkpoint.layout = RemusCore.MemoryLayout(generation: 1, ranges: [PFNRange(start: 0, count: simConfig.pageCount)])

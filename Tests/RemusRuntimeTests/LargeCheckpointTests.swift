@@ -62,8 +62,8 @@ private final class BusyPrimary {
 /// Receives `bytes` into `replica` the way the backup does, committing each complete checkpoint;
 /// returns the epochs committed.
 private func receive(_ bytes: [UInt8], into replica: SimReplica) throws -> [Epoch] {
-    let receiver = CheckpointReceiver(channel: BytesChannel(bytes))
-    let (header, config) = try receiver.readHello()
+    let receiver = CheckpointReceiver(channel: BytesChannel(bytes), offeredFeatures: [])
+    let (header, config, _) = try receiver.readHello()
     try replica.configure(header: header, config: config)
     receiver.accepted(pageSize: header.pageSize, guestBytes: try SimConfig(config).memoryBytes)
     var committed: [Epoch] = []
@@ -91,7 +91,7 @@ struct LargeCheckpointTests {
     func checkpointsSpanningArenasCommitAsOne() throws {
         let primary = try BusyPrimary()
         let out = RecordingChannel()
-        try RecordWriter.writePreamble(header: primary.header, config: try primary.guest.domainConfig(), to: out)
+        try RecordWriter.writePreamble(header: primary.header, config: try primary.guest.domainConfig(), disks: [], to: out)
         let writer = RecordWriter(channel: out, pageSize: Int(primary.header.pageSize))
         var sizes: [Int] = []
         for epoch in Epoch(1)...3 {

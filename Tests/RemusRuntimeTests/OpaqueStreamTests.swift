@@ -193,7 +193,7 @@ private func receive(from channel: any ByteChannel) -> Received {
     let replica = StreamLog()
     let receiver = CheckpointReceiver(channel: channel)
     do {
-        let (header, config) = try receiver.readHello()
+        let (header, config, _) = try receiver.readHello()
         r.header = header
         r.config = config
         try replica.configure(header: header, config: config)

@@ -37,12 +37,17 @@ public struct GuestState: Equatable, Sendable {
     /// library captures the guest itself (Xen: libxl v2 framing around libxenguest's records);
     /// travels as OPAQUE_PAYLOAD records inside the checkpoint. Empty for the simulated guest.
     public var stream: [UInt8]
-    public init(vcpus: [VCPUState], devices: [DeviceState], clock: ClockState, layout: MemoryLayout, stream: [UInt8] = []) {
+    /// The epoch's disk operations (`GuestDisks.sealEpoch`), in order; travel as DISK_WRITE and
+    /// DISK_COMMAND records inside the checkpoint. Empty for a guest without replicated disks.
+    public var disks: DiskOperations
+    public init(vcpus: [VCPUState], devices: [DeviceState], clock: ClockState, layout: MemoryLayout, stream: [UInt8] = [],
+                disks: DiskOperations = DiskOperations()) {
         self.vcpus = vcpus
         self.devices = devices
         self.clock = clock
         self.layout = layout
         self.stream = stream
+        self.disks = disks
     }
 }
 
@@ -71,11 +76,15 @@ public protocol PrimaryGuest: AnyObject, Sendable {
     /// Whether the guest no longer exists on this host (destroyed or crashed under us), asked
     /// after a capture failed: then the backup must take over.
     var hasVanished: Bool { get }
+    /// The guest's replicated disks; nil when it has none (its checkpoints carry no disk records).
+    var disks: (any GuestDisks)? { get }
 }
 
 extension PrimaryGuest {
     /// A guest that lives inside this process cannot vanish on its own.
     public var hasVanished: Bool { false }
+    /// No replicated disks unless the backend says otherwise.
+    public var disks: (any GuestDisks)? { nil }
 }
 
 /// How a primary guest's memory and vCPU state are captured: the shell switches over this value,

@@ -98,14 +98,20 @@ public struct BackupCommitter: Sendable {
     public private(set) var lostWhileStaging = false
     private var lastHeartbeatAt: UInt64 = 0
     private var heartbeatSequence: UInt64 = 0
-    /// The checkpoint being staged, if any (only while receiving).
-    private var staging: CheckpointBegin?
+    /// The checkpoint being staged, if any (only while receiving). Dropping it drops its commit.
+    private var staging: CheckpointBegin? {
+        didSet { if staging == nil { committing = false } }
+    }
     /// Whether the current stream replicates disks (DISKS negotiated and disks described).
     public private(set) var replicatesDisks = false
     /// The committed epoch whose disk operations are logged but not yet applied to the images.
     public private(set) var diskApplyPending: Epoch?
     /// An activation waits for `diskApplyPending` to be applied first (I9).
     private var activationWaitsForDisk = false
+    /// `.commit` was asked for and its outcome is not known yet. The reader waits for it and
+    /// reads nothing meanwhile, so the primary's silence does not count until it is known (the
+    /// disk commit's fdatasync can take a while on a loaded host; the primary is not to blame).
+    public private(set) var committing = false
 
     /// Where the preparation of the replica for activation stands (`.prepareActivation`).
     public enum Preparation: Equatable, Sendable {
@@ -158,7 +164,7 @@ public struct BackupCommitter: Sendable {
     public var nextDeadline: UInt64? {
         switch state {
         case .receiving(_, let connected):
-            return earliest(connected ? lastHeartbeatAt + settings.heartbeatNs : nil, silenceSince + settings.timeoutNs)
+            return earliest(connected ? lastHeartbeatAt + settings.heartbeatNs : nil, committing && connected ? nil : silenceSince + settings.timeoutNs)
         case .fencing(_, _, .running(let deadline)):
             return deadline
         case .fencing(_, _, .failed(let retryAt)):
@@ -202,6 +208,7 @@ public struct BackupCommitter: Sendable {
         staging = nil
         replicatesDisks = disks
         activationWaitsForDisk = false
+        committing = false
         lastHeardAt = now
         silenceSince = now
         lastHeartbeatAt = now
@@ -256,6 +263,7 @@ public struct BackupCommitter: Sendable {
             staging = nil
             return [.discardStaged]
         }
+        committing = true  // `staging` stays set until the outcome: its didSet must not clear this
         return [.commit(end.epoch)]
     }
 
@@ -264,6 +272,7 @@ public struct BackupCommitter: Sendable {
         guard case .receiving(_, let connected) = state, let begin = staging, begin.epoch == epoch else {
             preconditionFailure("committed \(epoch) in state \(state) staging \(String(describing: staging))")
         }
+        commitFinished(now)
         staging = nil
         // Memory `epoch` is complete and applied: only now may its disk operations reach the images.
         let apply: [Directive] = replicatesDisks ? [.applyDisk(epoch)] : []
@@ -315,6 +324,7 @@ public struct BackupCommitter: Sendable {
 
     /// Committing failed (the backend threw); the replica kept the previous checkpoint.
     public mutating func onCommitFailed(_ epoch: Epoch, reason: String, now: UInt64) -> [Directive] {
+        commitFinished(now)
         staging = nil
         return [.closeConnection, .report("could not apply checkpoint \(epoch): \(reason); the replica keeps checkpoint \(committedEpoch); dropping the connection so the primary resynchronises")]
     }
@@ -370,7 +380,7 @@ public struct BackupCommitter: Sendable {
         noticeStall(now: now)
         switch state {
         case .receiving(let committed, let connected):
-            if now >= silenceSince + settings.timeoutNs {
+            if !(committing && connected) && now >= silenceSince + settings.timeoutNs {
                 let wasStaging = staging != nil
                 staging = nil
                 let ms = (now - lastHeardAt) / 1_000_000
@@ -457,6 +467,14 @@ public struct BackupCommitter: Sendable {
             return []
         }
         return [.activate(committed)]
+    }
+
+    /// The commit's outcome is known: the reader reads again, and the primary's silence counts
+    /// from now (what it sent meanwhile waits unread in our socket).
+    private mutating func commitFinished(_ now: UInt64) {
+        guard committing else { return }
+        committing = false
+        silenceSince = max(silenceSince, now)
     }
 
     /// Something came from the primary: its silence ends here.

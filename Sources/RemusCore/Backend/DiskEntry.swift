@@ -1,6 +1,5 @@
-// One disk operation as the backup holds it between receipt and apply: in the epoch's staging
-// memory, in its spill file and in the redo log, always in this one layout.
-import RemusCore
+// One disk operation in the one layout remusd keeps it in: on the primary in the epoch's journal
+// (`DiskOperations`), on the backup in the epoch's staging memory, its spill file and the redo log.
 
 /// The 24-byte header of a staged disk operation, followed (for a write) by its data padded to 8.
 ///
