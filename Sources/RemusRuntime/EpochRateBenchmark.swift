@@ -47,7 +47,10 @@ package enum EpochRateBenchmark {
     ///   - dirtyPages: pages dirtied per checkpoint (the guest is stepped until its dirty set reaches it).
     ///   - checkpoints: checkpoints per round.
     ///   - rounds: rounds measured (after one warm-up round and the first full checkpoint).
-    package static func run(dirtyPages: Int, checkpoints: Int, rounds: Int, memoryBytes: UInt64 = 1 << 30) throws -> [Round] {
+    ///   - stepLimitNs: longest the guest may be stepped towards `dirtyPages` before the run fails
+    ///     (a working set smaller than `dirtyPages` never gets there).
+    package static func run(dirtyPages: Int, checkpoints: Int, rounds: Int, memoryBytes: UInt64 = 1 << 30,
+                            stepLimitNs: UInt64 = 10_000_000_000) throws -> [Round] {
         let clock = SystemClock()
         var config = SimConfig(memoryBytes: memoryBytes, vcpus: 2, seed: 1)
         config.dirtyRateLimit = 0
@@ -124,9 +127,13 @@ package enum EpochRateBenchmark {
             let start = monotonicNanoseconds()
             for _ in 0..<checkpoints {
                 let s0 = threadCPUNanoseconds()
+                let deadline = monotonicNanoseconds() + stepLimitNs
                 while bitmap.count < dirtyPages {
                     guest.stepAll(ops: UInt64(max(dirtyPages / 8, 16)))
                     try guest.harvestDirty(into: &bitmap)
+                    guard monotonicNanoseconds() < deadline else {
+                        throw ProtocolError("the simulated guest dirtied only \(bitmap.count) of the \(dirtyPages) pages asked for in \(stepLimitNs / 1_000_000) ms of stepping (its working set may be smaller); nothing was measured — lower --dirty-pages")
+                    }
                 }
                 probe.stepped(epoch + 1, ns: threadCPUNanoseconds() - s0)
                 try checkpoint(into: shipper.takeFree())

@@ -21,4 +21,13 @@ struct EpochRateBenchmarkTests {
             }
         }
     }
+
+    @Test("More dirty pages than the guest's working set holds: a clear error after the stepping limit, not a hang")
+    func unreachableDirtyCountFails() throws {
+        // A 64 MiB guest's working set is 5 % of its 16 384 pages.
+        let error = #expect(throws: ProtocolError.self) {
+            try EpochRateBenchmark.run(dirtyPages: 5000, checkpoints: 10, rounds: 1, memoryBytes: 64 << 20, stepLimitNs: 200_000_000)
+        }
+        #expect(error?.description.contains("lower --dirty-pages") == true, "\(String(describing: error))")
+    }
 }
