@@ -170,6 +170,60 @@ package enum LoopBenchmark {
         return rows
     }
 
+    /// `remusd bench --epoch-rate`: the whole pipeline in one process (see `EpochRateBenchmark`),
+    /// `rounds` rounds of `checkpoints` checkpoints: the rate on this machine's shared cores, each
+    /// side's CPU per checkpoint, and the rate each side could sustain on a core of its own.
+    package static func epochRate(dirtyPages: Int, checkpoints: Int, rounds: Int) throws -> [Row] {
+        let loadBefore = loadAverage()
+        let samples = try EpochRateBenchmark.run(dirtyPages: dirtyPages, checkpoints: checkpoints, rounds: rounds)
+        let load = "load average \(loadBefore) before, \(loadAverage()) after"
+        /// µs per checkpoint of one part, per round.
+        func perCheckpoint(_ ns: (EpochRateBenchmark.Round) -> UInt64) -> [Double] {
+            samples.map { Double(ns($0)) / Double($0.checkpoints) / 1000 }
+        }
+        /// Checkpoints/s a core could sustain doing only `ns`, per round.
+        func ceiling(_ ns: (EpochRateBenchmark.Round) -> UInt64) -> [Double] {
+            samples.map { Double($0.checkpoints) * 1e9 / Double(max(ns($0), 1)) }
+        }
+        let rate = samples.map { Double($0.checkpoints) * 1e9 / Double($0.wallNs) }
+        let pages = samples.map { Double($0.pages) / Double($0.checkpoints) }
+        let wire = samples.map { Double($0.wireBytes) / Double($0.checkpoints) / 1e6 }
+        let primary = perCheckpoint(\.primaryNs), backup = perCheckpoint(\.backupNs)
+        let primaryCeiling = ceiling(\.primaryNs), backupCeiling = ceiling(\.backupNs)
+        // Two cores shared by everything, the guest's stepping included: the CPU a checkpoint
+        // costs in all, over two cores.
+        let twoCores = samples.map { (r: EpochRateBenchmark.Round) -> Double in
+            let cpu: UInt64 = r.primaryNs + r.backupNs + r.stepNs
+            return Double(r.checkpoints) * 2e9 / Double(max(cpu, 1))
+        }
+        func split(_ parts: [(String, (EpochRateBenchmark.Round) -> UInt64)]) -> String {
+            parts.map { "\($0.0) \(fmt(perCheckpoint($0.1).sorted()[samples.count / 2])) µs" }.joined(separator: ", ")
+        }
+        var rows: [Row] = []
+        rows.append(row("epoch rate, whole pipeline in one process", rate, "checkpoints/s",
+                        "\(samples.count) rounds of \(checkpoints); \(fmt(pages.sorted()[pages.count / 2])) pages and \(fmt(wire.sorted()[wire.count / 2])) MB on the wire per checkpoint; \(roundRatio(rate, twoCores)) of what the CPU it took allows on 2 cores; \(load)"))
+        rows.append(row("primary CPU per checkpoint", primary, "µs",
+                        split([("pause (suspend, harvest, capture, state, resume)", \.captureNs), ("seal", \.sealNs), ("write", \.writeNs)]) + " (medians)"))
+        rows.append(row("backup CPU per checkpoint", backup, "µs",
+                        split([("socket reads", \.readNs), ("decode, verify, stage", \.stageNs), ("commit + ACK", \.commitNs)]) + " (medians)"))
+        rows.append(row("primary alone on a core", primaryCeiling, "checkpoints/s", "1 s / the primary's CPU per checkpoint: its ceiling on a host (core) of its own"))
+        rows.append(row("backup alone on a core", backupCeiling, "checkpoints/s", "1 s / the backup's CPU per checkpoint: its ceiling on a host (core) of its own"))
+        // BackupDaemon's reader waits for each commit; were it to stage the next checkpoint
+        // meanwhile, a backup with two cores would be bound by the busier of its two threads.
+        let overlapped = ceiling { max($0.readNs + $0.stageNs, $0.commitNs) }
+        rows.append(row("backup on two cores if the reader did not wait for commits", overlapped, "checkpoints/s",
+                        roundRatio(overlapped, backupCeiling) + " of one core: 1 s / the busier of reader and committer (not how remusd runs now: its reader waits for each commit)"))
+        rows.append(row("guest stepping per checkpoint (not the pipeline)", perCheckpoint(\.stepNs), "µs", "the loop thread dirtying the guest between checkpoints; a real guest runs on its own vCPUs"))
+        rows.append(row("backup reader waiting for commits", perCheckpoint(\.readerWaitNs), "µs", "wall time per checkpoint the reader sat idle while the committer applied the previous one"))
+        return rows
+    }
+
+    /// The 1-minute load average ("?" when unknown).
+    private static func loadAverage() -> String {
+        var load = [Double](repeating: 0, count: 3)
+        return getloadavg(&load, 3) >= 1 ? fmt(load[0]) : "?"
+    }
+
     /// GB/s of copying `pages` pages gathered from a span of `spanPages` pages.
     private static func memcpyRates(pages: Int, spanPages: Int, repetitions: Int, clock: SystemClock) -> [Double] {
         let pageSize = 4096

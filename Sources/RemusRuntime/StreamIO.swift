@@ -297,11 +297,11 @@ final class StagedCheckpoint: @unchecked Sendable {
     }
 
     /// Counts `bytes` more against the checkpoint's limit; throws (before they are staged) when
-    /// they would pass it.
-    func reserve(_ bytes: Int, for what: String) throws {
+    /// they would pass it. `what` is built only then: this runs once per page.
+    func reserve(_ bytes: Int, for what: @autoclosure () -> String) throws {
         guard stagedBytes + bytes <= byteLimit else {
             throw StreamDecodeError(.lengthOverLimit, typeCode: nil, offset: 0,
-                "checkpoint \(begin.epoch) would stage more than \(byteLimit >> 20) MiB (\(what)): more than the guest's declared memory plus \(Self.stateAllowance >> 20) MiB; it was dropped before it was staged, the replica keeps its last committed checkpoint")
+                "checkpoint \(begin.epoch) would stage more than \(byteLimit >> 20) MiB (\(what())): more than the guest's declared memory plus \(Self.stateAllowance >> 20) MiB; it was dropped before it was staged, the replica keeps its last committed checkpoint")
         }
         stagedBytes += bytes
     }

@@ -109,13 +109,24 @@ struct Bench: ParsableCommand {
     @Option(help: ArgumentHelp("Samples per measurement.", valueName: "n"))
     var repetitions: Int = 15
 
+    @Flag(name: .customLong("epoch-rate"), help: ArgumentHelp(
+        "Instead: run the whole pipeline in one process as fast as it goes — a stepped simulated guest, the primary's capture, seal and writer over loopback TCP, the backup's reader, stager and committer with ACKs back — and report checkpoints/s and each side's CPU per checkpoint. --repetitions rounds (after a warm-up round) of --checkpoints checkpoints each."))
+    var epochRate = false
+
+    @Option(help: ArgumentHelp("Checkpoints per round with --epoch-rate.", valueName: "n"))
+    var checkpoints: Int = 200
+
     func validate() throws {
         if dirtyPages < 1 || dirtyPages > 200_000 { throw ValidationError("--dirty-pages must be between 1 and 200000") }
         if repetitions < 3 { throw ValidationError("--repetitions must be at least 3") }
+        if checkpoints < 10 || checkpoints > 100_000 { throw ValidationError("--checkpoints must be between 10 and 100000") }
     }
 
     func run() throws {
-        print(LoopBenchmark.render(try LoopBenchmark.run(dirtyPages: dirtyPages, repetitions: repetitions)), terminator: "")
+        let rows = epochRate
+            ? try LoopBenchmark.epochRate(dirtyPages: dirtyPages, checkpoints: checkpoints, rounds: repetitions)
+            : try LoopBenchmark.run(dirtyPages: dirtyPages, repetitions: repetitions)
+        print(LoopBenchmark.render(rows), terminator: "")
     }
 }
 
