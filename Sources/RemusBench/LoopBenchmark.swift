@@ -16,6 +16,12 @@ package enum LoopBenchmark {
         package var note: String
     }
 
+    /// The most pages the benchmark's 1 GiB guest can dirty between two checkpoints: its working set.
+    package static var reachableDirtyPages: Int {
+        let config = SimConfig(memoryBytes: 1 << 30, vcpus: 2, seed: 1)
+        return Int(Double(config.pageCount) * config.workingSetFraction)
+    }
+
     /// - Parameters:
     ///   - dirtyPages: pages dirtied per checkpoint (the guest is stepped until its dirty set reaches it).
     ///   - repetitions: samples per measurement.
@@ -48,7 +54,12 @@ package enum LoopBenchmark {
         var captured: [Int] = []
         for epoch in 1...repetitions {
             var dirty = 0
+            // A working set smaller than --dirty-pages never gets there: stepping has a deadline.
+            let stepDeadline = clock.monotonicNs() + 10_000_000_000
             while dirty < dirtyPages {
+                guard clock.monotonicNs() < stepDeadline else {
+                    throw ProtocolError("the simulated guest dirtied only \(dirty) of the \(dirtyPages) pages asked for in 10 s of stepping (its working set is smaller); nothing was measured — lower --dirty-pages")
+                }
                 guest.stepAll(ops: UInt64(max(dirtyPages / 8, 16)))
                 try guest.harvestDirty(into: &bitmap)
                 dirty = bitmap.count

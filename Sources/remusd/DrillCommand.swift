@@ -117,7 +117,10 @@ struct Bench: ParsableCommand {
     var checkpoints: Int = 200
 
     func validate() throws {
-        if dirtyPages < 1 || dirtyPages > 200_000 { throw ValidationError("--dirty-pages must be between 1 and 200000") }
+        let reachable = LoopBenchmark.reachableDirtyPages
+        if dirtyPages < 1 || dirtyPages > reachable {
+            throw ValidationError("--dirty-pages must be between 1 and \(reachable) (the working set of the benchmark's 1 GiB simulated guest), got \(dirtyPages)")
+        }
         if repetitions < 3 { throw ValidationError("--repetitions must be at least 3") }
         if checkpoints < 10 || checkpoints > 100_000 { throw ValidationError("--checkpoints must be between 10 and 100000") }
     }

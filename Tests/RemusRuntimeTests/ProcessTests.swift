@@ -198,5 +198,9 @@ struct ProcessTests {
             #expect(output2.contains("/sys/hypervisor/type"), "\(output2)")
             #expect(output2.contains("Nothing was changed on domain 'vm1'"), "\(output2)")
         }
+        // More dirty pages than the benchmark's guest can dirty: refused at once, not stepped forever.
+        let (status3, output3) = try runRemusd(["bench", "--dirty-pages", "20000"])
+        #expect(status3 != 0)
+        #expect(output3.contains("--dirty-pages must be between 1 and 13107"), "\(output3)")
     }
 }
