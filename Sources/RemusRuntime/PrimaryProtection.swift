@@ -368,6 +368,7 @@ public final class PrimaryProtection: @unchecked Sendable {
             case .selfFenced(let t): text = t; Log.error(t, context)
             case .stopped(let reason): text = "protection stopped (\(reason))"; Log.info(text, context)
             case .guestLost(let t): text = "GUEST LOST: " + t; Log.error(text, context)
+            case .earlierOutputReleased(let t): text = t; Log.warning(t, context)
             }
             updateStats { $0.lastReport = text }
         }

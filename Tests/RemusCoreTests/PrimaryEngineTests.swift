@@ -200,6 +200,61 @@ struct PrimaryEngineTests {
         #expect(e.outputHeldSince == nil)
     }
 
+    @Test func theEarlierLossesGraceEndingDuringANewStreamReleasesOnlyWhatCameBeforeIt() {
+        // The drill's kill points found it: a backup lost, a new stream up within the fence grace,
+        // its checkpoints taken but not yet acknowledged when the grace of the first loss ends.
+        // Releasing everything there (and letting output pass from then on) broke I1: the new
+        // backup took over at a checkpoint older than output the outside world had seen.
+        var (e, lost, t) = reconnectedEngine()
+        _ = e.onAck(2, now: t)  // covers epochs 1 and 2: the held output went out with it
+        for epoch: Epoch in 3...4 {
+            t += settings.intervalNs
+            _ = e.onPeerActivity(now: t)
+            #expect(e.onTick(now: t).contains(.checkpoint(epoch, .checkpoint)))
+            _ = e.onCheckpointCaptured(epoch, now: t)
+            _ = e.onCheckpointShipped(epoch, now: t)
+        }
+        // Nothing was held from before the stream any more: the grace's end releases nothing.
+        let quiet = runGrace(&e, lost: lost, from: t)
+        #expect(!quiet.contains(.releaseAllOutput))
+        #expect(quiet.allSatisfy { if case .releaseOutput = $0 { return false } else { return true } }, "\(quiet)")
+
+        // Again, with the grace ending before the new stream's first ACK.
+        var (f, lost2, u) = reconnectedEngine()
+        let d = runGrace(&f, lost: lost2, from: u)
+        #expect(!d.contains(.releaseAllOutput), "the new stream's epochs must stay held: \(d)")
+        #expect(d.contains(.releaseOutput(through: 1)), "what came before the stream (epoch 1) goes out: \(d)")
+        #expect(f.onAck(2, now: lost2 + settings.fenceGraceNs + 1).first == .releaseOutput(through: 2))
+    }
+
+    /// An engine that lost its backup right after checkpoint 1 and reconnected: checkpoint 2, the
+    /// new stream's first, captured and shipped, not acknowledged. With when it lost and `now`.
+    private func reconnectedEngine() -> (PrimaryEngine, lost: UInt64, now: UInt64) {
+        var (e, t) = protectingEngine()
+        let lost = t
+        _ = e.onConnectionLost(reason: "reset by peer", now: lost)
+        t += settings.retryNs
+        #expect(e.onTick(now: t).contains(.connect))
+        _ = e.onConnected(now: t)
+        _ = e.onPrecopyRoundShipped(round: 1, remainingDirty: 0, now: t)
+        _ = e.onCheckpointCaptured(2, now: t)
+        _ = e.onCheckpointShipped(2, now: t)
+        return (e, lost, t)
+    }
+
+    /// Ticks an engine whose backup answers every heartbeat, from `from` to just past the fence
+    /// grace of a loss at `lost`; the directives.
+    private func runGrace(_ e: inout PrimaryEngine, lost: UInt64, from: UInt64) -> [PrimaryEngine.Directive] {
+        var out: [PrimaryEngine.Directive] = []
+        var t = from
+        while t <= lost + settings.fenceGraceNs + 10 * ms {
+            t += 10 * ms
+            _ = e.onPeerActivity(now: t)
+            out += e.onTick(now: t)
+        }
+        return out
+    }
+
     @Test func closedConnectionDegradesAtOnceAndRetriesWithBackoff() {
         var (e, t) = protectingEngine()
         let d = e.onConnectionLost(reason: "reset by peer", now: t)

@@ -99,6 +99,9 @@ public struct PrimaryEngine: Sendable {
         case stopped(StreamEndReason)
         /// The guest vanished from this host; the backup takes over.
         case guestLost(String)
+        /// The fence grace of an earlier loss ended while a new stream protects the guest: the
+        /// output held from before that stream went out; the stream's own epochs stay held.
+        case earlierOutputReleased(String)
     }
 
     public let settings: ProtectionSettings
@@ -557,11 +560,23 @@ public struct PrimaryEngine: Sendable {
         ]
     }
 
-    /// Releases held output once the fence grace is over.
+    /// Releases held output once the fence grace is over: all of it while no checkpoint of a
+    /// stream protects the guest (the output buffer then lets output pass until the next stream's
+    /// first checkpoint holds it again); once a new stream takes checkpoints, only the epochs
+    /// before its first one (I1: its backup may take over from any checkpoint it committed, so
+    /// output of the stream's epochs waits for their ACKs as always).
     private mutating func graceExpired(now: UInt64) -> [Directive] {
         guard let since = outputHeldSince, now >= since + settings.fenceGraceNs else { return [] }
         clearOutputHeldSince()
-        return [.releaseAllOutput, .report(.degraded("no backup took this guest back within the fence grace (\(settings.fenceGraceNs / 1_000_000) ms): its output now flows unprotected; protection is DEGRADED; still reconnecting"))]
+        let grace = "\(settings.fenceGraceNs / 1_000_000) ms"
+        switch state {
+        case .protecting, .switchingOver:
+            let before = streamFirstEpoch - 1
+            return [.releaseOutput(through: before), .report(.earlierOutputReleased(
+                "no backup took this guest back within the fence grace (\(grace)) of the earlier loss: the output held from before this stream (epochs up to \(before)) went out; this stream's epochs are released by its ACKs"))]
+        default:
+            return [.releaseAllOutput, .report(.degraded("no backup took this guest back within the fence grace (\(grace)): its output now flows unprotected; protection is DEGRADED; still reconnecting"))]
+        }
     }
 
     /// No output is held any more that the current stream does not cover (acknowledged, or let out).
