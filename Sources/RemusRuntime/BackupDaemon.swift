@@ -557,6 +557,7 @@ public final class BackupDaemon: @unchecked Sendable {
             let (loop, clock) = (self.loop, self.clock)
             diskWorker.run {
                 let started = clock.monotonicNs()
+                InjectedFault.atDiskApply(disks, epoch: epoch)  // inert without REMUSD_INJECT_DIR
                 do {
                     try disks.apply()
                     loop.post(.diskApplied(epoch, error: nil, tookNs: clock.monotonicNs() - started))

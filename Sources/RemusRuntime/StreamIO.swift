@@ -69,6 +69,12 @@ package final class RecordWriter {
             try encoder.append(.memoryLayout(state.layout), into: &buffer)
             total += try writeStream(state.stream)
             total += try writeDiskOperations(state.disks)
+            if InjectedFault.directory != nil, state.disks.count > 0, InjectedFault.armed(.killAfterDiskRecords) {
+                // Kill point: disk N left, memory N's CHECKPOINT_END never will.
+                total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
+                InjectedFault.fire(.killAfterDiskRecords, epoch: arena.epoch, detail: "disk operations sent: \(state.disks.count)")
+                InjectedFault.stopSelf()
+            }
         }
         _ = try encoder.endCheckpoint(into: &buffer)
         total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
