@@ -264,7 +264,7 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
                 if let epoch = diedApplying {
                     // The restarted backup finishes the logged epoch before it serves a primary.
                     let line = "finished applying the disk writes of checkpoint \(epoch) that a previous run had logged"
-                    if readWholeFile("\(dir)/backup-\(b).log")?.contains(line) == true {
+                    if logShows(line, in: "\(dir)/backup-\(b).log", deadlineMs: 5000) {
                         result.notes.append("the restarted backup finished applying disk \(epoch) at its start")
                     } else {
                         result.problems.append("the backup died applying disk \(epoch) and, restarted, did not log '\(line)' (see \(dir)/backup-\(b).log)")
@@ -294,6 +294,7 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
             }
             let eventAt: UInt64
             var injectedAt: Epoch?  // the checkpoint at which the kill point was reached
+            var injectedDetail = ""
             switch fault {
             case .crash where config.killPoint == .afterDiskRecords:
                 // The primary stops itself at the point; once the backup declared it lost (all it
@@ -304,6 +305,7 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
                 try waitForState("fencing", of: "remusd_backup_state", metrics: metricsEndpoint(b + 1), deadlineMs: 4 * s.timeoutNs / 1_000_000 + 2000)
                 primary.signal(SIGKILL)
                 primary.wait()
+                injectedDetail = fired.detail
                 notes.append("the primary died after the disk records of checkpoint \(fired.epoch) (\(fired.detail)), before its end")
             case .crash where config.killPoint == .duringDiskApply:
                 let fired = try armAndAwait(.holdDiskApply, pid: backup.pid, directory: dir)
@@ -379,6 +381,13 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
             if let n = injectedAt {
                 problems += Self.killPointProblems(config.killPoint, epoch: n, result: result, report: report)
                 notes.append("the backup took over at checkpoint \(result.epoch)")
+                if config.killPoint == .afterDiskRecords {
+                    // The window was hit only if the backup had staged all of disk N when it dropped N.
+                    let dropped = "the connection ended inside checkpoint \(n): its \(injectedDetail.split(separator: " ").last ?? "?") disk operations staged so far were dropped"
+                    if !logShows(dropped, in: "\(dir)/backup-\(b).log", deadlineMs: 5000) {
+                        problems.append("the backup did not log '\(dropped)': disk \(n) did not reach it whole before the primary died (see \(dir)/backup-\(b).log)")
+                    }
+                }
             }
             if fault == .switchover && result.discardedWithPrimary > 0 {
                 problems.append("the switchover lost \(result.discardedWithPrimary) packets; a planned hand-over must lose none")
@@ -551,6 +560,16 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
             throw ProtocolError("\(arming).fired does not say where the kill point was reached")
         }
         return (epoch, at, fields["detail"] ?? "")
+    }
+
+    /// Whether `log` contains `line`, waiting up to `deadlineMs` for it.
+    private func logShows(_ line: String, in log: String, deadlineMs: UInt64) -> Bool {
+        let deadline = clock.monotonicNs() + deadlineMs * 1_000_000
+        while readWholeFile(log)?.contains(line) != true {
+            if clock.monotonicNs() > deadline { return false }
+            pauseBriefly(ms: 5)
+        }
+        return true
     }
 
     /// What a takeover after the kill point reached at checkpoint `epoch` must show (I9).

@@ -323,6 +323,11 @@ public final class BackupDaemon: @unchecked Sendable {
             return
         }
         do {
+            defer {
+                if let epoch = receiver.openEpoch, receiver.stagedDiskOperations > 0 {
+                    Log.info("the connection ended inside checkpoint \(epoch): its \(receiver.stagedDiskOperations) disk operations staged so far were dropped with it; none reached an image (I9)")
+                }
+            }
             try receiver.receive(
                 deltaBases: { [self] in replicaForReader() },
                 began: { [loop] begin in loop.post(.began(generation: gen, begin)) },

@@ -50,10 +50,11 @@ package enum InjectedFault {
         Log.warning("injected fault \(point.rawValue) reached at checkpoint \(epoch) (\(detail))")
     }
 
-    /// SIGSTOP of this process, then SIGKILL should it be continued: it never goes on.
+    /// SIGSTOP of this process (sent to this thread, so it stops before it returns; the whole
+    /// process stops with it); continued, this thread still never goes on.
     static func stopSelf() -> Never {
-        kill(getpid(), SIGSTOP)
-        killSelf()
+        raise(SIGSTOP)
+        while true { pause() }
     }
 
     /// SIGKILL of this process: what a crash at this point looks like.

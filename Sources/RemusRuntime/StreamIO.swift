@@ -388,6 +388,10 @@ final class CheckpointReceiver {
     private var staged: StagedCheckpoint?
     /// The event read after the last DISK_DESCRIPTOR, handled first by `receive`.
     private var lookahead: CheckpointEvent?
+    /// The checkpoint begun and not (yet) complete; nil between checkpoints.
+    private(set) var openEpoch: Epoch?
+    /// Disk operations staged for the last checkpoint begun.
+    var stagedDiskOperations: Int { staged?.disks?.entryCount ?? 0 }
 
     /// Until the hello is accepted no record may be larger than a DOMAIN_CONFIG.
     /// - Parameters:
@@ -450,6 +454,7 @@ final class CheckpointReceiver {
             switch event {
             case .checkpointBegan(let begin):
                 try staged.reset(begin)
+                openEpoch = begin.epoch
                 began(begin)
             case .content(let content):
                 switch content {
@@ -505,6 +510,7 @@ final class CheckpointReceiver {
                 default: break
                 }
             case .checkpointComplete(let end):
+                openEpoch = nil
                 _ = try complete(end, staged)
             case .heartbeat:
                 activity()
