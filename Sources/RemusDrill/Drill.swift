@@ -257,6 +257,7 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
             var notes: [String] = []
             if fault == .backupKill {
                 let injected = config.killPoint == .backupDuringDiskApply
+                let diedPid = backup.pid
                 var (result, diedApplying) = try backupKill(primary: primaryMetrics, primaryPid: primaryPid, backup: backup, observer: observer,
                                                             index: g + 1, directory: injected ? dir : nil)
                 backup = try startBackup(b)
@@ -265,7 +266,20 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
                     // The restarted backup finishes the logged epoch before it serves a primary.
                     let line = "finished applying the disk writes of checkpoint \(epoch) that a previous run had logged"
                     if logShows(line, in: "\(dir)/backup-\(b).log", deadlineMs: 5000) {
-                        result.notes.append("the restarted backup finished applying disk \(epoch) at its start")
+                        // I9 on the image as the restart left it, against the state it was applying.
+                        let committed = try ActivationReport.read(from: InjectedFault.armingPath(dir, pid: diedPid) + ".committed")
+                        let copy = InjectedFault.armingPath(dir, pid: backup.pid) + ".recovered-" + SimGuest.diskName
+                        if let image = InjectedFault.readBytes(copy) {
+                            if let problem = DrillVerifier.verifyRecoveredDisk(committed: committed, image: image) {
+                                result.problems.append("disk (I9) after the restarted backup finished checkpoint \(epoch): \(problem)")
+                                result.verified = false
+                            } else {
+                                result.notes.append("the restarted backup finished applying disk \(epoch) at its start, its image verified against checkpoint \(epoch)")
+                            }
+                        } else {
+                            result.problems.append("the restarted backup left no copy of its recovered image (\(copy))")
+                            result.verified = false
+                        }
                     } else {
                         result.problems.append("the backup died applying disk \(epoch) and, restarted, did not log '\(line)' (see \(dir)/backup-\(b).log)")
                         result.verified = false

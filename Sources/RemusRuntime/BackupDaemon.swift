@@ -138,6 +138,7 @@ public final class BackupDaemon: @unchecked Sendable {
             disks = opened
             if let epoch = opened.recoveredEpoch {
                 Log.info("disk directory \(directory): finished applying the disk writes of checkpoint \(epoch) that a previous run had logged (its images now hold checkpoint \(epoch) whole)")
+                InjectedFault.afterRecovery(directory: directory)  // inert without REMUSD_INJECT_DIR
             }
             if let problem = opened.recoveryProblem {
                 Log.warning("disk directory \(directory): \(problem); the images will be copied whole when a primary connects")
@@ -559,10 +560,10 @@ public final class BackupDaemon: @unchecked Sendable {
             }
         case .applyDisk(let epoch):
             guard let disks else { return execute(committer.onDiskApplyFailed(epoch, reason: "no disk directory", now: now)) }
-            let (loop, clock) = (self.loop, self.clock)
+            let (loop, clock, committed) = (self.loop, self.clock, replica?.committedFields)
             diskWorker.run {
                 let started = clock.monotonicNs()
-                InjectedFault.atDiskApply(disks, epoch: epoch)  // inert without REMUSD_INJECT_DIR
+                InjectedFault.atDiskApply(disks, epoch: epoch, committed: committed)  // inert without REMUSD_INJECT_DIR
                 do {
                     try disks.apply()
                     loop.post(.diskApplied(epoch, error: nil, tookNs: clock.monotonicNs() - started))

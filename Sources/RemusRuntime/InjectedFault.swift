@@ -50,6 +50,44 @@ package enum InjectedFault {
         Log.warning("injected fault \(point.rawValue) reached at checkpoint \(epoch) (\(detail))")
     }
 
+    /// A backup that finished a logged epoch at its start: copies each image of `directory` (its
+    /// files not named with a leading dot) to `<dir>/inject-<pid>.recovered-<name>`, as the
+    /// restart left them, before a primary's full copy overwrites them.
+    static func afterRecovery(directory images: String) {
+        guard let directory, let dir = opendir(images) else { return }
+        defer { closedir(dir) }
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            guard !name.hasPrefix("."), entry.pointee.d_type == UInt8(DT_REG) else { continue }
+            let copy = armingPath(directory, pid: getpid()) + ".recovered-" + name
+            do { try copyFile(images + "/" + name, to: copy) } catch {
+                Log.error("injected fault: copying the recovered image \(name) failed: \(error)")
+            }
+        }
+    }
+
+    private static func copyFile(_ from: String, to: String) throws {
+        guard let bytes = readBytes(from) else { throw ProtocolError("cannot read \(from)") }
+        try writeFile(to + ".tmp", bytes)
+        try renameFile(to + ".tmp", to)
+    }
+
+    /// A whole file's bytes (an image of the drill's 16 MiB disk), nil when it cannot be read.
+    package static func readBytes(_ path: String) -> [UInt8]? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var out: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 { return nil }
+            if n == 0 { return out }
+            out += buffer[0..<n]
+        }
+    }
+
     /// SIGSTOP of this process (sent to this thread, so it stops before it returns; the whole
     /// process stops with it); continued, this thread still never goes on.
     static func stopSelf() -> Never {
@@ -65,13 +103,21 @@ package enum InjectedFault {
 
     /// The backup's disk worker, before applying the logged record of `epoch`: with an armed
     /// apply point and a record of at least two entries, applies one entry and stops as armed.
-    static func atDiskApply(_ disks: BackupDisks, epoch: Epoch) {
+    /// `committed` gives the committed state (memory N, whose apply this is); with the kill, it is
+    /// written first to `<dir>/inject-<pid>.committed` (the activation report's format) for the
+    /// drill to check the image the restarted backup finishes (`afterRecovery`).
+    static func atDiskApply(_ disks: BackupDisks, epoch: Epoch, committed: (@Sendable () -> [String: String]?)?) {
         guard directory != nil, disks.pendingEntries >= 2 else { return }
         let point: Point
         if armed(.holdDiskApply) { point = .holdDiskApply } else if armed(.killDuringDiskApply) { point = .killDuringDiskApply } else { return }
         do { try disks.applyPart(entries: 1) } catch {
             Log.error("injected fault \(point.rawValue): the partial apply failed: \(error)")
             return
+        }
+        if point == .killDuringDiskApply, let fields = committed?() {
+            do { try ActivationReport(fields: fields).write(to: armingPath(directory!, pid: getpid()) + ".committed") } catch {
+                Log.error("injected fault \(point.rawValue): writing the committed state failed: \(error)")
+            }
         }
         fire(point, epoch: epoch, detail: "1 of \(disks.pendingEntries) entries applied")
         if point == .killDuringDiskApply { killSelf() }

@@ -134,7 +134,7 @@ struct ProcessTests {
                                               "--fault", "backup-kill", "--inject", "backup-kill-during-disk-apply"])
         #expect(status == 0, "drill output:\n\(output)")
         #expect(output.contains("drill: 2 passed, 0 failed"))
-        #expect(output.components(separatedBy: "the restarted backup finished applying disk").count == 3, "\(output)")
+        #expect(output.components(separatedBy: "at its start, its image verified against checkpoint").count == 3, "\(output)")
     }
 
     @Test func killPointsAreRefusedWhereTheyCannotAct() throws {
