@@ -16,7 +16,7 @@ package enum InjectedFault {
         /// be reading an earlier checkpoint still); stopped, the kernel delivers all of it and the
         /// backup declares the primary lost by its silence, checkpoint N open.
         case killAfterDiskRecords = "kill-after-disk-records"
-        /// Backup: part-way through applying disk N (one entry applied, nothing synced): wait for
+        /// Backup: part-way through applying disk N (half its entries applied, nothing synced): wait for
         /// `<dir>/inject-<pid>.go` (at most 60 s), then finish the apply.
         case holdDiskApply = "hold-disk-apply"
         /// Backup: part-way through applying disk N: SIGKILL itself.
@@ -102,15 +102,17 @@ package enum InjectedFault {
     }
 
     /// The backup's disk worker, before applying the logged record of `epoch`: with an armed
-    /// apply point and a record of at least two entries, applies one entry and stops as armed.
+    /// apply point and a record with entries, applies the first half of them (none of a record of
+    /// one: the drill's default guest writes one block per epoch) and stops as armed.
     /// `committed` gives the committed state (memory N, whose apply this is); with the kill, it is
     /// written first to `<dir>/inject-<pid>.committed` (the activation report's format) for the
     /// drill to check the image the restarted backup finishes (`afterRecovery`).
     static func atDiskApply(_ disks: BackupDisks, epoch: Epoch, committed: (@Sendable () -> [String: String]?)?) {
-        guard directory != nil, disks.pendingEntries >= 2 else { return }
+        let entries = disks.pendingEntries
+        guard directory != nil, entries >= 1 else { return }
         let point: Point
         if armed(.holdDiskApply) { point = .holdDiskApply } else if armed(.killDuringDiskApply) { point = .killDuringDiskApply } else { return }
-        do { try disks.applyPart(entries: 1) } catch {
+        do { try disks.applyPart(entries: entries / 2) } catch {
             Log.error("injected fault \(point.rawValue): the partial apply failed: \(error)")
             return
         }
@@ -119,7 +121,7 @@ package enum InjectedFault {
                 Log.error("injected fault \(point.rawValue): writing the committed state failed: \(error)")
             }
         }
-        fire(point, epoch: epoch, detail: "1 of \(disks.pendingEntries) entries applied")
+        fire(point, epoch: epoch, detail: "\(entries / 2) of \(entries) entries applied")
         if point == .killDuringDiskApply { killSelf() }
         let go = armingPath(directory!, pid: getpid()) + ".go"
         let clock = SystemClock()
