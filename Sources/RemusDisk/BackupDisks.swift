@@ -129,6 +129,19 @@ public final class BackupDisks: @unchecked Sendable {
         }
     }
 
+    /// Entries of the logged record not yet applied (0: none pending).
+    package var pendingEntries: Int { lock.withLock { log.pending.map { Int($0.entryCount) } ?? 0 } }
+
+    /// The injected faults (`InjectedFault`): applies only the first `entries` of the logged
+    /// record, nothing synced and "applied" unchanged — what a crash part-way through the apply
+    /// leaves; `apply` later applies the whole record again.
+    package func applyPart(entries: Int) throws {
+        try lock.withLock {
+            guard let images = openImages else { throw DiskLogError("no disk images are open; the primary described no disks") }
+            try log.applyLogged(to: images, stoppingAfter: entries)
+        }
+    }
+
     /// Makes "applied" durable (before the images are handed to a guest).
     public func syncHeader() throws { try lock.withLock { try log.syncHeader() } }
 

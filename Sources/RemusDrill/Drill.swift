@@ -21,6 +21,8 @@ package struct DrillConfiguration: Sendable {
     /// Fault injected on purpose to prove the verifier catches it: the first primary releases
     /// output at once instead of on ACK (`--unsafe --no-netbuf`).
     package var injectEarlyRelease = false
+    /// A kill point of the disk path hit on purpose in every round of its fault (`--inject`).
+    package var killPoint: DrillKillPoint?
     /// Back every process's simulated NIC with a real tap and its output with a plug qdisc:
     /// process i (0: the first primary, g + 1: backup g) uses the existing tap `<prefix><i>`, and
     /// the observer also receives their UDP frames. Needs a kernel with sch_plug (the testbed).
@@ -52,6 +54,23 @@ package enum DrillFault: String, Sendable, CaseIterable {
     /// The primary is cut off from its backup and from the witness (etcd); it must self-fence before
     /// the backup, holding the witness, takes over. With this fault every round uses the witness.
     case partition
+}
+
+/// A window of the disk path (I9) the drill hits on purpose instead of killing at a random
+/// moment, through the daemons' `InjectedFault` hooks (Docs/disks.md, "Kill points").
+package enum DrillKillPoint: String, Sendable, CaseIterable {
+    /// Crash rounds: the primary dies after checkpoint N's disk records left and before its
+    /// CHECKPOINT_END: the backup must discard disk N and take over at N − 1.
+    case afterDiskRecords = "kill-after-disk-records"
+    /// Crash rounds: the primary is killed while the backup applies disk N (held part-way): the
+    /// backup must finish N and activate at N (or later, had N + 1 arrived whole meanwhile).
+    case duringDiskApply = "kill-during-disk-apply"
+    /// Backup-kill rounds: the backup dies part-way through applying disk N and is restarted: it
+    /// must finish the logged epoch N at its start.
+    case backupDuringDiskApply = "backup-kill-during-disk-apply"
+
+    /// The rounds it replaces the kill of.
+    package var fault: DrillFault { self == .backupDuringDiskApply ? .backupKill : .crash }
 }
 
 /// One verified (or not) failover.
@@ -139,7 +158,8 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
         let overloadPauseMs: UInt64 = 2
         let timing = ["--interval", "\(s.intervalNs / 1_000_000)", "--heartbeat", "\(s.heartbeatNs / 1_000_000)", "--timeout", "\(s.timeoutNs / 1_000_000)"]
             + (config.faults.contains(.overload) ? ["--max-pause", "\(overloadPauseMs)"] : [])
-        let env = ["REMUSD_RUN_DIR": dir]
+        // The daemons' kill points stay inert unless the drill is asked for one.
+        let env = ["REMUSD_RUN_DIR": dir].merging(config.killPoint == nil ? [:] : ["REMUSD_INJECT_DIR": dir]) { a, _ in a }
         let ports = try freePorts(config.failovers + 1)
         // Every process serves its metrics: the drill reads numbers and states there, never
         // from status prose. Index 0: the first primary; g + 1: backup g.
@@ -236,9 +256,35 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
             try waitForAcknowledged(metrics: primaryMetrics, atLeast: 3, deadlineMs: 20_000, who: "failover \(g + 1)'s primary")
             var notes: [String] = []
             if fault == .backupKill {
-                var result = try backupKill(primary: primaryMetrics, primaryPid: primaryPid, backup: backup, observer: observer, index: g + 1)
+                let injected = config.killPoint == .backupDuringDiskApply
+                let diedPid = backup.pid
+                var (result, diedApplying) = try backupKill(primary: primaryMetrics, primaryPid: primaryPid, backup: backup, observer: observer,
+                                                            index: g + 1, directory: injected ? dir : nil)
                 backup = try startBackup(b)
                 result = try awaitReprotection(result, primary: primaryMetrics)
+                if let epoch = diedApplying {
+                    // The restarted backup finishes the logged epoch before it serves a primary.
+                    let line = "finished applying the disk writes of checkpoint \(epoch) that a previous run had logged"
+                    if logShows(line, in: "\(dir)/backup-\(b).log", deadlineMs: 5000) {
+                        // I9 on the image as the restart left it, against the state it was applying.
+                        let committed = try ActivationReport.read(from: InjectedFault.armingPath(dir, pid: diedPid) + ".committed")
+                        let copy = InjectedFault.armingPath(dir, pid: backup.pid) + ".recovered-" + SimGuest.diskName
+                        if let image = InjectedFault.readBytes(copy) {
+                            if let problem = DrillVerifier.verifyRecoveredDisk(committed: committed, image: image) {
+                                result.problems.append("disk (I9) after the restarted backup finished checkpoint \(epoch): \(problem)")
+                                result.verified = false
+                            } else {
+                                result.notes.append("the restarted backup finished applying disk \(epoch) at its start, its image verified against checkpoint \(epoch)")
+                            }
+                        } else {
+                            result.problems.append("the restarted backup left no copy of its recovered image (\(copy))")
+                            result.verified = false
+                        }
+                    } else {
+                        result.problems.append("the backup died applying disk \(epoch) and, restarted, did not log '\(line)' (see \(dir)/backup-\(b).log)")
+                        result.verified = false
+                    }
+                }
                 results.append(result)
                 if config.progress { printProgress(result, of: config.failovers) }
                 if !result.verified { break }
@@ -261,7 +307,28 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
                 }
             }
             let eventAt: UInt64
+            var injectedAt: Epoch?  // the checkpoint at which the kill point was reached
+            var injectedDetail = ""
             switch fault {
+            case .crash where config.killPoint == .afterDiskRecords:
+                // The primary stops itself at the point; once the backup declared it lost (all it
+                // had written was read by then), it dies.
+                let fired = try armAndAwait(.killAfterDiskRecords, pid: primaryPid, directory: dir)
+                eventAt = fired.atNs
+                injectedAt = fired.epoch
+                try waitForState("fencing", of: "remusd_backup_state", metrics: metricsEndpoint(b + 1), deadlineMs: 4 * s.timeoutNs / 1_000_000 + 2000)
+                primary.signal(SIGKILL)
+                primary.wait()
+                injectedDetail = fired.detail
+                notes.append("the primary died after the disk records of checkpoint \(fired.epoch) (\(fired.detail)), before its end")
+            case .crash where config.killPoint == .duringDiskApply:
+                let fired = try armAndAwait(.holdDiskApply, pid: backup.pid, directory: dir)
+                eventAt = clock.monotonicNs()
+                primary.signal(SIGKILL)
+                primary.wait()
+                try touch(InjectedFault.armingPath(dir, pid: backup.pid) + ".go")
+                injectedAt = fired.epoch
+                notes.append("the primary was killed while the backup applied disk \(fired.epoch) (\(fired.detail))")
             case .crash, .overload:
                 eventAt = killAtRandomMoment(metrics: primaryMetrics, child: primary)
                 primary.wait()
@@ -324,6 +391,17 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
             if let next = DrillVerifier.nextSequences(report) {
                 result.discardedWithPrimary = DrillVerifier.unreleased(observed: observer.packets(), from: startSequences, to: next)
                 startSequences = next
+            }
+            if let n = injectedAt {
+                problems += Self.killPointProblems(config.killPoint, epoch: n, result: result, report: report)
+                notes.append("the backup took over at checkpoint \(result.epoch)")
+                if config.killPoint == .afterDiskRecords {
+                    // The window was hit only if the backup had staged all of disk N when it dropped N.
+                    let dropped = "the connection ended inside checkpoint \(n): its \(injectedDetail.split(separator: " ").last ?? "?") disk operations staged so far were dropped"
+                    if !logShows(dropped, in: "\(dir)/backup-\(b).log", deadlineMs: 5000) {
+                        problems.append("the backup did not log '\(dropped)': disk \(n) did not reach it whole before the primary died (see \(dir)/backup-\(b).log)")
+                    }
+                }
             }
             if fault == .switchover && result.discardedWithPrimary > 0 {
                 problems.append("the switchover lost \(result.discardedWithPrimary) packets; a planned hand-over must lose none")
@@ -397,13 +475,26 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
 
     /// Kills the backup: the primary must notice within the timeout, keep the guest running, hold
     /// its output for the fence grace and then let it flow (DEGRADED).
-    private func backupKill(primary metrics: Endpoint, primaryPid: Int32, backup: ChildProcess, observer: PacketObserver, index: Int) throws -> FailoverResult {
+    /// With `directory` (the kill point `backup-kill-during-disk-apply`) the backup kills itself
+    /// part-way through applying a disk epoch instead; returns that epoch with the result.
+    private func backupKill(primary metrics: Endpoint, primaryPid: Int32, backup: ChildProcess, observer: PacketObserver, index: Int,
+                            directory: String?) throws -> (FailoverResult, diedApplying: Epoch?) {
         let s = config.settings
         var result = FailoverResult(index: index, epoch: 0, cutMidCheckpoint: false, detectionMs: 0, activationMs: 0,
                                     releasedUncommitted: 0, discardedWithPrimary: 0, verified: false, problems: [])
         result.fault = .backupKill
         let fromPrimary = { observer.packets().filter { $0.pid == UInt64(primaryPid) }.count }
-        let killedAt = clock.monotonicNs()
+        var killedAt = clock.monotonicNs()
+        var diedApplying: Epoch?
+        if let directory {
+            let fired = try armAndAwait(.killDuringDiskApply, pid: backup.pid, directory: directory)
+            killedAt = fired.atNs
+            diedApplying = fired.epoch
+            result.notes.append("the backup killed itself applying disk \(fired.epoch) (\(fired.detail))")
+            let deadline = clock.monotonicNs() + 10_000_000_000
+            while backup.poll() == nil && clock.monotonicNs() < deadline { pauseBriefly(ms: 2) }
+            if backup.poll() == nil { result.problems.append("the backup still ran 10 s after reaching its kill point") }
+        }
         backup.signal(SIGKILL)
         backup.wait()
         try waitForState("degraded", of: "remusd_primary_state", metrics: metrics, deadlineMs: s.timeoutNs / 1_000_000 + 2000)
@@ -429,7 +520,7 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
                 result.notes.append("pause p99 over the \(s.maxPauseNs / 1_000_000) ms aim (a loaded host), short of the timeout")
             }
         }
-        return result
+        return (result, diedApplying)
     }
 
     /// A backup is back on the same address: the primary must re-protect (fresh synchronisation).
@@ -465,6 +556,54 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
     }
 
     // MARK: - Steps
+
+    /// Arms process `pid` for `point` (`InjectedFault`) and waits until it reports the point
+    /// reached: the checkpoint, when (monotonic ns) and what it held.
+    private func armAndAwait(_ point: InjectedFault.Point, pid: Int32, directory: String) throws -> (epoch: Epoch, atNs: UInt64, detail: String) {
+        let arming = InjectedFault.armingPath(directory, pid: pid)
+        try writeFile(arming + ".tmp", Array(point.rawValue.utf8))
+        try renameFile(arming + ".tmp", arming)
+        // A checkpoint with disk writes (or a record of two) comes within a few intervals.
+        try waitForFile(arming + ".fired", what: "process \(pid) to reach the kill point \(point.rawValue)", deadlineMs: 30_000)
+        var fields: [String: String] = [:]
+        for line in (readWholeFile(arming + ".fired") ?? "").split(separator: "\n") {
+            let parts = line.split(separator: " ", maxSplits: 1)
+            if parts.count == 2 { fields[String(parts[0])] = String(parts[1]) }
+        }
+        guard let epoch = fields["epoch"].flatMap({ Epoch($0) }), let at = fields["at_ns"].flatMap({ UInt64($0) }) else {
+            throw ProtocolError("\(arming).fired does not say where the kill point was reached")
+        }
+        return (epoch, at, fields["detail"] ?? "")
+    }
+
+    /// Whether `log` contains `line`, waiting up to `deadlineMs` for it.
+    private func logShows(_ line: String, in log: String, deadlineMs: UInt64) -> Bool {
+        let deadline = clock.monotonicNs() + deadlineMs * 1_000_000
+        while readWholeFile(log)?.contains(line) != true {
+            if clock.monotonicNs() > deadline { return false }
+            pauseBriefly(ms: 5)
+        }
+        return true
+    }
+
+    /// What a takeover after the kill point reached at checkpoint `epoch` must show (I9).
+    static func killPointProblems(_ point: DrillKillPoint?, epoch: Epoch, result: FailoverResult, report: ActivationReport) -> [String] {
+        switch point {
+        case .afterDiskRecords:
+            var problems: [String] = []
+            if result.epoch + 1 != epoch {
+                problems.append("the primary died after checkpoint \(epoch)'s disk records and before its end: the backup must take over at \(epoch - 1) with disk \(epoch - 1), it took over at \(result.epoch)")
+            }
+            if report.fields["lost_while_staging"] != "1" {
+                problems.append("the backup did not report checkpoint \(epoch) in flight when the primary died (lost_while_staging)")
+            }
+            return problems
+        case .duringDiskApply:
+            return result.epoch >= epoch ? [] : ["the primary died while the backup applied disk \(epoch): the backup must finish it and take over at \(epoch) or later, it took over at \(result.epoch)"]
+        case .backupDuringDiskApply, nil:
+            return []
+        }
+    }
 
     private func waitForAcknowledged(metrics: Endpoint, atLeast: Epoch, deadlineMs: UInt64, who: String) throws {
         let deadline = clock.monotonicNs() + deadlineMs * 1_000_000

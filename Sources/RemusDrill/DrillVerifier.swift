@@ -4,6 +4,21 @@ import RemusSim
 
 /// The drill's checks of one failover.
 enum DrillVerifier {
+    /// The committed state and the guest's config a report (or a kill point's `.committed`) records.
+    static func committed(_ report: ActivationReport) -> (GuestState, SimConfig)? {
+        guard let state = report.committedState(), let configHex = report.fields["domain_config"], let configBytes = unhex(Substring(configHex)),
+              let config = try? SimConfig(DomainConfig(format: .simulated, bytes: configBytes)) else { return nil }
+        return (state, config)
+    }
+
+    /// I9 for an image a restarted backup finished: a replay to the committed state it was
+    /// applying when it died. nil when it verifies, else what differs.
+    static func verifyRecoveredDisk(committed report: ActivationReport, image: [UInt8]) -> String? {
+        guard let (state, config) = committed(report) else { return "the committed state the dying backup recorded is not readable" }
+        let r = image.withUnsafeBytes { SimVerifier(config: config).verifyDisk(image: $0, committed: state) }
+        return r.passed ? nil : r.description.replacingNewlines()
+    }
+
     static func verify(report: ActivationReport, killedAt: UInt64, observed: [PacketObserver.Observed], survivorPid: Int32, index: Int) -> FailoverResult {
         var problems: [String] = []
         let epoch = report.number("epoch") ?? 0
@@ -33,8 +48,7 @@ enum DrillVerifier {
         }
         result.diskApplyMs = report.number("disk_apply_ns").map { Double($0) / 1e6 }
         result.diskReadyMs = since("disk_applied_ns", detected)
-        guard let state = report.committedState(), let configHex = report.fields["domain_config"], let configBytes = unhex(Substring(configHex)),
-              let config = try? SimConfig(DomainConfig(format: .simulated, bytes: configBytes)) else {
+        guard let (state, config) = committed(report) else {
             result.problems = problems + ["the activation report has no readable committed state"]
             return result
         }

@@ -7,6 +7,8 @@ import RemusCore
 package struct ActivationReport {
     package var fields: [String: String] = [:]
 
+    init(fields: [String: String] = [:]) { self.fields = fields }
+
     /// - Parameters:
     ///   - fencedAt: when the fence succeeded (or the activation began, without one).
     ///   - preparedAt: when the replica was ready to run, built while the fence ran; nil when it

@@ -99,9 +99,14 @@ struct BackupReplica {
     /// the guest the replica will activate; with `snapshot`, the backend also keeps their content
     /// for `verifyActivation`. nil: the backend takes no disks.
     let attachDisks: ((_ disks: [(DiskDescriptor, String)], _ snapshot: Bool) throws -> Void)?
+    /// The committed state as the activation report records it (the simulated guest), for the
+    /// injected faults (`InjectedFault`); nil for a backend without it. Any thread.
+    let committedFields: (@Sendable () -> [String: String]?)?
 
     init(_ target: any ReplicaTarget, verifyActivation: ((_ clock: any HostClock) throws -> [String: String])? = nil,
+         committedFields: (@Sendable () -> [String: String]?)? = nil,
          attachDisks: ((_ disks: [(DiskDescriptor, String)], _ snapshot: Bool) throws -> Void)? = nil) {
+        self.committedFields = committedFields
         self.attachDisks = attachDisks
         self.target = target
         self.verifyActivation = verifyActivation

@@ -138,6 +138,7 @@ public final class BackupDaemon: @unchecked Sendable {
             disks = opened
             if let epoch = opened.recoveredEpoch {
                 Log.info("disk directory \(directory): finished applying the disk writes of checkpoint \(epoch) that a previous run had logged (its images now hold checkpoint \(epoch) whole)")
+                InjectedFault.afterRecovery(directory: directory)  // inert without REMUSD_INJECT_DIR
             }
             if let problem = opened.recoveryProblem {
                 Log.warning("disk directory \(directory): \(problem); the images will be copied whole when a primary connects")
@@ -323,6 +324,11 @@ public final class BackupDaemon: @unchecked Sendable {
             return
         }
         do {
+            defer {
+                if let epoch = receiver.openEpoch, receiver.stagedDiskOperations > 0 {
+                    Log.info("the connection ended inside checkpoint \(epoch): its \(receiver.stagedDiskOperations) disk operations staged so far were dropped with it; none reached an image (I9)")
+                }
+            }
             try receiver.receive(
                 deltaBases: { [self] in replicaForReader() },
                 began: { [loop] begin in loop.post(.began(generation: gen, begin)) },
@@ -554,9 +560,10 @@ public final class BackupDaemon: @unchecked Sendable {
             }
         case .applyDisk(let epoch):
             guard let disks else { return execute(committer.onDiskApplyFailed(epoch, reason: "no disk directory", now: now)) }
-            let (loop, clock) = (self.loop, self.clock)
+            let (loop, clock, committed) = (self.loop, self.clock, replica?.committedFields)
             diskWorker.run {
                 let started = clock.monotonicNs()
+                InjectedFault.atDiskApply(disks, epoch: epoch, committed: committed)  // inert without REMUSD_INJECT_DIR
                 do {
                     try disks.apply()
                     loop.post(.diskApplied(epoch, error: nil, tookNs: clock.monotonicNs() - started))

@@ -80,6 +80,10 @@ enum SimulatedBackend {
         let snapshot = DiskSnapshot()
         return BackupReplica(
             replica, verifyActivation: { clock in try verifyActivation(of: replica, disk: snapshot.image, clock: clock) },
+            committedFields: {
+                guard let config = replica.config, let committed = replica.committedState else { return nil }
+                return committedFields(config: config, committed: committed)
+            },
             attachDisks: { disks, keepSnapshot in
                 guard let (descriptor, path) = disks.first, disks.count == 1, let config = replica.config, config.diskBytes == descriptor.sizeBytes else {
                     throw ProtocolError("the simulated guest has one disk of its config's size; the stream described \(disks.map { "'\($0.0.name)' (\($0.0.sizeBytes) bytes)" })")
@@ -121,6 +125,13 @@ enum SimulatedBackend {
         try guest.resume()
         fields["memory_verified"] = report.passed ? "yes" : "no"
         fields["memory_report"] = report.description.replacingNewlines()
+        return fields.merging(committedFields(config: config, committed: committed)) { _, c in c }
+    }
+
+    /// The committed state and the guest's config as the activation report records them
+    /// (`ActivationReport.committedState`).
+    static func committedFields(config: SimConfig, committed: GuestState) -> [String: String] {
+        var fields: [String: String] = [:]
         fields["domain_config"] = hex(config.encode().bytes)
         for v in committed.vcpus { fields["vcpu.\(v.vcpu)"] = "\(v.format) \(hex(v.bytes))" }
         for d in committed.devices { fields["device.\(d.name)"] = hex(d.bytes) }

@@ -69,6 +69,12 @@ package final class RecordWriter {
             try encoder.append(.memoryLayout(state.layout), into: &buffer)
             total += try writeStream(state.stream)
             total += try writeDiskOperations(state.disks)
+            if InjectedFault.directory != nil, state.disks.count > 0, InjectedFault.armed(.killAfterDiskRecords) {
+                // Kill point: disk N left, memory N's CHECKPOINT_END never will.
+                total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
+                InjectedFault.fire(.killAfterDiskRecords, epoch: arena.epoch, detail: "disk operations sent: \(state.disks.count)")
+                InjectedFault.stopSelf()
+            }
         }
         _ = try encoder.endCheckpoint(into: &buffer)
         total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
@@ -382,6 +388,10 @@ final class CheckpointReceiver {
     private var staged: StagedCheckpoint?
     /// The event read after the last DISK_DESCRIPTOR, handled first by `receive`.
     private var lookahead: CheckpointEvent?
+    /// The checkpoint begun and not (yet) complete; nil between checkpoints.
+    private(set) var openEpoch: Epoch?
+    /// Disk operations staged for the last checkpoint begun.
+    var stagedDiskOperations: Int { staged?.disks?.entryCount ?? 0 }
 
     /// Until the hello is accepted no record may be larger than a DOMAIN_CONFIG.
     /// - Parameters:
@@ -444,6 +454,7 @@ final class CheckpointReceiver {
             switch event {
             case .checkpointBegan(let begin):
                 try staged.reset(begin)
+                openEpoch = begin.epoch
                 began(begin)
             case .content(let content):
                 switch content {
@@ -499,6 +510,7 @@ final class CheckpointReceiver {
                 default: break
                 }
             case .checkpointComplete(let end):
+                openEpoch = nil
                 _ = try complete(end, staged)
             case .heartbeat:
                 activity()

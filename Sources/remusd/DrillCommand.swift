@@ -64,7 +64,13 @@ struct Drill: ParsableCommand {
         if vcpus < 1 || vcpus > 64 { throw ValidationError("--sim-vcpus must be between 1 and 64") }
         if memoryMiB < 4 { throw ValidationError("--sim-memory must be at least 4 MiB") }
         if diskMiB > 1024 { throw ValidationError("--sim-disk-size must be at most 1024 MiB (the verifier holds a replay of the disk in memory), got \(diskMiB)") }
-        if let inject, inject != "early-release" { throw ValidationError("--inject knows only 'early-release'") }
+        if let inject, inject != "early-release" {
+            guard let point = DrillKillPoint(rawValue: inject) else {
+                throw ValidationError("--inject knows 'early-release', \(DrillKillPoint.allCases.map { "'\($0.rawValue)'" }.joined(separator: ", ")); got '\(inject)'")
+            }
+            if !fault.contains(point.fault) { throw ValidationError("--inject \(inject) acts in \(point.fault.rawValue) rounds: add --fault \(point.fault.rawValue)") }
+            if diskMiB == 0 { throw ValidationError("--inject \(inject) is a kill point of the disk path: it needs a guest with a disk (--sim-disk-size above 0)") }
+        }
         if let simNICTaps, simNICTaps.isEmpty || simNICTaps.utf8.count + String(failovers + 1).utf8.count > 15 {
             throw ValidationError("--sim-nic-taps '\(simNICTaps)': <prefix><n> must be an interface name of at most 15 bytes for n up to \(failovers + 1)")
         }
@@ -80,6 +86,7 @@ struct Drill: ParsableCommand {
             directory: directory, keep: keep, progress: !quiet)
         var drill = config
         drill.injectEarlyRelease = inject == "early-release"
+        drill.killPoint = inject.flatMap(DrillKillPoint.init(rawValue:))
         drill.faults = fault
         drill.simNICTapPrefix = simNICTaps
         let nic = simNICTaps.map { ", NIC over taps \($0)0 … \($0)\(failovers + 1) with plug qdiscs" } ?? ""

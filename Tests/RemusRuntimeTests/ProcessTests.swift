@@ -110,6 +110,42 @@ struct ProcessTests {
         #expect(output.contains("output left before its epoch was committed"), "\(output)")
     }
 
+    // The disk path's kill points (InjectedFault, Docs/disks.md): each is reached on purpose in
+    // every round and checked by I9 at the takeover; the drill fails a round whose point was not
+    // reached (30 s) or whose takeover is not the one the point demands.
+
+    @Test func primaryDyingBetweenDiskAndEndOfCheckpointLeavesThePreviousOne() throws {
+        let (status, output) = try runRemusd(["drill", "--failovers", "2", "--seed", "21", "--quiet", "--sim-memory", "128", "--inject", "kill-after-disk-records"])
+        #expect(status == 0, "drill output:\n\(output)")
+        #expect(output.contains("drill: 2 passed, 0 failed"))
+        // Both rounds died at the point, and the takeovers were checked at N − 1 with its disk.
+        #expect(output.components(separatedBy: "the primary died after the disk records of checkpoint").count == 3, "\(output)")
+    }
+
+    @Test func primaryDyingWhileTheBackupAppliesDiskNLeavesN() throws {
+        let (status, output) = try runRemusd(["drill", "--failovers", "2", "--seed", "22", "--quiet", "--sim-memory", "128", "--inject", "kill-during-disk-apply"])
+        #expect(status == 0, "drill output:\n\(output)")
+        #expect(output.contains("drill: 2 passed, 0 failed"))
+        #expect(output.components(separatedBy: "the primary was killed while the backup applied disk").count == 3, "\(output)")
+    }
+
+    @Test func backupKilledMidApplyFinishesTheLoggedEpochWhenRestarted() throws {
+        let (status, output) = try runRemusd(["drill", "--failovers", "2", "--seed", "23", "--quiet", "--sim-memory", "128",
+                                              "--fault", "backup-kill", "--inject", "backup-kill-during-disk-apply"])
+        #expect(status == 0, "drill output:\n\(output)")
+        #expect(output.contains("drill: 2 passed, 0 failed"))
+        #expect(output.components(separatedBy: "at its start, its image verified against checkpoint").count == 3, "\(output)")
+    }
+
+    @Test func killPointsAreRefusedWhereTheyCannotAct() throws {
+        let (status, output) = try runRemusd(["drill", "--failovers", "1", "--inject", "backup-kill-during-disk-apply"])
+        #expect(status != 0)
+        #expect(output.contains("add --fault backup-kill"), "\(output)")
+        let (noDisk, noDiskOutput) = try runRemusd(["drill", "--failovers", "1", "--sim-disk-size", "0", "--inject", "kill-after-disk-records"])
+        #expect(noDisk != 0)
+        #expect(noDiskOutput.contains("needs a guest with a disk"), "\(noDiskOutput)")
+    }
+
     @Test func checkpointCutOffMidFlightLeavesThePreviousOneToActivate() throws {
         let backup = try Backup.start()
         defer { backup.stop() }
