@@ -25,7 +25,7 @@ struct AcceptLoopTests {
                         "--max-pending-connections", "200"] + tlsArguments("backup"),
             outputFile: dir + "/backup.log", environment: env)
         defer { backup.signal(SIGKILL); backup.wait() }
-        try waitForFile(dir + "/backup.sock", what: "the backup", deadlineMs: 10_000)
+        try waitForFile(dir + "/backup.sock", what: "the backup", deadlineMs: 30_000)
         func log() -> String { (try? String(contentsOfFile: dir + "/backup.log", encoding: .utf8)) ?? "" }
 
         // 80 idle connections: each accepted one holds a descriptor in the backup until we close it.

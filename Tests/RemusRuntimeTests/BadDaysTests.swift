@@ -20,7 +20,7 @@ private struct Pair {
             arguments: [remusdBinary, "receive", "--listen", "127.0.0.1:\(port)", "--heartbeat", "50", "--timeout", "300",
                         "--status-socket", dir + "/backup.sock"] + tlsArguments("backup") + backupArguments,
             outputFile: dir + "/backup.log", environment: env)
-        try waitForFile(dir + "/backup.sock", what: "the backup", deadlineMs: 10_000)
+        try waitForFile(dir + "/backup.sock", what: "the backup", deadlineMs: 30_000)
         let primary = try ChildProcess(
             arguments: [remusdBinary, "protect", "g", "127.0.0.1:\(port)", "--sim-memory", "128", "--interval", "50",
                         "--heartbeat", "50", "--timeout", "300", "--status-socket", dir + "/g.sock"] + tlsArguments("primary") + primaryArguments,

@@ -51,7 +51,7 @@ final class DaemonPair {
         backup = try ChildProcess(
             arguments: [remusdBinary, "receive", "--listen", "127.0.0.1:\(port)", "--status-socket", directory + "/backup.sock"] + tlsArguments("backup") + backupArguments,
             outputFile: directory + "/backup.log", environment: ["REMUSD_RUN_DIR": directory])
-        try waitForFile(directory + "/backup.sock", what: "the backup to listen", deadlineMs: 10_000)
+        try waitForFile(directory + "/backup.sock", what: "the backup to listen", deadlineMs: 30_000, madeBy: backup, log: directory + "/backup.log")
     }
 
     /// Starts the primary towards `backup` (default: this pair's backup); `launcher` goes in front
@@ -60,7 +60,7 @@ final class DaemonPair {
         let command = [remusdBinary, "protect", "g1", target ?? "127.0.0.1:\(port)", "--status-socket", primarySocket] + tlsArguments("primary") + arguments
         let argv = launcher.isEmpty ? command : launcher + command
         primary = try ChildProcess(arguments: argv, outputFile: directory + "/primary.log", environment: ["REMUSD_RUN_DIR": directory])
-        try waitForFile(primarySocket, what: "the primary to start", deadlineMs: 10_000)
+        try waitForFile(primarySocket, what: "the primary to start", deadlineMs: 30_000, madeBy: primary, log: directory + "/primary.log")
     }
 
     /// Waits for the primary process to exit; returns whether it did before the deadline.

@@ -32,7 +32,7 @@ struct MetricsProcessTests {
                 arguments: [remusdBinary, "receive", "--listen", "127.0.0.1:\(ports[0])", "--unsafe-no-fence",
                             "--metrics-listen", "\(backupMetrics)", "--status-socket", directory + "/backup.sock"] + tlsArguments("backup"),
                 outputFile: directory + "/backup.log", environment: env)
-            try waitForFile(directory + "/backup.sock", what: "the backup to listen", deadlineMs: 10_000)
+            try waitForFile(directory + "/backup.sock", what: "the backup to listen", deadlineMs: 30_000)
             primary = try ChildProcess(
                 arguments: [remusdBinary, "protect", "metrics-guest", "127.0.0.1:\(ports[0])", "--backend", "sim",
                             "--sim-memory", "32", "--interval", "20", "--metrics-listen", "\(primaryMetrics)",

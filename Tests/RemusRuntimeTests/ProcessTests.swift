@@ -82,7 +82,7 @@ private struct Backup {
                         "--heartbeat", "50", "--timeout", "\(timeoutMs)", "--activation-report", dir + "/activation",
                         "--status-socket", dir + "/backup.sock"] + tlsArguments("backup"),
             outputFile: dir + "/backup.log", environment: ["REMUSD_RUN_DIR": dir])
-        try waitForFile(dir + "/backup.sock", what: "the backup to listen", deadlineMs: 10_000)
+        try waitForFile(dir + "/backup.sock", what: "the backup to listen", deadlineMs: 30_000)
         return Backup(process: process, port: port, directory: dir)
     }
 

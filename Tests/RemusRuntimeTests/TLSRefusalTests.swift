@@ -199,7 +199,7 @@ struct TLSRefusalTests {
                         "--status-socket", dir + "/backup.sock"],
             outputFile: dir + "/backup.log", environment: ["REMUSD_RUN_DIR": dir])
         defer { backup.signal(SIGKILL); backup.wait() }
-        try waitForFile(dir + "/backup.sock", what: "the backup", deadlineMs: 10_000)
+        try waitForFile(dir + "/backup.sock", what: "the backup", deadlineMs: 30_000)
         let primary = try ChildProcess(
             arguments: [remusdBinary, "protect", "g", "127.0.0.1:\(port)", "--sim-memory", "16", "--interval", "50",
                         "--insecure-plaintext", "--status-socket", dir + "/g.sock"],
