@@ -473,7 +473,7 @@ test_drill_over_plug() {
       done ) > /tmp/plug-sent.samples 2>/dev/null 7>&- 8>&- &
     sampler=$!
     t=$(now_ms)
-    remusd drill --failovers $DRILL_FAILOVERS --sim-memory 64 --sim-vcpus 1 --sim-dirty-rate 5000 --seed 11 \
+    remusd drill --failovers $DRILL_FAILOVERS --sim-memory 64 --sim-vcpus 1 --sim-disk-size 0 --sim-dirty-rate 5000 --seed 11 \
         --interval 100 --heartbeat 100 --timeout 2000 --sim-nic-taps rtap --quiet > /tmp/drill-plug.out 2>&1 7>&- 8>&-
     status=$?
     took=$(( ($(now_ms) - t) / 1000 ))
@@ -488,12 +488,14 @@ test_drill_over_plug() {
     else
         fail "drill over real plug qdiscs (status $status, $took s, plug total ${total:-?}, tc max ${kernel_max:-?}, udp ${udp:-?}); its output follows"
         tail -40 /tmp/drill-plug.out | sed 's/^/  drill: /'
+        dir=$(sed -n 's/.*logs and activation reports kept in \([^ ]*\).*/\1/p' /tmp/drill-plug.out | head -1)
+        for f in "$dir"/primary-0.log "$dir"/backup-0.log; do [ -f "$f" ] && tail -15 "$f" | sed "s|^|  $(basename "$f"): |"; done
     fi
     if tc qdisc show | grep -q 'qdisc plug'; then fail "the drill left plug qdiscs behind: $(tc qdisc show | grep plug)"; fi
 
     # Planned switchovers over the plug: the final checkpoint's output must leave, none lost.
     t=$(now_ms)
-    remusd drill --failovers 3 --fault switchover --sim-memory 64 --sim-vcpus 1 --sim-dirty-rate 5000 --seed 13 \
+    remusd drill --failovers 3 --fault switchover --sim-memory 64 --sim-vcpus 1 --sim-disk-size 0 --sim-dirty-rate 5000 --seed 13 \
         --interval 100 --heartbeat 100 --timeout 2000 --sim-nic-taps rtap --quiet > /tmp/drill-switch.out 2>&1 7>&- 8>&-
     status=$?
     took=$(( ($(now_ms) - t) / 1000 ))
@@ -505,7 +507,7 @@ test_drill_over_plug() {
     fi
 
     t=$(now_ms)
-    remusd drill --failovers 2 --sim-memory 64 --sim-vcpus 1 --sim-dirty-rate 5000 --seed 12 \
+    remusd drill --failovers 2 --sim-memory 64 --sim-vcpus 1 --sim-disk-size 0 --sim-dirty-rate 5000 --seed 12 \
         --interval 100 --heartbeat 100 --timeout 2000 --sim-nic-taps rtap --inject early-release --quiet > /tmp/drill-inject.out 2>&1 7>&- 8>&-
     status=$?
     took=$(( ($(now_ms) - t) / 1000 ))
