@@ -101,35 +101,13 @@ package enum LoopBenchmark {
         span.initializeMemory(as: UInt8.self, repeating: 0xa5)
         // Arenas of non-zero pages so the encoder cannot shortcut them: one the writer checksums
         // itself (before), one sealed once as the loop thread does after capture (now).
-        func filledArena() -> StagingArena {
-            let arena = StagingArena(pageSize: pageSize, capacityPages: 16384)
-            arena.reset(epoch: 1, kind: .checkpoint)
-            for pfn in 0..<16384 {
-                let page = arena.append(pfn: PFN(pfn), encoding: .raw)!
-                page.withMemoryRebound(to: UInt64.self) { words in for i in words.indices { words[i] = UInt64(pfn) &* 0x9E37_79B9_7F4A_7C15 &+ UInt64(i) } }
-            }
-            return arena
-        }
-        let plainArena = filledArena(), sealedArena = filledArena()
+        let ship = Shipping(state: try guest.captureState(clock: clock), pageSize: pageSize, checkpointsPerSample: 16)
+        let plainArena = ship.filledArena(pages: 16384), sealedArena = ship.filledArena(pages: 16384)
         var sealRates: [Double] = []
         for _ in 0..<repetitions {
             let t0 = clock.monotonicNs()
             sealedArena.seal()
             sealRates.append(Double(sealedArena.dataBytes) / Double(clock.monotonicNs() - t0))
-        }
-        let state = try guest.captureState(clock: clock)
-        let perSample = 16
-        /// 16 checkpoints of `arena` per sample, over plain TCP or mutual TLS.
-        func shipping(_ arena: StagingArena, tls: (TLSContext, TLSContext, Int)?, repetitions: Int) throws -> [Double] {
-            try loopbackThroughput(bytes: 0, repetitions: repetitions, tls: tls) { channel in
-                let writer = RecordWriter(channel: channel, pageSize: pageSize)
-                var sent = 0
-                for i in 0..<perSample {
-                    arena.epoch = Epoch(i + 1)
-                    sent += try writer.writeCheckpoint(arena, state: state)
-                }
-                return sent
-            }
         }
         var raw: [Double] = [], rawCold: [Double] = [], unsealed: [Double] = [], shipped: [Double] = []
         for _ in 0..<repetitions {
@@ -147,8 +125,8 @@ package enum LoopBenchmark {
                 }
                 return sent
             }
-            unsealed += try shipping(plainArena, tls: nil, repetitions: 1)
-            shipped += try shipping(sealedArena, tls: nil, repetitions: 1)
+            unsealed += try ship.throughput(plainArena, tls: nil, repetitions: 1)
+            shipped += try ship.throughput(sealedArena, tls: nil, repetitions: 1)
         }
         rows.append(row("raw loopback TCP", raw, "GB/s", "\(rawTotal >> 20) MiB per sample in 1 MiB writes of one buffer (cache-hot): the limit for shipping"))
         rows.append(row("raw loopback TCP from a 64 MiB buffer", rawCold, "GB/s", roundRatio(rawCold, raw) + " of the cache-hot limit; 1 MiB writes walking a buffer the size of the shipping arena (bytes come from memory)"))
@@ -158,25 +136,91 @@ package enum LoopBenchmark {
         rows.append(row("checkpoint shipping, CRC32C in the writer", unsealed, "GB/s",
                         roundRatio(unsealed, raw) + " of raw TCP, " + roundRatio(unsealed, rawCold) + " of raw TCP from 64 MiB, " + roundRatio(shipped, unsealed) + " sealed/this; the writer reads every page for its checksum before sending it (before the seal)"))
 
-        // The same over mutual TLS 1.3 (userspace unless the kernel took the records): 1 MiB
-        // writes, then checkpoints with page segments coalesced into 16 KiB records, and with one
-        // SSL_write per segment (what coalescing saves).
+        rows += try tlsRows(ship: ship, arena: sealedArena, raw: raw, shipped: shipped, chunk: chunk, total: rawTotal, repetitions: repetitions)
+        return rows
+    }
+
+    /// `remusd bench --channels`: only the replication channel — raw loopback TCP, checkpoint
+    /// shipping in plaintext and over mutual TLS 1.3 (kTLS where the kernel takes the records) —
+    /// with `megabytes` per sample: for slow machines such as the QEMU testbed, where the whole
+    /// benchmark would take many minutes.
+    package static func channels(megabytes: Int, repetitions: Int) throws -> [Row] {
+        let pageSize = 4096
+        let state = GuestState(vcpus: [], devices: [], clock: ClockState(guestMonotonicNs: 0, guestWallNs: 0, tscKHz: 0, hostMonotonicNs: 0, hostWallNs: 0),
+                               layout: MemoryLayout(generation: 0, ranges: []), stream: [])
+        let ship = Shipping(state: state, pageSize: pageSize, checkpointsPerSample: 4)
+        let arena = ship.filledArena(pages: max(megabytes << 20 / pageSize / 4, 16))
+        arena.seal()
+        let chunk = [UInt8](repeating: 0xa5, count: 1 << 20)
+        let total = megabytes << 20
+        var raw: [Double] = [], shipped: [Double] = []
+        for _ in 0..<repetitions {
+            raw += try loopbackThroughput(bytes: total, repetitions: 1) { channel in
+                var sent = 0
+                while sent < total { try channel.write(chunk); sent += chunk.count }
+                return sent
+            }
+            shipped += try ship.throughput(arena, tls: nil, repetitions: 1)
+        }
+        var rows: [Row] = []
+        rows.append(row("raw loopback TCP", raw, "GB/s", "\(megabytes) MiB per sample in 1 MiB writes of one buffer: the limit for shipping"))
+        rows.append(row("checkpoint shipping", shipped, "GB/s", roundRatio(shipped, raw) + " of raw TCP; 4 checkpoints of \(arena.count) sealed pages per sample (writev)"))
+        return rows + (try tlsRows(ship: ship, arena: arena, raw: raw, shipped: shipped, chunk: chunk, total: total, repetitions: repetitions))
+    }
+
+    /// Checkpoints of a sealed or unsealed arena written over loopback, in plaintext or over TLS.
+    private struct Shipping {
+        let state: GuestState
+        let pageSize: Int
+        let checkpointsPerSample: Int
+
+        /// An arena of `pages` non-zero pages (the encoder cannot shortcut them).
+        func filledArena(pages: Int) -> StagingArena {
+            let arena = StagingArena(pageSize: pageSize, capacityPages: pages)
+            arena.reset(epoch: 1, kind: .checkpoint)
+            for pfn in 0..<pages {
+                let page = arena.append(pfn: PFN(pfn), encoding: .raw)!
+                page.withMemoryRebound(to: UInt64.self) { words in for i in words.indices { words[i] = UInt64(pfn) &* 0x9E37_79B9_7F4A_7C15 &+ UInt64(i) } }
+            }
+            return arena
+        }
+
+        /// GB/s per sample of `checkpointsPerSample` checkpoints of `arena`, over plain TCP or mutual TLS.
+        func throughput(_ arena: StagingArena, tls: (TLSContext, TLSContext, Int)?, repetitions: Int) throws -> [Double] {
+            try loopbackThroughput(bytes: 0, repetitions: repetitions, tls: tls) { channel in
+                let writer = RecordWriter(channel: channel, pageSize: pageSize)
+                var sent = 0
+                for i in 0..<checkpointsPerSample {
+                    arena.epoch = Epoch(i + 1)
+                    sent += try writer.writeCheckpoint(arena, state: state)
+                }
+                return sent
+            }
+        }
+    }
+
+    /// The TLS rows: 1 MiB writes over mutual TLS 1.3 (userspace unless the kernel took the
+    /// records), then checkpoints with page segments coalesced into 16 KiB records, and with one
+    /// SSL_write per segment (what coalescing saves); ratios against `raw` and `shipped`.
+    private static func tlsRows(ship: Shipping, arena: StagingArena, raw: [Double], shipped: [Double],
+                                chunk: [UInt8], total: Int, repetitions: Int) throws -> [Row] {
         let certificates = CertificateSet(directory: "/tmp/remusd-bench-tls-\(getpid())")
         try certificates.make([.init(name: "primary"), .init(name: "backup")])
         defer { _ = try? runShell("rm -rf '\(certificates.directory)'", timeoutMs: 10_000) }
         let tls = (server: try TLSContext(.server, files: certificates.files(for: "backup")),
                    client: try TLSContext(.client, files: certificates.files(for: "primary")))
         var kernelTLS = ""
-        let tlsRaw = try loopbackThroughput(bytes: rawTotal, repetitions: repetitions, tls: (tls.server, tls.client, TLSChannel.recordBytes)) { channel in
+        let tlsRaw = try loopbackThroughput(bytes: total, repetitions: repetitions, tls: (tls.server, tls.client, TLSChannel.recordBytes)) { channel in
             kernelTLS = (channel as? TLSChannel).map { "\($0.kernelTLS)" } ?? ""
             var sent = 0
-            while sent < rawTotal { try channel.write(chunk); sent += chunk.count }
+            while sent < total { try channel.write(chunk); sent += chunk.count }
             return sent
         }
+        var rows: [Row] = []
         rows.append(row("TLS 1.3 loopback, 1 MiB writes", tlsRaw, "GB/s", ratio(tlsRaw, raw) + " of raw TCP; \(kernelTLS)"))
-        let coalesced = try shipping(sealedArena, tls: (tls.server, tls.client, TLSChannel.recordBytes), repetitions: repetitions)
+        let coalesced = try ship.throughput(arena, tls: (tls.server, tls.client, TLSChannel.recordBytes), repetitions: repetitions)
         rows.append(row("checkpoint shipping over TLS", coalesced, "GB/s", ratio(coalesced, shipped) + " of plaintext shipping, " + ratio(coalesced, raw) + " of raw TCP; segments coalesced into 16 KiB records"))
-        let perSegment = try shipping(sealedArena, tls: (tls.server, tls.client, 0), repetitions: repetitions)
+        let perSegment = try ship.throughput(arena, tls: (tls.server, tls.client, 0), repetitions: repetitions)
         rows.append(row("checkpoint shipping over TLS, SSL_write per segment", perSegment, "GB/s", ratio(perSegment, coalesced) + " of coalesced: one record and one syscall per page"))
         return rows
     }

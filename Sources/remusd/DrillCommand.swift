@@ -123,6 +123,13 @@ struct Bench: ParsableCommand {
     @Option(help: ArgumentHelp("Checkpoints per round with --epoch-rate.", valueName: "n"))
     var checkpoints: Int = 200
 
+    @Flag(help: ArgumentHelp(
+        "Instead: measure only the replication channel — raw loopback TCP, checkpoint shipping in plaintext and over mutual TLS 1.3 (kTLS where the kernel takes the records) — with --megabytes per sample; for slow machines such as the QEMU testbed."))
+    var channels = false
+
+    @Option(help: ArgumentHelp("Bytes per sample with --channels, in MiB.", valueName: "n"))
+    var megabytes: Int = 64
+
     func validate() throws {
         let reachable = LoopBenchmark.reachableDirtyPages
         if dirtyPages < 1 || dirtyPages > reachable {
@@ -130,11 +137,15 @@ struct Bench: ParsableCommand {
         }
         if repetitions < 3 { throw ValidationError("--repetitions must be at least 3") }
         if checkpoints < 10 || checkpoints > 100_000 { throw ValidationError("--checkpoints must be between 10 and 100000") }
+        if megabytes < 1 || megabytes > 4096 { throw ValidationError("--megabytes must be between 1 and 4096, got \(megabytes)") }
+        if epochRate && channels { throw ValidationError("--epoch-rate and --channels are two different benchmarks: pick one") }
     }
 
     func run() throws {
         let rows = epochRate
             ? try LoopBenchmark.epochRate(dirtyPages: dirtyPages, checkpoints: checkpoints, rounds: repetitions)
+            : channels
+            ? try LoopBenchmark.channels(megabytes: megabytes, repetitions: repetitions)
             : try LoopBenchmark.run(dirtyPages: dirtyPages, repetitions: repetitions)
         print(LoopBenchmark.render(rows), terminator: "")
     }

@@ -457,6 +457,13 @@ test_errors
 # them through the kernel's IP stack. Then the same drill with the output released at once
 # (--inject early-release: no plug on the first primary's tap) must fail its I1 check.
 DRILL_FAILOVERS=6
+# After a failed drill: the last $2 lines of its output $1, and the last $3 of its first primary's
+# and backup's logs (the drill keeps its work directory when a round fails).
+drill_failure_details() {
+    tail -"$2" "$1" | sed 's/^/  drill: /'
+    dir=$(sed -n 's/.*logs and activation reports kept in \([^ ]*\).*/\1/p' "$1" | head -1)
+    for f in "$dir"/primary-0.log "$dir"/backup-0.log; do [ -f "$f" ] && tail -"$3" "$f" | sed "s|^|  $(basename "$f"): |"; done
+}
 test_drill_over_plug() {
     taps=$((DRILL_FAILOVERS + 2))
     i=0
@@ -487,9 +494,7 @@ test_drill_over_plug() {
         pass "drill over real plug qdiscs (simulated NIC -> tap -> plug -> UDP observer): drill: $DRILL_FAILOVERS passed, 0 failed in $took s; $total packets passed the plugs (tc saw up to $kernel_max on one plug while it ran) and the observer received exactly those $udp"
     else
         fail "drill over real plug qdiscs (status $status, $took s, plug total ${total:-?}, tc max ${kernel_max:-?}, udp ${udp:-?}); its output follows"
-        tail -40 /tmp/drill-plug.out | sed 's/^/  drill: /'
-        dir=$(sed -n 's/.*logs and activation reports kept in \([^ ]*\).*/\1/p' /tmp/drill-plug.out | head -1)
-        for f in "$dir"/primary-0.log "$dir"/backup-0.log; do [ -f "$f" ] && tail -15 "$f" | sed "s|^|  $(basename "$f"): |"; done
+        drill_failure_details /tmp/drill-plug.out 40 15
     fi
     if tc qdisc show | grep -q 'qdisc plug'; then fail "the drill left plug qdiscs behind: $(tc qdisc show | grep plug)"; fi
 
@@ -504,6 +509,20 @@ test_drill_over_plug() {
     else
         fail "switchover drill over real plug qdiscs (status $status, $took s); its output follows"
         tail -30 /tmp/drill-switch.out | sed 's/^/  drill: /'
+    fi
+
+    # A guest with a disk (the drill's default 16 MiB) over the plug: output held until memory and
+    # disk of its epoch are acknowledged; the disk verified block by block (I9) at each failover.
+    t=$(now_ms)
+    remusd drill --failovers 2 --sim-memory 64 --sim-vcpus 1 --sim-dirty-rate 5000 --seed 14 \
+        --interval 100 --heartbeat 100 --timeout 2000 --sim-nic-taps rtap --quiet > /tmp/drill-disk.out 2>&1 7>&- 8>&-
+    status=$?
+    took=$(( ($(now_ms) - t) / 1000 ))
+    if [ "$status" = 0 ] && grep -q "^drill: 2 passed, 0 failed" /tmp/drill-disk.out && grep -q "^disk (I9) verified block by block at 2 of 2" /tmp/drill-disk.out; then
+        pass "drill of a guest with a 16 MiB disk over real plug qdiscs: drill: 2 passed, 0 failed in $took s, disk (I9) verified at both failovers"
+    else
+        fail "drill of a guest with a disk over real plug qdiscs (status $status, $took s); its output and logs follow"
+        drill_failure_details /tmp/drill-disk.out 30 40
     fi
 
     t=$(now_ms)
@@ -562,7 +581,21 @@ test_nbd
 # pair over loopback gets kTLS for sending on both sides of the replication channel (the build
 # machine's kernel has no tls module). OpenSSL 3.0 (Debian 12) hands the kernel only the sending
 # direction of a TLS 1.3 connection; receiving in the kernel needs OpenSSL 3.2 or later.
+# The channel benchmark (`remusd bench --channels`) runs before the modules are loaded (userspace
+# TLS) and after (kTLS): raw TCP, plaintext and TLS shipping in the same VM, ratios printed as info
+# (a benchmark, not a check; under TCG the numbers say how the two TLS paths compare on one emulated
+# CPU, not what a host does). $1 names the run; $2, when set, must appear in the TLS row.
+bench_channels() {
+    timeout 300 remusd bench --channels --megabytes 8 --repetitions 3 > "/tmp/bench-$1.out" 2>&1
+    status=$?
+    if [ "$status" != 0 ]; then fail "remusd bench --channels ($1) failed (status $status): $(tail -3 "/tmp/bench-$1.out")"; return; fi
+    grep -E '^\| (raw loopback TCP|checkpoint shipping|TLS 1.3)' "/tmp/bench-$1.out" | while read -r line; do info "bench --channels, $1: $line"; done
+    if [ -n "${2:-}" ] && ! grep -E '^\| TLS 1.3 loopback' "/tmp/bench-$1.out" | grep -q "$2"; then
+        fail "remusd bench --channels ($1): the TLS row does not say '$2': $(grep -E '^\| TLS 1.3' "/tmp/bench-$1.out")"
+    fi
+}
 test_ktls() {
+    bench_channels "userspace TLS" "userspace TLS"
     for m in $(cat /lib/modules-load/order-ktls); do insmod "/lib/modules-load/$m.ko" || fail "insmod $m (for kTLS)"; done
     grep -qw tls /proc/sys/net/ipv4/tcp_available_ulp 2>/dev/null || { fail "the kernel offers no tls ULP: $(cat /proc/sys/net/ipv4/tcp_available_ulp 2>&1)"; return; }
     remusd certs /tmp/certs primary backup=127.0.0.1 > /tmp/certs.out 2>&1 || { fail "remusd certs: $(cat /tmp/certs.out)"; return; }
@@ -586,6 +619,7 @@ test_ktls() {
         primary_line=$(grep -o "over mutual TLS[^;:]*" /tmp/ktls-primary.log | head -1)
         if echo "$backup_line" | grep -q "kTLS (send" && echo "$primary_line" | grep -q "kTLS (send"; then
             pass "kTLS on the replication channel: backup '$backup_line', primary '$primary_line'; $(committed) checkpoints committed"
+            bench_channels "kTLS" "kTLS"
         else
             fail "the tls module is loaded but a side does not send through kTLS: backup '$backup_line', primary '$primary_line'"
         fi
