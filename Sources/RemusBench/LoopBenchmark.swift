@@ -368,7 +368,12 @@ package enum LoopBenchmark {
         return out
     }
 
+    /// Whole numbers from 100 up, two decimals down to 0.1, and below that two significant
+    /// digits (the testbed's emulated CPU moves TLS at a few MB/s: "0.0 GB/s" would say nothing).
     private static func fmt(_ v: Double) -> String {
-        v >= 100 ? String(Int(v.rounded())) : String((v * 100).rounded() / 100)
+        if v >= 100 { return String(Int(v.rounded())) }
+        var scale = 100.0
+        while v > 0, v * scale < 10, scale < 1e9 { scale *= 10 }
+        return String((v * scale).rounded() / scale)
     }
 }

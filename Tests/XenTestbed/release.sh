@@ -33,8 +33,9 @@ hv_image=boot/xen-$xen_series-amd64              # in that package: .gz (the ELF
 dom0_xen_packages="xen-utils-$xen_series xen-utils-common xenstore-utils"
 dom0_dm_packages="qemu-system-xen"
 # QEMU's CPU: qemu64 plus AMD SVM with nested paging gives Xen HAP (virt_caps: pv hvm hap), which
-# PVH and HVM guests are checkpointed with; SSE4.2 as real hosts have it (remusd's CRC32C).
-qemu_cpu=qemu64,+svm,+npt,+ssse3,+sse4.1,+sse4.2,+popcnt
+# PVH and HVM guests are checkpointed with; SSE4.2 (remusd's CRC32C), AES-NI and PCLMULQDQ
+# (OpenSSL's AES-GCM on the replication channel) as real hosts have them.
+qemu_cpu=qemu64,+svm,+npt,+ssse3,+sse4.1,+sse4.2,+popcnt,+aes,+pclmulqdq
 # PV guests need shadow paging, which Debian builds 4.17's security updates without and 4.20
 # entirely without: 4.17 looks for an older package that has it (run.sh), 4.20 skips PV.
 release_pv_skip=""
