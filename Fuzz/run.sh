@@ -61,6 +61,9 @@ share=$(( (runs + workers - 1) / workers ))
 echo "fuzzing $runs inputs: $workers workers of $share each (at most ${bound}s)"
 started=$(date +%s)
 pids=()
+# Stopped from outside (scripts/test.sh ends it when a run it loads fails): the workers go too.
+trap 'for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done' EXIT
+trap 'exit 143' TERM INT
 for worker in $(seq 1 "$workers"); do
     "$out/fuzz-stream" Fuzz/corpus-work Fuzz/corpus -runs="$share" -max_total_time="$bound" -reload=1 \
         "${options[@]}" > "$out/worker-$worker.log" 2>&1 &
