@@ -328,11 +328,13 @@ back=$(uptime_back /tmp/udp-remusd.log); gap=$(uptime_gap /tmp/udp-remusd.log)
 metric remusd_clock_back_s "$back"; metric remusd_clock_gap_s "$gap"
 # I4: the guest's clock continues from the checkpoint: never back, and forward by no more than
 # the real time the failover took, plus the time from the last line before the kill to the kill
-# (bounded by the largest gap between lines before it: the guest's own pace, slow when QEMU gets
-# little CPU) and the line's own second.
+# and, when the guest's first line after the failover came after its first answer, the time from
+# that answer to the line — each bounded by the largest gap between lines before the kill (the
+# guest's own pace, slow when QEMU gets little CPU) — and the line's own second. (With one pace
+# only, a calm CI-mode run failed by 0.2 s: gap 8.92 s, failover 4.95 s, pace 2.77 s.)
 pace=$(uptime_gap /tmp/udp-remusd.log "$lines_before_kill")
 metric remusd_clock_pace_s "$pace"
-if awk -v b="$back" -v g="$gap" -v a="${answered:-0}" -v p="$pace" 'BEGIN { exit !(b == 0 && g <= a + p + 1) }'; then
+if awk -v b="$back" -v g="$gap" -v a="${answered:-0}" -v p="$pace" 'BEGIN { exit !(b == 0 && g <= a + 2 * p + 1) }'; then
     pass "the guest's clock never went back across the failover and jumped ahead by at most the downtime (largest gap between lines ${gap} s, failover ${answered:-?} s, lines before it at most ${pace} s apart)"
 else
     fail "the guest's clock went back by $back s or jumped ${gap} s (failover took ${answered:-?} s, lines before it at most ${pace} s apart)"
