@@ -111,11 +111,7 @@ package enum LoopBenchmark {
         }
         var raw: [Double] = [], rawCold: [Double] = [], unsealed: [Double] = [], shipped: [Double] = []
         for _ in 0..<repetitions {
-            raw += try loopbackThroughput(bytes: rawTotal, repetitions: 1) { channel in
-                var sent = 0
-                while sent < rawTotal { try channel.write(chunk); sent += chunk.count }
-                return sent
-            }
+            raw += try loopbackThroughput(bytes: rawTotal, repetitions: 1) { try writeChunks(chunk, total: rawTotal, to: $0) }
             rawCold += try loopbackThroughput(bytes: rawTotal, repetitions: 1) { channel in
                 var sent = 0
                 while sent < rawTotal {
@@ -155,11 +151,7 @@ package enum LoopBenchmark {
         let total = megabytes << 20
         var raw: [Double] = [], shipped: [Double] = []
         for _ in 0..<repetitions {
-            raw += try loopbackThroughput(bytes: total, repetitions: 1) { channel in
-                var sent = 0
-                while sent < total { try channel.write(chunk); sent += chunk.count }
-                return sent
-            }
+            raw += try loopbackThroughput(bytes: total, repetitions: 1) { try writeChunks(chunk, total: total, to: $0) }
             shipped += try ship.throughput(arena, tls: nil, repetitions: 1)
         }
         var rows: [Row] = []
@@ -212,9 +204,7 @@ package enum LoopBenchmark {
         var kernelTLS = ""
         let tlsRaw = try loopbackThroughput(bytes: total, repetitions: repetitions, tls: (tls.server, tls.client, TLSChannel.recordBytes)) { channel in
             kernelTLS = (channel as? TLSChannel).map { "\($0.kernelTLS)" } ?? ""
-            var sent = 0
-            while sent < total { try channel.write(chunk); sent += chunk.count }
-            return sent
+            return try writeChunks(chunk, total: total, to: channel)
         }
         var rows: [Row] = []
         rows.append(row("TLS 1.3 loopback, 1 MiB writes", tlsRaw, "GB/s", ratio(tlsRaw, raw) + " of raw TCP; \(kernelTLS)"))
@@ -298,6 +288,13 @@ package enum LoopBenchmark {
 
     /// Bytes/ns (= GB/s) per sample of `send` writing to a connection whose peer drains it; over
     /// mutual TLS with `tls` (server and client contexts, the writer's coalescing size).
+    /// Writes `chunk` again and again until `total` bytes went out; returns the bytes written.
+    private static func writeChunks(_ chunk: [UInt8], total: Int, to channel: any ByteChannel) throws -> Int {
+        var sent = 0
+        while sent < total { try channel.write(chunk); sent += chunk.count }
+        return sent
+    }
+
     private static func loopbackThroughput(
         bytes: Int, repetitions: Int, tls: (TLSContext, TLSContext, Int)? = nil, _ send: (any ByteChannel) throws -> Int
     ) throws -> [Double] {
