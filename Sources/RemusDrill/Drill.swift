@@ -187,7 +187,8 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
         var etcdProxies: [Int: PartitionProxy] = [:]
         /// Where the primary protecting towards backup `g` connects.
         func replicationAddress(_ g: Int) throws -> String {
-            guard witnessed else { return "127.0.0.1:\(ports[g])" }
+            // The injected early release cuts the first primary off from its backup (below).
+            guard witnessed || (config.injectEarlyRelease && g == 0) else { return "127.0.0.1:\(ports[g])" }
             if replicationProxies[g] == nil { replicationProxies[g] = try PartitionProxy(to: Endpoint(host: "127.0.0.1", port: ports[g])) }
             return "\(replicationProxies[g]!.endpoint)"
         }
@@ -329,6 +330,10 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
                 try touch(InjectedFault.armingPath(dir, pid: backup.pid) + ".go")
                 injectedAt = fired.epoch
                 notes.append("the primary was killed while the backup applied disk \(fired.epoch) (\(fired.detail))")
+            case .crash where config.injectEarlyRelease && g == 0:
+                eventAt = try releaseUncommittedThenKill(metrics: primaryMetrics, child: primary, cut: replicationProxies[0]!, observer: observer)
+                primary.wait()
+                notes.append("the primary was cut off from its backup and killed two checkpoints later, its output released all along")
             case .crash, .overload:
                 eventAt = killAtRandomMoment(metrics: primaryMetrics, child: primary)
                 primary.wait()
@@ -630,6 +635,31 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
             pauseBriefly(us: rng.next() % 2000)
         } else {
             pauseBriefly(us: rng.next() % (intervalMs * 1000 * 3))
+        }
+        let at = clock.monotonicNs()
+        child.signal(SIGKILL)
+        return at
+    }
+
+    /// The injected early release, made certain: a random kill can come when the unbuffered
+    /// primary has released nothing past its last committed checkpoint (then the drill passes and
+    /// proves nothing). Cuts the primary off from its backup, so the backup commits nothing
+    /// captured after the cut; lets the guest run on until the primary captured two more
+    /// checkpoints (a whole epoch after the cut, its output released at once) and the observer
+    /// received packets after the cut; then kills it. Returns the time of the kill.
+    private func releaseUncommittedThenKill(metrics: Endpoint, child: ChildProcess, cut proxy: PartitionProxy,
+                                            observer: PacketObserver) throws -> UInt64 {
+        proxy.cut()
+        let seenAtCut = observer.packets().count
+        let deadlineMs = 4 * config.settings.timeoutNs / 1_000_000 + 10_000
+        guard let capturedAtCut = (try? MetricsScrape.fetch(metrics)).flatMap(Self.captured) else {
+            throw ProtocolError("the first primary's metrics did not answer after its backup was cut off")
+        }
+        let deadline = clock.monotonicNs() + deadlineMs * 1_000_000
+        while clock.monotonicNs() < deadline {
+            let captured = (try? MetricsScrape.fetch(metrics)).flatMap(Self.captured) ?? 0
+            if captured >= capturedAtCut + 2 && observer.packets().count > seenAtCut { break }
+            pauseBriefly(ms: 5)
         }
         let at = clock.monotonicNs()
         child.signal(SIGKILL)

@@ -134,7 +134,7 @@ start_guest() {
         sleep 1
     done
     if [ -z "$(last_counter "$guest_log")" ]; then
-        fail "no counter from the guest within $guest_boot_s s"; show "$guest_log" /tmp/xl-create.log; return 1
+        fail "no counter from the guest within $guest_boot_s s"; show "$guest_log" /tmp/xl-create.log; diagnose; return 1
     fi
     metric guest_counter_s "$(since "$t")"
     pass "guest counter runs$1: $(grep -a COUNTER "$guest_log" | tail -1)"

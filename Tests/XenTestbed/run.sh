@@ -427,7 +427,9 @@ failed=0
 for i in "${!logs[@]}"; do
     echo
     echo "xen-testbed: ${boot_kinds[$i]} on hypervisor ${hypervisors[$i]}:"
-    grep -aE "^TESTBED (PASS|FAIL|INFO|SKIP)" "${logs[$i]}.txt" || true
+    # The verdicts, and the logs and diagnoses dom0 showed with them (indented "--- " and "| "
+    # lines): on a CI machine the console log stays behind, so a failure must explain itself here.
+    grep -aE "^TESTBED (PASS|FAIL|INFO|SKIP)|^    (--- |\| )" "${logs[$i]}.txt" || true
 done
 [ -z "$pv_skip" ] || echo "TESTBED SKIP: $pv_skip"
 for i in "${!logs[@]}"; do
