@@ -121,10 +121,23 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
     /// With taps: one line per tap, the kernel's plug counters read when the drill ended (before
     /// the buffers were removed), and what the observer received over UDP.
     package private(set) var netbufSummary: [String] = []
+    /// The daemons started so far, for `stopDaemons` from another thread.
+    private let running = RunningChildren()
 
     package init(_ config: DrillConfiguration) {
         self.config = config
         rng = SplitMix64(seed: config.seed)
+    }
+
+    /// SIGKILLs the process group of every daemon the drill started (a drill that is itself
+    /// stopped by a signal must not leave primaries and backups running); callable from any
+    /// thread.
+    /// Returns how many daemons were signalled and the drill's directory (its logs).
+    @discardableResult
+    package func stopDaemons() -> (count: Int, directory: String) {
+        let children = running.all
+        for child in children { child.signalGroup(SIGKILL) }
+        return (children.count, running.directory)
     }
 
     /// Runs every failover; returns the results (all verified, or stops at the first failure).
@@ -140,6 +153,7 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
             }
         }
         let dir = try makeDirectory()
+        running.directory = dir
         // Mutual TLS as in production, with a throwaway CA: the first primary is 'primary'; every
         // backup is 'backup', and serves 'backup' too, since a backup that took over protects
         // onwards under its own certificate.
@@ -166,7 +180,9 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
         let metricsPorts = try freePorts(config.failovers + 2)
         func metricsEndpoint(_ index: Int) -> Endpoint { Endpoint(host: "127.0.0.1", port: metricsPorts[index]) }
         var results: [FailoverResult] = []
-        var children: [ChildProcess] = []
+        var children: [ChildProcess] = [] {
+            didSet { running.replace(with: children) }
+        }
         var finished = false
         var startSequences: [UInt64] = []  // where the current primary's NIC sequences began
         defer {
@@ -700,5 +716,18 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
             throw SystemError(call: "mkdtemp", errno: errno)
         }
         return String(cString: p)
+    }
+}
+
+/// The drill's children, readable from a signal-watching thread while the drill's thread starts more.
+private final class RunningChildren: @unchecked Sendable {  // `children` guarded by monitor
+    private let monitor = MonitorLock()
+    private var children: [ChildProcess] = []
+    private var dir = ""
+    func replace(with list: [ChildProcess]) { monitor.withLock { children = list } }
+    var all: [ChildProcess] { monitor.withLock { children } }
+    var directory: String {
+        get { monitor.withLock { dir } }
+        set { monitor.withLock { dir = newValue } }
     }
 }

@@ -898,7 +898,7 @@ package final class Gate<Value: Sendable>: @unchecked Sendable {  // value guard
 }
 
 /// Turns SIGINT and SIGTERM into a callback on a thread of its own.
-enum SignalWatcher {
+package enum SignalWatcher {
     private static var terminationSignals: sigset_t {
         var set = sigset_t()
         sigemptyset(&set)
@@ -909,20 +909,25 @@ enum SignalWatcher {
 
     /// Blocks SIGINT and SIGTERM in the calling thread; call before any other thread starts, so
     /// they all inherit the mask and only the watcher's sigwait sees the signals.
-    static func blockTerminationSignals() {
+    package static func blockTerminationSignals() {
         var set = terminationSignals
         pthread_sigmask(SIG_BLOCK, &set, nil)
         signal(SIGPIPE, SIG_IGN)
     }
 
-    static func start(_ body: @escaping @Sendable () -> Void) {
+    package static func start(_ body: @escaping @Sendable () -> Void) {
+        start { (_: Int32) in body() }
+    }
+
+    /// As `start`, the callback told which signal came.
+    package static func start(_ body: @escaping @Sendable (Int32) -> Void) {
         blockTerminationSignals()
         let captured = terminationSignals
         startThread(name: "signals") {
             var s = captured
             var sig: Int32 = 0
             while sigwait(&s, &sig) == 0 {
-                body()
+                body(sig)
             }
         }
     }

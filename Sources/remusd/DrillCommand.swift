@@ -1,4 +1,5 @@
 import ArgumentParser
+import Glibc
 import RemusBench
 import RemusCore
 import RemusDrill
@@ -9,7 +10,7 @@ struct Drill: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Prove failover on demand: kill the primary at random moments and verify what the backup resumed.",
         discussion: """
-            Starts a backup and a primary running the simulated guest on loopback, lets them run, SIGKILLs the primary at random moments (about half of them right after a checkpoint was captured, so it is often in flight), lets the backup fence it and take over, and verifies memory byte for byte against a replay of the workload, the vCPU registers, the memory layout, every packet the outside world saw (I1: none from uncommitted state, none twice), and the guest clock (I4). The survivor then protects the guest towards a new backup, and again. Exits 0 when every failover verified, 1 otherwise.
+            Starts a backup and a primary running the simulated guest on loopback, lets them run, SIGKILLs the primary at random moments (about half of them right after a checkpoint was captured, so it is often in flight), lets the backup fence it and take over, and verifies memory byte for byte against a replay of the workload, the vCPU registers, the memory layout, every packet the outside world saw (I1: none from uncommitted state, none twice), and the guest clock (I4). The survivor then protects the guest towards a new backup, and again. Exits 0 when every failover verified, 1 otherwise; stopped by SIGINT or SIGTERM it kills the daemons it started and exits 128 + the signal, its logs kept.
             """)
 
     @Option(help: ArgumentHelp("Number of failovers.", valueName: "n"))
@@ -92,6 +93,13 @@ struct Drill: ParsableCommand {
         let nic = simNICTaps.map { ", NIC over taps \($0)0 … \($0)\(failovers + 1) with plug qdiscs" } ?? ""
         print("remusd drill: \(failovers) rounds (\(fault.map(\.rawValue).joined(separator: ", "))), seed \(seed), checkpoint every \(interval) ms, timeout \(timeout) ms, guest \(memoryMiB) MiB × \(vcpus) vCPUs dirtying \(dirtyRate) pages/s\(nic)")
         let runner = RemusDrill.Drill(drill)
+        // Stopped by SIGINT or SIGTERM (Ctrl-C, a CI job's timeout), the drill takes its daemons
+        // with it: each runs in a process group of its own, out of reach of the terminal's signal.
+        SignalWatcher.start { (signal: Int32) in
+            let stopped = runner.stopDaemons()
+            Log.error("drill stopped by signal \(signal): its \(stopped.count) daemons were killed (their process groups); logs kept in \(stopped.directory)")
+            _exit(128 + signal)
+        }
         let results = try runner.run()
         print(DrillTable.render(results))
         for line in runner.netbufSummary { print(line) }

@@ -110,6 +110,35 @@ struct ProcessTests {
         #expect(output.contains("output left before its epoch was committed"), "\(output)")
     }
 
+    @Test func drillStoppedBySIGTERMTakesItsDaemonsWithIt() throws {
+        // The daemons run in process groups of their own (out of reach of a terminal's Ctrl-C):
+        // a drill stopped by a signal must kill them itself, or they protect on, orphaned.
+        let dir = try temporaryDirectory() + "/drill"
+        let drill = try ChildProcess(arguments: [remusdBinary, "drill", "--failovers", "100", "--quiet", "--directory", dir],
+                                     outputFile: dir + ".log")
+        defer { drill.signalGroup(SIGKILL); drill.wait() }
+        try waitForFile(dir + "/primary-0.sock", what: "the drill's first primary", deadlineMs: 60_000, madeBy: drill)
+        #expect(!Self.processes(naming: dir).isEmpty, "the drill's daemons name its directory in their arguments")
+        drill.signal(SIGTERM)
+        let status = drill.wait(until: Deadline(afterNanoseconds: 10_000_000_000))
+        #expect(status.flatMap(ChildProcess.exitCode) == 128 + SIGTERM, "drill status \(String(describing: status))")
+        // Killed, the daemons are gone once reaped by init: wait for that, with a deadline.
+        let deadline = Deadline(afterNanoseconds: 10_000_000_000)
+        while !Self.processes(naming: dir).isEmpty && !deadline.hasPassed { sleepNanoseconds(10_000_000) }
+        #expect(Self.processes(naming: dir).isEmpty, "left running: \(Self.processes(naming: dir))")
+        let log = (try? String(contentsOfFile: dir + ".log", encoding: .utf8)) ?? ""
+        #expect(log.contains("drill stopped by signal 15"), "\(log)")
+    }
+
+    /// Process ids (not this one) whose command line contains `text`.
+    static func processes(naming text: String) -> [Int32] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.compactMap(Int32.init).filter { pid in
+            guard pid != getpid(), let bytes = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+            return String(decoding: bytes.map { $0 == 0 ? 32 : $0 }, as: UTF8.self).contains(text)
+        }
+    }
+
     // The disk path's kill points (InjectedFault, Docs/disks.md): each is reached on purpose in
     // every round and checked by I9 at the takeover; the drill fails a round whose point was not
     // reached (30 s) or whose takeover is not the one the point demands.
