@@ -60,7 +60,13 @@ diagnose() {
         # dom0 runs the same kernel image, loaded unrandomised like a PVH guest's: its symbols
         # name the guest's rip.
         rip=$(sed -n 's/.* rip 0x\([0-9a-f]*\).*/\1/p' /tmp/hvmctx.txt | head -1)
-        [ -n "$rip" ] && sort /proc/kallsyms | awk -v r="$rip" '$1 > r { print "    | rip " r " is after " prev; exit } { prev = $1 " " $3 }'
+        if [ -n "$rip" ]; then
+            near=$(awk -v r="$rip" '$1 <= r' /proc/kallsyms | sort | tail -1)
+            if [ -z "$near" ]; then
+                near="no symbol at or below it in dom0's /proc/kallsyms, kptr_restrict $(cat /proc/sys/kernel/kptr_restrict 2>/dev/null), first entry: $(head -1 /proc/kallsyms)"
+            fi
+            echo "    | rip $rip is after: $near"
+        fi
     done
     echo "    --- xl dmesg (last 15 lines)"; timeout 20 xl dmesg 2>&1 | tail -15 | sed 's/^/    | /'
 }

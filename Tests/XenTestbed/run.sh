@@ -396,6 +396,7 @@ kind_tables() {
     echo "$kind_name side by side: xl remus -F -n -i $interval_ms and remusd protect --interval $interval_ms (netbuf on the vif), backup on the same dom0"
     row2 "measure" "xl remus" "remusd" "unit"
     row2 "start to first checkpoint (live pre-copy of 128 MiB)" "$(metric remus_sync_s)" "$(metric remusd_sync_s)" "s"
+    row2 "  the same, remusd over plaintext as xl (-s \"\")" "$(metric remus_sync_s)" "$(metric remusd_sync_plain_s)" "s"
     row2 "checkpoints per second (asked: $asked)" "$(metric checkpoints_per_s)" "$(metric remusd_checkpoints_per_s)" "1/s"
     row2 "guest counter rate, protected (unprotected: $(metric counter_rate_free))" "$(metric counter_rate_protected)" "$(metric remusd_counter_rate)" "1/s"
     row2 "pause per checkpoint, p50 / p99 (xl: gap - interval)" "${gap_over:+~$gap_over}" "$(metric remusd_pause_p50_ms) / $(metric remusd_pause_p99_ms)" "ms"
