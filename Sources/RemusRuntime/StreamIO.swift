@@ -110,9 +110,10 @@ package final class RecordWriter {
         return total
     }
 
-    /// Most bytes of disk records one pre-copy round of the full disk copy carries (well inside
-    /// a backup's bound per checkpoint, 1 GiB by default).
-    static let diskCopyRoundBytes: UInt64 = 256 << 20
+    /// Most bytes of disk records one pre-copy round of the full disk copy carries: half a
+    /// backup's default staging memory (32 MiB), so the backup stages a round in memory and writes
+    /// it onto its images once (rounds of 256 MiB spilled 7/8 of each round to a file first).
+    static let diskCopyRoundBytes: UInt64 = 16 << 20
 
     /// The full copy of every disk, read from the local images while the guest runs, as pre-copy
     /// rounds (epoch 0) of DISK_WRITE records (all-zero pieces as write-zeroes). Operations the
