@@ -100,8 +100,7 @@ package final class RecordWriter {
         try operations.forEach { entry, data in
             switch entry.kind {
             case .write:
-                try encoder.appendDiskWrite(disk: entry.disk, offset: entry.offset, data: data, into: &buffer)
-                total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
+                total += try writeDiskWrite(disk: entry.disk, offset: entry.offset, data: data)
             case .flush, .discard, .writeZeroes:
                 let kind: DiskCommand.Kind = entry.kind == .flush ? .flush : entry.kind == .discard ? .discard : .writeZeroes
                 try encoder.append(.diskCommand(DiskCommand(disk: entry.disk, kind: kind, offset: entry.offset, length: entry.length)), into: &buffer)
@@ -145,10 +144,10 @@ package final class RecordWriter {
                 try disks.read(disk: disk.disk, at: offset, into: view)
                 if isZero(UnsafeRawBufferPointer(view)) {
                     try encoder.append(.diskCommand(DiskCommand(disk: disk.disk, kind: .writeZeroes, offset: offset, length: UInt64(n))), into: &buffer)
+                    total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
                 } else {
-                    try encoder.appendDiskWrite(disk: disk.disk, offset: offset, data: UnsafeRawBufferPointer(view), into: &buffer)
+                    total += try writeDiskWrite(disk: disk.disk, offset: offset, data: UnsafeRawBufferPointer(view))
                 }
-                total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
                 offset += UInt64(n)
                 copied += UInt64(n)
                 inRound += UInt64(n)
@@ -158,6 +157,15 @@ package final class RecordWriter {
         _ = try encoder.endCheckpoint(into: &buffer)
         total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
         return total
+    }
+
+    /// Writes the buffer and a DISK_WRITE whose data goes out from where it is (one writev, no
+    /// copy into the buffer); returns bytes written.
+    private func writeDiskWrite(disk: UInt32, offset: UInt64, data: UnsafeRawBufferPointer) throws -> Int {
+        try encoder.appendDiskWriteHeader(disk: disk, offset: offset, data: data, into: &buffer)
+        guard let base = data.baseAddress else { return try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0)) }
+        var segment = StreamSegment(base: base, count: data.count)
+        return try withUnsafePointer(to: &segment) { try writeBufferAnd(UnsafeBufferPointer(start: $0, count: 1)) }
     }
 
     /// Largest OPAQUE_PAYLOAD chunk: well inside the codec's record limit, small enough that the
