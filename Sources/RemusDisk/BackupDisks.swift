@@ -23,6 +23,10 @@ public final class BackupDisks: @unchecked Sendable {
     private let directoryLock: DiskFile
     private let log: DiskRedoLog
     private var openImages: DiskImages?
+    /// Whether a pre-copy round (`copy`) reached the images since they were last synced.
+    private var copyUnsynced = false
+    /// Where `copy` reads spilled entries (one DISK_WRITE's data); allocated on first use.
+    private var copyScratch: UnsafeMutableRawBufferPointer?
     /// The images of the current stream, once `open` accepted its disks.
     public var images: DiskImages? { lock.withLock { openImages } }
     /// The epoch a record found in the redo log at start was applied for (nil: none was pending).
@@ -31,6 +35,8 @@ public final class BackupDisks: @unchecked Sendable {
     public let recoveryProblem: String?
 
     static let manifestName = ".remusd-disks"
+
+    deinit { copyScratch?.deallocate() }
 
     /// Opens the directory: takes its lock, opens the redo log, and finishes applying a record
     /// that a previous process logged but did not apply (`recoveredEpoch`).
@@ -116,7 +122,35 @@ public final class BackupDisks: @unchecked Sendable {
     // MARK: - Per committed epoch (see DiskRedoLog)
 
     /// Makes `staging`'s operations durable as `epoch`'s record, before memory is applied and ACKed.
-    public func log(_ staging: DiskEpochStaging, epoch: Epoch) throws { try lock.withLock { try log.log(staging, epoch: epoch) } }
+    /// The first record after a copy syncs every image first, so the ACK that follows covers the
+    /// copy under it too.
+    public func log(_ staging: DiskEpochStaging, epoch: Epoch) throws {
+        try lock.withLock {
+            if copyUnsynced, let images = openImages {
+                for file in images.files { try file.sync() }
+                copyUnsynced = false
+            }
+            try log.log(staging, epoch: epoch)
+        }
+    }
+
+    /// Writes a pre-copy round's staged operations (the full copy that starts every stream)
+    /// straight onto the images: no redo log record and no sync. Until its first checkpoint a
+    /// stream's images hold no committed epoch (the replica was configured anew for it), so a
+    /// crash part-way loses nothing the next stream does not copy whole again; the first
+    /// checkpoint's `log` syncs every image before its record, so before its ACK. Going through
+    /// the redo log instead wrote and synced each byte of the copy twice more.
+    public func copy(_ staging: DiskEpochStaging) throws {
+        try lock.withLock {
+            guard let images = openImages else { throw DiskLogError("no disk images are open; the primary described no disks") }
+            let scratch = copyScratch ?? .allocate(byteCount: StreamLimits.maxDiskWriteBytes, alignment: 4096)
+            copyScratch = scratch
+            copyUnsynced = true
+            try staging.forEachEntry(scratch: scratch) { entry, data in
+                try images.image(for: entry, from: "the disk copy").apply(entry, data: data)
+            }
+        }
+    }
 
     /// Memory `epoch` could not be applied: its logged record is never applied.
     public func void() throws { try lock.withLock { try log.void() } }

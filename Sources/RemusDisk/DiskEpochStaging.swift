@@ -89,6 +89,32 @@ public final class DiskEpochStaging: @unchecked Sendable {
         return file
     }
 
+    /// Calls `body` with each staged operation in order: its entry and (for a write) its data, a
+    /// view valid during the call; spilled entries are read into `scratch`, which holds at least
+    /// one DISK_WRITE's data (`StreamLimits.maxDiskWriteBytes`).
+    func forEachEntry(scratch: UnsafeMutableRawBufferPointer, _ body: (DiskEntry, UnsafeRawBufferPointer) throws -> Void) throws {
+        try memory.forEach(body)
+        guard let spill else { return }
+        var at: UInt64 = 0
+        while at < spilledBytes {
+            let head = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<DiskEntry.headerBytes])
+            try spill.read(into: head, at: at)
+            guard let entry = DiskEntry(UnsafeRawBufferPointer(head)),
+                  entry.kind != .write || entry.length <= UInt64(scratch.count) else {
+                throw DiskLogError("the spill file \(spillPath) holds a malformed entry at offset \(at)")
+            }
+            at += UInt64(DiskEntry.headerBytes)
+            var data = UnsafeRawBufferPointer(start: nil, count: 0)
+            if entry.kind == .write {
+                let view = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<Int(entry.length)])
+                try spill.read(into: view, at: at)
+                data = UnsafeRawBufferPointer(view)
+            }
+            try body(entry, data)
+            at += UInt64(entry.storedDataBytes)
+        }
+    }
+
     /// Calls `body` with the staged bytes in order: the memory part, then the spill file in
     /// pieces of at most `chunkBytes` (read into `scratch`).
     func forEachChunk(scratch: UnsafeMutableRawBufferPointer, _ body: (UnsafeRawBufferPointer) throws -> Void) throws {

@@ -18,6 +18,34 @@ public final class DiskImages {
         self.descriptors = descriptors
         self.files = files
     }
+
+    /// The image `entry` goes to, after checking that it lies inside its disk (what we logged or
+    /// staged always does; a damaged or foreign log might not). `source` names the entry's origin
+    /// in the error.
+    func image(for entry: DiskEntry, from source: @autoclosure () -> String) throws -> DiskFile {
+        guard Int(entry.disk) < files.count else {
+            throw DiskLogError("\(source()) names disk \(entry.disk); the stream has \(files.count)")
+        }
+        let d = descriptors[Int(entry.disk)]
+        let length = entry.kind == .flush ? 0 : entry.length
+        guard entry.offset <= d.sizeBytes, length <= d.sizeBytes - entry.offset,
+              entry.kind != .write || length <= UInt64(StreamLimits.maxDiskWriteBytes) else {
+            throw DiskLogError("\(source()): \(entry.kind) of \(length) bytes at \(entry.offset) does not fit disk \(entry.disk) (\(d.sizeBytes) bytes)")
+        }
+        return files[Int(entry.disk)]
+    }
+}
+
+extension DiskFile {
+    /// Sets `entry`'s range to its content: a write's `data`, zeros for a discard or write-zeroes;
+    /// a flush changes nothing here (whoever applies an epoch syncs the image after it).
+    func apply(_ entry: DiskEntry, data: UnsafeRawBufferPointer) throws(SystemError) {
+        switch entry.kind {
+        case .write: try write(data, at: entry.offset)
+        case .discard, .writeZeroes: try zero(at: entry.offset, length: entry.length)
+        case .flush: break
+        }
+    }
 }
 
 /// Why the redo log could not be read back or applied.
@@ -149,18 +177,15 @@ public final class DiskRedoLog {
                 throw DiskLogError("redo log record \(record.sequence) (epoch \(record.epoch)): malformed entry at log offset \(at)")
             }
             at += UInt64(DiskEntry.headerBytes)
-            let disk = try check(entry, images: images, record: record)
+            let disk = try images.image(for: entry, from: "redo log record \(record.sequence) (epoch \(record.epoch))")
             touched.insert(Int(entry.disk))
-            switch entry.kind {
-            case .write:
-                let data = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<Int(entry.length)])
-                try file.read(into: data, at: at)
-                try disk.write(UnsafeRawBufferPointer(data), at: entry.offset)
-            case .discard, .writeZeroes:
-                try disk.zero(at: entry.offset, length: entry.length)
-            case .flush:
-                break  // the whole epoch is made durable below
+            var data = UnsafeRawBufferPointer(start: nil, count: 0)
+            if entry.kind == .write {
+                let view = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<Int(entry.length)])
+                try file.read(into: view, at: at)
+                data = UnsafeRawBufferPointer(view)
             }
+            try disk.apply(entry, data: data)  // a flush: the whole epoch is made durable below
             at += UInt64(entry.storedDataBytes)
         }
         if limit != nil { return }
@@ -173,21 +198,6 @@ public final class DiskRedoLog {
 
     /// Makes "applied" durable now (before a takeover hands the images to the guest).
     public func syncHeader() throws { try file.sync() }
-
-    /// The image an entry goes to, after checking it lies inside it (a log written by us always
-    /// does; a damaged or foreign one might not).
-    private func check(_ entry: DiskEntry, images: DiskImages, record: Record) throws -> DiskFile {
-        guard Int(entry.disk) < images.files.count else {
-            throw DiskLogError("redo log record \(record.sequence) (epoch \(record.epoch)) names disk \(entry.disk); the stream has \(images.files.count)")
-        }
-        let d = images.descriptors[Int(entry.disk)]
-        let length = entry.kind == .flush ? 0 : entry.length
-        guard entry.offset <= d.sizeBytes, length <= d.sizeBytes - entry.offset,
-              entry.kind != .write || length <= UInt64(StreamLimits.maxDiskWriteBytes) else {
-            throw DiskLogError("redo log record \(record.sequence) (epoch \(record.epoch)): \(entry.kind) of \(length) bytes at \(entry.offset) does not fit disk \(entry.disk) (\(d.sizeBytes) bytes)")
-        }
-        return images.files[Int(entry.disk)]
-    }
 
     // MARK: - File layout
 

@@ -550,9 +550,12 @@ public final class BackupDaemon: @unchecked Sendable {
             }
             loggingCommit = (epoch, staged, gate)
             let loop = self.loop
+            let isCopy = staged.begin.kind == .precopy
             diskWorker.run {
                 do {
-                    try disks.log(staging, epoch: epoch)
+                    // A pre-copy round carries the full copy, which no takeover can need: onto
+                    // the images without the redo log (`BackupDisks.copy`).
+                    if isCopy { try disks.copy(staging) } else { try disks.log(staging, epoch: epoch) }
                     loop.post(.diskLogged(epoch, error: nil))
                 } catch {
                     loop.post(.diskLogged(epoch, error: "\(error)"))

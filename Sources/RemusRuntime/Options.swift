@@ -199,9 +199,9 @@ public let defaultMaxPendingConnections = 16
 /// The default `--disk-staging-memory` of `remusd receive`, bytes (32 MiB).
 public let defaultDiskStagingMemoryBytes = 32 << 20
 
-/// The smallest `--max-disk-checkpoint` of `remusd receive`, bytes (260 MiB): a primary copies its
-/// disks in pre-copy rounds of 256 MiB and bounds a checkpoint's disk journal at 256 MiB, plus
-/// the records' headers.
+/// The smallest `--max-disk-checkpoint` of `remusd receive`, bytes (260 MiB): a primary bounds a
+/// checkpoint's disk journal at 256 MiB (and primaries before 2026-12 copied their disks in
+/// pre-copy rounds of 256 MiB), plus the records' headers.
 public let minDiskBytesPerCheckpoint: UInt64 = 260 << 20
 
 /// The default `--hello-timeout` of `remusd receive`, milliseconds.

@@ -100,8 +100,7 @@ package final class RecordWriter {
         try operations.forEach { entry, data in
             switch entry.kind {
             case .write:
-                try encoder.appendDiskWrite(disk: entry.disk, offset: entry.offset, data: data, into: &buffer)
-                total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
+                total += try writeDiskWrite(disk: entry.disk, offset: entry.offset, data: data)
             case .flush, .discard, .writeZeroes:
                 let kind: DiskCommand.Kind = entry.kind == .flush ? .flush : entry.kind == .discard ? .discard : .writeZeroes
                 try encoder.append(.diskCommand(DiskCommand(disk: entry.disk, kind: kind, offset: entry.offset, length: entry.length)), into: &buffer)
@@ -110,9 +109,10 @@ package final class RecordWriter {
         return total
     }
 
-    /// Most bytes of disk records one pre-copy round of the full disk copy carries (well inside
-    /// a backup's bound per checkpoint, 1 GiB by default).
-    static let diskCopyRoundBytes: UInt64 = 256 << 20
+    /// Most bytes of disk records one pre-copy round of the full disk copy carries: half a
+    /// backup's default staging memory (32 MiB), so the backup stages a round in memory and writes
+    /// it onto its images once (rounds of 256 MiB spilled 7/8 of each round to a file first).
+    static let diskCopyRoundBytes: UInt64 = 16 << 20
 
     /// The full copy of every disk, read from the local images while the guest runs, as pre-copy
     /// rounds (epoch 0) of DISK_WRITE records (all-zero pieces as write-zeroes). Operations the
@@ -144,10 +144,10 @@ package final class RecordWriter {
                 try disks.read(disk: disk.disk, at: offset, into: view)
                 if isZero(UnsafeRawBufferPointer(view)) {
                     try encoder.append(.diskCommand(DiskCommand(disk: disk.disk, kind: .writeZeroes, offset: offset, length: UInt64(n))), into: &buffer)
+                    total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
                 } else {
-                    try encoder.appendDiskWrite(disk: disk.disk, offset: offset, data: UnsafeRawBufferPointer(view), into: &buffer)
+                    total += try writeDiskWrite(disk: disk.disk, offset: offset, data: UnsafeRawBufferPointer(view))
                 }
-                total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
                 offset += UInt64(n)
                 copied += UInt64(n)
                 inRound += UInt64(n)
@@ -157,6 +157,15 @@ package final class RecordWriter {
         _ = try encoder.endCheckpoint(into: &buffer)
         total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
         return total
+    }
+
+    /// Writes the buffer and a DISK_WRITE whose data goes out from where it is (one writev, no
+    /// copy into the buffer); returns bytes written.
+    private func writeDiskWrite(disk: UInt32, offset: UInt64, data: UnsafeRawBufferPointer) throws -> Int {
+        try encoder.appendDiskWriteHeader(disk: disk, offset: offset, data: data, into: &buffer)
+        guard let base = data.baseAddress else { return try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0)) }
+        var segment = StreamSegment(base: base, count: data.count)
+        return try withUnsafePointer(to: &segment) { try writeBufferAnd(UnsafeBufferPointer(start: $0, count: 1)) }
     }
 
     /// Largest OPAQUE_PAYLOAD chunk: well inside the codec's record limit, small enough that the

@@ -160,7 +160,7 @@ struct Receive: ParsableCommand {
     @Option(name: .customLong("disk-dir"), help: ArgumentHelp("Replicate the primary's disks into this directory (default: none; a primary whose guest has disks then refuses this backup). It holds one image per disk, named as the primary names the disk (e.g. xvda), at least the disk's size; remusd keeps its redo log and spill files there too.", valueName: "dir"))
     var diskDirectory: String?
 
-    @Option(name: .customLong("max-disk-checkpoint"), help: ArgumentHelp("Most disk data one checkpoint may carry, in MiB (at least 260: a primary copies its disks in rounds of 256 MiB); a checkpoint carrying more is dropped with its connection before the excess is staged, the replica and the images keep the last committed checkpoint. Bounds the spill file and the redo log's record too.", valueName: "MiB"))
+    @Option(name: .customLong("max-disk-checkpoint"), help: ArgumentHelp("Most disk data one checkpoint may carry, in MiB (at least 260: a primary journals up to 256 MiB of disk writes per checkpoint); a checkpoint carrying more is dropped with its connection before the excess is staged, the replica and the images keep the last committed checkpoint. Bounds the spill file and the redo log's record too.", valueName: "MiB"))
     var maxDiskCheckpoint: UInt64 = StreamLimits.defaultMaxDiskBytesPerCheckpoint >> 20
 
     @Option(name: .customLong("disk-staging-memory"), help: ArgumentHelp("Disk data of one checkpoint held in memory while it arrives, in MiB; the rest spills to a file in --disk-dir until the checkpoint is complete.", valueName: "MiB"))
@@ -197,7 +197,7 @@ struct Receive: ParsableCommand {
         if let memoryBudget, memoryBudget < 1 || memoryBudget > 1 << 24 { throw ValidationError("--memory-budget must be between 1 MiB and 16 TiB (16777216 MiB), got \(memoryBudget)") }
         if maxPendingConnections < 1 || maxPendingConnections > 4096 { throw ValidationError("--max-pending-connections must be between 1 and 4096, got \(maxPendingConnections)") }
         if maxDiskCheckpoint < minDiskBytesPerCheckpoint >> 20 || maxDiskCheckpoint > 1 << 20 {
-            throw ValidationError("--max-disk-checkpoint must be between \(minDiskBytesPerCheckpoint >> 20) MiB (a primary's disk copy rounds are 256 MiB) and 1 TiB (1048576 MiB), got \(maxDiskCheckpoint)")
+            throw ValidationError("--max-disk-checkpoint must be between \(minDiskBytesPerCheckpoint >> 20) MiB (a primary journals up to 256 MiB of disk writes per checkpoint) and 1 TiB (1048576 MiB), got \(maxDiskCheckpoint)")
         }
         if diskStagingMemory < 1 || diskStagingMemory > 1 << 16 { throw ValidationError("--disk-staging-memory must be between 1 MiB and 64 GiB (65536 MiB), got \(diskStagingMemory)") }
         if helloTimeout < 1 || helloTimeout > 600_000 { throw ValidationError("--hello-timeout must be between 1 ms and 10 minutes, got \(helloTimeout) ms") }

@@ -213,6 +213,70 @@ struct BackupDisksTests {
         _ = first
     }
 
+    @Test("Staged operations come back in order with their data, from memory and then from the spill file")
+    func stagingGivesBackEveryEntryInOrder() throws {
+        let scratch = try Scratch("staging-entries")
+        let staging = DiskEpochStaging(memoryBound: 10_000, spillPath: "\(scratch.path)/spill")
+        var g = SplitMix64(seed: 5)
+        var staged: [Operation] = []
+        for n in 0..<12 {
+            let offset = (g.next() % 16) * 512
+            let op: Operation = n % 3 == 2
+                ? .command(DiskCommand(disk: 1, kind: n % 2 == 0 ? .writeZeroes : .flush, offset: n % 2 == 0 ? offset : 0, length: n % 2 == 0 ? 1024 : 0))
+                : .write(disk: 0, offset: offset, data: (0..<(512 * (1 + n % 4))).map { _ in UInt8(truncatingIfNeeded: g.next()) })
+            switch op {
+            case .write(let d, let o, let data): try data.withUnsafeBytes { try staging.appendWrite(disk: d, offset: o, data: $0) }
+            case .command(let c): try staging.append(c)
+            }
+            staged.append(op)
+        }
+        #expect(staging.spilledBytes > 0, "the bound makes the later entries spill")
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: StreamLimits.maxDiskWriteBytes, alignment: 4096)
+        defer { buffer.deallocate() }
+        var back = DiskOperations()
+        try staging.forEachEntry(scratch: buffer) { entry, data in back.append(entry, data: data) }
+        #expect(operations(back) == staged)
+    }
+
+    @Test("A pre-copy round goes onto the images without a redo log record, and the next checkpoint applies over it")
+    func aCopyRoundBypassesTheRedoLog() throws {
+        let scratch = try Scratch("backup-copy")
+        try scratch.image("xvda", size: Self.disk.sizeBytes)
+        let disks = try BackupDisks(directory: scratch.path)
+        #expect(disks.open([Self.disk]) == nil)
+        try disks.prepareStream()
+        // 8 KiB in memory: most of the 64 KiB copy spills.
+        let staging = disks.makeStaging(tag: 1, memoryBound: 8 << 10)
+        var oracle = OracleDisks([Self.disk])
+        func stage(_ ops: [Operation]) throws {
+            try staging.reset()
+            for op in ops {
+                switch op {
+                case .write(let d, let o, let data): try data.withUnsafeBytes { try staging.appendWrite(disk: d, offset: o, data: $0) }
+                case .command(let c): try staging.append(c)
+                }
+                oracle.apply(op)
+            }
+        }
+        // The full copy as a primary sends it: 4 KiB pieces, an all-zero piece as write-zeroes.
+        try stage((0..<16).map { piece in
+            piece == 5 ? .command(DiskCommand(disk: 0, kind: .writeZeroes, offset: 5 * 4096, length: 4096))
+                       : .write(disk: 0, offset: UInt64(piece) * 4096, data: [UInt8](repeating: UInt8(piece + 1), count: 4096))
+        })
+        #expect(staging.spilledBytes > 0)
+        try disks.copy(staging)
+        #expect(try scratch.read("xvda") == oracle.bytes[0], "the copy is on the image")
+        #expect(disks.pendingEntries == 0 && disks.appliedEpoch == 0, "no redo log record was made for it")
+        try disks.apply()  // the shell's apply after a pre-copy round: nothing is pending
+        #expect(disks.appliedEpoch == 0)
+        try stage([.write(disk: 0, offset: 4096, data: [UInt8](repeating: 0xEE, count: 4096)),
+                   .command(DiskCommand(disk: 0, kind: .discard, offset: 0, length: 4096))])
+        try disks.log(staging, epoch: 1)
+        try disks.apply()
+        #expect(disks.appliedEpoch == 1)
+        #expect(try scratch.read("xvda") == oracle.bytes[0], "checkpoint 1 applied over the copy")
+    }
+
     @Test("A backup that dies in the middle of an apply restarts, and its redo log brings the image to the committed epoch")
     func aRestartFinishesTheApply() throws {
         let scratch = try Scratch("backup-restart")

@@ -258,6 +258,35 @@ public struct StreamEncoder: ~Copyable {
         }
     }
 
+    /// Appends a DISK_WRITE's header and body up to its data, and counts the whole record: the
+    /// caller writes `data` itself right after `out` (writev), so a 4 MiB piece of the disk copy
+    /// is not copied into the buffer first. The bytes are those of `appendDiskWrite`; `data` is
+    /// whole 8-byte units (a disk's blocks are 512 or 4096 bytes), so it needs no padding.
+    public mutating func appendDiskWriteHeader(
+        disk: UInt32, offset: UInt64, data: UnsafeRawBufferPointer, into out: inout [UInt8]
+    ) throws(StreamEncodeError) {
+        try checkDiskWriteLength(data.count)
+        precondition(data.count % 8 == 0, "DISK_WRITE data of \(data.count) bytes is not whole 8-byte units")
+        let bodyLength = 16 + data.count
+        let start = out.count
+        out.append(contentsOf: repeatElement(0, count: RecordHeader.size))
+        out.appendLE(disk)
+        out.appendLE(UInt32(data.count))
+        out.appendLE(offset)
+        let flags = RecordHeader.mandatoryFlag
+        let fields = RecordHeader.crcOfFields(typeCode: RecordType.diskWrite.rawValue, flags: flags, bodyLength: UInt32(bodyLength))
+        let crc = out.withUnsafeBytes {
+            CRC32C.extend(CRC32C.extend(fields, UnsafeRawBufferPointer(rebasing: $0[(start + RecordHeader.size)...])), data)
+        }
+        let header = RecordHeader(typeCode: RecordType.diskWrite.rawValue, flags: flags, bodyLength: UInt32(bodyLength), crc: crc)
+        out.withUnsafeMutableBytes {
+            // The record's 16 header bytes were appended above, so the buffer is not empty.
+            guard let base = $0.baseAddress else { return }
+            header.write(to: base + start)
+        }
+        countInDigest(header)
+    }
+
     /// Appends the CHECKPOINT_END that closes the open checkpoint, computed from what was written
     /// since its BEGIN, and returns it. The caller must have begun a checkpoint.
     @discardableResult

@@ -208,4 +208,30 @@ struct DiskRecordTests {
         dropped.remove(at: 7)
         #expect(validate(header + dropped.joined()).error?.kind == .countMismatch)
     }
+
+    @Test("A DISK_WRITE encoded as its header with the data written after it (writev) is byte for byte appendDiskWrite's, digest included")
+    func diskWriteHeaderPlusDataEqualsTheWholeRecord() throws {
+        var g = SeededGenerator(seed: 12)
+        var whole = StreamEncoder(pageSize: 4096, features: [.disks])
+        var split = StreamEncoder(pageSize: 4096, features: [.disks])
+        var wholeBytes: [UInt8] = []
+        var splitBytes: [UInt8] = []
+        let begin = StreamRecord.checkpointBegin(CheckpointBegin(epoch: 0, kind: .precopy))
+        try whole.append(begin, into: &wholeBytes)
+        try split.append(begin, into: &splitBytes)
+        for _ in 0..<20 {
+            let count = 8 * Int(1 + g.next() % 8192)
+            let data = (0..<count).map { _ in UInt8(truncatingIfNeeded: g.next()) }
+            let disk = UInt32(g.next() % 4)
+            let offset = (g.next() % 4096) * 512
+            try data.withUnsafeBytes { d in
+                try whole.appendDiskWrite(disk: disk, offset: offset, data: d, into: &wholeBytes)
+                try split.appendDiskWriteHeader(disk: disk, offset: offset, data: d, into: &splitBytes)
+                splitBytes.append(contentsOf: d)
+            }
+            #expect(splitBytes == wholeBytes)
+        }
+        #expect(try split.endCheckpoint(into: &splitBytes) == whole.endCheckpoint(into: &wholeBytes))
+        #expect(splitBytes == wholeBytes)
+    }
 }
