@@ -273,10 +273,18 @@ final class SaveSession: @unchecked Sendable {
         }
         readFd = fds[0]
         writeFd = fds[1]
-        // Room for a checkpoint's pages in flight while the reader catches up.
+        // Room for a checkpoint's pages in flight while the reader ships the previous bytes, so
+        // that libxenguest and the shipping overlap. SO_SNDBUF alone is capped at
+        // net.core.wmem_max (208 KiB by default); the FORCE variants (CAP_NET_ADMIN, which remusd
+        // has in dom0) are not, and a Unix stream socket queues by its sender's buffer.
         var size: Int32 = 8 << 20
-        setsockopt(writeFd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(Swift.MemoryLayout<Int32>.size))
-        setsockopt(readFd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(Swift.MemoryLayout<Int32>.size))
+        let length = socklen_t(Swift.MemoryLayout<Int32>.size)
+        if setsockopt(writeFd, SOL_SOCKET, SO_SNDBUFFORCE, &size, length) != 0 {
+            setsockopt(writeFd, SOL_SOCKET, SO_SNDBUF, &size, length)
+        }
+        if setsockopt(readFd, SOL_SOCKET, SO_RCVBUFFORCE, &size, length) != 0 {
+            setsockopt(readFd, SOL_SOCKET, SO_RCVBUF, &size, length)
+        }
         callbacks = .allocate(capacity: 1)
         callbacks.initialize(to: save_callbacks())
         callbacks.pointee.suspend = { data in SaveSession.from(data).suspendCallback() }

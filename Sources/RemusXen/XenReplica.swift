@@ -43,8 +43,12 @@ public final class XenReplica: StreamingReplica, FeedBoundedReplica, @unchecked 
     private var closing = false
 
     /// Opens a libxl context; builds nothing until `configure`.
-    /// What the feed queue may hold before the backup's reader waits for libxl, bytes.
-    public static let defaultFeedBoundBytes = 256 << 20
+    /// What the feed queue may hold before the backup's reader waits for libxl, bytes. A failover
+    /// first waits for libxl to restore everything queued, so the bound is a bound on failover
+    /// time: 256 MiB, drained at the ~10 MB/s of libxl's restore under the testbed's emulation,
+    /// made a plaintext failover take 28 s; 16 MiB keeps it within ~2 s there (and within a
+    /// blink on hardware), while a primary faster than the restore is slowed by the backpressure.
+    public static let defaultFeedBoundBytes = 16 << 20
 
     public init(log: XenLog, deadlineNs: UInt64 = 180_000_000_000, feedBoundBytes: Int = XenReplica.defaultFeedBoundBytes) throws {
         self.log = log

@@ -19,6 +19,9 @@
 #   REMUSD_XEN_TESTBED_REMUS_SECONDS  how long `xl remus` and remusd protect the guest before the kill [20]
 #   REMUSD_XEN_TESTBED_INTERVAL_MS    checkpoint interval of `xl remus -i` and `remusd protect --interval`, ms [200]
 #   REMUSD_XEN_TESTBED_XL=0           leave out the `xl remus` baseline (remusd's tests only)
+#   REMUSD_XEN_TESTBED_MAIN_CHANNEL   remusd's main protection (the one measured beside xl remus) over
+#                                     tls or plain [tls]; for experiments, with MAIN_EXTRA
+#   REMUSD_XEN_TESTBED_MAIN_EXTRA     more arguments for that `remusd protect`, e.g. "--unsafe --no-netbuf"
 #   REMUSD_XEN_TESTBED_HYPERVISOR     hypervisor package version for PVH/HVM [libxen-dev's]
 #   REMUSD_XEN_TESTBED_PV_HYPERVISOR  hypervisor package version for PV [newest with shadow paging]
 #   REMUSD_XEN_TESTBED_MIRROR         Debian mirror for debootstrap [the host's first Debian apt source]
@@ -302,7 +305,8 @@ else
     cp "$here/host-role.sh" "$root/host-role.sh"
     cp "$here/dom0-lib.sh" "$root/dom0-lib.sh"
     chmod +x "$root/init" "$root/xen-tests.sh" "$root/xen-guest-tests.sh" "$root/host-role.sh"
-    printf 'REMUS_SECONDS=%s\nINTERVAL_MS=%s\nXL_BASELINE=%s\n' "$remus_seconds" "$interval_ms" "$xl_baseline" > "$root/xen-testbed.conf"
+    printf 'REMUS_SECONDS=%s\nINTERVAL_MS=%s\nXL_BASELINE=%s\nMAIN_CHANNEL=%s\nMAIN_EXTRA=%q\n' "$remus_seconds" "$interval_ms" "$xl_baseline" \
+        "${REMUSD_XEN_TESTBED_MAIN_CHANNEL:-tls}" "${REMUSD_XEN_TESTBED_MAIN_EXTRA:-}" > "$root/xen-testbed.conf"
     # Only entries below usr/, guest/ and the top-level files: never a directory entry that
     # would collide with the base's /lib -> usr/lib symlink.
     (cd "$root" && find . -mindepth 1 -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$overlay.tmp"

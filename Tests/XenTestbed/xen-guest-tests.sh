@@ -184,7 +184,7 @@ start_receive() {
     remusd receive --listen 127.0.0.1:7788 $timing $fencing $(receive_channel "$2") --xen-allow-path /guest 2>&1 | stamp > "$1" &
 }
 start_protect() {
-    remusd protect guest 127.0.0.1:7788 --backend xen $timing --connect-timeout 20000 $(protect_channel "$2") 2>&1 | stamp > "$1" &
+    remusd protect guest 127.0.0.1:7788 --backend xen $timing --connect-timeout 20000 $(protect_channel "$2") $3 2>&1 | stamp > "$1" &
 }
 # Waits until a log shows a line matching $2, at most $3 seconds; prints the uptime it did.
 wait_for_line() {
@@ -264,10 +264,11 @@ deadline=$(( ${t%.*} + guest_boot_s ))
 until [ -n "$(ask_counter)" ] || [ "$(now | cut -d. -f1)" -ge $deadline ]; do sleep 1; done
 rtt_free=$(busybox ping -c 5 -W 2 10.0.0.2 2>/dev/null | sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p')
 
-start_receive /tmp/receive.log
+start_receive /tmp/receive.log "$MAIN_CHANNEL"
 wait_for_line /tmp/receive.log "listening" 30 > /dev/null || { fail "remusd receive did not start"; show /tmp/receive.log; diagnose; exit 0; }
 t_protect=$(now)
-start_protect /tmp/protect.log
+[ "$MAIN_CHANNEL" = tls ] && [ -z "$MAIN_EXTRA" ] || info "remusd's main protection: channel $MAIN_CHANNEL, more arguments: ${MAIN_EXTRA:-none}"
+start_protect /tmp/protect.log "$MAIN_CHANNEL" "$MAIN_EXTRA"
 if at=$(wait_for_line /tmp/protect.log "protecting: first checkpoint" 300); then
     sync_s=$(awk -v a="$t_protect" -v b="$at" 'BEGIN { printf "%.2f", b - a }')
     metric remusd_sync_s "$sync_s"
