@@ -19,6 +19,7 @@
 #   REMUSD_XEN_TESTBED_REMUS_SECONDS  how long `xl remus` and remusd protect the guest before the kill [20]
 #   REMUSD_XEN_TESTBED_INTERVAL_MS    checkpoint interval of `xl remus -i` and `remusd protect --interval`, ms [200]
 #   REMUSD_XEN_TESTBED_XL=0           leave out the `xl remus` baseline (remusd's tests only)
+#   REMUSD_XEN_TESTBED_QEMU           the qemu-system-x86_64 to boot with [the host's, from PATH]
 #   REMUSD_XEN_TESTBED_MAIN_CHANNEL   remusd's main protection (the one measured beside xl remus) over
 #                                     tls or plain [tls]; for experiments, with MAIN_EXTRA
 #   REMUSD_XEN_TESTBED_MAIN_EXTRA     more arguments for that `remusd protect`, e.g. "--unsafe --no-netbuf"
@@ -123,7 +124,7 @@ if [ -n "$hap_guests" ]; then
     fi
     say "hypervisor $hv_version, dom0 tools $xen_version"
 fi
-say "QEMU -cpu $qemu_cpu"
+say "QEMU -cpu $qemu_cpu ($("${REMUSD_XEN_TESTBED_QEMU:-qemu-system-x86_64}" --version 2>&1 | head -1))"
 pv_hv_version=""; pv_skip=""
 if [ -n "$pv_guests" ] && [ -n "$release_pv_skip" ]; then
     pv_skip=$release_pv_skip
@@ -344,7 +345,7 @@ boot_xen() {
     flock /tmp/remusd-qemu.lock bash -c '
         echo "xen-testbed: booting Xen under QEMU (TCG) after $(awk -v a="$1" -v b="$(date +%s.%N)" "BEGIN { printf \"%.0f\", b - a }") s waiting; guests: $9; console in $2"
         date +%s.%N > "$2.boot-start"
-        exec nice -n 10 timeout "$3" qemu-system-x86_64 -accel tcg,thread=multi -cpu "${10}" -m 4G -smp 2 \
+        exec nice -n 10 timeout "$3" "${REMUSD_XEN_TESTBED_QEMU:-qemu-system-x86_64}" -accel tcg,thread=multi -cpu "${10}" -m 4G -smp 2 \
             -display none -monitor none -no-reboot -nic none -serial "file:$2" \
             -kernel "$4" -append "$5" -initrd "$6 $7 testbed_guests=${9// /+} testbed_watchdog=${11},$8"' \
         _ "$t_lock" "$log" "$boot_timeout" "$elf" "$xen_args" "$vmlinuz" "$dom0_args" "$dom0_initrd" "$kinds" "$qemu_cpu" "$limit"

@@ -102,7 +102,7 @@ say "got the QEMU lock after $(elapsed "$t_lock") s"
 listening() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
 
 qemu() {  # role, console log, netdev, MAC, guest kind
-    nice -n 10 qemu-system-x86_64 -accel tcg,thread=multi -cpu "$qemu_cpu" -m 3G -smp 1 \
+    nice -n 10 "${REMUSD_XEN_TESTBED_QEMU:-qemu-system-x86_64}" -accel tcg,thread=multi -cpu "$qemu_cpu" -m 3G -smp 1 \
         -display none -monitor none -no-reboot -serial "file:$2" \
         -netdev "socket,id=n0,$3" -device "virtio-net-pci,netdev=n0,mac=$4" \
         -kernel "$xen_elf" -append "$xen_args" -initrd "$vmlinuz $dom0_args testbed_role=$1 testbed_guests=$5,$initrd" \
