@@ -69,6 +69,11 @@ diagnose() {
         fi
     done
     echo "    --- xl dmesg (last 15 lines)"; timeout 20 xl dmesg 2>&1 | tail -15 | sed 's/^/    | /'
+    # xl's own log of each domain: why libxl ended one (a device's hotplug script, a shutdown).
+    for f in /var/log/xen/xl-*.log; do
+        [ -e "$f" ] || continue
+        echo "    --- $f (last 10 lines)"; tail -10 "$f" | sed 's/^/    | /'
+    done
 }
 
 # The last counter value a console log shows (empty if none yet).
