@@ -97,21 +97,11 @@ public final class DiskEpochStaging: @unchecked Sendable {
         guard let spill else { return }
         var at: UInt64 = 0
         while at < spilledBytes {
-            let head = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<DiskEntry.headerBytes])
-            try spill.read(into: head, at: at)
-            guard let entry = DiskEntry(UnsafeRawBufferPointer(head)),
-                  entry.kind != .write || entry.length <= UInt64(scratch.count) else {
+            guard let (entry, data, next) = try spill.readEntry(at: at, scratch: scratch) else {
                 throw DiskLogError("the spill file \(spillPath) holds a malformed entry at offset \(at)")
             }
-            at += UInt64(DiskEntry.headerBytes)
-            var data = UnsafeRawBufferPointer(start: nil, count: 0)
-            if entry.kind == .write {
-                let view = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<Int(entry.length)])
-                try spill.read(into: view, at: at)
-                data = UnsafeRawBufferPointer(view)
-            }
             try body(entry, data)
-            at += UInt64(entry.storedDataBytes)
+            at = next
         }
     }
 

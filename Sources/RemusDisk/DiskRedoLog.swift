@@ -37,6 +37,24 @@ public final class DiskImages {
 }
 
 extension DiskFile {
+    /// Reads the entry stored at `offset` (the layout of the redo log and of a staging spill
+    /// file): its header, and for a write its data into `scratch`, a view valid until `scratch`
+    /// is reused. Nil when the header is malformed or a write's data would not fit `scratch`.
+    func readEntry(at offset: UInt64, scratch: UnsafeMutableRawBufferPointer) throws -> (entry: DiskEntry, data: UnsafeRawBufferPointer, next: UInt64)? {
+        let head = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<DiskEntry.headerBytes])
+        try read(into: head, at: offset)
+        guard let entry = DiskEntry(UnsafeRawBufferPointer(head)),
+              entry.kind != .write || entry.length <= UInt64(scratch.count) else { return nil }
+        let dataAt = offset + UInt64(DiskEntry.headerBytes)
+        var data = UnsafeRawBufferPointer(start: nil, count: 0)
+        if entry.kind == .write {
+            let view = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<Int(entry.length)])
+            try read(into: view, at: dataAt)
+            data = UnsafeRawBufferPointer(view)
+        }
+        return (entry, data, dataAt + UInt64(entry.storedDataBytes))
+    }
+
     /// Sets `entry`'s range to its content: a write's `data`, zeros for a discard or write-zeroes;
     /// a flush changes nothing here (whoever applies an epoch syncs the image after it).
     func apply(_ entry: DiskEntry, data: UnsafeRawBufferPointer) throws(SystemError) {
@@ -171,22 +189,13 @@ public final class DiskRedoLog {
             guard end - at >= UInt64(DiskEntry.headerBytes) else {
                 throw DiskLogError("redo log record \(record.sequence) (epoch \(record.epoch)) ends inside an entry header")
             }
-            let head = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<DiskEntry.headerBytes])
-            try file.read(into: head, at: at)
-            guard let entry = DiskEntry(UnsafeRawBufferPointer(head)) else {
+            guard let (entry, data, next) = try file.readEntry(at: at, scratch: scratch) else {
                 throw DiskLogError("redo log record \(record.sequence) (epoch \(record.epoch)): malformed entry at log offset \(at)")
             }
-            at += UInt64(DiskEntry.headerBytes)
             let disk = try images.image(for: entry, from: "redo log record \(record.sequence) (epoch \(record.epoch))")
             touched.insert(Int(entry.disk))
-            var data = UnsafeRawBufferPointer(start: nil, count: 0)
-            if entry.kind == .write {
-                let view = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<Int(entry.length)])
-                try file.read(into: view, at: at)
-                data = UnsafeRawBufferPointer(view)
-            }
             try disk.apply(entry, data: data)  // a flush: the whole epoch is made durable below
-            at += UInt64(entry.storedDataBytes)
+            at = next
         }
         if limit != nil { return }
         for index in touched.sorted() { try images.files[index].sync() }

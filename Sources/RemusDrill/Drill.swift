@@ -121,7 +121,8 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
     /// With taps: one line per tap, the kernel's plug counters read when the drill ended (before
     /// the buffers were removed), and what the observer received over UDP.
     package private(set) var netbufSummary: [String] = []
-    /// The daemons started so far, for `stopDaemons` from another thread.
+    /// The daemons started so far: the drill's thread adds them, ends them at its end, and
+    /// `stopDaemons` reads them from another thread.
     private let running = RunningChildren()
 
     package init(_ config: DrillConfiguration) {
@@ -180,13 +181,10 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
         let metricsPorts = try freePorts(config.failovers + 2)
         func metricsEndpoint(_ index: Int) -> Endpoint { Endpoint(host: "127.0.0.1", port: metricsPorts[index]) }
         var results: [FailoverResult] = []
-        var children: [ChildProcess] = [] {
-            didSet { running.replace(with: children) }
-        }
         var finished = false
         var startSequences: [UInt64] = []  // where the current primary's NIC sequences began
         defer {
-            for c in children { c.signal(SIGKILL); c.wait() }
+            for c in running.all { c.signal(SIGKILL); c.wait() }
             if !taps.isEmpty { netbufSummary = Self.removeTapBuffers(taps, observer: observer) }
             if finished && !config.keep && results.allSatisfy(\.verified) {
                 removeTree(dir)
@@ -240,7 +238,7 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
             }
             if g + 1 < ports.count { args += ["--reprotect-to", try replicationAddress(g + 1)] }
             let child = try ChildProcess(arguments: args, outputFile: "\(dir)/backup-\(g).log", environment: env)
-            children.append(child)
+            running.add(child)
             return child
         }
 
@@ -262,7 +260,7 @@ package final class Drill: @unchecked Sendable {  // driven from one thread; the
                 + (config.injectEarlyRelease ? ["--unsafe", "--no-netbuf"] : []) + (try witnessArguments(0))
                 + tapArguments(0, held: !config.injectEarlyRelease),
             outputFile: "\(dir)/primary-0.log", environment: env)
-        children.append(primary)
+        running.add(primary)
         var primarySocket = "\(dir)/primary-0.sock"
         var primaryMetrics = metricsEndpoint(0)
         var primaryPid = primary.pid
@@ -724,7 +722,7 @@ private final class RunningChildren: @unchecked Sendable {  // `children` guarde
     private let monitor = MonitorLock()
     private var children: [ChildProcess] = []
     private var dir = ""
-    func replace(with list: [ChildProcess]) { monitor.withLock { children = list } }
+    func add(_ child: ChildProcess) { monitor.withLock { children.append(child) } }
     var all: [ChildProcess] { monitor.withLock { children } }
     var directory: String {
         get { monitor.withLock { dir } }

@@ -210,8 +210,6 @@ final class SaveSession: @unchecked Sendable {
     private var callbackIRQ: UInt64?
     /// Whether remusd has marked a suspend cancelled itself yet (logged once; save thread only).
     private var markedCancelled = false
-    /// Suspends due while `control/shutdown` still held a request (`awaitControlNodeTaken`).
-    private var controlNodeBusy = 0
     private let readFd: Int32
     private let writeFd: Int32
     private let callbacks: UnsafeMutablePointer<save_callbacks>
@@ -503,11 +501,6 @@ final class SaveSession: @unchecked Sendable {
                 return "notifying domain \(domid)'s suspend event channel \(port) failed: \(error)"
             }
         case .xenstore:
-            // libxl's protocol (libxl_dom_suspend.c): the guest takes a request up by clearing the
-            // node (Linux before it suspends). A request still there (an operator's 'xl shutdown'
-            // the guest is about to take, or an untaken one) gets a moment first. One read per
-            // checkpoint, before the guest is asked.
-            awaitControlNodeTaken(path)
             guard cxen_xs_write(store.handle, xs_transaction_t(XBT_NULL), path, "suspend", 7) else {
                 return "writing 'suspend' to \(path) failed: \(String(cString: strerror(errno)))"
             }
@@ -551,26 +544,6 @@ final class SaveSession: @unchecked Sendable {
         case .shutdownHypercall:
             return "Xen did not show domain \(domid) suspended within \(seconds) s of xc_domain_shutdown(SHUTDOWN_suspend)"
         }
-    }
-
-    /// Before a xenstore request: waits (at most 1 s) for the guest to take up what
-    /// `control/shutdown` still holds. A guest that leaves it there (one that ignores the value)
-    /// gets the suspend request written over it, as libxl does, and the log says what was lost.
-    private func awaitControlNodeTaken(_ path: String) {
-        guard let first = store.read(path), !first.isEmpty else { return }
-        controlNodeBusy += 1
-        if controlNodeBusy == 1 || controlNodeBusy % 100 == 0 {
-            log.note("\(path) still held '\(first)' when the next suspend was due (\(controlNodeBusy) times so far): waiting for the guest to take it up", domid: domid, level: .info)
-        }
-        let deadline = monotonicNanoseconds() + 1_000_000_000
-        while monotonicNanoseconds() < deadline {
-            var pause = timespec(tv_sec: 0, tv_nsec: 2_000_000)
-            nanosleep(&pause, nil)
-            guard let value = store.read(path), !value.isEmpty else { return }
-        }
-        let left = store.read(path) ?? ""
-        guard !left.isEmpty else { return }
-        log.note("\(path) held '\(left)' for 1 s, not taken up by the guest: the suspend request replaces it" + (left == "suspend" ? "" : " (an operator's request is lost: send it again)"), domid: domid, level: .warn)
     }
 
     // MARK: - The shell's side

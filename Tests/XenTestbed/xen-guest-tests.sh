@@ -293,10 +293,6 @@ fi
 metric remusd_counter_rate "$(awk -v a="$v1" -v b="$v2" -v s="$protected" 'BEGIN { printf "%.2f", (b - a) / s }')"
 pause=$(status_field pause)
 info "remusd status: pause ${pause:-?}; $(status_field 'checkpoint size'); $(status_field 'output buffer')"
-# A suspend due while the guest had not yet taken up the previous request (libxl's protocol: the
-# guest clears control/shutdown first); remusd waits for it. How often, for the PVH fault's sake.
-busy=$(grep -ao "still held '[^']*' when the next suspend was due ([0-9]* times" /tmp/protect.log | tail -1)
-info "control/shutdown still held a request when a suspend was due: ${busy:-never}"
 metric remusd_pause_p50_ms "$(echo "$pause" | sed -n 's/p50 \([0-9]*\) µs.*/\1/p' | awk '{ printf "%.1f", $1 / 1000 }')"
 metric remusd_pause_p99_ms "$(echo "$pause" | sed -n 's/.*p99 \([0-9]*\) µs.*/\1/p' | awk '{ printf "%.1f", $1 / 1000 }')"
 # Output buffering: replies leave only when the epoch they belong to is acknowledged, so a
