@@ -36,18 +36,31 @@ public final class UnixListener: Sendable {
     private let descriptor: OwnedDescriptor
     public let path: String
 
-    /// Binds `path` (an old socket file there is replaced) and listens. The mode is set before
-    /// `listen`, so nobody can connect while the file has the umask's mode.
+    /// Binds `path` (an old socket file there is replaced) and listens. The socket is bound under
+    /// a private name in the same directory, given `mode`, made to listen and only then renamed
+    /// to `path`: whoever sees the file can connect at once, and nobody can while the file has the
+    /// umask's mode. (A client that waited for the file used to meet ECONNREFUSED between bind and
+    /// listen on a loaded machine.)
     public init(path: String, mode: mode_t = 0o600, backlog: Int32 = 16) throws(SystemError) {
         self.path = path
         let socket = OwnedDescriptor(adopting: try syscall("socket(AF_UNIX)") {
             Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         })
         let fd = socket.raw
-        unlink(path)
-        _ = try withUnixAddress(path) { (sa, length) throws(SystemError) in try syscall("bind(\(path))") { bind(fd, sa, length) } }
-        try syscall("chmod(\(path), \(String(mode, radix: 8)))") { chmod(path, mode) }
-        try syscall("listen(\(path))") { listen(fd, backlog) }
+        let directory = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
+        let provisional = (directory.isEmpty ? "" : directory) + "/.\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock~"
+        // Where the provisional name does not fit sun_path, the socket is bound where it stays.
+        let bound = provisional.utf8.count < MemoryLayout.size(ofValue: sockaddr_un().sun_path) ? provisional : path
+        if bound == path { unlink(path) }
+        _ = try withUnixAddress(bound) { (sa, length) throws(SystemError) in try syscall("bind(\(bound))") { bind(fd, sa, length) } }
+        do {
+            try syscall("chmod(\(bound), \(String(mode, radix: 8)))") { chmod(bound, mode) }
+            try syscall("listen(\(bound))") { listen(fd, backlog) }
+            if bound != path { try syscall("rename(\(bound), \(path))") { rename(bound, path) } }
+        } catch {
+            unlink(bound)
+            throw error
+        }
         descriptor = socket
     }
 

@@ -1,6 +1,8 @@
 import Foundation
+import RemusDrill
 @testable import RemusRuntime
 import RemusTestSupport
+import Synchronization
 import Testing
 
 /// A fresh directory of ours (0700), removed by `cleanup`.
@@ -16,27 +18,28 @@ private func mode(_ path: String) throws -> UInt32 { try FileOwnership.of(path).
 
 @Suite("The control socket", .serialized)
 struct ControlSocketTests {
-    @Test("The socket is created 0600 even under umask 000")
+    @Test("Under umask 000 a daemon makes its run directory 0700 and its socket 0600")
     func socketModeIgnoresUmask() throws {
-        let dir = try scratchDirectory()
-        defer { cleanup(dir) }
-        let old = umask(0)
-        let socket: StatusSocket
-        do {
-            defer { umask(old) }
-            socket = try StatusSocket(path: dir + "/d.sock", snapshot: { "ok\n" }, command: { _ in "" })
-        }
-        #expect(try mode(dir + "/d.sock") == 0o600)
-        #expect(try StatusSocket.query(dir + "/d.sock") == "ok\n")
-        socket.remove()
+        let parent = try scratchDirectory()
+        defer { cleanup(parent) }
+        let run = parent + "/run", port = try freePorts(1)[0]
+        let socket = run + "/receive-\(port).sock"
+        // The umask is the daemon's own, set by its shell: the test process's umask is shared with
+        // every test running alongside (a umask 000 there once made their directories 0777).
+        let daemon = try ChildProcess(
+            arguments: ["/bin/sh", "-c", "umask 000; exec \"$0\" \"$@\"", remusdBinary, "receive", "--listen", "127.0.0.1:\(port)", "--insecure-plaintext"],
+            outputFile: parent + "/daemon.log", environment: ["REMUSD_RUN_DIR": run])
+        defer { daemon.signal(SIGKILL); daemon.wait() }
+        try waitForFile(socket, what: "the daemon's socket", deadlineMs: 30_000, madeBy: daemon, log: parent + "/daemon.log")
+        #expect(try mode(run) == 0o700)
+        #expect(try mode(socket) == 0o600)
+        #expect(try StatusSocket.query(socket).contains("state: LISTENING"))
     }
 
-    @Test("A run directory we create is 0700 whatever the umask; one others may write is refused")
+    @Test("A run directory we create is 0700; one others may write is refused")
     func runDirectoryIsPrivate() throws {
         let parent = try scratchDirectory()
         defer { cleanup(parent) }
-        let old = umask(0)
-        defer { umask(old) }
         try RunDirectory.ensure(parent + "/run")
         #expect(try mode(parent + "/run") == 0o700)
         try RunDirectory.ensure(parent + "/run")  // ours and private: accepted again
@@ -45,6 +48,29 @@ struct ControlSocketTests {
         let error = #expect(throws: ControlSocketError.self) { try RunDirectory.ensure(parent + "/run") }
         #expect(error?.description.contains("group or others may write it") == true, "\(String(describing: error))")
         #expect(error?.description.contains("chmod 700") == true)
+    }
+
+    @Test("Whoever sees the socket file can connect at once: it appears listening, and nothing else is left beside it")
+    func theFileAppearsOnlyWhenListening() throws {
+        let dir = try scratchDirectory()
+        defer { cleanup(dir) }
+        let path = dir + "/race.sock"
+        // A watcher connects the moment the file appears, as the tests and operators' scripts do.
+        // Before the fix the file appeared at bind and the connect could meet ECONNREFUSED.
+        for round in 0..<200 {
+            let refused = Mutex<String?>(nil)
+            let watcher = try JoinableThread(name: "watcher") {
+                let deadline = Deadline.after(seconds: 10)
+                while access(path, F_OK) != 0 && !deadline.hasPassed {}
+                do { _ = try UnixConnection.connect(path: path, deadline: deadline) } catch { refused.withLock { $0 = "\(error)" } }
+            }
+            let listener = try UnixListener(path: path, mode: 0o600)
+            watcher.join()
+            #expect(refused.withLock { $0 } == nil, "round \(round): \(refused.withLock { $0 } ?? "")")
+            #expect(try FileManager.default.contentsOfDirectory(atPath: dir) == ["race.sock"])
+            listener.shutdown()
+            unlink(path)
+        }
     }
 
     @Test("A run directory another user owns is refused with what to do",
