@@ -61,6 +61,10 @@ info "primary domain $primary_id, backup domain ${backup_id:-?} ($(domain_state 
 ca=$(grep -c "Domain now suspended" /tmp/remus.log); va=$(last_counter "$primary_log"); ta=$(now)
 sleep "$REMUS_SECONDS"
 cb=$(grep -c "Domain now suspended" /tmp/remus.log); vb=$(last_counter "$primary_log"); tb=$(now)
+crashed=$(crashed_domains)
+if [ -n "$crashed" ]; then
+    fail "the guest crashed while xl remus protected it (domain $crashed); xl's failover is not measured"; show /tmp/remus.log; diagnose; return 1
+fi
 if [ -z "$(pids_matching "*xl remus *")" ]; then
     fail "xl remus exited while protecting"; show /tmp/remus.log; diagnose; return 1
 fi
@@ -282,6 +286,11 @@ info "vifs buffered: $(grep -ao 'output held by plug qdiscs on [^;]*' /tmp/prote
 e1=$(status_field epoch | sed 's/captured \([0-9]*\).*/\1/'); v1=$(last_counter "$primary_log"); t1=$(now)
 sleep "$REMUS_SECONDS"
 e2=$(status_field epoch | sed 's/captured \([0-9]*\).*/\1/'); v2=$(last_counter "$primary_log"); t2=$(now)
+crashed=$(crashed_domains)
+if [ -n "$crashed" ]; then
+    fail "the guest crashed while remusd protected it (domain $crashed); the failover, stop and switchover sections are left out"
+    show /tmp/protect.log /tmp/receive.log; diagnose; cleanup_domains; exit 0
+fi
 protected=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.1f", b - a }')
 metric remusd_protected_s "$protected"
 if [ -n "$e1" ] && [ -n "$e2" ] && [ "$e2" -gt "$e1" ]; then
