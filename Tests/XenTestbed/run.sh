@@ -20,6 +20,7 @@
 #   REMUSD_XEN_TESTBED_INTERVAL_MS    checkpoint interval of `xl remus -i` and `remusd protect --interval`, ms [200]
 #   REMUSD_XEN_TESTBED_XL=0           leave out the `xl remus` baseline (remusd's tests only)
 #   REMUSD_XEN_TESTBED_QEMU           the qemu-system-x86_64 to boot with [the host's, from PATH]
+#   REMUSD_XEN_TESTBED_TCG_THREADS    QEMU's TCG threading: multi (a host thread per vCPU) or single [multi]
 #   REMUSD_XEN_TESTBED_MAIN_CHANNEL   remusd's main protection (the one measured beside xl remus) over
 #                                     tls or plain [tls]; for experiments, with MAIN_EXTRA
 #   REMUSD_XEN_TESTBED_MAIN_EXTRA     more arguments for that `remusd protect`, e.g. "--unsafe --no-netbuf"
@@ -345,7 +346,7 @@ boot_xen() {
     flock /tmp/remusd-qemu.lock bash -c '
         echo "xen-testbed: booting Xen under QEMU (TCG) after $(awk -v a="$1" -v b="$(date +%s.%N)" "BEGIN { printf \"%.0f\", b - a }") s waiting; guests: $9; console in $2"
         date +%s.%N > "$2.boot-start"
-        exec nice -n 10 timeout "$3" "${REMUSD_XEN_TESTBED_QEMU:-qemu-system-x86_64}" -accel tcg,thread=multi -cpu "${10}" -m 4G -smp 2 \
+        exec nice -n 10 timeout "$3" "${REMUSD_XEN_TESTBED_QEMU:-qemu-system-x86_64}" -accel "tcg,thread=${REMUSD_XEN_TESTBED_TCG_THREADS:-multi}" -cpu "${10}" -m 4G -smp 2 \
             -display none -monitor none -no-reboot -nic none -serial "file:$2" \
             -kernel "$4" -append "$5" -initrd "$6 $7 testbed_guests=${9// /+} testbed_watchdog=${11},$8"' \
         _ "$t_lock" "$log" "$boot_timeout" "$elf" "$xen_args" "$vmlinuz" "$dom0_args" "$dom0_initrd" "$kinds" "$qemu_cpu" "$limit"
