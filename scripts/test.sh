@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's test command (and CI's): unit and property tests, 200+ verified failovers,
 # a bounded fuzz run, the kernel testbed for the plug qdisc, and the Xen testbed (remusd and
-# xl remus protecting real Xen PVH domains on Debian 12's current Xen 4.17, on one host and
-# across two; REMUSD_XEN_TESTBED_GUESTS picks the guest kinds, Tests/XenTestbed/README.md).
+# xl remus protecting real Xen domains on Debian 12's Xen 4.17, on one host and across two: a PV
+# guest by default, PVH/HVM with REMUSD_XEN_TESTBED_GUESTS=pvh, see below and
+# Tests/XenTestbed/README.md).
 # REMUSD_SKIP_TESTBED=1 skips every QEMU testbed; REMUSD_SKIP_XEN_TESTBED=1 only the Xen ones;
 # REMUSD_FUZZ_SECONDS sets the decoder fuzz time (default 60), REMUSD_NET_FUZZ_SECONDS the network
 # fuzzer's (default 60; the unit suite runs it for 8 s) and REMUSD_NET_FUZZ_SEED re-runs one seed.
@@ -80,10 +81,21 @@ if [ -f Tests/Testbed/run.sh ] && [ "${REMUSD_SKIP_TESTBED:-0}" != 1 ]; then
 fi
 
 if [ -f Tests/XenTestbed/run.sh ] && [ "${REMUSD_SKIP_TESTBED:-0}" != 1 ] && [ "${REMUSD_SKIP_XEN_TESTBED:-0}" != 1 ]; then
-    step "Xen testbed: remusd and xl remus protecting Xen guests (${REMUSD_XEN_TESTBED_GUESTS:-pvh}) on Xen 4.17 with HAP under QEMU"
+    # PVH and HVM guests run on the testbed's emulated AMD SVM (QEMU TCG), which now and then
+    # corrupts a guest under checkpointing, whichever toolstack checkpoints it: xl remus's guests
+    # crash there as remusd's do (Docs/xen.md, "The PVH triple fault"). Proving them needs a CPU
+    # with real AMD-V or VT-x; until CI has one, its run protects a PV guest (no SVM in its path,
+    # on the newest hypervisor with shadow paging) and says so. REMUSD_XEN_TESTBED_GUESTS=pvh
+    # (or "pvh hvm") runs PVH/HVM here all the same.
+    export REMUSD_XEN_TESTBED_GUESTS=${REMUSD_XEN_TESTBED_GUESTS:-pv}
+    case " $REMUSD_XEN_TESTBED_GUESTS " in
+        *" pvh "*) ;;
+        *) echo "Xen testbed: PVH guests SKIPPED: under QEMU's TCG the emulated SVM corrupts a checkpointed PVH/HVM guest now and then (xl remus's too; Docs/xen.md); they need a CPU with AMD-V or VT-x. REMUSD_XEN_TESTBED_GUESTS=pvh runs them anyway" ;;
+    esac
+    step "Xen testbed: remusd and xl remus protecting Xen guests ($REMUSD_XEN_TESTBED_GUESTS) on Xen 4.17 under QEMU"
     bash Tests/XenTestbed/run.sh
     if [ -f Tests/XenTestbed/two-hosts.sh ]; then
-        step "Xen testbed, two hosts (${REMUSD_XEN_TESTBED_GUESTS:-pvh}): the primary host's QEMU killed, the backup host takes over"
+        step "Xen testbed, two hosts ($REMUSD_XEN_TESTBED_GUESTS): the primary host's QEMU killed, the backup host takes over"
         bash Tests/XenTestbed/two-hosts.sh
     fi
     if [ "${REMUSD_XEN_420:-0}" = 1 ]; then

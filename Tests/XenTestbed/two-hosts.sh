@@ -10,8 +10,8 @@
 #
 # Environment: as run.sh (REMUSD_XEN_TESTBED_CACHE, _KERNEL, _HYPERVISOR, _REMUS_SECONDS,
 # _INTERVAL_MS, _SKIP_BUILD, _SWIFT_TESTS, …, passed on to its build), and
-#   REMUSD_XEN_TESTBED_GUESTS      guest kinds, as run.sh's; pv is left out here (its hypervisor
-#                                  is another one) [pvh hvm]
+#   REMUSD_XEN_TESTBED_GUESTS      guest kinds, as run.sh's; pv boots both hosts on run.sh's PV
+#                                  hypervisor (the newest with shadow paging) [pvh]
 #   REMUSD_XEN_TESTBED_TIMEOUT     seconds both QEMUs may run before they are killed [900]
 #   REMUSD_XEN_TESTBED_WIRE_PORT   the socket network's TCP port on 127.0.0.1 [a free one]
 set -euo pipefail
@@ -21,7 +21,7 @@ cache=${REMUSD_XEN_TESTBED_CACHE:-$HOME/.cache/remusd-xen-testbed}
 timeout_s=${REMUSD_XEN_TESTBED_TIMEOUT:-900}
 remus_seconds=${REMUSD_XEN_TESTBED_REMUS_SECONDS:-20}
 guests=${REMUSD_XEN_TESTBED_GUESTS:-pvh}
-kinds=$(for kind in $guests; do [ "$kind" = pv ] || echo "$kind"; done | xargs)
+kinds=$(echo $guests)
 interval_ms=${REMUSD_XEN_TESTBED_INTERVAL_MS:-200}
 t_start=$(date +%s.%N)
 # shellcheck source=../TestbedLib/initramfs.sh
@@ -68,15 +68,20 @@ if ! copy_checked; then
     copy_checked || die "$cache/dom0.cpio.gz does not carry this checkout's dom0-init.sh, host-role.sh and settings"
 fi
 kver=$(sed -n 's/^xen-testbed: Xen .*, kernel \(.*\)$/\1/p' "$build_log" | tail -1)
+# PVH and HVM boot on the HAP hypervisor, PV on the one with shadow paging (run.sh names both).
 hv_version=$(sed -n 's/^xen-testbed: hypervisor \(.*\), dom0 tools .*$/\1/p' "$build_log" | tail -1)
+pv_version=$(sed -n 's/^xen-testbed: PV hypervisor \(.*\) (shadow paging), dom0 tools .*$/\1/p' "$build_log" | tail -1)
 qemu_cpu=$(sed -n 's/^xen-testbed: QEMU -cpu \(.*\)$/\1/p' "$build_log" | tail -1)
 vmlinuz=/boot/vmlinuz-$kver
-xen_elf=$cache/xen-$hv_version.elf
+hypervisor_of() { if [ "$1" = pv ]; then echo "$pv_version"; else echo "$hv_version"; fi; }
 [ -n "$kver" ] && [ -r "$vmlinuz" ] || die "no kernel version in run.sh's output"
-[ -n "$hv_version" ] && [ -s "$xen_elf" ] || die "no hypervisor at $xen_elf"
+for kind in $kinds; do
+    version=$(hypervisor_of "$kind")
+    [ -n "$version" ] && [ -s "$cache/xen-$version.elf" ] || die "no hypervisor for $kind guests in run.sh's output (${version:-none named})"
+done
 [ -n "$qemu_cpu" ] || die "no QEMU CPU model in run.sh's output"
-[ -n "$kinds" ] || die "no guest kind for two hosts in REMUSD_XEN_TESTBED_GUESTS=$guests (pvh, hvm; pv is left out here)"
-say "images ready ($(elapsed "$t_build") s): $initrd, hypervisor $hv_version, kernel $kver"
+[ -n "$kinds" ] || die "no guest kind for two hosts in REMUSD_XEN_TESTBED_GUESTS=$guests (pvh, hvm, pv)"
+say "images ready ($(elapsed "$t_build") s): $initrd, hypervisor ${hv_version:-none} (HAP), ${pv_version:-none} (PV), kernel $kver"
 
 # --- 2. Both hosts under QEMU (TCG), joined by a socket network -------------------------------
 # As run.sh's QEMU, but one vCPU and 3 GiB each: two QEMUs share this 2-core machine. The wire:
@@ -105,7 +110,7 @@ qemu() {  # role, console log, netdev, MAC, guest kind
     nice -n 10 "${REMUSD_XEN_TESTBED_QEMU:-qemu-system-x86_64}" -accel tcg,thread=multi -cpu "$qemu_cpu" -m 3G -smp 1 \
         -display none -monitor none -no-reboot -serial "file:$2" \
         -netdev "socket,id=n0,$3" -device "virtio-net-pci,netdev=n0,mac=$4" \
-        -kernel "$xen_elf" -append "$xen_args" -initrd "$vmlinuz $dom0_args testbed_role=$1 testbed_guests=$5,$initrd" \
+        -kernel "$cache/xen-$(hypervisor_of "$5").elf" -append "$xen_args" -initrd "$vmlinuz $dom0_args testbed_role=$1 testbed_guests=$5,$initrd" \
         9>&- > "$2.qemu-out" 2>&1 &
 }
 
@@ -189,7 +194,7 @@ pair() {
     row() { printf '  %-52s %12s  %s\n' "$1" "${2:-—}" "$3"; }
     echo
     echo "Two hosts, $(echo "$kind" | tr a-z A-Z) guest: remusd protect --backend xen -i $interval_ms on host A, remusd receive on host B;"
-    echo "host A's QEMU killed (SIGKILL) after $remus_seconds s of protection. Hypervisor $hv_version, QEMU TCG ($qemu_cpu), 1 vCPU per host"
+    echo "host A's QEMU killed (SIGKILL) after $remus_seconds s of protection. Hypervisor $(hypervisor_of "$kind"), QEMU TCG ($qemu_cpu), 1 vCPU per host"
     row "measure" "value" "unit"
     row "QEMU start to dom0 /init, host A / host B" "${boot_a:-?} / ${boot_b:-?}" "s"
     row "dom0 kernel to /init (dom0 uptime), A / B" "$(dom0_up "$log_a.txt") / $(dom0_up "$log_b.txt")" "s"

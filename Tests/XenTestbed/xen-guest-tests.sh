@@ -227,6 +227,11 @@ await_answer() {
 # for the plaintext channel); returns once the first checkpoint is committed, with its time
 # from the start of protect in $afresh_sync_s, 1 after a FAIL line if none came within 300 s.
 protect_afresh() {
+    crashed=$(crashed_domains)
+    if [ -n "$crashed" ]; then
+        fail "the guest had crashed before the $1 test (domain $crashed): it and the sections after it are left out"
+        diagnose; cleanup_domains; exit 0
+    fi
     start_udp /tmp/udp-$1.log
     start_receive /tmp/receive-$1.log "$2"
     wait_for_line /tmp/receive-$1.log "listening" 30 > /dev/null
