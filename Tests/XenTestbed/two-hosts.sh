@@ -71,7 +71,7 @@ kver=$(sed -n 's/^xen-testbed: Xen .*, kernel \(.*\)$/\1/p' "$build_log" | tail 
 # PVH and HVM boot on the HAP hypervisor, PV on the one with shadow paging (run.sh names both).
 hv_version=$(sed -n 's/^xen-testbed: hypervisor \(.*\), dom0 tools .*$/\1/p' "$build_log" | tail -1)
 pv_version=$(sed -n 's/^xen-testbed: PV hypervisor \(.*\) (shadow paging), dom0 tools .*$/\1/p' "$build_log" | tail -1)
-qemu_cpu=$(sed -n 's/^xen-testbed: QEMU -cpu \(.*\)$/\1/p' "$build_log" | tail -1)
+qemu_cpu=$(sed -n 's/^xen-testbed: QEMU -cpu \([^ ]*\).*$/\1/p' "$build_log" | tail -1)
 vmlinuz=/boot/vmlinuz-$kver
 hypervisor_of() { if [ "$1" = pv ]; then echo "$pv_version"; else echo "$hv_version"; fi; }
 [ -n "$kver" ] && [ -r "$vmlinuz" ] || die "no kernel version in run.sh's output"
