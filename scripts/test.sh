@@ -100,7 +100,7 @@ if [ -f Tests/XenTestbed/run.sh ] && [ "${REMUSD_SKIP_TESTBED:-0}" != 1 ] && [ "
     fi
     if [ "${REMUSD_XEN_420:-0}" = 1 ]; then
         step "Xen testbed on Debian 13's Xen 4.20 (trixie dom0, kernel 6.12, PVH guest; asked for by REMUSD_XEN_420=1)"
-        REMUSD_XEN_TESTBED_RELEASE=4.20 bash Tests/XenTestbed/run.sh
+        REMUSD_XEN_TESTBED_GUESTS=pvh REMUSD_XEN_TESTBED_RELEASE=4.20 bash Tests/XenTestbed/run.sh
     fi
 fi
 
