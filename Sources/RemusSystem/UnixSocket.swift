@@ -48,7 +48,7 @@ public final class UnixListener: Sendable {
         })
         let fd = socket.raw
         let directory = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
-        let provisional = (directory.isEmpty ? "" : directory) + "/.\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock~"
+        let provisional = directory + "/.\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock~"
         // Where the provisional name does not fit sun_path, the socket is bound where it stays.
         let bound = provisional.utf8.count < MemoryLayout.size(ofValue: sockaddr_un().sun_path) ? provisional : path
         if bound == path { unlink(path) }

@@ -21,10 +21,10 @@ pids_matching() {
         case "$c" in $1) echo "${d#/proc/}" ;; esac
     done
 }
-# Destroys every domain but dom0, and waits (at most $1 s, default 60) until Xen has let them go.
 # The ids of domains Xen holds as crashed (on_crash = "preserve" keeps them): a guest that
 # crashed while protected takes its later checks' timeouts with it, so the sections stop there.
 crashed_domains() { timeout 20 xl list 2>/dev/null | awk 'NR > 1 && $5 ~ /c/ { print $2 }' | xargs; }
+# Destroys every domain but dom0, and waits (at most $1 s, default 60) until Xen has let them go.
 cleanup_domains() { for id in $(xl list 2>/dev/null | awk 'NR > 1 && $2 != 0 { print $2 }'); do timeout 60 xl destroy "$id" > /dev/null 2>&1; done; }
 wait_no_domains() {
     deadline=$(( $(now | cut -d. -f1) + ${1:-60} ))

@@ -226,12 +226,18 @@ await_answer() {
 # Starts a UDP listener, a backup and a primary for one test (logs /tmp/*-$1.log; $2 = plain
 # for the plaintext channel); returns once the first checkpoint is committed, with its time
 # from the start of protect in $afresh_sync_s, 1 after a FAIL line if none came within 300 s.
-protect_afresh() {
+# A guest Xen holds as crashed ends remusd's sections here: a FAIL saying it $1 (the logs $2… shown),
+# the diagnosis, no domain left. Returns when none crashed.
+end_if_crashed() {
     crashed=$(crashed_domains)
-    if [ -n "$crashed" ]; then
-        fail "the guest had crashed before the $1 test (domain $crashed): it and the sections after it are left out"
-        diagnose; cleanup_domains; exit 0
-    fi
+    [ -n "$crashed" ] || return 0
+    what=$1; shift
+    fail "the guest $what (domain $crashed): the sections after it are left out"
+    [ $# -eq 0 ] || show "$@"
+    diagnose; cleanup_domains; exit 0
+}
+protect_afresh() {
+    end_if_crashed "had crashed before the $1 test"
     start_udp /tmp/udp-$1.log
     start_receive /tmp/receive-$1.log "$2"
     wait_for_line /tmp/receive-$1.log "listening" 30 > /dev/null
@@ -291,11 +297,7 @@ info "vifs buffered: $(grep -ao 'output held by plug qdiscs on [^;]*' /tmp/prote
 e1=$(status_field epoch | sed 's/captured \([0-9]*\).*/\1/'); v1=$(last_counter "$primary_log"); t1=$(now)
 sleep "$REMUS_SECONDS"
 e2=$(status_field epoch | sed 's/captured \([0-9]*\).*/\1/'); v2=$(last_counter "$primary_log"); t2=$(now)
-crashed=$(crashed_domains)
-if [ -n "$crashed" ]; then
-    fail "the guest crashed while remusd protected it (domain $crashed); the failover, stop and switchover sections are left out"
-    show /tmp/protect.log /tmp/receive.log; diagnose; cleanup_domains; exit 0
-fi
+end_if_crashed "crashed while remusd protected it" /tmp/protect.log /tmp/receive.log
 protected=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.1f", b - a }')
 metric remusd_protected_s "$protected"
 if [ -n "$e1" ] && [ -n "$e2" ] && [ "$e2" -gt "$e1" ]; then
