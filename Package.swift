@@ -26,7 +26,8 @@ let package = Package(
         .target(name: "RemusCore", dependencies: ["CCRC32C"]),
         // The one system layer: the errno error type, the syscall choke point, owned descriptors,
         // sockets and child processes with deadlines, our threads and the monitor lock.
-        .target(name: "RemusSystem", dependencies: [.product(name: "SystemPackage", package: "swift-system")]),
+        .target(name: "CMalloc"),
+        .target(name: "RemusSystem", dependencies: ["CMalloc", .product(name: "SystemPackage", package: "swift-system")]),
         .target(name: "RemusSim", dependencies: ["RemusCore", "RemusSystem", "RemusDisk"]),
         .systemLibrary(
             name: "CNetlink",

@@ -1,4 +1,5 @@
 import RemusCore
+import RemusSystem
 
 /// The staging arenas of one protected guest: taken by the loop thread for a capture or a
 /// pre-copy round, given back by whichever thread is done with them.
@@ -228,13 +229,24 @@ final class CheckpointShipper: @unchecked Sendable {
         let total = Int(guest.descriptor.pageCount)
         var sentBytes = 0
         progress(0, total)
+        // Where the live phase's time goes: waiting for the library's bytes, or writing them.
+        let start = monotonicNanoseconds()
+        var writingNs: UInt64 = 0
+        var pieces = 0
         while let bytes = try guest.nextLiveBytes(maxBytes: 4 * RecordWriter.opaqueChunkBytes) {
             if isAbandoned { throw ProtocolError("the connection was closed during the live phase") }
             guard !bytes.isEmpty else { continue }
+            let before = monotonicNanoseconds()
             if !blackhole { try writer.writePrecopyStream(bytes) }
+            writingNs += monotonicNanoseconds() - before
+            pieces += 1
             sentBytes += bytes.count
             progress(min(total, sentBytes / pageSize), total)
         }
+        let elapsed = monotonicNanoseconds() - start
+        Log.info("live phase shipped: \(sentBytes >> 20) MiB of the library's stream in \(elapsed / 1_000_000) ms "
+                 + "(\(pieces) pieces; \((elapsed - writingNs) / 1_000_000) ms waiting for the library, \(writingNs / 1_000_000) ms writing to the backup); "
+                 + "the library suspends the guest for the first checkpoint")
         return (sentBytes / pageSize, 0)
     }
 
@@ -251,6 +263,8 @@ struct PrimaryStatistics {
     var precopyPages: UInt64 = 0
     /// Progress of the running pre-copy round: pages sent and pages in the round.
     var syncProgress: (sent: Int, total: Int) = (0, 0)
+    /// The running round's time left.
+    var syncETA = SyncETA()
     var lastCheckpointBytes: UInt64 = 0
     /// Checkpoints written to the backup (each sets `lastCheckpointBytes`).
     var shippedCheckpoints: UInt64 = 0
@@ -310,7 +324,8 @@ struct PrimaryStatistics {
         case .idle: return "IDLE"
         case .connecting(let attempt, _, _): return "CONNECTING (attempt \(attempt))"
         case .synchronizing(let round, _):
-            return "SYNCHRONIZING (pre-copy round \(round)) " + progressBar(syncProgress.sent, syncProgress.total)
+            return "SYNCHRONIZING (pre-copy round \(round)) "
+                + progressBar(syncProgress.sent, syncProgress.total, remainingNs: syncETA.remainingNs(now: SystemClock().monotonicNs()))
         case .protecting: return "PROTECTED"
         case .degraded(let reason, _, _): return "DEGRADED: \(reason)"
         case .switchingOver(let final, _): return "SWITCHING OVER (final checkpoint \(final), guest suspended)"
@@ -349,8 +364,41 @@ public struct PauseSplitWindows: Sendable {
 }
 
 /// "[#########...........] 45 % (29491/65536 pages)"
-func progressBar(_ sent: Int, _ total: Int, width: Int = 20) -> String {
+func progressBar(_ sent: Int, _ total: Int, width: Int = 20, remainingNs: UInt64? = nil) -> String {
     guard total > 0 else { return "[" + String(repeating: ".", count: width) + "]" }
     let filled = min(width, sent * width / total)
-    return "[" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled) + "] \(sent * 100 / total) % (\(sent)/\(total) pages)"
+    let bar = "[" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled) + "] \(sent * 100 / total) % (\(sent)/\(total) pages)"
+    guard let remainingNs, sent < total else { return bar }
+    let tenths = (remainingNs + 50_000_000) / 100_000_000
+    let seconds = (remainingNs + 500_000_000) / 1_000_000_000
+    let left = tenths < 100 ? "\(tenths / 10).\(tenths % 10) s" : seconds < 60 ? "\(seconds) s" : "\(seconds / 60) min \(seconds % 60) s"
+    return bar + ", about " + left + " left"
+}
+
+/// The time a pre-copy round has left: its remaining pages at the rate of its last few seconds
+/// (a round's start is slower: connection set-up, a library that maps before it sends), or of
+/// the whole round while it is younger than that. A round that starts again (fewer pages sent
+/// than before, or another total) starts the estimate again.
+struct SyncETA: Sendable {
+    /// How far back the rate looks.
+    static let windowNs: UInt64 = 3_000_000_000
+    private var samples: [(at: UInt64, sent: Int)] = []
+    private var total = 0
+
+    mutating func record(sent: Int, total: Int, at now: UInt64) {
+        if total != self.total || sent < (samples.last?.sent ?? 0) { samples.removeAll() }
+        self.total = total
+        samples.append((now, sent))
+        // One sample at or beyond the window stays as the rate's base.
+        while samples.count > 2 && now - samples[1].at >= Self.windowNs { samples.removeFirst() }
+    }
+
+    /// Nanoseconds left after `now`; nil until the round has made progress over some time.
+    func remainingNs(now: UInt64) -> UInt64? {
+        guard let first = samples.first, let last = samples.last, last.sent > first.sent, last.at > first.at else { return nil }
+        let pagesPerNs = Double(last.sent - first.sent) / Double(last.at - first.at)
+        let fromLast = Double(max(0, total - last.sent)) / pagesPerNs
+        let since = Double(now >= last.at ? now - last.at : 0)
+        return UInt64(max(0, fromLast - since))
+    }
 }

@@ -78,6 +78,10 @@ final class ConnectionTable: @unchecked Sendable {
     private var tickets: [Int: (ticket: Ticket, channel: any ByteChannel)] = [:]
     private var nextID = 0
     private var watchdogStarted = false
+    /// The deadline the watchdog sleeps until (`.max`: none), 0 while it is awake. A change wakes
+    /// it only when it brings a deadline earlier than that: every read moves a deadline later,
+    /// and waking the watchdog for each cost a backup a tenth of its CPU in a Xen live phase.
+    private var watchdogSleepsUntil: UInt64 = 0
     /// What the watchdog did (for status and tests): connections dropped for a missed deadline,
     /// connections refused at once over the cap.
     private(set) var dropped = 0
@@ -119,7 +123,7 @@ final class ConnectionTable: @unchecked Sendable {
             ticket.why = "no accepted hello (TLS handshake, stream header and DOMAIN_CONFIG) within \(helloBudgetNs / 1_000_000) ms"
             tickets[ticket.id] = (ticket, channel)
             startWatchdogIfNeeded()
-            monitor.broadcast()
+            wakeWatchdogIfEarlier(ticket.deadline)
             return (ticket, evicted)
         }
         if let evicted = result.evicted {
@@ -140,15 +144,19 @@ final class ConnectionTable: @unchecked Sendable {
     fileprivate func update(_ ticket: Ticket, _ body: (Ticket) -> Void) {
         monitor.withLock {
             body(ticket)
-            monitor.broadcast()
+            wakeWatchdogIfEarlier(ticket.deadline)
         }
     }
 
+    /// A removed ticket's deadline only goes away: the watchdog wakes at the old one, finds
+    /// nothing due and sleeps until the next.
     fileprivate func remove(_ ticket: Ticket) {
-        monitor.withLock {
-            tickets[ticket.id] = nil
-            monitor.broadcast()
-        }
+        monitor.withLock { tickets[ticket.id] = nil }
+    }
+
+    /// Called with the monitor held.
+    private func wakeWatchdogIfEarlier(_ deadline: UInt64?) {
+        if let deadline, deadline < watchdogSleepsUntil { monitor.broadcast() }
     }
 
     private func startWatchdogIfNeeded() {
@@ -169,7 +177,10 @@ final class ConnectionTable: @unchecked Sendable {
                     dropped += 1
                 }
                 if due.isEmpty {
-                    monitor.wait(untilMonotonic: tickets.values.compactMap { $0.ticket.deadline }.min())
+                    let next = tickets.values.compactMap { $0.ticket.deadline }.min()
+                    watchdogSleepsUntil = next ?? .max
+                    monitor.wait(untilMonotonic: next)
+                    watchdogSleepsUntil = 0
                 }
                 return due.map { ($0.ticket, $0.channel, $0.ticket.why) }
             }

@@ -46,6 +46,8 @@ public final class PrimaryProtection: @unchecked Sendable {
     private var writer: CheckpointShipper?
     /// The writer of the last closed connection, until it has stopped.
     private var retiredWriter: CheckpointShipper?
+    /// A stream's first checkpoint and when it was taken, until the backup acknowledges it.
+    private var firstCheckpoint: (epoch: Epoch, takenAt: UInt64)?
     private let header: StreamHeader
     private let domainConfig: DomainConfig
     private let blackhole: Bool
@@ -172,6 +174,10 @@ public final class PrimaryProtection: @unchecked Sendable {
             execute(engine.onCheckpointShipped(epoch, now: now))
         case .ack(let gen, let ack):
             guard gen == generation else { return }
+            if let first = firstCheckpoint, ack.epoch >= first.epoch {
+                firstCheckpoint = nil
+                Log.info("first checkpoint \(first.epoch) acknowledged by the backup \((now - min(first.takenAt, now)) / 1_000_000) ms after it was taken", logContext)
+            }
             execute(engine.onAck(ack.epoch, now: now))
             let acked = engine.acknowledgedEpoch
             updateStats {
@@ -287,12 +293,16 @@ public final class PrimaryProtection: @unchecked Sendable {
             // Progress on the status line, and in the log at every quarter of the first round.
             let progress: @Sendable (Int, Int) -> Void = { [self] sent, total in
                 var logIt = false
+                var remaining: UInt64?
+                let at = clock.monotonicNs()
                 updateStats {
                     let before = $0.syncProgress.total > 0 ? $0.syncProgress.sent * 4 / $0.syncProgress.total : -1
                     $0.syncProgress = (sent, total)
+                    $0.syncETA.record(sent: sent, total: total, at: at)
+                    remaining = $0.syncETA.remainingNs(now: at)
                     logIt = round == 1 && total > 0 && sent * 4 / total != before
                 }
-                if logIt { Log.info("synchronising: \(progressBar(sent, total))") }
+                if logIt { Log.info("synchronising: \(progressBar(sent, total, remainingNs: remaining))") }
             }
             if round == 1, let disks = guest.disks {
                 writer.enqueue(.diskCopy(disks))
@@ -360,7 +370,10 @@ public final class PrimaryProtection: @unchecked Sendable {
             let text: String
             let context = logContext
             switch report {
-            case .protecting(let first): text = "protecting: first checkpoint \(first) taken"; Log.info(text, context)
+            case .protecting(let first):
+                text = "protecting: first checkpoint \(first) taken"
+                Log.info(text, context)
+                firstCheckpoint = (first, clock.monotonicNs())
             case .degraded(let t): text = t; Log.warning(t, context)
             case .overload(let t): text = t; Log.warning(t, context)
             case .switchedOver(let final): text = "switchover complete: the backup runs the guest from checkpoint \(final); it is stopped here"; Log.info(text, context)

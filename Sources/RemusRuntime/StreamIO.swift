@@ -174,23 +174,31 @@ package final class RecordWriter {
     /// Chunks of the libxl stream written on this connection (their sequence numbers).
     private var opaqueSequence: UInt32 = 0
 
-    /// Appends `bytes` as OPAQUE_PAYLOAD chunks of the libxl stream, writing the buffer out
-    /// whenever it holds a chunk; returns bytes written.
+    /// Appends `bytes` as OPAQUE_PAYLOAD chunks of the libxl stream, each written as the buffer
+    /// (its header) and the chunk from where it is (one writev, no copy); returns bytes written.
     private func writeStream(_ bytes: [UInt8]) throws -> Int {
         var total = 0
         var offset = 0
         while offset < bytes.count {
             let end = min(offset + Self.opaqueChunkBytes, bytes.count)
-            try bytes.withUnsafeBytes { raw in
-                try encoder.appendOpaquePayload(stream: .libxl, sequence: opaqueSequence,
-                                                bytes: UnsafeRawBufferPointer(rebasing: raw[offset..<end]), into: &buffer)
+            total += try bytes.withUnsafeBytes { raw in
+                let chunk = UnsafeRawBufferPointer(rebasing: raw[offset..<end])
+                let padding = try encoder.appendOpaquePayloadHeader(stream: .libxl, sequence: opaqueSequence, bytes: chunk, into: &buffer)
+                return try Self.zeroPadding.withUnsafeBytes { zeros in
+                    // A chunk is never empty (offset < end), so it has a base address.
+                    let segments = [StreamSegment(base: chunk.baseAddress!, count: chunk.count),
+                                    StreamSegment(base: zeros.baseAddress!, count: padding)]
+                    return try segments.withUnsafeBufferPointer { try writeBufferAnd(UnsafeBufferPointer(rebasing: $0[..<(padding > 0 ? 2 : 1)])) }
+                }
             }
             opaqueSequence &+= 1
-            total += try writeBufferAnd(UnsafeBufferPointer(start: nil, count: 0))
             offset = end
         }
         return total
     }
+
+    /// The zero bytes that pad an OPAQUE_PAYLOAD written from the caller's bytes to 8.
+    private static let zeroPadding = [UInt8](repeating: 0, count: 8)
 
     /// Writes the small-record buffer followed by `segments` in one writev sequence; empties the buffer.
     private func writeBufferAnd(_ segments: UnsafeBufferPointer<StreamSegment>) throws -> Int {

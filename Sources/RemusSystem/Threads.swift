@@ -1,3 +1,4 @@
+import CMalloc
 import Glibc
 
 /// A mutex and condition variable pair whose timed waits use CLOCK_MONOTONIC, so deadlines
@@ -82,18 +83,23 @@ public struct JoinableThread: Sendable {
     fileprivate let handle: pthread_t
 
     private final class Start {
+        let name: String
         let body: @Sendable () -> Void
-        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+        init(_ name: String, _ body: @escaping @Sendable () -> Void) {
+            self.name = name
+            self.body = body
+        }
     }
 
-    /// Starts a thread running `body`. (`name` is for diagnostics; Glibc's module map hides
-    /// pthread_setname_np, so it is not applied to the thread yet.)
+    /// Starts a thread running `body`, named `name` for `top -H`, `ps -L` and /proc (the kernel
+    /// keeps 15 bytes of it).
     public init(name: String, _ body: @escaping @Sendable () -> Void) throws(SystemError) {
-        let start = Unmanaged.passRetained(Start(body)).toOpaque()
+        let start = Unmanaged.passRetained(Start(name, body)).toOpaque()
         var thread = pthread_t()
         let rc = pthread_create(&thread, nil, { context in
             // SAFETY: `context` is the retained Start passed below; it is consumed exactly once here.
             let start = Unmanaged<Start>.fromOpaque(context!).takeRetainedValue()
+            nameThisThread(start.name)
             start.body()
             return nil
         }, start)
@@ -106,6 +112,30 @@ public struct JoinableThread: Sendable {
 
     /// Waits for the thread to finish.
     public func join() { pthread_join(handle, nil) }
+}
+
+/// Names the calling thread (Glibc's module map hides pthread_setname_np, and prctl is variadic:
+/// the kernel's own file for it serves). A failure leaves the process's name, nothing else.
+func nameThisThread(_ name: String) {
+    let fd = open("/proc/thread-self/comm", O_WRONLY | O_CLOEXEC)
+    guard fd >= 0 else { return }
+    let bytes = Array(name.utf8.prefix(15))
+    _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+    close(fd)
+}
+
+/// Keeps memory the process frees for its next allocations instead of giving it back to the
+/// kernel. The stream path allocates and frees megabyte buffers all the time (a library's stream
+/// in 1 MiB pieces, staged checkpoints, the feed queue); with glibc's defaults those above its
+/// moving mmap threshold are mapped and unmapped each time, and the top of the heap is trimmed,
+/// so their pages fault in again on every use. A page fault is cheap on bare metal, but in a
+/// Xen PV dom0 it is a trap into the hypervisor and a page-table hypercall. What is kept is
+/// bounded by what the process held at once (its peak), which its bounds already limit.
+/// Returns whether glibc took it.
+@discardableResult
+public func keepFreedMemoryForReuse() -> Bool {
+    // 32 MiB is glibc's largest mmap threshold (the staging arenas stay mmap'd, allocated once).
+    remus_malloc_keep_freed(32 << 20, 512 << 20) == 1
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `MonitorLock`'s deadlines.

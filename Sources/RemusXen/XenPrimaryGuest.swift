@@ -558,14 +558,15 @@ final class SaveSession: @unchecked Sendable {
     /// The live phase: the stream's next bytes (with libxl's preamble first); empty after a
     /// short wait without any; nil once libxenguest waits to suspend the guest.
     func readLive(maxBytes: Int) throws -> [UInt8]? {
-        var out: [UInt8] = []
+        var prefix: [UInt8] = []
         if !preambleSent {
             preambleSent = true
-            out = LibxlStream.preamble
+            prefix = LibxlStream.preamble
         }
         let waiting = monitor.withLock { suspendPoint.waiting }
-        let start = out.count
-        let n = try readSome(into: &out, max: maxBytes, waitMs: waiting ? 0 : 100)
+        let start = prefix.count
+        // Straight into the array that is shipped: the live phase is the whole guest's memory.
+        let (out, n) = try readFresh(after: prefix, max: min(maxBytes, Self.scratchBytes), waitMs: waiting ? 0 : 100)
         // Follow the framing from the first byte, so that checkpoints can be cut later.
         var at = start
         while at < out.count { at += try frame(out, from: at).taken }
@@ -654,6 +655,28 @@ final class SaveSession: @unchecked Sendable {
         case .success(let r): return r
         case .failure(let error): throw XenBackendError("libxenguest's stream is malformed: \(error); protection of this stream stops")
         }
+    }
+
+    /// Reads what is available (waiting up to `waitMs` for something) into a new array after
+    /// `prefix`, with no copy on the way; returns it and the bytes read (0 when nothing came).
+    private func readFresh(after prefix: [UInt8], max: Int, waitMs: Int32) throws -> ([UInt8], Int) {
+        var p = pollfd(fd: readFd, events: Int16(POLLIN), revents: 0)
+        let ready = poll(&p, 1, waitMs)
+        if ready < 0 && errno != EINTR { throw XenError(call: "poll(checkpoint stream)", errno: errno) }
+        guard ready > 0 else { return (prefix, 0) }
+        var failure: Int32 = 0
+        var n = 0
+        let out = [UInt8](unsafeUninitializedCapacity: prefix.count + max) { buffer, count in
+            // SAFETY: the capacity holds the prefix and then `max` bytes for read to fill.
+            let base = buffer.baseAddress!
+            prefix.withUnsafeBufferPointer { base.update(from: $0.baseAddress!, count: prefix.count) }
+            let got = read(readFd, base + prefix.count, max)
+            if got < 0 { failure = errno }
+            n = Swift.max(got, 0)
+            count = prefix.count + n
+        }
+        if failure != 0 && failure != EINTR && failure != EAGAIN { throw XenError(call: "read(checkpoint stream)", errno: failure) }
+        return (out, n)
     }
 
     /// Reads what is available (waiting up to `waitMs` for something) and appends it to `out`;

@@ -3,6 +3,7 @@ import Glibc
 import RemusCore
 import RemusNetbuf
 import RemusRuntime
+import RemusSystem
 import RemusTLS
 
 /// `remusd`: continuous-checkpointing replication for virtual machines.
@@ -16,6 +17,11 @@ struct Remusd: ParsableCommand {
             """,
         subcommands: [Protect.self, Receive.self, Status.self, Stop.self, Failover.self, Certs.self, Drill.self, Bench.self, Netbuf.self, Disk.self]
     )
+
+    static func main() {
+        keepFreedMemoryForReuse()
+        main(nil as [String]?)
+    }
 }
 
 extension OverloadPolicy: ExpressibleByArgument {}

@@ -94,11 +94,28 @@ public struct StreamDecoder: ~Copyable, @unchecked Sendable {
     /// Space to read(2) into, at the end of the buffer. Follow with `commit(_:)`.
     ///
     /// Call it after `next()` returned nil: the space is then never empty and at least what the
-    /// record being received still needs (once its header is in). Valid until the next mutating call.
+    /// record being received still needs (once its header is in). Reads are shaped so that a
+    /// stream of large records is not copied twice: bytes read past a record's end must be moved
+    /// to the buffer's front when the next large record does not fit behind them. So a record of
+    /// `boundedReadBytes` or more gets exactly what it still needs, and a read between items
+    /// takes at most `boundedReadBytes / 2`: a large record then starts near the buffer's front,
+    /// where `reserveRecord` leaves room for it. Valid until the next mutating call.
     public mutating func writableSpace() -> UnsafeMutableRawBufferPointer {
         makeRoom()
-        return UnsafeMutableRawBufferPointer(start: buffer + end, count: capacity - end)
+        var room = capacity - end
+        if let pending = pendingItemBytes {
+            if header != nil, pending >= Self.boundedReadBytes, start + pending > end { room = min(room, start + pending - end) }
+        } else {
+            room = min(room, Self.boundedReadBytes / 2)
+        }
+        return UnsafeMutableRawBufferPointer(start: buffer + end, count: room)
     }
+
+    /// Records from this size on are read up to their end and no further (see `writableSpace`).
+    public static let boundedReadBytes = 128 << 10
+
+    /// Bytes moved to the buffer's front to make room (a measure of the reads' fit).
+    public private(set) var compactedBytes: UInt64 = 0
 
     /// Declares that `count` bytes were written at the start of the last `writableSpace()`.
     public mutating func commit(_ count: Int) {
@@ -139,6 +156,7 @@ public struct StreamDecoder: ~Copyable, @unchecked Sendable {
         guard start > 0 else { return }
         // SAFETY: [start, end) lies inside the buffer; copyMemory has memmove semantics (overlap allowed).
         buffer.copyMemory(from: buffer + start, byteCount: end - start)
+        compactedBytes += UInt64(end - start)
         end -= start
         start = 0
     }
@@ -149,7 +167,9 @@ public struct StreamDecoder: ~Copyable, @unchecked Sendable {
         if start + total <= capacity { return }
         compact()
         if total <= capacity { return }
-        let newCapacity = min(Self.maximumBufferBytes, max(total, capacity * 2))
+        // Room for the small items a read between items may bring before the record (see
+        // `writableSpace`), so the next record this large fits without moving it.
+        let newCapacity = min(Self.maximumBufferBytes, max(total + Self.boundedReadBytes / 2, capacity * 2))
         let newBuffer = UnsafeMutableRawPointer.allocate(byteCount: newCapacity, alignment: 16)
         newBuffer.copyMemory(from: buffer, byteCount: end)
         buffer.deallocate()

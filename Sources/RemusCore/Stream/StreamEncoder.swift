@@ -244,6 +244,26 @@ public struct StreamEncoder: ~Copyable {
         }
     }
 
+    /// Appends an OPAQUE_PAYLOAD's header and the 8 body bytes before its data, and counts the
+    /// whole record: the caller writes `bytes` and then the returned number (0…7) of zero bytes
+    /// right after `out` (writev), so a megabyte of a library's stream is not copied into the
+    /// buffer first. The bytes are those of `appendOpaquePayload`.
+    public mutating func appendOpaquePayloadHeader(
+        stream: OpaqueStream, sequence: UInt32, bytes: UnsafeRawBufferPointer, into out: inout [UInt8]
+    ) throws(StreamEncodeError) -> Int {
+        let bodyLength = 8 + bytes.count
+        let limit = RecordType.opaquePayload.maximumBody(pageSize: pageSize)
+        guard bodyLength <= limit else {
+            throw StreamEncodeError(.opaquePayload, "body of \(bodyLength) bytes; at most \(limit)")
+        }
+        let start = out.count
+        out.append(contentsOf: repeatElement(0, count: RecordHeader.size))
+        out.appendLE(stream.rawValue)
+        out.appendLE(sequence)
+        sealBeforeTrailingData(.opaquePayload, recordStart: start, data: bytes, in: &out)
+        return align8(bodyLength) - bodyLength
+    }
+
     /// Appends a DISK_WRITE straight from the caller's bytes (1 … `StreamLimits.maxDiskWriteBytes`;
     /// a longer guest write is split by the caller).
     public mutating func appendDiskWrite(
@@ -267,20 +287,26 @@ public struct StreamEncoder: ~Copyable {
     ) throws(StreamEncodeError) {
         try checkDiskWriteLength(data.count)
         precondition(data.count % 8 == 0, "DISK_WRITE data of \(data.count) bytes is not whole 8-byte units")
-        let bodyLength = 16 + data.count
         let start = out.count
         out.append(contentsOf: repeatElement(0, count: RecordHeader.size))
         out.appendLE(disk)
         out.appendLE(UInt32(data.count))
         out.appendLE(offset)
+        sealBeforeTrailingData(.diskWrite, recordStart: start, data: data, in: &out)
+    }
+
+    /// Writes the header of the record that starts at `start`, whose body is what follows its
+    /// header in `out` and then `data` (which the caller writes after `out`), and counts it.
+    private mutating func sealBeforeTrailingData(_ type: RecordType, recordStart start: Int, data: UnsafeRawBufferPointer, in out: inout [UInt8]) {
+        let bodyLength = out.count - start - RecordHeader.size + data.count
         let flags = RecordHeader.mandatoryFlag
-        let fields = RecordHeader.crcOfFields(typeCode: RecordType.diskWrite.rawValue, flags: flags, bodyLength: UInt32(bodyLength))
+        let fields = RecordHeader.crcOfFields(typeCode: type.rawValue, flags: flags, bodyLength: UInt32(bodyLength))
         let crc = out.withUnsafeBytes {
             CRC32C.extend(CRC32C.extend(fields, UnsafeRawBufferPointer(rebasing: $0[(start + RecordHeader.size)...])), data)
         }
-        let header = RecordHeader(typeCode: RecordType.diskWrite.rawValue, flags: flags, bodyLength: UInt32(bodyLength), crc: crc)
+        let header = RecordHeader(typeCode: type.rawValue, flags: flags, bodyLength: UInt32(bodyLength), crc: crc)
         out.withUnsafeMutableBytes {
-            // The record's 16 header bytes were appended above, so the buffer is not empty.
+            // The record's 16 header bytes were appended by the caller, so the buffer is not empty.
             guard let base = $0.baseAddress else { return }
             header.write(to: base + start)
         }

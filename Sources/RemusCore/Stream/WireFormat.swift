@@ -123,6 +123,15 @@ public enum CRC32C {
         }
     }
 
+    /// Whether the crc32 instruction computes CRCs in this process (false: no SSE4.2, or it ran
+    /// over 2x slower than the table when timed at the first use, as under an emulator).
+    public static var usesInstruction: Bool { remus_crc32c_hardware() != 0 }
+
+    /// The rule of that timing: the table is taken when it ran over 2x faster than the instruction.
+    static func prefersTable(instructionNs: UInt64, tableNs: UInt64) -> Bool {
+        remus_crc32c_prefers_table(instructionNs, tableNs) != 0
+    }
+
     /// The same CRC from the table path whatever the CPU (the tests' oracle for the fast path).
     static func extendPortable(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
         guard let base = bytes.baseAddress, bytes.count > 0 else { return crc }

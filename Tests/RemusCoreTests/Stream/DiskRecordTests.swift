@@ -209,6 +209,36 @@ struct DiskRecordTests {
         #expect(validate(header + dropped.joined()).error?.kind == .countMismatch)
     }
 
+    @Test("An OPAQUE_PAYLOAD encoded as its header, the data and the padding written after it (writev) is byte for byte appendOpaquePayload's, digest included")
+    func opaquePayloadHeaderPlusDataEqualsTheWholeRecord() throws {
+        var g = SeededGenerator(seed: 13)
+        var whole = StreamEncoder(pageSize: 4096, features: [])
+        var split = StreamEncoder(pageSize: 4096, features: [])
+        var wholeBytes: [UInt8] = []
+        var splitBytes: [UInt8] = []
+        let begin = StreamRecord.checkpointBegin(CheckpointBegin(epoch: 0, kind: .precopy))
+        try whole.append(begin, into: &wholeBytes)
+        try split.append(begin, into: &splitBytes)
+        // Every length modulo 8, so every padding from 0 to 7 bytes, and a chunk of the writer's size.
+        for (sequence, count) in ((0..<16).map { 1 + $0 + Int(g.next() % 4096) } + [1 << 20]).enumerated() {
+            let data = (0..<count).map { _ in UInt8(truncatingIfNeeded: g.next()) }
+            try data.withUnsafeBytes { d in
+                try whole.appendOpaquePayload(stream: OpaqueStream.libxl, sequence: UInt32(sequence), bytes: d, into: &wholeBytes)
+                let padding = try split.appendOpaquePayloadHeader(stream: OpaqueStream.libxl, sequence: UInt32(sequence), bytes: d, into: &splitBytes)
+                #expect(padding == (8 - count % 8) % 8)
+                splitBytes.append(contentsOf: d)
+                splitBytes.append(contentsOf: repeatElement(0, count: padding))
+            }
+            #expect(splitBytes == wholeBytes)
+        }
+        #expect(try split.endCheckpoint(into: &splitBytes) == whole.endCheckpoint(into: &wholeBytes))
+        #expect(splitBytes == wholeBytes)
+        let tooLong = [UInt8](repeating: 1, count: RecordType.opaquePayload.maximumBody(pageSize: 4096))
+        #expect(throws: StreamEncodeError.self) {
+            try tooLong.withUnsafeBytes { _ = try split.appendOpaquePayloadHeader(stream: .libxl, sequence: 99, bytes: $0, into: &splitBytes) }
+        }
+    }
+
     @Test("A DISK_WRITE encoded as its header with the data written after it (writev) is byte for byte appendDiskWrite's, digest included")
     func diskWriteHeaderPlusDataEqualsTheWholeRecord() throws {
         var g = SeededGenerator(seed: 12)

@@ -182,6 +182,32 @@ struct StreamDecoderTests {
         #expect(decoder.writableSpace().count >= bytes.count - headerBytes().count - 16, "room for the rest of the record")
     }
 
+    /// A Xen primary's live phase is a stream of 1 MiB OPAQUE_PAYLOADs. Reads that run past a
+    /// record's end made the decoder move the next record's first part to the buffer's front
+    /// for nearly every record (a second copy of the guest's memory on the backup); reads now
+    /// stop at a large record's end, and small records still share reads.
+    @Test func largeRecordsAreReadUpToTheirEndAndNotMovedAgain() throws {
+        var g = SeededGenerator(seed: 21)
+        let chunks = (0..<12).map { i in (0..<((1 << 20) - 8 * i - (i % 3))).map { _ in UInt8(truncatingIfNeeded: g.next()) } }
+        let bytes = try buildStream { e, out in
+            for (i, chunk) in chunks.enumerated() {
+                try e.append(.checkpointBegin(CheckpointBegin(epoch: 0, kind: .precopy)), into: &out)
+                try chunk.withUnsafeBytes { try e.appendOpaquePayload(stream: .libxl, sequence: UInt32(i), bytes: $0, into: &out) }
+                try e.endCheckpoint(into: &out)
+            }
+        }
+        let whole = decode(bytes)
+        #expect(whole.error == nil)
+        for reads in [[300 << 10, 700 << 10, 2 << 20], [64 << 10], [8 << 20]] {
+            let outcome = decode(bytes, feeding: .socketReads(reads), initialCapacity: 256 << 10)
+            #expect(outcome.error == nil)
+            #expect(outcome.items == whole.items, "reads of \(reads)")
+            // At most the part of a record read with the small ones before it, once: well under
+            // one record, where reading past each end moved about 12 MiB.
+            #expect(outcome.compactedBytes < 1 << 20, "reads of \(reads): moved \(outcome.compactedBytes) bytes")
+        }
+    }
+
     @Test func badMagicNamesWhatItSaw() {
         let outcome = decode(Array("GET / HTTP/1.1\r\n\r\n".utf8))
         #expect(outcome.error?.kind == .badMagic)

@@ -286,4 +286,15 @@ struct StreamRoundTripTests {
         let check = Array("123456789".utf8).withUnsafeBytes { CRC32C.extend(0, $0) }
         #expect(check == 0xE306_9283, "the CRC32C check value")
     }
+
+    /// An emulator may advertise SSE4.2 and run crc32 bit by bit (QEMU's TCG: 159 MB/s against the
+    /// table's 800): the table is taken only when it ran over twice as fast, never on a real CPU's
+    /// ratio (the instruction about 2x the table) nor on a near tie.
+    @Test func theTableReplacesTheInstructionOnlyWhenOverTwiceAsFast() {
+        #expect(!CRC32C.prefersTable(instructionNs: 16_000, tableNs: 34_000), "a real CPU: the instruction wins")
+        #expect(!CRC32C.prefersTable(instructionNs: 30_000, tableNs: 20_000), "1.5x: not enough to leave the instruction")
+        #expect(!CRC32C.prefersTable(instructionNs: 40_000, tableNs: 20_000), "exactly 2x: the instruction stays")
+        #expect(CRC32C.prefersTable(instructionNs: 410_000, tableNs: 82_000), "TCG's 5x: the table")
+        #expect(!CRC32C.prefersTable(instructionNs: 410_000, tableNs: 0), "a table run too short to time decides nothing")
+    }
 }

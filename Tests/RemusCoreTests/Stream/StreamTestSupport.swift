@@ -79,6 +79,8 @@ struct DecodeOutcome {
     var error: StreamDecodeError?
     var skippedOptional = 0
     var maxBufferCapacity = 0
+    /// Bytes the decoder moved to its buffer's front.
+    var compactedBytes: UInt64 = 0
 }
 
 /// Decodes `bytes` completely (calling finish() at the end) and collects what came out.
@@ -120,6 +122,7 @@ func decode(_ bytes: [UInt8], feeding: Feeding = .whole, initialCapacity: Int = 
         outcome.error = error
     }
     outcome.skippedOptional = decoder.skippedOptionalRecords
+    outcome.compactedBytes = decoder.compactedBytes
     return outcome
 }
 
