@@ -17,9 +17,29 @@ stamp() { while IFS= read -r line; do read -r up _ < /proc/uptime; printf '%s %s
 # Process ids whose command line matches a shell pattern.
 pids_matching() {
     for d in /proc/[0-9]*; do
-        c=$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null) || continue
+        # The error redirection first: a process that ends meanwhile fails the input redirection.
+        c=$(tr '\0' ' ' 2>/dev/null < "$d/cmdline") || continue
         case "$c" in $1) echo "${d#/proc/}" ;; esac
     done
+}
+# CPU seconds (user + system) the processes matching $1 have used so far, as "total N s" (with
+# threads that ended) and then each live thread's, summed by thread name, largest first.
+thread_cpu() {
+    printf 'total %s s' "$(for p in $(pids_matching "$1"); do cat /proc/"$p"/stat 2>/dev/null; done | stat_cpu_sum)"
+    for p in $(pids_matching "$1"); do cat /proc/"$p"/task/*/stat 2>/dev/null; done |
+        awk -v hz="$(getconf CLK_TCK 2>/dev/null || echo 100)" '
+            { l = $0; i = index(l, "("); j = 0
+              for (k = length(l); k > i; k--) if (substr(l, k, 1) == ")") { j = k; break }
+              name = substr(l, i + 1, j - i - 1); gsub(/ /, "_", name)
+              split(substr(l, j + 2), f, " "); cpu[name] += (f[12] + f[13]) / hz }
+            END { for (n in cpu) if (cpu[n] >= 0.01) printf "%.2f %s\n", cpu[n], n }' |
+        sort -rn | awk '{ printf "%s%s %.2f s", (NR > 1 ? ", " : ": "), $2, $1 } END { print "" }'
+}
+# The summed utime + stime of /proc/*/stat lines on stdin, in seconds.
+stat_cpu_sum() {
+    awk -v hz="$(getconf CLK_TCK 2>/dev/null || echo 100)" '{ l = $0; j = 0
+        for (k = length(l); k > 0; k--) if (substr(l, k, 1) == ")") { j = k; break }
+        split(substr(l, j + 2), f, " "); t += (f[12] + f[13]) / hz } END { printf "%.2f", t }'
 }
 # The ids of domains Xen holds as crashed (on_crash = "preserve" keeps them): a guest that
 # crashed while protected takes its later checks' timeouts with it, so the sections stop there.

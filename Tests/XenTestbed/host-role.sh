@@ -195,11 +195,14 @@ backup() {
     # and host A's dom0 both silent for 3 polls in a row (the guest alone may pause for a
     # checkpoint), or remusd reporting that it took over. Host A needs its boot, the guest,
     # remusd's first synchronisation (up to 300 s) and REMUS_SECONDS of protection.
+    # Each probe waits up to 3 s for the answer: while remusd holds the guest's output per epoch,
+    # the SYN-ACK and the answer each wait for an ACK across the two hosts, over a second at
+    # times, and dom0-lib's 1 s probe then took a running guest for a silent one.
     : > /tmp/answers.txt
     seen=""; connected=""; silent=""; said=""; misses=0; last_ok=""; last_val=""
     deadline=$(( $(now_s) + 420 + REMUS_SECONDS ))
     while [ "$(now_s)" -lt $deadline ]; do
-        t=$(now); a=$(ask_counter)
+        t=$(now); a=$(timeout 5 busybox nc -w 3 "$guest_ip" 7 < /dev/null 2>/dev/null | sed -n 's/^COUNTER \([0-9]*\).*/\1/p' | head -1)
         echo "$t ${a:--}" >> /tmp/answers.txt
         if [ -n "$a" ]; then
             misses=0; silent=""; said=""; last_ok=$t; last_val=$a

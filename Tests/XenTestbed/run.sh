@@ -19,6 +19,9 @@
 #   REMUSD_XEN_TESTBED_REMUS_SECONDS  how long `xl remus` and remusd protect the guest before the kill [20]
 #   REMUSD_XEN_TESTBED_INTERVAL_MS    checkpoint interval of `xl remus -i` and `remusd protect --interval`, ms [200]
 #   REMUSD_XEN_TESTBED_XL=0           leave out the `xl remus` baseline (remusd's tests only)
+#   REMUSD_XEN_TESTBED_SYNC_ROUNDS    rounds of the first-synchronisation benchmark, xl remus and remusd
+#                                     over plaintext alternating (median and range in the table; 0: none) [5]
+#   REMUSD_XEN_TESTBED_SYNC_BEFORE    an earlier remusd binary to take turns in those rounds (A/B of a change)
 #   REMUSD_XEN_TESTBED_QEMU           the qemu-system-x86_64 to boot with [the host's, from PATH]
 #   REMUSD_XEN_TESTBED_TCG_THREADS    QEMU's TCG threading: multi (a host thread per vCPU) or single [multi]
 #   REMUSD_XEN_TESTBED_MAIN_CHANNEL   remusd's main protection (the one measured beside xl remus) over
@@ -38,6 +41,9 @@ cache=${REMUSD_XEN_TESTBED_CACHE:-$HOME/.cache/remusd-xen-testbed}
 remus_seconds=${REMUSD_XEN_TESTBED_REMUS_SECONDS:-20}
 interval_ms=${REMUSD_XEN_TESTBED_INTERVAL_MS:-200}
 xl_baseline=${REMUSD_XEN_TESTBED_XL:-1}
+sync_rounds=${REMUSD_XEN_TESTBED_SYNC_ROUNDS:-5}
+sync_before=${REMUSD_XEN_TESTBED_SYNC_BEFORE:-}
+[ -z "$sync_before" ] || [ -x "$sync_before" ] || { echo "xen-testbed: REMUSD_XEN_TESTBED_SYNC_BEFORE=$sync_before is not an executable remusd" >&2; exit 2; }
 guests=${REMUSD_XEN_TESTBED_GUESTS:-pvh}
 
 mkdir -p "$cache"
@@ -259,7 +265,9 @@ dom0_modules=(xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-netback x
               bridge ifb sch_plug sch_ingress act_mirred cls_u32 tun loop
               virtio_pci virtio_net)   # the two-host mode's wire (two-hosts.sh)
 overlay_hash=$( {
-    echo "$kver $base_hash $remus_seconds $interval_ms $xl_baseline ${dom0_modules[*]}"
+    echo "$kver $base_hash $remus_seconds $interval_ms $xl_baseline $sync_rounds ${dom0_modules[*]}"
+    echo "${REMUSD_XEN_TESTBED_MAIN_CHANNEL:-tls} ${REMUSD_XEN_TESTBED_MAIN_EXTRA:-}"
+    if [ -n "$sync_before" ]; then sha256sum "$sync_before"; fi
     sha256sum "$vmlinuz" "$remusd" "$guest_initrd" "$here/dom0-init.sh" "$here/dom0-lib.sh" "$here/xen-tests.sh" "$here/xen-guest-tests.sh" "$here/host-role.sh" "$here/run.sh" "$here/release.sh" "$here/../TestbedLib/initramfs.sh"
     if [ -x "$swift_tests" ]; then sha256sum "$swift_tests"; fi
 } | sha256sum | cut -c1-16)
@@ -299,6 +307,7 @@ else
     # One throwaway CA for the replication channel's mutual TLS, shared by both hosts of two-hosts.sh.
     "$remusd" certs "$root/usr/share/remusd/tls" primary backup > /dev/null
     [ -x "$swift_tests" ] && add_with_libs "$swift_tests" /usr/bin/remusd-tests
+    [ -z "$sync_before" ] || add_with_libs "$sync_before" /usr/bin/remusd-before
     cp "$vmlinuz" "$root/guest/vmlinuz"
     cp "$guest_initrd" "$root/guest/initrd.cpio.gz"
     cp "$here/dom0-init.sh" "$root/init"
@@ -307,8 +316,8 @@ else
     cp "$here/host-role.sh" "$root/host-role.sh"
     cp "$here/dom0-lib.sh" "$root/dom0-lib.sh"
     chmod +x "$root/init" "$root/xen-tests.sh" "$root/xen-guest-tests.sh" "$root/host-role.sh"
-    printf 'REMUS_SECONDS=%s\nINTERVAL_MS=%s\nXL_BASELINE=%s\nMAIN_CHANNEL=%s\nMAIN_EXTRA=%q\n' "$remus_seconds" "$interval_ms" "$xl_baseline" \
-        "${REMUSD_XEN_TESTBED_MAIN_CHANNEL:-tls}" "${REMUSD_XEN_TESTBED_MAIN_EXTRA:-}" > "$root/xen-testbed.conf"
+    printf 'REMUS_SECONDS=%s\nINTERVAL_MS=%s\nXL_BASELINE=%s\nMAIN_CHANNEL=%s\nMAIN_EXTRA=%q\nSYNC_ROUNDS=%s\n' "$remus_seconds" "$interval_ms" "$xl_baseline" \
+        "${REMUSD_XEN_TESTBED_MAIN_CHANNEL:-tls}" "${REMUSD_XEN_TESTBED_MAIN_EXTRA:-}" "$sync_rounds" > "$root/xen-testbed.conf"
     # Only entries below usr/, guest/ and the top-level files: never a directory entry that
     # would collide with the base's /lib -> usr/lib symlink.
     (cd "$root" && find . -mindepth 1 -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$overlay.tmp"
@@ -403,6 +412,13 @@ kind_tables() {
     row2 "measure" "xl remus" "remusd" "unit"
     row2 "start to first checkpoint (live pre-copy of 128 MiB)" "$(metric remus_sync_s)" "$(metric remusd_sync_s)" "s"
     row2 "  the same, remusd over plaintext as xl (-s \"\")" "$(metric remus_sync_s)" "$(metric remusd_sync_plain_s)" "s"
+    if [ -n "$(metric remusd_live_median_s)" ]; then
+        row2 "first sync, plaintext, median of $(metric sync_rounds): live pre-copy" "$(metric remus_sync_median_s)" "$(metric remusd_live_median_s)" "s"
+        row2 "  min…max" "$(metric remus_sync_range)" "$(metric remusd_live_range)" "s"
+        row2 "  to the first checkpoint's ACK (xl has none)" "—" "$(metric remusd_ack_median_s) ($(metric remusd_ack_range))" "s"
+    fi
+    row2 "progress bar's time left, largest error" "" "$(metric remusd_eta_error_pct)" "%"
+    row2 "pause p50: suspend / capture / resume" "" "$(metric remusd_pause_split)" "ms"
     row2 "checkpoints per second (asked: $asked)" "$(metric checkpoints_per_s)" "$(metric remusd_checkpoints_per_s)" "1/s"
     row2 "guest counter rate, protected (unprotected: $(metric counter_rate_free))" "$(metric counter_rate_protected)" "$(metric remusd_counter_rate)" "1/s"
     row2 "pause per checkpoint, p50 / p99 (xl: gap - interval)" "${gap_over:+~$gap_over}" "$(metric remusd_pause_p50_ms) / $(metric remusd_pause_p99_ms)" "ms"

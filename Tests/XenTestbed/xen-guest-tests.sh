@@ -223,9 +223,6 @@ await_answer() {
     return 1
 }
 
-# Starts a UDP listener, a backup and a primary for one test (logs /tmp/*-$1.log; $2 = plain
-# for the plaintext channel); returns once the first checkpoint is committed, with its time
-# from the start of protect in $afresh_sync_s, 1 after a FAIL line if none came within 300 s.
 # A guest Xen holds as crashed ends remusd's sections here: a FAIL saying it $1 (the logs $2… shown),
 # the diagnosis, no domain left. Returns when none crashed.
 end_if_crashed() {
@@ -236,6 +233,27 @@ end_if_crashed() {
     [ $# -eq 0 ] || show "$@"
     diagnose; cleanup_domains; exit 0
 }
+# Prints the first synchronisation of a primary's log ($1, started at uptime $2) as info lines,
+# each with its time since the start, and sets $live_s: the start to the end of the live
+# phase (libxenguest then suspends the guest), the moment xl's "Domain now suspended" marks.
+sync_timeline() {
+    live_s=$(awk -v a="$2" '/live phase shipped/ { printf "%.2f", $1 - a; exit }' "$1")
+    # Every line up to the first checkpoint's ACK: what the start-up spends before the sync.
+    awk '{ print } /first checkpoint [0-9]* acknowledged/ { exit }' "$1" | head -20 |
+        awk -v a="$2" '{ t = $1; $1 = ""; sub(/^ +/, ""); sub(/^[^ ]+ [^ ]+ /, ""); printf "%7.2f s %s\n", t - a, substr($0, 1, 220) }' |
+        while IFS= read -r line; do info "  $line"; done
+    # The progress bar's "about N s left" at each quarter against the time the round took.
+    eta_error_pct=$(awk '/synchronising: .* 100 %/ { print $1; exit }' "$1" | {
+        read -r done_at || exit 0
+        grep -a "synchronising: .* left" "$1" | sed -n 's/^\([0-9.]*\) .* \([0-9]*\) % .*about \([0-9.]*\) s left.*/\1 \2 \3/p' |
+            awk -v d="$done_at" '{ took = d - $1; e = took > 0 ? 100 * ($3 - took) / took : 0; if (e < 0) e = -e; if (e > m) m = e
+                printf "ETA at %s %%: said %s s, took %.2f s (%.0f %% off)\n", $2, $3, took, e > "/dev/stderr" } END { printf "%.0f", m }'
+    } 2> /tmp/eta.txt)
+    while IFS= read -r line; do info "  $line"; done < /tmp/eta.txt
+}
+# Starts a UDP listener, a backup and a primary for one test (logs /tmp/*-$1.log; $2 = plain
+# for the plaintext channel); returns once the first checkpoint is committed, with its time
+# from the start of protect in $afresh_sync_s, 1 after a FAIL line if none came within 300 s.
 protect_afresh() {
     end_if_crashed "had crashed before the $1 test"
     start_udp /tmp/udp-$1.log
@@ -245,6 +263,9 @@ protect_afresh() {
     start_protect /tmp/protect-$1.log "$2"
     if at=$(wait_for_line /tmp/protect-$1.log "protecting: first checkpoint" 300); then
         afresh_sync_s=$(awk -v a="$t0" -v b="$at" 'BEGIN { printf "%.2f", b - a }')
+        wait_for_line /tmp/protect-$1.log "first checkpoint [0-9]* acknowledged" 60 > /dev/null
+        sync_timeline /tmp/protect-$1.log "$t0"
+        afresh_live_s=$live_s
         return 0
     fi
     fail "protection for the $1 test took no checkpoint"; show /tmp/protect-$1.log /tmp/receive-$1.log; diagnose
@@ -287,6 +308,10 @@ start_protect /tmp/protect.log "$MAIN_CHANNEL" "$MAIN_EXTRA"
 if at=$(wait_for_line /tmp/protect.log "protecting: first checkpoint" 300); then
     sync_s=$(awk -v a="$t_protect" -v b="$at" 'BEGIN { printf "%.2f", b - a }')
     metric remusd_sync_s "$sync_s"
+    wait_for_line /tmp/protect.log "first checkpoint [0-9]* acknowledged" 60 > /dev/null
+    sync_timeline /tmp/protect.log "$t_protect"
+    metric remusd_live_s "$live_s"
+    metric remusd_eta_error_pct "${eta_error_pct:-none}"
     pass "remusd protect guest: first checkpoint committed after ${sync_s} s (live pre-copy by libxenguest through remusd's stream)"
 else
     fail "remusd protect took no checkpoint within 300 s"; show /tmp/protect.log /tmp/receive.log; diagnose; cleanup_domains; exit 0
@@ -309,6 +334,9 @@ fi
 metric remusd_counter_rate "$(awk -v a="$v1" -v b="$v2" -v s="$protected" 'BEGIN { printf "%.2f", (b - a) / s }')"
 pause=$(status_field pause)
 info "remusd status: pause ${pause:-?}; $(status_field 'checkpoint size'); $(status_field 'output buffer')"
+split=$(status_field 'pause split')
+info "remusd pause split: $split"
+metric remusd_pause_split "$(echo "$split" | sed -n 's/.*suspend p50 \([0-9]*\) .*capture p50 \([0-9]*\) .*resume p50 \([0-9]*\) .*/\1 \2 \3/p' | awk '{ printf "%.1f/%.1f/%.1f", $1 / 1000, $2 / 1000, $3 / 1000 }')"
 metric remusd_pause_p50_ms "$(echo "$pause" | sed -n 's/p50 \([0-9]*\) µs.*/\1/p' | awk '{ printf "%.1f", $1 / 1000 }')"
 metric remusd_pause_p99_ms "$(echo "$pause" | sed -n 's/.*p99 \([0-9]*\) µs.*/\1/p' | awk '{ printf "%.1f", $1 / 1000 }')"
 # Output buffering: replies leave only when the epoch they belong to is acknowledged, so a
@@ -369,6 +397,91 @@ fi
 # --- 9. Planned stop, and protection again: nothing stale, the second run works -----------
 kill "$(pid_of "remusd receive *")" 2>/dev/null
 wait_gone "remusd receive *" 30 || kill -9 "$(pid_of "remusd receive *")"
+
+# --- 9a. The first synchronisation, round after round: medians, not one sample --------------
+# SYNC_ROUNDS rounds. In each, xl remus and remusd over plaintext (like xl's -s "") synchronise
+# the running guest from the start, in an order that rotates from round to round (and, when
+# the run was given an earlier build as remusd-before, that one too), each stopped after its
+# first checkpoint. The moment both report is the end of the live pre-copy: xl's "Domain now
+# suspended", remusd's "live phase shipped" (an earlier build: "first checkpoint taken", a
+# little later). remusd also reports its first checkpoint's ACK, which xl has no equivalent of
+# (it never waits for its backup).
+# xl's round ends by killing its receiver: xl remus resumes the guest ("Backup failed?").
+xl_sync_round() {
+    local t0 deadline
+    t0=$(now)
+    xl remus -F -n -i "$INTERVAL_MS" -s "" guest "xl migrate-receive -r -e" 2>&1 | stamp > /tmp/sync-xl.log &
+    deadline=$(( ${t0%.*} + 120 ))
+    until grep -q "Domain now suspended" /tmp/sync-xl.log || [ "$(now | cut -d. -f1)" -ge $deadline ]; do sleep 1; done
+    awk -v a="$t0" '/Domain now suspended/ { printf "%.2f\n", $1 - a; exit }' /tmp/sync-xl.log >> /tmp/sync-xl.txt
+    [ "$round" != 1 ] || info "  round 1, xl's CPU by thread at the end of its live pre-copy: sender: xl $(thread_cpu 'xl remus *'), save helper $(thread_cpu '*libxl-save-helper --save*'); receiver: xl $(thread_cpu 'xl migrate-receive *'), restore helper $(thread_cpu '*libxl-save-helper --restore*')"
+    for p in $(pids_matching "xl migrate-receive *"); do kill -9 "$p" 2>/dev/null; done
+    deadline=$(( $(now | cut -d. -f1) + 60 ))
+    while [ -n "$(pids_matching "xl remus *")" ] && [ "$(now | cut -d. -f1)" -lt $deadline ]; do sleep 1; done
+    for p in $(pids_matching "xl remus *"); do kill -9 "$p" 2>/dev/null; done
+    xl destroy guest--incoming 2>/dev/null
+    grep -q "Domain now suspended" /tmp/sync-xl.log
+}
+# $1: the binary (remusd or remusd-before); appends to /tmp/sync-$1*.txt.
+remusd_sync_round() {
+    local bin=$1 t0 at ack
+    $bin receive --listen 127.0.0.1:7788 $timing $fencing --insecure-plaintext --xen-allow-path /guest 2>&1 | stamp > /tmp/sync-receive.log &
+    wait_for_line /tmp/sync-receive.log "listening" 30 > /dev/null || return 1
+    t0=$(now)
+    $bin protect guest 127.0.0.1:7788 --backend xen $timing --connect-timeout 20000 --insecure-plaintext 2>&1 | stamp > /tmp/sync-protect.log &
+    if at=$(wait_for_line /tmp/sync-protect.log "protecting: first checkpoint" 120); then
+        awk -v a="$t0" -v b="$at" 'BEGIN { printf "%.2f\n", b - a }' >> /tmp/sync-$bin.txt
+        awk -v a="$t0" '/live phase shipped/ { printf "%.2f\n", $1 - a; exit }' /tmp/sync-protect.log >> /tmp/sync-$bin-live.txt
+        ack=$(wait_for_line /tmp/sync-protect.log "first checkpoint [0-9]* acknowledged" 30) &&
+            awk -v a="$t0" -v b="$ack" 'BEGIN { printf "%.2f\n", b - a }' >> /tmp/sync-$bin-ack.txt
+        [ "$round" != 1 ] || info "  round 1, $bin's CPU by thread at the first checkpoint: primary: $(thread_cpu "$bin protect *"); backup: $(thread_cpu "$bin receive *"); its restore helper: $(thread_cpu '*libxl-save-helper --restore*')"
+    fi
+    timeout 30 $bin stop guest > /dev/null 2>&1
+    wait_gone "$bin protect *" 60
+    for p in $(pids_matching "$bin receive *"); do kill "$p" 2>/dev/null; done
+    wait_gone "$bin receive *" 30
+    # The planned stop ends the incoming domain (section 9 checks that); xl's next round needs
+    # the name free whatever happened.
+    xl destroy guest--incoming 2>/dev/null
+    [ -n "$at" ]
+}
+# "median (min … max, n)" of the numbers in $1, or nothing; median and "min…max" alone.
+spread() { [ -s "$1" ] && sort -n "$1" | awk '{ v[NR] = $1 } END { m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.2f (%.2f … %.2f, %d)", m, v[1], v[NR], NR }'; }
+median() { spread "$1" | cut -d' ' -f1; }
+range() { [ -s "$1" ] && sort -n "$1" | awk 'NR == 1 { a = $1 } { b = $1 } END { printf "%.2f…%.2f", a, b }'; }
+if [ "${SYNC_ROUNDS:-0}" -gt 0 ]; then
+    rm -f /tmp/sync-*.txt
+    contenders="remusd"
+    [ "$XL_BASELINE" = 1 ] && contenders="xl $contenders"
+    command -v remusd-before > /dev/null && contenders="$contenders remusd-before"
+    info "first synchronisation, $SYNC_ROUNDS rounds of: $contenders (plaintext; the order rotates)"
+    round=1; ok=1
+    while [ $round -le "$SYNC_ROUNDS" ] && [ $ok = 1 ]; do
+        for c in $contenders; do
+            case $c in xl) xl_sync_round ;; *) remusd_sync_round "$c" ;; esac || { ok=0; fail "sync round $round: $c took no first checkpoint"; show /tmp/sync-xl.log /tmp/sync-protect.log /tmp/sync-receive.log; diagnose; break; }
+            if [ -z "$(ask_counter)" ] && ! { sleep 5; [ -n "$(ask_counter)" ]; }; then
+                ok=0; fail "sync round $round: the guest does not answer after $c's round"; diagnose; break
+            fi
+        done
+        contenders="$(echo "$contenders" | cut -d' ' -f2-) $(echo "$contenders" | cut -d' ' -f1)"
+        round=$((round + 1))
+    done
+    if [ $ok = 1 ]; then
+        pass "first synchronisation measured $SYNC_ROUNDS times each; the guest answered after every round"
+    fi
+    [ -s /tmp/sync-xl.txt ] && info "  xl remus, start to the end of the live pre-copy: $(spread /tmp/sync-xl.txt) s"
+    info "  remusd, start to the end of the live pre-copy: $(spread /tmp/sync-remusd-live.txt) s; to the first checkpoint taken: $(spread /tmp/sync-remusd.txt) s; acknowledged: $(spread /tmp/sync-remusd-ack.txt) s"
+    [ -s /tmp/sync-remusd-before.txt ] && info "  remusd-before, start to the first checkpoint taken: $(spread /tmp/sync-remusd-before.txt) s"
+    metric remus_sync_median_s "$(median /tmp/sync-xl.txt)"
+    metric remusd_live_median_s "$(median /tmp/sync-remusd-live.txt)"
+    metric remusd_sync_median_s "$(median /tmp/sync-remusd.txt)"
+    metric remusd_ack_median_s "$(median /tmp/sync-remusd-ack.txt)"
+    metric remus_sync_range "$(range /tmp/sync-xl.txt)"
+    metric remusd_live_range "$(range /tmp/sync-remusd-live.txt)"
+    metric remusd_ack_range "$(range /tmp/sync-remusd-ack.txt)"
+    metric sync_rounds "$SYNC_ROUNDS"
+fi
+
 for run in 1 2; do
     start_receive /tmp/receive-stop$run.log
     wait_for_line /tmp/receive-stop$run.log "listening" 30 > /dev/null
@@ -411,6 +524,7 @@ done
 kill "$udp_listener" 2>/dev/null
 if protect_afresh destroy plain; then
     metric remusd_sync_plain_s "$afresh_sync_s"
+    metric remusd_live_plain_s "$afresh_live_s"
     info "remusd protect over plaintext (as xl remus -s \"\"): first checkpoint after $afresh_sync_s s"
     sleep 10
     counter_before=$(ask_counter)
