@@ -37,8 +37,15 @@ struct AcceptLoopTests {
             }
         }
         #expect(eventually(deadline: .after(seconds: 10)) { log().contains("EMFILE") }, "the backup never ran out of descriptors:\n\(log())")
-        let warnings = log().components(separatedBy: "still listening and retrying").count - 1
-        #expect(warnings == 1, "one warning per burst, not one per retry:\n\(log())")
+        // One warning per burst, not one per retry. On a loaded machine a client may give up on a
+        // connect the kernel had already completed; the backup then takes that connection, reads
+        // its end, frees the descriptor and rightly reports a recovery before the next burst.
+        // So: every warning but the current burst's is followed by its "again" line.
+        let snapshot = log()
+        let warnings = snapshot.components(separatedBy: "still listening and retrying").count - 1
+        let recoveries = snapshot.components(separatedBy: "accepting primaries on 127.0.0.1:\(port) again").count - 1
+        #expect(warnings >= 1 && (warnings == recoveries || warnings == recoveries + 1),
+                "one warning per burst, not one per retry (\(warnings) warnings, \(recoveries) recoveries):\n\(snapshot)")
         for channel in held { channel.shutdown() }
         held.removeAll()
 
