@@ -160,6 +160,34 @@ package enum LoopBenchmark {
         return rows + (try tlsRows(ship: ship, arena: arena, raw: raw, shipped: shipped, chunk: chunk, total: total, repetitions: repetitions))
     }
 
+    /// A hypervisor library's stream through remusd (a Xen guest's first synchronisation):
+    /// `megabytes` of live phase and a 1 MiB first checkpoint per sample, from the primary's
+    /// writer to the pipe libxl's restore helper reads on the backup, beside raw loopback TCP.
+    package static func libraryStream(megabytes: Int, repetitions: Int) throws -> [Row] {
+        let chunk = [UInt8](repeating: 0xa5, count: 1 << 20)
+        var raw: [Double] = [], samples: [LibraryStreamBenchmark.Sample] = []
+        let loadBefore = loadAverage()
+        for _ in 0..<repetitions {
+            let total = (megabytes + 1) << 20
+            raw += try loopbackThroughput(bytes: total, repetitions: 1) { try writeChunks(chunk, total: total, to: $0) }
+            samples += try LibraryStreamBenchmark.run(bytes: megabytes << 20, samples: 1)
+        }
+        let rate = samples.map { Double($0.bytes) / Double($0.wallNs) }
+        /// CPU ms per GiB of stream of one part, per sample.
+        func perGiB(_ ns: (LibraryStreamBenchmark.Sample) -> UInt64) -> [Double] {
+            samples.map { Double(ns($0)) / 1e6 * Double(1 << 30) / Double($0.bytes) }
+        }
+        func median(_ ns: @escaping (LibraryStreamBenchmark.Sample) -> UInt64) -> String { fmt(perGiB(ns).sorted()[samples.count / 2]) }
+        var rows: [Row] = []
+        rows.append(row("raw loopback TCP", raw, "GB/s", "\(megabytes + 1) MiB per sample in 1 MiB writes of one buffer: the limit"))
+        rows.append(row("library stream, primary writer to the backup's restore pipe", rate, "GB/s",
+                        roundRatio(rate, raw) + " of raw TCP; \(megabytes) MiB live phase in 4 MiB pre-copy pieces + a 1 MiB checkpoint; load average \(loadBefore) before, \(loadAverage()) after"))
+        rows.append(row("remusd CPU per GiB of stream", perGiB(\.remusdNs), "ms",
+                        "primary writer \(median(\.writerNs)), backup socket reads \(median(\.readNs)), decode+verify+stage \(median(\.stageNs)), commit+ACK \(median(\.commitNs)), feed into the pipe \(median(\.feedNs)) (medians)"))
+        rows.append(row("restore helper's pipe reads per GiB", perGiB(\.drainNs), "ms", "the library's own share on the backup, not remusd's"))
+        return rows
+    }
+
     /// Checkpoints of a sealed or unsealed arena written over loopback, in plaintext or over TLS.
     private struct Shipping {
         let state: GuestState

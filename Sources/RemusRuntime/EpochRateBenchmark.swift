@@ -339,7 +339,7 @@ private final class BenchCommitter: @unchecked Sendable {  // state guarded by m
 
 /// A channel that counts the CPU its reads take on the reading thread (the kernel's copy out of
 /// the socket), so the reader's CPU splits into reading and the rest.
-private final class CountingChannel: ByteChannel, @unchecked Sendable {  // readCPUNs: the reader thread only
+final class CountingChannel: ByteChannel, @unchecked Sendable {  // readCPUNs: the reader thread only
     private let inner: any ByteChannel
     private(set) var readCPUNs: UInt64 = 0
     init(_ inner: any ByteChannel) { self.inner = inner }

@@ -135,7 +135,11 @@ struct Bench: ParsableCommand {
         "Instead: measure only the replication channel — raw loopback TCP, checkpoint shipping in plaintext and over mutual TLS 1.3 (kTLS where the kernel takes the records) — with --megabytes per sample; for slow machines such as the QEMU testbed."))
     var channels = false
 
-    @Option(help: ArgumentHelp("Bytes per sample with --channels, in MiB.", valueName: "n"))
+    @Flag(name: .customLong("library-stream"), help: ArgumentHelp(
+        "Instead: ship a hypervisor library's stream as a Xen guest's first synchronisation does — --megabytes of live phase in pre-copy pieces and a first checkpoint — from the primary's writer over loopback TCP through the backup's reader, committer and feeder into the pipe libxl's restore reads, and report its rate beside raw loopback TCP and each thread's CPU per GiB."))
+    var libraryStream = false
+
+    @Option(help: ArgumentHelp("Bytes per sample with --channels or --library-stream, in MiB.", valueName: "n"))
     var megabytes: Int = 64
 
     func validate() throws {
@@ -146,7 +150,9 @@ struct Bench: ParsableCommand {
         if repetitions < 3 { throw ValidationError("--repetitions must be at least 3") }
         if checkpoints < 10 || checkpoints > 100_000 { throw ValidationError("--checkpoints must be between 10 and 100000") }
         if megabytes < 1 || megabytes > 4096 { throw ValidationError("--megabytes must be between 1 and 4096, got \(megabytes)") }
-        if epochRate && channels { throw ValidationError("--epoch-rate and --channels are two different benchmarks: pick one") }
+        if [epochRate, channels, libraryStream].filter({ $0 }).count > 1 {
+            throw ValidationError("--epoch-rate, --channels and --library-stream are different benchmarks: pick one")
+        }
     }
 
     func run() throws {
@@ -154,6 +160,8 @@ struct Bench: ParsableCommand {
             ? try LoopBenchmark.epochRate(dirtyPages: dirtyPages, checkpoints: checkpoints, rounds: repetitions)
             : channels
             ? try LoopBenchmark.channels(megabytes: megabytes, repetitions: repetitions)
+            : libraryStream
+            ? try LoopBenchmark.libraryStream(megabytes: megabytes, repetitions: repetitions)
             : try LoopBenchmark.run(dirtyPages: dirtyPages, repetitions: repetitions)
         print(LoopBenchmark.render(rows), terminator: "")
     }

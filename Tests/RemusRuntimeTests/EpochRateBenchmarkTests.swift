@@ -31,3 +31,21 @@ struct EpochRateBenchmarkTests {
         #expect(error?.description.contains("lower --dirty-pages") == true, "\(String(describing: error))")
     }
 }
+
+@Suite("The library-stream benchmark's pipeline")
+struct LibraryStreamBenchmarkTests {
+    @Test("Every byte the primary ships comes out of the backup's restore pipe, in order, and each thread's CPU is counted")
+    func bytesArriveWhole() throws {
+        // 9 MiB + 3 bytes: two whole 4 MiB pieces and a short one, then the 1 MiB checkpoint.
+        let samples = try LibraryStreamBenchmark.run(bytes: (9 << 20) + 3, samples: 2, verify: true)
+        #expect(samples.count == 2)
+        for sample in samples {
+            #expect(sample.bytes == (10 << 20) + 3)
+            #expect(sample.wallNs > 0)
+            for (part, ns) in [("writer", sample.writerNs), ("socket reads", sample.readNs), ("stage", sample.stageNs),
+                               ("commit", sample.commitNs), ("feed", sample.feedNs), ("drain", sample.drainNs)] {
+                #expect(ns > 0, "\(part) took no CPU")
+            }
+        }
+    }
+}
