@@ -27,7 +27,8 @@ let package = Package(
         // The one system layer: the errno error type, the syscall choke point, owned descriptors,
         // sockets and child processes with deadlines, our threads and the monitor lock.
         .target(name: "CMalloc"),
-        .target(name: "RemusSystem", dependencies: ["CMalloc", .product(name: "SystemPackage", package: "swift-system")]),
+        .target(name: "CPipe"),
+        .target(name: "RemusSystem", dependencies: ["CMalloc", "CPipe", .product(name: "SystemPackage", package: "swift-system")]),
         .target(name: "RemusSim", dependencies: ["RemusCore", "RemusSystem", "RemusDisk"]),
         .systemLibrary(
             name: "CNetlink",

@@ -165,14 +165,16 @@ package enum LoopBenchmark {
     /// writer to the pipe libxl's restore helper reads on the backup, beside raw loopback TCP.
     package static func libraryStream(megabytes: Int, repetitions: Int) throws -> [Row] {
         let chunk = [UInt8](repeating: 0xa5, count: 1 << 20)
-        var raw: [Double] = [], samples: [LibraryStreamBenchmark.Sample] = []
+        var raw: [Double] = [], samples: [LibraryStreamBenchmark.Sample] = [], copied: [LibraryStreamBenchmark.Sample] = []
         let loadBefore = loadAverage()
         for _ in 0..<repetitions {
             let total = (megabytes + 1) << 20
             raw += try loopbackThroughput(bytes: total, repetitions: 1) { try writeChunks(chunk, total: total, to: $0) }
             samples += try LibraryStreamBenchmark.run(bytes: megabytes << 20, samples: 1)
+            copied += try LibraryStreamBenchmark.run(bytes: megabytes << 20, samples: 1, splice: false)
         }
         let rate = samples.map { Double($0.bytes) / Double($0.wallNs) }
+        let copiedRate = copied.map { Double($0.bytes) / Double($0.wallNs) }
         /// CPU ms per GiB of stream of one part, per sample.
         func perGiB(_ ns: (LibraryStreamBenchmark.Sample) -> UInt64) -> [Double] {
             samples.map { Double(ns($0)) / 1e6 * Double(1 << 30) / Double($0.bytes) }
@@ -184,6 +186,8 @@ package enum LoopBenchmark {
                         roundRatio(rate, raw) + " of raw TCP; \(megabytes) MiB live phase in 4 MiB pre-copy pieces + a 1 MiB checkpoint; load average \(loadBefore) before, \(loadAverage()) after"))
         rows.append(row("remusd CPU per GiB of stream", perGiB(\.remusdNs), "ms",
                         "primary writer \(median(\.writerNs)), backup socket reads \(median(\.readNs)), decode+verify+stage \(median(\.stageNs)), commit+ACK \(median(\.commitNs)), feed into the pipe \(median(\.feedNs)) (medians)"))
+        rows.append(row("the same, the feeder copying into the pipe (write)", copiedRate, "GB/s",
+                        roundRatio(copiedRate, raw) + " of raw TCP; feed into the pipe \(fmt(copied.map { Double($0.feedNs) / 1e6 * Double(1 << 30) / Double($0.bytes) }.sorted()[copied.count / 2])) ms per GiB (median) instead of vmsplice's"))
         rows.append(row("restore helper's pipe reads per GiB", perGiB(\.drainNs), "ms", "the library's own share on the backup, not remusd's"))
         return rows
     }

@@ -38,7 +38,9 @@ package enum LibraryStreamBenchmark {
     ///   - samples: samples measured, after one warm-up sample.
     ///   - verify: the drain checks that the bytes out of the pipe are the bytes the primary
     ///     shipped, in order (a checksum on the drain thread; for tests, not for measuring).
-    package static func run(bytes: Int, samples: Int, verify: Bool = false) throws -> [Sample] {
+    ///   - splice: the feeder hands the pipe the arrays' pages (`PipeFeeder`, as XenReplica
+    ///     does); false: it copies them in with `write`.
+    package static func run(bytes: Int, samples: Int, verify: Bool = false, splice: Bool = true) throws -> [Sample] {
         // Not all alike, so nothing on the way can shortcut them.
         var rng = SplitMix64(seed: 7)
         let piece = [UInt8](unsafeUninitializedCapacity: pieceBytes) { buffer, count in
@@ -48,13 +50,13 @@ package enum LibraryStreamBenchmark {
         }
         var results: [Sample] = []
         for round in 0...samples {
-            let sample = try one(bytes: bytes, piece: piece, verify: verify)
+            let sample = try one(bytes: bytes, piece: piece, verify: verify, splice: splice)
             if round > 0 { results.append(sample) }  // round 0 warms up
         }
         return results
     }
 
-    private static func one(bytes: Int, piece: [UInt8], verify: Bool) throws -> Sample {
+    private static func one(bytes: Int, piece: [UInt8], verify: Bool, splice: Bool) throws -> Sample {
         let checkpointBytes = 1 << 20
         let total = bytes + checkpointBytes
         let header = StreamHeader(features: [], pageSize: 4096, backend: .xen, role: .primary,
@@ -76,7 +78,7 @@ package enum LibraryStreamBenchmark {
                 expected = CRC32C.extend(expected, UnsafeRawBufferPointer(rebasing: raw[..<checkpointBytes]))
             }
         }
-        let replica = try PipeReplica(expecting: total, checksum: verify ? expected : nil)
+        let replica = try PipeReplica(expecting: total, checksum: verify ? expected : nil, splice: splice)
         let backup = Gate<Result<(UInt64, UInt64, UInt64), ProtocolError>>()
         startThread(name: "bench-backup-reader") {
             do {
@@ -158,6 +160,8 @@ private final class PipeReplica: StreamingReplica, FeedBoundedReplica, @unchecke
     private let expected: Int
     /// The CRC32C the drained bytes must have (nil: not checked), and theirs so far.
     private let checksum: UInt32?
+    /// Whether the feeder splices (`PipeFeeder`) or writes.
+    private let splice: Bool
     private var drainedChecksum: UInt32 = 0
     private var failure: String?
     private var stopped = false
@@ -165,7 +169,8 @@ private final class PipeReplica: StreamingReplica, FeedBoundedReplica, @unchecke
     private let fds: (read: Int32, write: Int32)
     private let drainDone = Gate<Void>()
 
-    init(expecting bytes: Int, checksum: UInt32?) throws {
+    init(expecting bytes: Int, checksum: UInt32?, splice: Bool) throws {
+        self.splice = splice
         var p: [Int32] = [-1, -1]
         guard pipe(&p) == 0 else { throw ProtocolError("pipe failed: \(String(cString: strerror(errno)))") }
         _ = fcntl(p[1], 1031, Int32(1 << 20))  // F_SETPIPE_SZ, as XenReplica
@@ -198,10 +203,13 @@ private final class PipeReplica: StreamingReplica, FeedBoundedReplica, @unchecke
     func fail(_ why: String) { monitor.withLock { if failure == nil { failure = why }; monitor.broadcast() } }
 
     private func feed() {
+        let feeder = PipeFeeder(fd: fds.write, splice: splice)
         let cpu0 = threadCPUNanoseconds()
         defer {
             monitor.withLock { feedNs = threadCPUNanoseconds() - cpu0 }
             close(fds.write)
+            // The arrays the feeder keeps may hold the drain's last bytes.
+            withExtendedLifetime(feeder) { drainDone.wait() }
         }
         while true {
             let next: [UInt8]? = monitor.withLock {
@@ -209,17 +217,10 @@ private final class PipeReplica: StreamingReplica, FeedBoundedReplica, @unchecke
                 return queue.isEmpty ? nil : queue.removeFirst()
             }
             guard let bytes = next else { return }
-            let ok = bytes.withUnsafeBytes { raw -> Bool in
-                var offset = 0
-                while offset < raw.count {
-                    let n = write(fds.write, raw.baseAddress! + offset, raw.count - offset)
-                    if n < 0 { if errno == EINTR { continue }; return false }
-                    offset += n
-                }
-                return true
-            }
+            var feedError: SystemError?
+            do throws(SystemError) { try feeder.feed(bytes) } catch { feedError = error }
             monitor.withLock { queued -= bytes.count; monitor.broadcast() }
-            if !ok { fail("writing the pipe failed: \(String(cString: strerror(errno)))"); return }
+            if let feedError { fail("writing the pipe failed: \(feedError)"); return }
         }
     }
 

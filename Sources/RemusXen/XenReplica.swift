@@ -29,6 +29,10 @@ public final class XenReplica: StreamingReplica, FeedBoundedReplica, @unchecked 
     private var name = ""
     private var incomingName = ""
     private var writeFd: Int32 = -1
+    /// Writes into the pipe without copying (`vmsplice`); the feeder thread's alone, and kept
+    /// with the replica: the arrays it holds for libxl's reader must outlive the restore, and the
+    /// restore thread holds the replica until libxl has finished.
+    private var pipeFeeder: PipeFeeder?
 
     private let monitor = MonitorLock()
     // Guarded by `monitor`:
@@ -106,6 +110,7 @@ public final class XenReplica: StreamingReplica, FeedBoundedReplica, @unchecked 
         // A large pipe (F_SETPIPE_SZ, 1031) keeps the feeder ahead while libxenguest applies pages.
         _ = fcntl(fds[1], 1031, Int32(1 << 20))
         writeFd = fds[1]
+        pipeFeeder = PipeFeeder(fd: fds[1])
         let readFd = fds[0]
         let config = ConfigBox(d)
         startThread(name: "xen-restore") { [self] in restore(config: config, readFd: readFd) }
@@ -158,18 +163,9 @@ public final class XenReplica: StreamingReplica, FeedBoundedReplica, @unchecked 
                 return item
             }
             guard let (bytes, checkpoint) = next.map({ ($0.bytes, $0.checkpoint) }) else { return }
-            var offset = 0
             var failure: String?
-            bytes.withUnsafeBytes { raw in
-                while offset < raw.count {
-                    let n = write(writeFd, raw.baseAddress! + offset, raw.count - offset)
-                    if n < 0 {
-                        if errno == EINTR { continue }
-                        failure = "writing into libxl's restore pipe failed: \(String(cString: strerror(errno)))"
-                        return
-                    }
-                    offset += n
-                }
+            do throws(SystemError) { try pipeFeeder?.feed(bytes) } catch {
+                failure = "writing into libxl's restore pipe failed: \(error)"
             }
             monitor.withLock {
                 if let failure { feedFailure = failure } else if checkpoint { fedCheckpoints += 1 }
