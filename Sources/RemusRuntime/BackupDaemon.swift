@@ -161,6 +161,10 @@ public final class BackupDaemon: @unchecked Sendable {
         } catch {
             throw ProtocolError("cannot listen on \(config.listen): \(error); nothing was started — is another 'remusd receive' using this port?")
         }
+        // Before the status socket appears: a query the moment it does sees where and how this
+        // backup listens.
+        setStatus("listen", "\(listener.endpoint)")
+        setStatus("state", describe(committer.state))
         let status = try StatusSocket(
             path: config.statusSocket,
             snapshot: { [self] in statsLock.withLock { renderStatus() } },
@@ -191,8 +195,6 @@ public final class BackupDaemon: @unchecked Sendable {
         }
         if let metricsServer { Log.info("serving metrics at http://\(metricsServer.endpoint)/metrics") }
         Log.info("listening on \(listener.endpoint) (fence: \(describe(config.fence)))")
-        setStatus("listen", "\(listener.endpoint)")
-        setStatus("state", describe(committer.state))
         startThread(name: "listener") { [self] in accept(listener, transport: transport) }
         // After every event and tick the loop's one deadline is the committer's, from its state.
         loop.run(
