@@ -1,5 +1,6 @@
 import Glibc
 import RemusCore
+import RemusXen  // XenReplica.defaultFeedBoundBytes
 
 /// `remusd bench --library-stream`: a hypervisor library's stream through remusd, as in a Xen
 /// guest's first synchronisation, in one process. The primary's `RecordWriter` ships the live
@@ -195,8 +196,8 @@ private final class PipeReplica: StreamingReplica, FeedBoundedReplica, @unchecke
 
     func waitForFeedRoom(until deadlineNs: UInt64) -> String? {
         monitor.withLock {
-            while queued > XenFeedBound.bytes && failure == nil && monotonicNanoseconds() < deadlineNs { monitor.wait(untilMonotonic: deadlineNs) }
-            return queued > XenFeedBound.bytes && failure == nil ? "\(queued) bytes queued" : nil
+            while queued > XenReplica.defaultFeedBoundBytes && failure == nil && monotonicNanoseconds() < deadlineNs { monitor.wait(untilMonotonic: deadlineNs) }
+            return queued > XenReplica.defaultFeedBoundBytes && failure == nil ? "\(queued) bytes queued" : nil
         }
     }
 
@@ -269,9 +270,6 @@ private final class PipeReplica: StreamingReplica, FeedBoundedReplica, @unchecke
         return monitor.withLock { (feedNs, drainNs) }
     }
 }
-
-/// The feed bound the benchmark's replica keeps, as XenReplica's default.
-private enum XenFeedBound { static let bytes = 16 << 20 }
 
 /// The backup's committer thread for a streaming replica: commits what the reader hands it,
 /// then writes the ACK (as BackupDaemon's loop).
