@@ -231,10 +231,7 @@ public final class XenReplica: StreamingReplica, FeedBoundedReplica, @unchecked 
         }
         // The end of the stream, at a checkpoint boundary: libxenguest restores the last
         // checkpoint, libxl finishes the domain.
-        monitor.withLock { closing = true }
-        queue.stop("the stream was closed for the failover")
-        close(writeFd)
-        writeFd = -1
+        closeStream("the stream was closed for the failover")
         let result = try waitForRestore(until: deadline)
         guard result.rc == 0 else {
             throw XenBackendError("libxl could not finish the domain from checkpoint \(fed): \(restoreSummary()); the incoming domain '\(incomingName)' is left for inspection")
@@ -269,15 +266,7 @@ public final class XenReplica: StreamingReplica, FeedBoundedReplica, @unchecked 
 
     /// Planned stop: the incoming domain goes away; nothing stale stays behind.
     public func discard() {
-        monitor.withLock {
-            closing = true
-            monitor.broadcast()
-        }
-        queue.stop("the replica was discarded")
-        if writeFd >= 0 {
-            close(writeFd)
-            writeFd = -1
-        }
+        closeStream("the replica was discarded")
         let result = try? waitForRestore(until: monotonicNanoseconds() + deadlineNs)
         if let result, result.rc == 0, result.domid != 0 {
             try? light.destroy(domid: result.domid)
@@ -286,6 +275,27 @@ public final class XenReplica: StreamingReplica, FeedBoundedReplica, @unchecked 
         // but make sure).
         if !incomingName.isEmpty, let left = light.domid(named: incomingName) {
             try? light.destroy(domid: left)
+        }
+    }
+
+    /// Ends the stream into libxl: the feeder stops after the item it is writing, and only then
+    /// is the pipe's write end closed, so its number is never reused under a write of stream
+    /// bytes. A feeder still blocked after 5 s (libxl reads nothing) keeps the descriptor:
+    /// closing it would not end that write anyway (the write holds the pipe open).
+    private func closeStream(_ reason: String) {
+        monitor.withLock {
+            closing = true
+            monitor.broadcast()
+        }
+        queue.stop(reason)
+        let feederStopped = monitor.withLock { () -> Bool in
+            let deadline = monotonicNanoseconds() + 5_000_000_000
+            while feeding && monotonicNanoseconds() < deadline { monitor.wait(untilMonotonic: deadline) }
+            return !feeding
+        }
+        if writeFd >= 0 && feederStopped {
+            close(writeFd)
+            writeFd = -1
         }
     }
 
