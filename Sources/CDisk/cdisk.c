@@ -1,6 +1,11 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <errno.h>
 #include <linux/falloc.h>
+#include <linux/loop.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
 #include <linux/nbd.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
@@ -33,3 +38,42 @@ int remus_nbd_clear(int nbd_fd) {
 }
 
 int remus_set_io_flusher(void) { return prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0); }
+
+int remus_loop_attach(int backing_fd, int read_only, int *number) {
+    int control = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+    if (control < 0) return -1;
+    for (int attempt = 0; attempt < 8; attempt++) {
+        int n = ioctl(control, LOOP_CTL_GET_FREE);
+        if (n < 0) break;
+        char path[32];
+        snprintf(path, sizeof path, "/dev/loop%d", n);
+        int loop = open(path, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+        if (loop < 0) break;
+        if (ioctl(loop, LOOP_SET_FD, backing_fd) < 0) {
+            int code = errno;
+            close(loop);
+            if (code == EBUSY) continue;  /* taken by someone else meanwhile */
+            errno = code;
+            close(control);
+            return -1;
+        }
+        struct loop_info64 info;
+        memset(&info, 0, sizeof info);
+        info.lo_flags = LO_FLAGS_AUTOCLEAR | (read_only ? LO_FLAGS_READ_ONLY : 0);
+        if (ioctl(loop, LOOP_SET_STATUS64, &info) < 0) {
+            int code = errno;
+            ioctl(loop, LOOP_CLR_FD, 0);
+            close(loop);
+            close(control);
+            errno = code;
+            return -1;
+        }
+        close(control);
+        *number = n;
+        return loop;
+    }
+    int code = errno == 0 ? EBUSY : errno;
+    close(control);
+    errno = code;
+    return -1;
+}

@@ -1,4 +1,6 @@
+import Glibc
 import RemusCore
+import RemusDisk
 import RemusSim
 import RemusXen
 
@@ -52,11 +54,41 @@ struct BackendFactory: Sendable {
     }
 
     /// Refuses a DOMAIN_CONFIG that names files, scripts or bridges of this host outside the
-    /// operator's `policy` (Xen; a simulated guest names none).
-    static func checkHostResources(_ config: DomainConfig, policy: XenPathPolicy) throws {
+    /// operator's `policy` (Xen; a simulated guest names none). The disks named in `replicated`
+    /// are exempt: the backup serves them from its own copies (`placeDisks`), never from the
+    /// paths the primary named.
+    static func checkHostResources(_ config: DomainConfig, policy: XenPathPolicy, replicated: Set<String> = []) throws {
         switch config.format {
         case .simulated: return
-        case .libxlJSON: try policy.check(config.bytes)
+        case .libxlJSON: try policy.check(config.bytes, replaced: XenDomainDisks.replacedPaths(config.bytes, vdevs: replicated))
+        }
+    }
+
+    /// The DOMAIN_CONFIG the replica is built from, with each replicated disk (`described`)
+    /// served from this backup's image of it in `directory`, and what serves them (held as long
+    /// as the replica: Xen attaches each image to a loop device, since blkback serves block
+    /// devices). The simulated guest's configuration names no disk: unchanged. Throws, with
+    /// nothing attached, naming the disk and what to do.
+    static func placeDisks(_ config: DomainConfig, described: [DiskDescriptor], directory: String) throws -> (DomainConfig, [AnyObject]) {
+        switch config.format {
+        case .simulated:
+            return (config, [])
+        case .libxlJSON:
+            var loops: [LoopDevice] = []
+            var devices: [String: String] = [:]
+            for disk in described {
+                let image = directory + "/" + disk.name
+                var st = stat()
+                guard stat(image, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
+                    throw ProtocolError("disk '\(disk.name)': this backup has no image \(image); nothing was changed — create it with at least \(disk.sizeBytes) bytes (truncate -s \(disk.sizeBytes) \(image))")
+                }
+                do { loops.append(try LoopDevice(imagePath: image)) } catch {
+                    throw ProtocolError("disk '\(disk.name)': cannot serve \(image) to the Xen guest: \(error); nothing was changed")
+                }
+                devices[disk.name] = loops.last!.path
+            }
+            let placed = try XenDomainDisks.placing(config.bytes, devices: devices)
+            return (DomainConfig(format: .libxlJSON, bytes: placed), loops)
         }
     }
 
@@ -72,7 +104,10 @@ struct BackendFactory: Sendable {
     private static func makeStandardReplica(for header: StreamHeader, guestNIC: any PacketSink, clock: any HostClock) throws -> BackupReplica {
         switch header.backend {
         case .simulated: return SimulatedBackend.makeReplica(sink: guestNIC, clock: clock)
-        case .xen: return BackupReplica(try XenBackend.makeReplica())
+        case .xen:
+            // The domain's disks already are this backup's images (`placeDisks`), which hold the
+            // committed checkpoint by the time the guest is activated.
+            return BackupReplica(try XenBackend.makeReplica(), attachDisks: { _, _ in })
         }
     }
 }

@@ -43,6 +43,9 @@ public final class BackupDaemon: @unchecked Sendable {
     let loop: EventLoop<Event>
     private var committer: BackupCommitter
     private var replica: BackupReplica?
+    /// What serves the replica's disks from this backup's images (Xen: loop devices), held as
+    /// long as the replica.
+    private var diskDevices: [AnyObject] = []
     private var replicaHeader: StreamHeader?
     /// Whose replica this backup holds: the primary identity and the guest it was admitted for
     /// (I10: only the same sender may stream here again without the operator).
@@ -299,7 +302,10 @@ public final class BackupDaemon: @unchecked Sendable {
             // What the configuration names on this host (Xen: files, scripts, bridges) is checked
             // before the loop hears of the hello: a refused one changes nothing here.
             var refusal: String?
-            do { try BackendFactory.checkHostResources(config, policy: self.config.xenPaths) } catch {
+            do {
+                let replicated = self.config.diskDirectory == nil ? [] : Set(described.map(\.name))
+                try BackendFactory.checkHostResources(config, policy: self.config.xenPaths, replicated: replicated)
+            } catch {
                 refusal = "\(sender.guestDescription): \(error)"
             }
             if refusal == nil {
@@ -413,7 +419,13 @@ public final class BackupDaemon: @unchecked Sendable {
             }
             do {
                 let built = try backends.makeReplica(for: header, guestNIC: tapSink ?? SimulatedBackend.sink(config.nicSink), clock: clock)
-                try built.target.configure(header: header, config: domainConfig)
+                // The replicated disks are built from this backup's images, not the primary's paths.
+                var placedConfig = domainConfig
+                var placedDevices: [AnyObject] = []
+                if !described.isEmpty, let disks {
+                    (placedConfig, placedDevices) = try BackendFactory.placeDisks(domainConfig, described: described, directory: disks.directory)
+                }
+                try built.target.configure(header: header, config: placedConfig)
                 // The disks last: accepting them voids an unapplied redo record of the old stream.
                 if !described.isEmpty {
                     guard let disks else {
@@ -434,6 +446,7 @@ public final class BackupDaemon: @unchecked Sendable {
                 }
                 replica?.target.discard()
                 replica = built
+                diskDevices = placedDevices
                 replicaHeader = header
                 let deltaBases: (any PageReplica)?
                 switch built.target.commitMode {

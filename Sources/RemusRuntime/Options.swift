@@ -71,6 +71,10 @@ public struct ProtectConfiguration: Sendable {
     public var metricsListen: Endpoint?
     /// How the connection to the backup is protected (mutual TLS unless `--insecure-plaintext`).
     public var security: ChannelSecurity
+    /// A Xen domain's disks remusd serves and replicates (`--xen-disk`); empty: none.
+    public var xenDisks: [XenServedDisk] = []
+    /// How long to wait for the Xen domain to appear (`--wait-for-domain`), ms; 0: it must exist.
+    public var waitForDomainMs = 0
 
     public init(domain: String, backup: Endpoint, backend: BackendKind, settings: ProtectionSettings,
                 simulated: SimulatedGuestParameters, nicSink: Endpoint?, maxCheckpointPages: Int,
@@ -89,6 +93,47 @@ public struct ProtectConfiguration: Sendable {
         self.unsafeNoNetbuf = unsafeNoNetbuf
         self.blackhole = blackhole
         self.statusSocket = statusSocket
+    }
+}
+
+/// A Xen guest's disk that remusd serves to the domain and replicates (`--xen-disk
+/// xvda=/srv/vm.img,/dev/nbd0`): the image is served as the block device, which the domain
+/// must use for its disk `vdev` (`phy:/dev/nbd0,xvda,w`).
+public struct XenServedDisk: Equatable, Sendable {
+    /// The guest's name for the disk (the domain configuration's vdev), also its name on the
+    /// backup (`--disk-dir`/vdev).
+    public var vdev: String
+    /// The image (a file or block device) holding the disk.
+    public var image: String
+    /// The NBD device it is served as (`/dev/nbdN`).
+    public var device: String
+
+    public init(vdev: String, image: String, device: String) {
+        self.vdev = vdev
+        self.image = image
+        self.device = device
+    }
+
+    /// Parses `vdev=image,/dev/nbdN`; nil with the reason when it is not that.
+    public static func parse(_ text: String) -> Result<XenServedDisk, ParseFailure> {
+        guard let eq = text.firstIndex(of: "="), let comma = text.lastIndex(of: ","), eq < comma else {
+            return .failure(ParseFailure("'\(text)' is not vdev=image,/dev/nbdN"))
+        }
+        let vdev = String(text[..<eq]), image = String(text[text.index(after: eq)..<comma]), device = String(text[text.index(after: comma)...])
+        guard !vdev.isEmpty, vdev.utf8.count <= 255, !vdev.contains("/"), vdev != ".", vdev != ".." else {
+            return .failure(ParseFailure("'\(vdev)' is not a disk name (the domain's vdev, e.g. xvda: 1 to 255 bytes, no '/')"))
+        }
+        guard image.hasPrefix("/") else { return .failure(ParseFailure("the image '\(image)' must be an absolute path")) }
+        guard device.hasPrefix("/dev/nbd"), UInt32(device.dropFirst("/dev/nbd".count)) != nil else {
+            return .failure(ParseFailure("'\(device)' is not an NBD device (/dev/nbdN)"))
+        }
+        return .success(XenServedDisk(vdev: vdev, image: image, device: device))
+    }
+
+    /// Why a `--xen-disk` value was refused.
+    public struct ParseFailure: Error, CustomStringConvertible {
+        public let description: String
+        init(_ description: String) { self.description = description }
     }
 }
 

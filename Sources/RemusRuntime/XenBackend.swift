@@ -22,7 +22,50 @@ enum XenBackend {
         } catch {
             throw ProtocolError("\(error) Nothing was changed on domain '\(domain)'. See Docs/xen.md, or use --backend sim for the simulated guest.")
         }
-        let guest = try XenPrimaryGuest(domain: domain, log: log)
+        // The disks first: a domain that uses them is created on the devices they are served as.
+        let served = config.xenDisks.isEmpty ? nil : try XenServedDisks(config.xenDisks)
+        let guest: XenPrimaryGuest
+        do {
+            if config.waitForDomainMs > 0 {
+                Log.info("waiting up to \(config.waitForDomainMs / 1000) s for domain '\(domain)' to appear" + (served.map { " (create it on \($0.disks.map { "phy:\($0.device),\($0.vdev),w" }.joined(separator: " "))" } ?? ""))
+                let deadline = monotonicNanoseconds() + UInt64(config.waitForDomainMs) * 1_000_000
+                guard try XenPrimaryGuest.waitForDomain(named: domain, log: log, untilMonotonic: deadline) else {
+                    throw ProtocolError("domain '\(domain)' did not appear within \(config.waitForDomainMs / 1000) s (--wait-for-domain); nothing was protected")
+                }
+            }
+            guest = try XenPrimaryGuest(domain: domain, log: log)
+            // Every disk the guest can write must be one served here (I9).
+            let disks = try XenDomainDisks.list(guest.domainConfig().bytes)
+            try XenDomainDisks.checkServed(disks, served: served?.served ?? [:], domain: domain)
+        } catch {
+            if let served {
+                // Refused; a domain of that name may run (or be being created) on the devices
+                // served here: they stay served until it is gone.
+                if let exists = try? XenPrimaryGuest.existence(of: domain, log: log), exists() {
+                    Log.error("\(error)")
+                    served.serveUntilGone(domain: domain, isGone: { !exists() })
+                } else {
+                    served.detach()
+                }
+            }
+            throw error
+        }
+        guest.replicatedDisks = served?.journal
+        do {
+            return try buffer(guest, config: config, closing: served)
+        } catch {
+            // The domain runs on the served devices: its disk stays served while it runs.
+            if let served {
+                Log.error("\(error)")
+                served.serveUntilGone(domain: domain, isGone: { guest.hasVanished })
+            }
+            throw error
+        }
+    }
+
+    /// Buffers the opened guest's vifs; the guest, its output and what closes them.
+    private static func buffer(_ guest: XenPrimaryGuest, config: ProtectConfiguration, closing served: XenServedDisks?) throws -> OpenedGuest {
+        let domain = config.domain
         let output: any OutputBuffer
         let plug: PlugOutputBuffer?
         if config.unsafeNoNetbuf {
@@ -46,6 +89,7 @@ enum XenBackend {
             if let plug {
                 do { _ = try plug.teardown() } catch { Log.error("removing the plug qdiscs failed: \(error); 'remusd netbuf cleanup' removes them") }
             }
+            served?.serveUntilGone(domain: domain, isGone: { guest.hasVanished })
         })
     }
 

@@ -74,14 +74,16 @@ public struct XenPathPolicy: Equatable, Sendable {
 
     /// Checks a primary's libxl JSON; throws naming the first member not allowed, the value and
     /// the flag that would allow it. Nothing is built from a configuration that fails.
-    public func check(_ json: [UInt8]) throws {
+    /// `replaced`: places (`disks[0].pdev_path`) the backup fills in itself (its copies of the
+    /// replicated disks, `XenDomainDisks.placing`), so what the primary named there is not opened.
+    public func check(_ json: [UInt8], replaced: Set<String> = []) throws {
         guard let document = QMPValue.parse(json) else {
             throw XenBackendError("the primary's domain configuration is not valid JSON; nothing was built")
         }
-        try check(document, at: "")
+        try check(document, at: "", replaced: replaced)
     }
 
-    private func check(_ value: QMPValue, at where_: String) throws {
+    private func check(_ value: QMPValue, at where_: String, replaced: Set<String>) throws {
         switch value {
         case .object(let members):
             for (key, member) in members.sorted(by: { $0.key < $1.key }) {
@@ -100,14 +102,14 @@ public struct XenPathPolicy: Equatable, Sendable {
                         continue
                     }
                     if Self.pathKeys.contains(key) {
-                        try checkPath(text, key: key, at: place)
+                        if !replaced.contains(place) { try checkPath(text, key: key, at: place) }
                         continue
                     }
                 }
-                try check(member, at: place)
+                try check(member, at: place, replaced: replaced)
             }
         case .array(let items):
-            for (i, item) in items.enumerated() { try check(item, at: "\(where_)[\(i)]") }
+            for (i, item) in items.enumerated() { try check(item, at: "\(where_)[\(i)]", replaced: replaced) }
         case .null, .bool, .integer, .double, .string:
             return
         }

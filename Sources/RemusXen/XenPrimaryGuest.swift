@@ -44,6 +44,9 @@ public final class XenPrimaryGuest: StreamingGuest, @unchecked Sendable {
     private var pausedOutsideCheckpoint = false
     /// How long the guest may take to suspend, and libxenguest to write a checkpoint.
     let deadlineNs: UInt64
+    /// The guest's disks remusd serves and replicates (`--xen-disk`); set before protection starts.
+    public var replicatedDisks: (any GuestDisks)?
+    public var disks: (any GuestDisks)? { replicatedDisks }
 
     /// Opens the domain named `domain` and tells its kind. Throws, before anything changes on
     /// the domain, when it does not exist, is going away, or cannot be checkpointed on this
@@ -79,6 +82,48 @@ public final class XenPrimaryGuest: StreamingGuest, @unchecked Sendable {
         }
         domid = id
         descriptor = GuestDescriptor(name: domain, uuid: info.uuid, backend: .xen, pageSize: 4096, pageCount: max(1, info.maxPages))
+    }
+
+    /// Waits until a domain named `domain` has been created and has booted far enough to be
+    /// checkpointed, polling every 100 ms until `deadlineNs` (monotonic); returns whether it
+    /// has. Created: libxl keeps its configuration and the domain has been unpaused, as `xl
+    /// create` ends (before that the name exists while libxl still adds its devices; a domain
+    /// created paused, `xl create -p`, counts once unpaused). Booted, for PV and PVH guests:
+    /// every PV device frontend it has is Connected (xenstore state 4): its kernel runs its
+    /// drivers, so it answers a suspend, and a PV kernel has published its page frame lists
+    /// (before, libxenguest refuses the save: "Bad mfn 0 for p2m frame list list").
+    public static func waitForDomain(named domain: String, log: XenLog, untilMonotonic deadlineNs: UInt64) throws -> Bool {
+        let light = try XenLight(log: log)
+        let control = try XenControl(log: log)
+        let store = try XenStoreConnection(log: log)
+        while true {
+            if let id = light.domid(named: domain), let info = XenDomainInfo.read(control, domid: id),
+               !info.isPaused, let type = try? light.domainType(domid: id).type {
+                if type == LIBXL_DOMAIN_TYPE_HVM || frontendsConnected(domid: id, store: store) { return true }
+            }
+            if monotonicNanoseconds() >= deadlineNs { return false }
+            sleepNanoseconds(100_000_000)
+        }
+    }
+
+    /// Whether every PV device frontend of the domain (`/local/domain/<id>/device/<class>/<n>/state`)
+    /// is Connected (XenbusStateConnected, 4).
+    static func frontendsConnected(domid: UInt32, store: XenStoreConnection) -> Bool {
+        let root = "/local/domain/\(domid)/device"
+        for kind in store.directory(root) ?? [] {
+            // Entries without a state (device/suspend/event-channel) are no frontends.
+            for device in store.directory(root + "/" + kind) ?? [] {
+                if let state = store.read(root + "/" + kind + "/" + device + "/state"), state != "4" { return false }
+            }
+        }
+        return true
+    }
+
+    /// Tells whether a domain named `domain` exists (any state), for as long as the returned
+    /// closure is kept.
+    public static func existence(of domain: String, log: XenLog) throws -> () -> Bool {
+        let light = try XenLight(log: log)
+        return { light.domid(named: domain) != nil }
     }
 
     /// E.g. `'guest' (PVH, 128 MiB)`: what is protected, for the log and status.

@@ -55,9 +55,23 @@ struct Protect: ParsableCommand {
     @Option(name: .customLong("status-socket"), help: ArgumentHelp("Status socket (default: <run dir>/<domain>.sock).", valueName: "path"))
     var statusSocket: String?
 
+    @Option(name: .customLong("xen-disk"), help: ArgumentHelp("Serve the Xen guest's disk <vdev> from <image> as the NBD device <dev> and replicate every write to it with the checkpoints (Docs/disks.md). The domain must use that device for that disk (disk = ['phy:/dev/nbd0,xvda,w']); a domain that writes to a disk remusd does not serve is refused. The backup needs --disk-dir with an image named <vdev>. Repeatable.", valueName: "vdev=image,/dev/nbdN"))
+    var xenDisks: [String] = []
+
+    @Option(name: .customLong("wait-for-domain"), help: ArgumentHelp("Wait this long for the Xen domain to appear (start remusd with --xen-disk first, then 'xl create' the domain on the NBD devices it serves); 0: it must exist already.", valueName: "s"))
+    var waitForDomain: Int = 0
+
     @OptionGroup var metrics: MetricsOptions
 
     func validate() throws {
+        for text in xenDisks {
+            if case .failure(let why) = XenServedDisk.parse(text) { throw ValidationError("--xen-disk: \(why)") }
+        }
+        let parsed = xenDisks.compactMap { try? XenServedDisk.parse($0).get() }
+        if Set(parsed.map(\.vdev)).count < parsed.count || Set(parsed.map(\.device)).count < parsed.count {
+            throw ValidationError("--xen-disk: each disk needs its own name and its own NBD device")
+        }
+        if waitForDomain < 0 || waitForDomain > 86_400 { throw ValidationError("--wait-for-domain must be between 0 and 86400 s, got \(waitForDomain)") }
         if (noNetbuf || blackhole) && !unsafe {
             throw ValidationError("--no-netbuf and --blackhole give up protection; they need --unsafe as well")
         }
@@ -100,6 +114,11 @@ struct Protect: ParsableCommand {
             simNICTap: tap.configuration(holding: !noNetbuf))
         config.netbufLimitBytes = tap.netbufLimit
         config.metricsListen = metrics.endpoint
+        config.xenDisks = xenDisks.compactMap { try? XenServedDisk.parse($0).get() }
+        config.waitForDomainMs = waitForDomain * 1000
+        if kind != .xen && (!config.xenDisks.isEmpty || waitForDomain > 0) {
+            throw ValidationError("--xen-disk and --wait-for-domain are for a Xen domain (--backend xen); the simulated guest's disk is --sim-disk")
+        }
         let code = try PrimaryDaemon(config, metrics: metrics.bootstrap()).run()
         if code != 0 { throw ExitCode(code) }
     }

@@ -9,6 +9,12 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /run
+# What udev makes on a real host: Xen's hotplug scripts lock with `stat /dev/stdin` (locking.sh)
+# and loop for ever without it (a disk's `block add` hung until libxl's timeout).
+ln -sf /proc/self/fd /dev/fd
+ln -sf /proc/self/fd/0 /dev/stdin
+ln -sf /proc/self/fd/1 /dev/stdout
+ln -sf /proc/self/fd/2 /dev/stderr
 mkdir -p /run/lock /var/log/xen/console
 read up _ < /proc/uptime
 echo

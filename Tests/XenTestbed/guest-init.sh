@@ -31,6 +31,35 @@ nc -ll -p 7 -e /bin/counter-reply &
 # line sent twice after a failover shows as a duplicate.
 syslogd -n -R 10.0.0.1:9000 &
 
+# With a replicated disk (testbed_disk=1 on the kernel command line: xen-disk-tests.sh), record i
+# goes to block i of /dev/xvda: 4096 bytes of "remusd-record-<i>" lines, written and fsynced,
+# then reported to dom0 over the network ("DISK <i>"). remusd holds that report until the
+# checkpoint after the write is committed, so every record dom0 heard of must be on the disk the
+# backup resumes the guest on (I9).
+if grep -q testbed_disk=1 /proc/cmdline; then
+    n=0
+    while [ ! -b /dev/xvda ] && [ $n -lt 200 ]; do usleep 100000; n=$((n + 1)); done
+    if [ -b /dev/xvda ]; then
+        echo "GUEST DISK xvda"
+        (
+            i=0
+            while [ $i -lt 16000 ]; do
+                yes "remusd-record-$i" | head -c 4096 > /tmp/record
+                if dd if=/tmp/record of=/dev/xvda bs=4096 seek=$i count=1 conv=notrunc,fsync 2>/dev/null; then
+                    logger -t guest "DISK $i"
+                else
+                    echo "GUEST DISK WRITE FAILED $i"
+                    logger -t guest "DISK FAILED $i"
+                fi
+                i=$((i + 1))
+                usleep 200000
+            done
+        ) &
+    else
+        echo "GUEST DISK MISSING"
+    fi
+fi
+
 i=0
 while :; do
     read up _ < /proc/uptime

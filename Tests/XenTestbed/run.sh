@@ -27,6 +27,7 @@
 #   REMUSD_XEN_TESTBED_MAIN_CHANNEL   remusd's main protection (the one measured beside xl remus) over
 #                                     tls or plain [tls]; for experiments, with MAIN_EXTRA
 #   REMUSD_XEN_TESTBED_MAIN_EXTRA     more arguments for that `remusd protect`, e.g. "--unsafe --no-netbuf"
+#   REMUSD_XEN_TESTBED_DISK=0         leave out the replicated-disk test (xen-disk-tests.sh) [1]
 #   REMUSD_XEN_TESTBED_HYPERVISOR     hypervisor package version for PVH/HVM [libxen-dev's]
 #   REMUSD_XEN_TESTBED_PV_HYPERVISOR  hypervisor package version for PV [newest with shadow paging]
 #   REMUSD_XEN_TESTBED_MIRROR         Debian mirror for debootstrap [the host's first Debian apt source]
@@ -250,7 +251,7 @@ if [ ! -s "$guest_initrd" ]; then
     root=$cache/guest-root
     rm -rf --one-file-system "$root" && mkdir -p "$root"/{bin,proc,sys,dev,tmp}
     cp /bin/busybox "$root/bin/busybox"
-    TESTBED_MODULES_BASE=$modules_base testbed_collect_modules "$root" "$kver" xen-netfront
+    TESTBED_MODULES_BASE=$modules_base testbed_collect_modules "$root" "$kver" xen-netfront xen-blkfront
     cp "$here/guest-init.sh" "$root/init" && chmod +x "$root/init"
     (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -9) > "$guest_initrd.tmp"
     mv "$guest_initrd.tmp" "$guest_initrd"
@@ -262,13 +263,13 @@ fi
 # --- 7. dom0 overlay: kernel modules, remusd and its libraries, the guest, the scripts -------
 # Appended to the base as a second cpio archive: the kernel unpacks both into one root.
 dom0_modules=(xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-netback xen-blkback
-              bridge ifb sch_plug sch_ingress act_mirred cls_u32 tun loop
+              bridge ifb sch_plug sch_ingress act_mirred cls_u32 tun loop nbd
               virtio_pci virtio_net)   # the two-host mode's wire (two-hosts.sh)
 overlay_hash=$( {
     echo "$kver $base_hash $remus_seconds $interval_ms $xl_baseline $sync_rounds ${dom0_modules[*]}"
-    echo "${REMUSD_XEN_TESTBED_MAIN_CHANNEL:-tls} ${REMUSD_XEN_TESTBED_MAIN_EXTRA:-}"
+    echo "${REMUSD_XEN_TESTBED_MAIN_CHANNEL:-tls} ${REMUSD_XEN_TESTBED_MAIN_EXTRA:-} ${REMUSD_XEN_TESTBED_DISK:-1}"
     if [ -n "$sync_before" ]; then sha256sum "$sync_before"; fi
-    sha256sum "$vmlinuz" "$remusd" "$guest_initrd" "$here/dom0-init.sh" "$here/dom0-lib.sh" "$here/xen-tests.sh" "$here/xen-guest-tests.sh" "$here/host-role.sh" "$here/run.sh" "$here/release.sh" "$here/../TestbedLib/initramfs.sh"
+    sha256sum "$vmlinuz" "$remusd" "$guest_initrd" "$here/dom0-init.sh" "$here/dom0-lib.sh" "$here/xen-tests.sh" "$here/xen-guest-tests.sh" "$here/xen-disk-tests.sh" "$here/host-role.sh" "$here/run.sh" "$here/release.sh" "$here/../TestbedLib/initramfs.sh"
     if [ -x "$swift_tests" ]; then sha256sum "$swift_tests"; fi
 } | sha256sum | cut -c1-16)
 overlay=$cache/dom0-overlay-$overlay_hash.cpio.gz
@@ -313,11 +314,12 @@ else
     cp "$here/dom0-init.sh" "$root/init"
     cp "$here/xen-tests.sh" "$root/xen-tests.sh"
     cp "$here/xen-guest-tests.sh" "$root/xen-guest-tests.sh"
+    cp "$here/xen-disk-tests.sh" "$root/xen-disk-tests.sh"
     cp "$here/host-role.sh" "$root/host-role.sh"
     cp "$here/dom0-lib.sh" "$root/dom0-lib.sh"
     chmod +x "$root/init" "$root/xen-tests.sh" "$root/xen-guest-tests.sh" "$root/host-role.sh"
-    printf 'REMUS_SECONDS=%s\nINTERVAL_MS=%s\nXL_BASELINE=%s\nMAIN_CHANNEL=%s\nMAIN_EXTRA=%q\nSYNC_ROUNDS=%s\n' "$remus_seconds" "$interval_ms" "$xl_baseline" \
-        "${REMUSD_XEN_TESTBED_MAIN_CHANNEL:-tls}" "${REMUSD_XEN_TESTBED_MAIN_EXTRA:-}" "$sync_rounds" > "$root/xen-testbed.conf"
+    printf 'REMUS_SECONDS=%s\nINTERVAL_MS=%s\nXL_BASELINE=%s\nMAIN_CHANNEL=%s\nMAIN_EXTRA=%q\nSYNC_ROUNDS=%s\nDISK_TESTS=%s\n' "$remus_seconds" "$interval_ms" "$xl_baseline" \
+        "${REMUSD_XEN_TESTBED_MAIN_CHANNEL:-tls}" "${REMUSD_XEN_TESTBED_MAIN_EXTRA:-}" "$sync_rounds" "${REMUSD_XEN_TESTBED_DISK:-1}" > "$root/xen-testbed.conf"
     # Only entries below usr/, guest/ and the top-level files: never a directory entry that
     # would collide with the base's /lib -> usr/lib symlink.
     (cd "$root" && find . -mindepth 1 -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$overlay.tmp"

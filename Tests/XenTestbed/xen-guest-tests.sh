@@ -564,4 +564,7 @@ if protect_afresh switchover; then
     [ "$domains" = "guest " ] && pass "after the switchover one domain remains, named guest" || fail "after the switchover the domains are: $domains"
 fi
 end_test
+
+# --- 12. A replicated disk (xen-disk-tests.sh) ----------------------------------------------
+[ "${DISK_TESTS:-0}" = 1 ] && . /xen-disk-tests.sh
 cleanup_domains

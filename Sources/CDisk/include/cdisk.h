@@ -24,4 +24,10 @@ int remus_nbd_clear(int nbd_fd);
 /// the writeback it serves.
 int remus_set_io_flusher(void);
 
+/// Attaches the open file `backing_fd` to a free loop device with LO_FLAGS_AUTOCLEAR (the kernel
+/// detaches it when its last user closes it), read-only when `read_only`. Returns the loop
+/// device's descriptor (close-on-exec) and writes its number to `*number`, or -1 with errno set.
+/// A device another process took between LOOP_CTL_GET_FREE and LOOP_SET_FD is skipped.
+int remus_loop_attach(int backing_fd, int read_only, int *number);
+
 #endif

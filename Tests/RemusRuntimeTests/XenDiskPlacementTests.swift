@@ -1,0 +1,51 @@
+import Glibc
+import RemusCore
+import RemusDisk
+@testable import RemusRuntime
+import RemusSystem
+import RemusTestSupport
+import RemusXen
+import Testing
+
+// A Xen guest's replicated disks (issue #12): the primary's `--xen-disk` values, and the backup
+// building the domain on its own images in --disk-dir, each served through a loop device.
+
+@Test func xenDiskValuesAreParsedOrRefusedWithTheReason() throws {
+    let disk = try XenServedDisk.parse("xvda=/srv/vm1,disk.img,/dev/nbd0").get()
+    // The image may contain commas: the device is after the last one.
+    #expect(disk == XenServedDisk(vdev: "xvda", image: "/srv/vm1,disk.img", device: "/dev/nbd0"))
+    for (bad, reason) in [("xvda=/srv/a.img", "vdev=image"), ("=/srv/a.img,/dev/nbd0", "disk name"),
+                          ("a/b=/srv/a.img,/dev/nbd0", "disk name"), ("xvda=srv/a.img,/dev/nbd0", "absolute"),
+                          ("xvda=/srv/a.img,/dev/sda", "NBD device"), ("xvda=/srv/a.img,/dev/nbdx", "NBD device")] {
+        guard case .failure(let why) = XenServedDisk.parse(bad) else {
+            Issue.record("'\(bad)' was accepted")
+            continue
+        }
+        #expect("\(why)".contains(reason), "'\(bad)': \(why)")
+    }
+}
+
+@Test(.disabled(if: loopDeviceUnavailable != nil, Comment(rawValue: loopDeviceUnavailable ?? "")))
+func aXenBackupBuildsTheDomainOnLoopDevicesOverItsOwnImages() throws {
+    let directory = try makeTemporaryDirectory("remusd-placement")
+    defer { removeTemporaryDirectory(directory) }
+    let json = #"{"c_info": {"name": "g1"}, "b_info": {"max_memkb": 4096}, "disks": [{"pdev_path": "/dev/nbd0", "vdev": "xvda", "backend": "phy", "format": "raw", "readwrite": 1}]}"#
+    let config = DomainConfig(format: .libxlJSON, bytes: Array(json.utf8))
+    let described = [DiskDescriptor(disk: 0, blockSize: 4096, sizeBytes: 1 << 20, name: "xvda")]
+
+    // No image yet: refused naming the command that makes one, nothing attached.
+    do {
+        _ = try BackendFactory.placeDisks(config, described: described, directory: directory)
+        Issue.record("a disk without an image was placed")
+    } catch {
+        #expect("\(error)".contains("truncate -s 1048576 \(directory)/xvda"), "\(error)")
+    }
+
+    let image = try DiskFile(path: directory + "/xvda", create: true)
+    try image.truncate(to: 1 << 20)
+    let (placed, held) = try BackendFactory.placeDisks(config, described: described, directory: directory)
+    let loop = try #require(held.first as? LoopDevice)
+    #expect(held.count == 1)
+    #expect(loop.backingFile == directory + "/xvda")
+    #expect(try XenDomainDisks.list(placed.bytes) == [XenDomainDisk(vdev: "xvda", pdevPath: loop.path, writable: true)])
+}
