@@ -192,15 +192,23 @@ public final class BackupDisks: @unchecked Sendable {
 
     // MARK: - Images and manifest
 
+    /// Where the image of disk `d` lives in `directory`: the file named as the primary names the
+    /// disk. The name comes from the network: one that is not a plain file name (a '/', a
+    /// leading '.', a NUL) is refused, so no other file of this host is ever taken for an image.
+    public static func imagePath(of d: DiskDescriptor, in directory: String) throws -> String {
+        let name = d.name
+        guard !name.isEmpty, !name.contains("/"), !name.hasPrefix("."), !name.contains("\0") else {
+            throw DiskLogError("disk \(d.disk) is named '\(name)', which is not a plain file name; this backup finds an image by the disk's name in \(directory) — nothing was changed; name the disk on the primary without '/' or a leading '.'")
+        }
+        return directory + "/" + name
+    }
+
     /// Opens each disk's image, reusing one already open under the same name.
     static func openImages(_ descriptors: [DiskDescriptor], in directory: String, reusing open: DiskImages? = nil) throws -> DiskImages {
         var files: [DiskFile] = []
         for d in descriptors {
             let name = d.name
-            guard !name.contains("/"), !name.hasPrefix("."), !name.contains("\0") else {
-                throw DiskLogError("disk \(d.disk) is named '\(name)', which is not a plain file name; this backup finds an image by the disk's name in \(directory) — nothing was changed; name the disk on the primary without '/' or a leading '.'")
-            }
-            let path = directory + "/" + name
+            let path = try imagePath(of: d, in: directory)
             let file: DiskFile
             if let index = open?.descriptors.firstIndex(where: { $0.name == name }), let reused = open?.files[index] {
                 file = reused

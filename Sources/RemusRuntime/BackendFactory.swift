@@ -77,7 +77,7 @@ struct BackendFactory: Sendable {
             var loops: [LoopDevice] = []
             var devices: [String: String] = [:]
             for disk in described {
-                let image = directory + "/" + disk.name
+                let image = try BackupDisks.imagePath(of: disk, in: directory)
                 var st = stat()
                 guard stat(image, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
                     throw ProtocolError("disk '\(disk.name)': this backup has no image \(image); nothing was changed — create it with at least \(disk.sizeBytes) bytes (truncate -s \(disk.sizeBytes) \(image))")

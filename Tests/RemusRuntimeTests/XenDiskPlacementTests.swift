@@ -41,6 +41,18 @@ func aXenBackupBuildsTheDomainOnLoopDevicesOverItsOwnImages() throws {
         #expect("\(error)".contains("truncate -s 1048576 \(directory)/xvda"), "\(error)")
     }
 
+    // A disk name from the network that is not a plain file name never reaches a loop device:
+    // even an existing file outside the directory (here /etc/hostname through '..') is refused.
+    for hostile in ["../../../../etc/hostname", ".remusd-redo.log", "a/b"] {
+        let named = [DiskDescriptor(disk: 0, blockSize: 4096, sizeBytes: 4096, name: hostile)]
+        do {
+            _ = try BackendFactory.placeDisks(config, described: named, directory: directory)
+            Issue.record("disk name '\(hostile)' was placed")
+        } catch {
+            #expect("\(error)".contains("not a plain file name"), "\(hostile): \(error)")
+        }
+    }
+
     let image = try DiskFile(path: directory + "/xvda", create: true)
     try image.truncate(to: 1 << 20)
     let (placed, held) = try BackendFactory.placeDisks(config, described: described, directory: directory)
