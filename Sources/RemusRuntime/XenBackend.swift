@@ -11,6 +11,11 @@ enum XenBackend {
     /// unless output is not held (`--unsafe --no-netbuf`). Nothing is changed on the domain
     /// when this throws. Once protection is over the guest runs on here without its
     /// checkpointed save and with its vifs unbuffered again.
+    ///
+    /// With `--xen-disk`, each disk is served as its NBD device first (the domain is created on
+    /// it, `--wait-for-domain`), and a domain that writes to a disk not served here is refused
+    /// (I9). A domain that runs on the served devices keeps them served until it is gone, also
+    /// when this throws and after protection ended.
     static func openPrimary(_ config: ProtectConfiguration) throws -> OpenedGuest {
         let domain = config.domain
         // remusd's own Xen steps: the choices at info (e.g. how the guest is suspended), every
@@ -30,7 +35,7 @@ enum XenBackend {
                 Log.info("waiting up to \(config.waitForDomainMs / 1000) s for domain '\(domain)' to appear" + (served.map { " (create it on \($0.disks.map { "phy:\($0.device),\($0.vdev),w" }.joined(separator: " "))" } ?? ""))
                 let deadline = monotonicNanoseconds() + UInt64(config.waitForDomainMs) * 1_000_000
                 guard try XenPrimaryGuest.waitForDomain(named: domain, log: log, untilMonotonic: deadline) else {
-                    throw ProtocolError("domain '\(domain)' did not appear within \(config.waitForDomainMs / 1000) s (--wait-for-domain); nothing was protected")
+                    throw ProtocolError("domain '\(domain)' was not created and booted within \(config.waitForDomainMs / 1000) s (--wait-for-domain: 'xl create' finished and its PV devices connected); nothing was protected — create it, or give it longer")
                 }
             }
             guest = try XenPrimaryGuest(domain: domain, log: log)
