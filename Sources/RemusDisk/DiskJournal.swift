@@ -39,6 +39,9 @@ public final class DiskJournal: GuestDisks, @unchecked Sendable {
 
     public let descriptors: [DiskDescriptor]
     private let files: [DiskFile]
+    /// Each disk's image, opened and locked, in the order of `descriptors` (an `NBDServer`
+    /// serving the journal's disks applies to them).
+    public var images: [DiskFile] { files }
     /// Most bytes of journal (entries and data) kept for one epoch.
     public let journalBound: Int
     private let lock = MonitorLock()

@@ -103,7 +103,7 @@ public struct XenServedDisk: Equatable, Sendable {
     /// The guest's name for the disk (the domain configuration's vdev), also its name on the
     /// backup (`--disk-dir`/vdev).
     public var vdev: String
-    /// The image (a file or block device) holding the disk.
+    /// The image file holding the disk.
     public var image: String
     /// The NBD device it is served as (`/dev/nbdN`).
     public var device: String

@@ -22,26 +22,16 @@ final class XenServedDisks: @unchecked Sendable {  // immutable after init
     /// attached, naming the disk and what to do.
     init(_ disks: [XenServedDisk]) throws {
         self.disks = disks
-        var descriptors: [DiskDescriptor] = []
-        var images: [DiskFile] = []
-        for (index, disk) in disks.enumerated() {
-            let file: DiskFile
-            do { file = try DiskFile(path: disk.image, create: false) } catch {
-                throw ProtocolError("disk '\(disk.vdev)': cannot open its image \(disk.image): \(error); nothing was served — give an existing image")
+        // The disk is the image's whole 4 KiB blocks; DiskJournal opens, checks and locks it.
+        let journal = try DiskJournal(disks.map { disk in
+            var st = stat()
+            guard stat(disk.image, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
+                throw ProtocolError("disk '\(disk.vdev)': its image \(disk.image) is missing or not a regular file (block devices and LVs are not served yet); nothing was served — give an existing image file")
             }
-            if let busy = file.lockExclusive() {
-                throw ProtocolError("disk '\(disk.vdev)': its image \(disk.image) is in use: \(busy); nothing was served — stop the other user (a VM, another remusd) first")
-            }
-            let size = try file.size() / 4096 * 4096
-            guard size > 0, size <= StreamLimits.maxDiskBytes else {
-                throw ProtocolError("disk '\(disk.vdev)': its image \(disk.image) holds \(try file.size()) bytes; a replicated disk holds at least 4 KiB and at most 2^56 bytes; nothing was served")
-            }
-            descriptors.append(DiskDescriptor(disk: UInt32(index), blockSize: 4096, sizeBytes: size, name: disk.vdev))
-            images.append(file)
-        }
-        let journal = DiskJournal(descriptors: descriptors, images: images)
+            return DiskJournal.Disk(name: disk.vdev, path: disk.image, sizeBytes: UInt64(st.st_size) / 4096 * 4096, blockSize: 4096)
+        }, create: false)
         self.journal = journal
-        servers = try zip(descriptors, images).map { descriptor, file in
+        servers = try zip(journal.descriptors, journal.images).map { descriptor, file in
             try NBDServer(socketPath: nil, descriptor: descriptor, image: file,
                           record: { try journal.record($0) }, log: { Log.warning($0) })
         }

@@ -55,7 +55,7 @@ struct Protect: ParsableCommand {
     @Option(name: .customLong("status-socket"), help: ArgumentHelp("Status socket (default: <run dir>/<domain>.sock).", valueName: "path"))
     var statusSocket: String?
 
-    @Option(name: .customLong("xen-disk"), help: ArgumentHelp("Serve the Xen guest's disk <vdev> from <image> as the NBD device <dev> and replicate every write to it with the checkpoints (Docs/disks.md). The domain must use that device for that disk (disk = ['phy:/dev/nbd0,xvda,w']); a domain that writes to a disk remusd does not serve is refused. The backup needs --disk-dir with an image named <vdev>. Repeatable.", valueName: "vdev=image,/dev/nbdN"))
+    @Option(name: .customLong("xen-disk"), help: ArgumentHelp("Serve the Xen guest's disk <vdev> from the image file <image> as the NBD device <dev> and replicate every write to it with the checkpoints (Docs/disks.md). The domain must use that device for that disk (disk = ['phy:/dev/nbd0,xvda,w']); a domain that writes to a disk remusd does not serve is refused. The backup needs --disk-dir with an image named <vdev>. Repeatable.", valueName: "vdev=image,/dev/nbdN"))
     var xenDisks: [String] = []
 
     @Option(name: .customLong("wait-for-domain"), help: ArgumentHelp("Wait this long for the Xen domain to appear (start remusd with --xen-disk first, then 'xl create' the domain on the NBD devices it serves); 0: it must exist already.", valueName: "s"))
