@@ -31,33 +31,72 @@ nc -ll -p 7 -e /bin/counter-reply &
 # line sent twice after a failover shows as a duplicate.
 syslogd -n -R 10.0.0.1:9000 &
 
-# With a replicated disk (testbed_disk=1 on the kernel command line: xen-disk-tests.sh), record i
-# goes to block i of /dev/xvda: 4096 bytes of "remusd-record-<i>" lines, written and fsynced,
-# then reported to dom0 over the network ("DISK <i>"). remusd holds that report until the
-# checkpoint after the write is committed, so every record dom0 heard of must be on the disk the
-# backup resumes the guest on (I9).
-if grep -q testbed_disk=1 /proc/cmdline; then
+# Waits for /dev/xvda, at most ~20 s (blkfront attaches asynchronously, like netfront).
+wait_for_disk() {
     n=0
     while [ ! -b /dev/xvda ] && [ $n -lt 200 ]; do usleep 100000; n=$((n + 1)); done
-    if [ -b /dev/xvda ]; then
+    [ -b /dev/xvda ]
+}
+# Record i, 4096 bytes of "remusd-record-<i>" lines, is written and fsynced by "$1 i", then
+# reported to dom0 over the network as "$2 i"; five records a second, in the background.
+write_records() {
+    (
+        i=0
+        while [ $i -lt 16000 ]; do
+            yes "remusd-record-$i" | head -c 4096 > /tmp/record
+            if $1 $i; then
+                logger -t guest "$2 $i"
+            else
+                echo "GUEST $2 WRITE FAILED $i"
+                logger -t guest "$2 FAILED $i"
+            fi
+            i=$((i + 1))
+            usleep 200000
+        done
+    ) &
+}
+record_to_block() { dd if=/tmp/record of=/dev/xvda bs=4096 seek="$1" count=1 conv=notrunc,fsync 2>/dev/null; }
+record_to_file() { dd if=/tmp/record of="/mnt/rec-$1" bs=4096 count=1 conv=fsync 2>/dev/null; }
+
+# With a replicated disk (testbed_disk=1 on the kernel command line: xen-disk-tests.sh), record i
+# goes to block i of /dev/xvda ("DISK <i>"). remusd holds that report until the checkpoint after
+# the write is committed, so every record dom0 heard of must be on the disk the backup resumes
+# the guest on (I9).
+if grep -q testbed_disk=1 /proc/cmdline; then
+    if wait_for_disk; then
         echo "GUEST DISK xvda"
-        (
-            i=0
-            while [ $i -lt 16000 ]; do
-                yes "remusd-record-$i" | head -c 4096 > /tmp/record
-                if dd if=/tmp/record of=/dev/xvda bs=4096 seek=$i count=1 conv=notrunc,fsync 2>/dev/null; then
-                    logger -t guest "DISK $i"
-                else
-                    echo "GUEST DISK WRITE FAILED $i"
-                    logger -t guest "DISK FAILED $i"
-                fi
-                i=$((i + 1))
-                usleep 200000
-            done
-        ) &
+        write_records record_to_block DISK
     else
         echo "GUEST DISK MISSING"
     fi
+fi
+
+# With testbed_fs=1 (xen-disk-tests.sh, the ext4 file system dom0 made on the disk): record i is
+# the file /rec-<i> ("FILE <i>"), so that after a failover the backup's copy must pass fsck and
+# hold every file dom0 heard of, whole.
+if grep -q testbed_fs=1 /proc/cmdline; then
+    wait_for_disk
+    mkdir -p /mnt
+    if mount -t ext4 /dev/xvda /mnt; then
+        echo "GUEST FS xvda"
+        write_records record_to_file FILE
+    else
+        echo "GUEST FS MOUNT FAILED"
+    fi
+fi
+
+# With testbed_diskbench=1 (xen-disk-tests.sh's benchmark): once dom0 connects to port 8, the
+# disk benchmark (diskbench.c) runs on /dev/xvda past the first 16 MiB, and each of its lines goes
+# to the console and to dom0.
+if grep -q testbed_diskbench=1 /proc/cmdline; then
+    wait_for_disk
+    (
+        nc -l -p 8 < /dev/null > /dev/null
+        diskbench /dev/xvda 16 2>&1 | while read -r line; do
+            echo "$line"
+            logger -t guest "$line"
+        done
+    ) &
 fi
 
 i=0

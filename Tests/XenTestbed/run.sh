@@ -28,6 +28,8 @@
 #                                     tls or plain [tls]; for experiments, with MAIN_EXTRA
 #   REMUSD_XEN_TESTBED_MAIN_EXTRA     more arguments for that `remusd protect`, e.g. "--unsafe --no-netbuf"
 #   REMUSD_XEN_TESTBED_DISK=0         leave out the replicated-disk test (xen-disk-tests.sh) [1]
+#   REMUSD_XEN_TESTBED_DISK_BENCH=1   add the guest's disk benchmark: fsync latency and throughput on a
+#                                     loop device against served and protected by remusd (a table) [0]
 #   REMUSD_XEN_TESTBED_HYPERVISOR     hypervisor package version for PVH/HVM [libxen-dev's]
 #   REMUSD_XEN_TESTBED_PV_HYPERVISOR  hypervisor package version for PV [newest with shadow paging]
 #   REMUSD_XEN_TESTBED_MIRROR         Debian mirror for debootstrap [the host's first Debian apt source]
@@ -242,16 +244,18 @@ if [ "${REMUSD_XEN_TESTBED_SWIFT_TESTS:-1}" = 1 ] && [ "${REMUSD_XEN_TESTBED_SKI
 fi
 [ "${REMUSD_XEN_TESTBED_SWIFT_TESTS:-1}" = 1 ] || swift_tests=/nonexistent
 
-# --- 6. The guest's initramfs: busybox, xen-netfront, guest-init.sh ------------------------
+# --- 6. The guest's initramfs: busybox, xen-netfront, guest-init.sh, diskbench --------------
 # Kernel modules with their dependencies in load order, decompressed (busybox insmod reads
-# plain .ko files only).
-guest_hash=$( { echo "$kver $modules_base"; sha256sum "$here/guest-init.sh" /bin/busybox "$here/../TestbedLib/initramfs.sh"; } | sha256sum | cut -c1-16)
+# plain .ko files only); ext4 for the disk test's file system (with crc32c_generic, which it
+# asks the crypto layer for: the guest has no modprobe to load it then). diskbench.c is built static with the Swift toolchain's clang.
+guest_hash=$( { echo "$kver $modules_base"; sha256sum "$here/guest-init.sh" "$here/diskbench.c" /bin/busybox "$here/../TestbedLib/initramfs.sh"; } | sha256sum | cut -c1-16)
 guest_initrd=$cache/guest-$guest_hash.cpio.gz
 if [ ! -s "$guest_initrd" ]; then
     root=$cache/guest-root
     rm -rf --one-file-system "$root" && mkdir -p "$root"/{bin,proc,sys,dev,tmp}
     cp /bin/busybox "$root/bin/busybox"
-    TESTBED_MODULES_BASE=$modules_base testbed_collect_modules "$root" "$kver" xen-netfront xen-blkfront
+    "$(dirname "$(command -v swiftc)")/clang" -static -O2 -o "$root/bin/diskbench" "$here/diskbench.c"
+    TESTBED_MODULES_BASE=$modules_base testbed_collect_modules "$root" "$kver" xen-netfront xen-blkfront crc32c_generic ext4
     cp "$here/guest-init.sh" "$root/init" && chmod +x "$root/init"
     (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -9) > "$guest_initrd.tmp"
     mv "$guest_initrd.tmp" "$guest_initrd"
@@ -267,7 +271,7 @@ dom0_modules=(xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-netback x
               virtio_pci virtio_net)   # the two-host mode's wire (two-hosts.sh)
 overlay_hash=$( {
     echo "$kver $base_hash $remus_seconds $interval_ms $xl_baseline $sync_rounds ${dom0_modules[*]}"
-    echo "${REMUSD_XEN_TESTBED_MAIN_CHANNEL:-tls} ${REMUSD_XEN_TESTBED_MAIN_EXTRA:-} ${REMUSD_XEN_TESTBED_DISK:-1}"
+    echo "${REMUSD_XEN_TESTBED_MAIN_CHANNEL:-tls} ${REMUSD_XEN_TESTBED_MAIN_EXTRA:-} ${REMUSD_XEN_TESTBED_DISK:-1} ${REMUSD_XEN_TESTBED_DISK_BENCH:-0}"
     if [ -n "$sync_before" ]; then sha256sum "$sync_before"; fi
     sha256sum "$vmlinuz" "$remusd" "$guest_initrd" "$here/dom0-init.sh" "$here/dom0-lib.sh" "$here/xen-tests.sh" "$here/xen-guest-tests.sh" "$here/xen-disk-tests.sh" "$here/host-role.sh" "$here/run.sh" "$here/release.sh" "$here/../TestbedLib/initramfs.sh"
     if [ -x "$swift_tests" ]; then sha256sum "$swift_tests"; fi
@@ -318,8 +322,9 @@ else
     cp "$here/host-role.sh" "$root/host-role.sh"
     cp "$here/dom0-lib.sh" "$root/dom0-lib.sh"
     chmod +x "$root/init" "$root/xen-tests.sh" "$root/xen-guest-tests.sh" "$root/host-role.sh"
-    printf 'REMUS_SECONDS=%s\nINTERVAL_MS=%s\nXL_BASELINE=%s\nMAIN_CHANNEL=%s\nMAIN_EXTRA=%q\nSYNC_ROUNDS=%s\nDISK_TESTS=%s\n' "$remus_seconds" "$interval_ms" "$xl_baseline" \
-        "${REMUSD_XEN_TESTBED_MAIN_CHANNEL:-tls}" "${REMUSD_XEN_TESTBED_MAIN_EXTRA:-}" "$sync_rounds" "${REMUSD_XEN_TESTBED_DISK:-1}" > "$root/xen-testbed.conf"
+    printf 'REMUS_SECONDS=%s\nINTERVAL_MS=%s\nXL_BASELINE=%s\nMAIN_CHANNEL=%s\nMAIN_EXTRA=%q\nSYNC_ROUNDS=%s\nDISK_TESTS=%s\nDISK_BENCH=%s\n' "$remus_seconds" "$interval_ms" "$xl_baseline" \
+        "${REMUSD_XEN_TESTBED_MAIN_CHANNEL:-tls}" "${REMUSD_XEN_TESTBED_MAIN_EXTRA:-}" "$sync_rounds" "${REMUSD_XEN_TESTBED_DISK:-1}" \
+        "${REMUSD_XEN_TESTBED_DISK_BENCH:-0}" > "$root/xen-testbed.conf"
     # Only entries below usr/, guest/ and the top-level files: never a directory entry that
     # would collide with the base's /lib -> usr/lib symlink.
     (cd "$root" && find . -mindepth 1 -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$overlay.tmp"
@@ -431,6 +436,23 @@ kind_tables() {
     row2 "counter lines the outside received twice (UDP)" "$(metric udp_repeated)" "$(metric remusd_udp_repeated)" "lines"
     row2 "output held until the backup has the checkpoint" "$([ "$xl_baseline" = 1 ] && echo no)" "yes" ""
     echo "  (xl remus detects nothing but a broken stream: its failover starts at the kill; remusd's backup sees the closed connection (kill) or STREAM_END (destroy) at once, then runs the fence)"
+    if [ -n "$(metric disk_remusd_fsync_p50_ms)" ]; then
+        # Section 13 (REMUSD_XEN_TESTBED_DISK_BENCH=1): the guest's own disk benchmark.
+        local m q cells
+        row3() { printf '  %-54s %22s %22s %22s  %s\n' "$1" "${2:-—}" "${3:-—}" "${4:-—}" "$5"; }
+        ratio() { awk -v a="$1" -v b="$2" -v f="$3" 'BEGIN { if (a != "" && b > 0) printf f, a / b }'; }
+        echo
+        echo "$kind_name guest's disk (64 MiB image in dom0's RAM), timed in the guest: unprotected on a loop device; served by remusd"
+        echo "with no backup (the NBD path and the journal alone); served and protected by remusd (--interval $interval_ms, backup on this dom0)"
+        row3 "measure" "loop, unprotected" "remusd, no backup" "remusd, protected" "unit"
+        cells=(); for m in loop served remusd; do cells+=("$(metric disk_${m}_fsync_p50_ms) ($(metric disk_${m}_fsync_p10_ms) / $(metric disk_${m}_fsync_p90_ms))"); done
+        row3 "4 KiB write + fdatasync: p50 (p10 / p90) of 200" "${cells[@]}" "ms"
+        cells=(); for m in loop served remusd; do cells+=("$(metric disk_${m}_seq_mbps) ($(metric disk_${m}_seq_range))"); done
+        row3 "1 MiB writes, 16 MiB + fdatasync: median (range) of 5" "${cells[@]}" "MB/s"
+        row3 "  against the loop device: fsync p50 / MB/s" "1" \
+            "$(ratio "$(metric disk_served_fsync_p50_ms)" "$(metric disk_loop_fsync_p50_ms)" '%.2f×') / $(ratio "$(metric disk_served_seq_mbps)" "$(metric disk_loop_seq_mbps)" '%.2f')" \
+            "$(ratio "$(metric disk_remusd_fsync_p50_ms)" "$(metric disk_loop_fsync_p50_ms)" '%.2f×') / $(ratio "$(metric disk_remusd_seq_mbps)" "$(metric disk_loop_seq_mbps)" '%.2f')" ""
+    fi
     rm -f "$part"
 }
 

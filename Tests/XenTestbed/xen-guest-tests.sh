@@ -565,6 +565,6 @@ if protect_afresh switchover; then
 fi
 end_test
 
-# --- 12. A replicated disk (xen-disk-tests.sh) ----------------------------------------------
-[ "${DISK_TESTS:-0}" = 1 ] && . /xen-disk-tests.sh
+# --- 12. A replicated disk, 13. its cost (xen-disk-tests.sh) --------------------------------
+if [ "${DISK_TESTS:-0}" = 1 ] || [ "${DISK_BENCH:-0}" = 1 ]; then . /xen-disk-tests.sh; fi
 cleanup_domains
