@@ -22,14 +22,8 @@ final class XenServedDisks: @unchecked Sendable {  // immutable after init
     /// attached, naming the disk and what to do.
     init(_ disks: [XenServedDisk]) throws {
         self.disks = disks
-        // The disk is the image's whole 4 KiB blocks; DiskJournal opens, checks and locks it.
-        let journal = try DiskJournal(disks.map { disk in
-            var st = stat()
-            guard stat(disk.image, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
-                throw ProtocolError("disk '\(disk.vdev)': its image \(disk.image) is missing or not a regular file (block devices and LVs are not served yet); nothing was served — give an existing image file")
-            }
-            return DiskJournal.Disk(name: disk.vdev, path: disk.image, sizeBytes: UInt64(st.st_size) / 4096 * 4096, blockSize: 4096)
-        }, create: false)
+        // DiskJournal opens, checks and locks each image.
+        let journal = try DiskJournal(disks.map(Self.journalDisk), create: false)
         self.journal = journal
         servers = try zip(journal.descriptors, journal.images).map { descriptor, file in
             try NBDServer(socketPath: nil, descriptor: descriptor, image: file,
@@ -45,6 +39,18 @@ final class XenServedDisks: @unchecked Sendable {  // immutable after init
             detach()
             throw ProtocolError("disk '\(failed.vdev)': cannot serve it as \(failed.device): \(error); nothing is served")
         }
+    }
+
+    /// The disk `served` is: its image's whole 512-byte sectors, served with 512-byte sectors.
+    /// 512, not 4096: a guest's partition table counts in the sectors its image was made with,
+    /// almost always 512 bytes, and the backup's loop device has 512-byte sectors too. Served
+    /// with 4 KiB sectors, an MBR or GPT image has its partitions misplaced.
+    static func journalDisk(_ served: XenServedDisk) throws -> DiskJournal.Disk {
+        var st = stat()
+        guard stat(served.image, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
+            throw ProtocolError("disk '\(served.vdev)': its image \(served.image) is missing or not a regular file (block devices and LVs are not served yet); nothing was served — give an existing image file")
+        }
+        return DiskJournal.Disk(name: served.vdev, path: served.image, sizeBytes: UInt64(st.st_size) / 512 * 512, blockSize: 512)
     }
 
     /// vdev → the device it is served on.

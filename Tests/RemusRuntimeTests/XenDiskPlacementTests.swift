@@ -25,6 +25,22 @@ import Testing
     }
 }
 
+// A guest's partition table counts in 512-byte sectors: the disk is served with them, and its
+// size is the image's whole sectors (an image of 1.5 KiB is a disk of three, not none).
+@Test func aServedXenDiskHas512ByteSectors() throws {
+    let directory = try makeTemporaryDirectory("remusd-served")
+    defer { removeTemporaryDirectory(directory) }
+    let image = directory + "/xvda.img"
+    let fd = open(image, O_CREAT | O_WRONLY, 0o600)
+    #expect(fd >= 0)
+    #expect(ftruncate(fd, 1536 + 100) == 0)
+    close(fd)
+    let disk = try XenServedDisks.journalDisk(XenServedDisk(vdev: "xvda", image: image, device: "/dev/nbd0"))
+    #expect(disk.blockSize == 512)
+    #expect(disk.sizeBytes == 1536)
+    #expect(throws: (any Error).self) { try XenServedDisks.journalDisk(XenServedDisk(vdev: "xvdb", image: directory, device: "/dev/nbd1")) }
+}
+
 @Test(.disabled(if: loopDeviceUnavailable != nil, Comment(rawValue: loopDeviceUnavailable ?? "")))
 func aXenBackupBuildsTheDomainOnLoopDevicesOverItsOwnImages() throws {
     let directory = try makeTemporaryDirectory("remusd-placement")

@@ -71,13 +71,16 @@ if grep -q testbed_disk=1 /proc/cmdline; then
     fi
 fi
 
-# With testbed_fs=1 (xen-disk-tests.sh, the ext4 file system dom0 made on the disk): record i is
-# the file /rec-<i> ("FILE <i>"), so that after a failover the backup's copy must pass fsck and
-# hold every file dom0 heard of, whole.
+# With testbed_fs=1 (xen-disk-tests.sh: dom0 partitioned the disk, an MBR in 512-byte sectors,
+# and made an ext4 file system on its partition): record i is the file /rec-<i> ("FILE <i>"),
+# so that after a failover the backup's copy must pass fsck and hold every file dom0 heard of,
+# whole.
 if grep -q testbed_fs=1 /proc/cmdline; then
     wait_for_disk
+    n=0
+    while [ ! -b /dev/xvda1 ] && [ $n -lt 50 ]; do usleep 100000; n=$((n + 1)); done
     mkdir -p /mnt
-    if mount -t ext4 /dev/xvda /mnt; then
+    if mount -t ext4 /dev/xvda1 /mnt; then
         echo "GUEST FS xvda"
         write_records record_to_file FILE
     else

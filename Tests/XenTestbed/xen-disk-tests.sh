@@ -11,10 +11,11 @@
 # NBD device), the primary domain paused and its remusd SIGKILLed (the guest's disk server dies
 # with it), and a planned switchover (`remusd failover guest`: the old primary's remusd hands the
 # guest over, then lets go of its device once its domain is gone).
-# In the kill test the disk holds an ext4 file system (made by dom0's mkfs.ext4) and the records
-# are its files /rec-<i>, each fsynced before "FILE i" is reported (testbed_fs=1): the backup's
-# copy, as a crash leaves it, must then pass e2fsck once its journal is replayed and hold every
-# file dom0 heard of, whole.
+# In the kill test the disk is partitioned as a real VM's image is (an MBR in 512-byte sectors,
+# one partition from 1 MiB on) and the partition holds an ext4 file system (dom0's mkfs.ext4);
+# the records are its files /rec-<i>, each fsynced before "FILE i" is reported (testbed_fs=1):
+# the backup's copy, as a crash leaves it, must then pass e2fsck once its journal is replayed and
+# hold every file dom0 heard of, whole.
 # With DISK_BENCH=1, section 13 (below) measures what the replication costs the guest's disk.
 disk_dir=/var/lib/remusd-disk
 disk_mib=64
@@ -26,12 +27,26 @@ block_is() {
     [ "$got" = "$(head -c 4096 /dev/zero | md5sum | cut -d' ' -f1)" ] && return 1
     return 2
 }
-# The ext4 file system of image $1, as the guest left it: e2fsck replays its journal on a copy
+# The partition the fs layout uses: from 1 MiB (sector 2048) to the end of the disk.
+part_offset_mib=1
+part_sectors=$(( (disk_mib - part_offset_mib) * 2048 ))
+# Writes an MBR with that one Linux partition (type 0x83) onto image $1: what the guest's kernel
+# reads in 512-byte sectors. The bytes (dash's printf takes octal escapes): the partition entry at
+# 446 (not bootable, CHS unused, type, first sector 2048 and the sector count, little-endian),
+# the signature 55 AA at 510.
+write_mbr() {
+    n=$part_sectors
+    le32() { printf "\\%03o\\%03o\\%03o\\%03o" $(($1 & 255)) $(($1 >> 8 & 255)) $(($1 >> 16 & 255)) $(($1 >> 24 & 255)); }
+    # shellcheck disable=SC2059
+    printf "\000\000\000\000\203\000\000\000$(le32 2048)$(le32 "$n")" | dd of="$1" bs=1 seek=446 conv=notrunc 2>/dev/null
+    printf '\125\252' | dd of="$1" bs=1 seek=510 conv=notrunc 2>/dev/null
+}
+# The ext4 file system on the partition of image $1, as the guest left it: e2fsck replays its journal on a copy
 # (exit 0 or 1: nothing or only that was done) and then finds nothing to fix (exit 0); the files
 # /rec-0 … /rec-$2 are each a whole record. Sets fs_problem (empty when all is well) and fs_files.
 check_fs() {
     fs_problem=""
-    cp "$1" /tmp/fs-check.img
+    dd if="$1" of=/tmp/fs-check.img bs=1M skip=$part_offset_mib 2>/dev/null
     e2fsck -p /tmp/fs-check.img > /tmp/e2fsck-p.log 2>&1; r=$?
     [ $r -le 1 ] || { fs_problem="e2fsck -p (journal replay) exited $r: $(tail -3 /tmp/e2fsck-p.log | tr '\n' ' ')"; return; }
     e2fsck -fn /tmp/fs-check.img > /tmp/e2fsck-n.log 2>&1; r=$?
@@ -59,10 +74,16 @@ disk_test() {
     modprobe loop
     rm -rf "$disk_dir" && mkdir -p "$disk_dir/backup"
     truncate -s ${disk_mib}M "$disk_dir/primary.img" "$disk_dir/backup/xvda"
-    # 4 KiB blocks: the disk's sectors are 4 KiB (remusd serves it so), and mkfs picks 1 KiB for
-    # a disk this small, which the guest's kernel then refuses to mount ("bad block size 1024").
-    if [ "$layout" = fs ] && ! mkfs.ext4 -q -F -b 4096 "$disk_dir/primary.img" > /tmp/mkfs.log 2>&1; then
-        fail "disk ($loss): mkfs.ext4 on the primary's image"; show /tmp/mkfs.log; return 1
+    # The file system is made apart and copied into the partition (mkfs picks 1 KiB blocks for
+    # a disk this small: they need the 512-byte sectors remusd serves).
+    if [ "$layout" = fs ]; then
+        write_mbr "$disk_dir/primary.img"
+        truncate -s $((disk_mib - part_offset_mib))M /tmp/fs-part.img
+        if ! mkfs.ext4 -q -F /tmp/fs-part.img > /tmp/mkfs.log 2>&1; then
+            fail "disk ($loss): mkfs.ext4 for the primary's partition"; show /tmp/mkfs.log; return 1
+        fi
+        dd if=/tmp/fs-part.img of="$disk_dir/primary.img" bs=1M seek=$part_offset_mib conv=notrunc,sparse 2>/dev/null
+        rm -f /tmp/fs-part.img
     fi
     start_udp /tmp/udp-disk.log
     # Each remusd's end is logged with its exit status (a daemon that vanished says how).
