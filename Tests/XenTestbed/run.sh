@@ -247,7 +247,8 @@ fi
 # --- 6. The guest's initramfs: busybox, xen-netfront, guest-init.sh, diskbench --------------
 # Kernel modules with their dependencies in load order, decompressed (busybox insmod reads
 # plain .ko files only); ext4 for the disk test's file system (with crc32c_generic, which it
-# asks the crypto layer for: the guest has no modprobe to load it then). diskbench.c is built static with the Swift toolchain's clang.
+# asks the crypto layer for: the guest has no modprobe to load it then). diskbench.c is built
+# static with the Swift toolchain's clang.
 guest_hash=$( { echo "$kver $modules_base"; sha256sum "$here/guest-init.sh" "$here/diskbench.c" /bin/busybox "$here/../TestbedLib/initramfs.sh"; } | sha256sum | cut -c1-16)
 guest_initrd=$cache/guest-$guest_hash.cpio.gz
 if [ ! -s "$guest_initrd" ]; then
@@ -438,7 +439,7 @@ kind_tables() {
     echo "  (xl remus detects nothing but a broken stream: its failover starts at the kill; remusd's backup sees the closed connection (kill) or STREAM_END (destroy) at once, then runs the fence)"
     if [ -n "$(metric disk_remusd_fsync_p50_ms)" ]; then
         # Section 13 (REMUSD_XEN_TESTBED_DISK_BENCH=1): the guest's own disk benchmark.
-        local m q cells
+        local m cells
         row3() { printf '  %-54s %22s %22s %22s  %s\n' "$1" "${2:-—}" "${3:-—}" "${4:-—}" "$5"; }
         ratio() { awk -v a="$1" -v b="$2" -v f="$3" 'BEGIN { if (a != "" && b > 0) printf f, a / b }'; }
         echo

@@ -20,6 +20,8 @@
 disk_dir=/var/lib/remusd-disk
 disk_mib=64
 disk_blocks=$((disk_mib * 256))
+# The failover tests log libxenguest's steps (REMUSD_XEN_DEBUG); the benchmark does not.
+disk_debug=1
 # Block $1 of image $2 is record $1 (exit 0), all zeros (exit 1), or anything else (exit 2).
 block_is() {
     got=$(dd if="$2" bs=4096 skip="$1" count=1 2>/dev/null | md5sum | cut -d' ' -f1)
@@ -61,19 +63,70 @@ check_fs() {
     done
     [ -z "$bad" ] || fs_problem="files missing or not whole:$(echo $bad | cut -c1-200)"
 }
+# The raw blocks of image $1 against the records dom0 heard of (0..$2): PASS or FAIL that every
+# one is there, and that every block up to 40 past it is a whole record or untouched.
+check_blocks() {
+    missing=""; torn=""; i=0; present=0
+    while [ $i -le $(($2 + 40)) ] && [ $i -lt $disk_blocks ]; do
+        block_is $i "$1"; r=$?
+        if [ $r -eq 0 ]; then present=$((present + 1)); fi
+        if [ $i -le "$2" ] && [ $r -ne 0 ]; then missing="$missing $i"; fi
+        if [ $r -eq 2 ]; then torn="$torn $i"; fi
+        i=$((i + 1))
+    done
+    if [ -z "$missing" ]; then
+        pass "disk ($loss): every record dom0 heard of before the loss (0..$2) is on the backup's disk"
+    else
+        fail "disk ($loss): records dom0 heard of are missing on the backup's disk:$(echo $missing | cut -c1-200)"
+    fi
+    if [ -z "$torn" ]; then
+        pass "disk ($loss): no torn or foreign block on the backup's disk (blocks 0..$(($2 + 40)): $present whole records, the rest untouched)"
+    else
+        fail "disk ($loss): blocks neither a whole record nor untouched:$(echo $torn | cut -c1-200)"
+    fi
+}
+# The highest record number ($1: DISK or FILE) that UDP log $2 holds, or nothing.
+last_record() { grep -ao "$1 [0-9]*" "$2" | cut -d' ' -f2 | sort -n | tail -1; }
+# No domain but dom0, the modules a served disk needs, fresh empty images for the primary and
+# the backup. Returns 1 after a FAIL line naming $1.
+fresh_disks() {
+    cleanup_domains
+    wait_no_domains 60 || { fail "$1: domains left before it"; return 1; }
+    # blkback serves the guest's disk (the other sections' guests have none, nothing loads it).
+    modprobe xen-blkback || { fail "$1: no xen-blkback module in dom0"; return 1; }
+    modprobe nbd || { fail "$1: no nbd module in dom0"; return 1; }
+    modprobe loop
+    rm -rf "$disk_dir" && mkdir -p "$disk_dir/backup"
+    truncate -s ${disk_mib}M "$disk_dir/primary.img" "$disk_dir/backup/xvda"
+}
+# A backup with --disk-dir on 127.0.0.1:7788, logging to $1; returns once it listens. Each
+# remusd's end is logged with its exit status (a daemon that vanished says how); $disk_debug
+# (1 or 0) is its REMUSD_XEN_DEBUG.
+start_disk_backup() {
+    { REMUSD_XEN_DEBUG=$disk_debug remusd receive --listen 127.0.0.1:7788 $timing $fencing --insecure-plaintext --xen-allow-path /guest \
+        --disk-dir "$disk_dir/backup"; echo "remusd receive exited with status $?"; } 2>&1 | stamp > "$1" &
+    wait_for_line "$1" "listening" 30 > /dev/null
+}
+# A primary for backup $2 serving the primary's image as NBD device $3, logging to $1; returns
+# once it serves the disk, before the domain exists (--wait-for-domain).
+start_disk_primary() {
+    { REMUSD_XEN_DEBUG=$disk_debug remusd protect guest "$2" --backend xen $timing --connect-timeout 20000 --insecure-plaintext \
+        --xen-disk "xvda=$disk_dir/primary.img,$3" --wait-for-domain 120; echo "remusd protect exited with status $?"; } 2>&1 | stamp > "$1" &
+    wait_for_line "$1" "serving disk 'xvda'" 30 > /dev/null
+}
+# Creates the guest on disk device $1 with $2 on its kernel command line; xl's output in $3.
+create_guest_on() {
+    write_guest_config
+    sed -i "s/^extra = \"\(.*\)\"/extra = \"\1 $2\"/" /etc/xen/guest.cfg
+    echo "disk = [ 'phy:$1,xvda,w' ]" >> /etc/xen/guest.cfg
+    xl create /etc/xen/guest.cfg > "$3" 2>&1
+}
 # $1: destroy, kill or switchover (the loss), $2: the NBD device, $3: blocks (records in the raw
 # disk's blocks) or fs (records as files of an ext4 file system).
 disk_test() {
     loss=$1 nbd=$2 layout=$3
-    if [ "$layout" = fs ]; then unit=FILE; else unit=DISK; fi
-    cleanup_domains
-    wait_no_domains 60 || { fail "disk ($loss): domains left before the disk test"; return 1; }
-    # blkback serves the guest's disk (the other sections' guests have none, nothing loads it).
-    modprobe xen-blkback || { fail "disk ($loss): no xen-blkback module in dom0"; return 1; }
-    modprobe nbd || { fail "disk ($loss): no nbd module in dom0"; return 1; }
-    modprobe loop
-    rm -rf "$disk_dir" && mkdir -p "$disk_dir/backup"
-    truncate -s ${disk_mib}M "$disk_dir/primary.img" "$disk_dir/backup/xvda"
+    if [ "$layout" = fs ]; then unit=FILE; mode=testbed_fs=1; else unit=DISK; mode=testbed_disk=1; fi
+    fresh_disks "disk ($loss)" || return 1
     # The file system is made apart and copied into the partition (mkfs picks 1 KiB blocks for
     # a disk this small: they need the 512-byte sectors remusd serves).
     if [ "$layout" = fs ]; then
@@ -86,22 +139,13 @@ disk_test() {
         rm -f /tmp/fs-part.img
     fi
     start_udp /tmp/udp-disk.log
-    # Each remusd's end is logged with its exit status (a daemon that vanished says how).
-    { REMUSD_XEN_DEBUG=1 remusd receive --listen 127.0.0.1:7788 $timing $fencing --insecure-plaintext --xen-allow-path /guest \
-        --disk-dir "$disk_dir/backup"; echo "remusd receive exited with status $?"; } 2>&1 | stamp > /tmp/receive-disk.log &
-    wait_for_line /tmp/receive-disk.log "listening" 30 > /dev/null || { fail "disk ($loss): remusd receive did not start"; show /tmp/receive-disk.log; return 1; }
+    start_disk_backup /tmp/receive-disk.log || { fail "disk ($loss): remusd receive did not start"; show /tmp/receive-disk.log; return 1; }
     t0=$(now)
-    { REMUSD_XEN_DEBUG=1 remusd protect guest 127.0.0.1:7788 --backend xen $timing --connect-timeout 20000 --insecure-plaintext \
-        --xen-disk "xvda=$disk_dir/primary.img,$nbd" --wait-for-domain 120; echo "remusd protect exited with status $?"; } 2>&1 | stamp > /tmp/protect-disk.log &
-    if ! wait_for_line /tmp/protect-disk.log "serving disk 'xvda'" 30 > /dev/null; then
+    if ! start_disk_primary /tmp/protect-disk.log 127.0.0.1:7788 "$nbd"; then
         fail "disk ($loss): remusd protect does not serve the disk as $nbd"; show /tmp/protect-disk.log; return 1
     fi
     pass "disk ($loss): remusd protect serves $disk_dir/primary.img as $nbd before the domain exists"
-    write_guest_config
-    if [ "$layout" = fs ]; then mode=testbed_fs=1; else mode=testbed_disk=1; fi
-    sed -i "s/^extra = \"\(.*\)\"/extra = \"\1 $mode\"/" /etc/xen/guest.cfg
-    echo "disk = [ 'phy:$nbd,xvda,w' ]" >> /etc/xen/guest.cfg
-    if ! xl create /etc/xen/guest.cfg > /tmp/xl-create-disk.log 2>&1; then
+    if ! create_guest_on "$nbd" "$mode" /tmp/xl-create-disk.log; then
         fail "disk ($loss): xl create with disk phy:$nbd"; show /tmp/xl-create-disk.log /var/log/xen/xen-hotplug.log /tmp/protect-disk.log; diagnose; return 1
     fi
     if at=$(wait_for_line /tmp/protect-disk.log "protecting: first checkpoint" 300); then
@@ -118,7 +162,7 @@ disk_test() {
     # Records reported while protected: enough of them to tell.
     deadline=$(( $(now | cut -d. -f1) + 180 ))
     until [ "$(grep -ac "$unit [0-9]" /tmp/udp-disk.log)" -ge 15 ] || [ "$(now | cut -d. -f1)" -ge $deadline ]; do sleep 1; done
-    reported=$(grep -ao "$unit [0-9]*" /tmp/udp-disk.log | cut -d' ' -f2 | sort -n | tail -1)
+    reported=$(last_record $unit /tmp/udp-disk.log)
     if [ -z "$reported" ]; then fail "disk ($loss): no record reported by the protected guest"; show /tmp/udp-disk.log "$console_dir/guest-guest.log" /tmp/protect-disk.log; diagnose; return 1; fi
     grep -aq "$unit FAILED" /tmp/udp-disk.log "$console_dir/guest-guest.log" && fail "disk ($loss): the guest saw a failed write on $nbd"
     # The primary host dies with its guest: whatever dom0 heard of is all that counts.
@@ -130,7 +174,7 @@ disk_test() {
         kill) xl pause guest; kill -9 "$(pid_of "remusd protect *")" ;;
         switchover) timeout 30 remusd failover guest > /tmp/switchover-disk.out 2>&1 ;;
     esac
-    heard=$(grep -ao "$unit [0-9]*" /tmp/udp-disk-before.log | cut -d' ' -f2 | sort -n | tail -1)
+    heard=$(last_record $unit /tmp/udp-disk-before.log)
     await_answer "$t_kill" 120
     if [ -z "$answered" ]; then
         fail "disk ($loss): no failover within 120 s of losing the primary"; show /tmp/receive-disk.log /tmp/protect-disk.log; diagnose; return 1
@@ -150,34 +194,14 @@ disk_test() {
         else
             fail "disk ($loss): the backup's file system: $fs_problem"; show /tmp/e2fsck-p.log /tmp/e2fsck-n.log
         fi
-    fi
-    missing=""; torn=""; i=0; present=0
-    while [ "$layout" = blocks ] && [ $i -le $((heard + 40)) ] && [ $i -lt $disk_blocks ]; do
-        block_is $i "$disk_dir/backup/xvda"; r=$?
-        if [ $r -eq 0 ]; then present=$((present + 1)); fi
-        if [ $i -le "$heard" ] && [ $r -ne 0 ]; then missing="$missing $i"; fi
-        if [ $r -eq 2 ]; then torn="$torn $i"; fi
-        i=$((i + 1))
-    done
-    if [ "$layout" = fs ]; then
-        :
-    elif [ -z "$missing" ]; then
-        pass "disk ($loss): every record dom0 heard of before the loss (0..$heard) is on the backup's disk"
     else
-        fail "disk ($loss): records dom0 heard of are missing on the backup's disk:$(echo $missing | cut -c1-200)"
-    fi
-    if [ "$layout" = fs ]; then
-        :
-    elif [ -z "$torn" ]; then
-        pass "disk ($loss): no torn or foreign block on the backup's disk (blocks 0..$((heard + 40)): $present whole records, the rest untouched)"
-    else
-        fail "disk ($loss): blocks neither a whole record nor untouched:$(echo $torn | cut -c1-200)"
+        check_blocks "$disk_dir/backup/xvda" "$heard"
     fi
     xl unpause guest
     # The guest writes on, on the backup's copy.
     deadline=$(( $(now | cut -d. -f1) + 60 ))
-    until [ "$(grep -ao "$unit [0-9]*" /tmp/udp-disk.log | cut -d' ' -f2 | sort -n | tail -1)" -gt $((heard + 5)) ] || [ "$(now | cut -d. -f1)" -ge $deadline ]; do sleep 1; done
-    after=$(grep -ao "$unit [0-9]*" /tmp/udp-disk.log | cut -d' ' -f2 | sort -n | tail -1)
+    until [ "$(last_record $unit /tmp/udp-disk.log)" -gt $((heard + 5)) ] || [ "$(now | cut -d. -f1)" -ge $deadline ]; do sleep 1; done
+    after=$(last_record $unit /tmp/udp-disk.log)
     if [ "$after" -gt $((heard + 5)) ] && { [ "$layout" = fs ] || block_is "$after" "$disk_dir/backup/xvda"; }; then
         pass "disk ($loss): the guest writes on to the backup's copy (record $after reported$([ "$layout" = fs ] || echo " and on it"))"
     else
@@ -209,12 +233,8 @@ fi
 # dom0's RAM: no real disk's latency in any of them. The numbers go to the table run.sh prints.
 # $1: loop, served or remusd; $2: the NBD device for the last two.
 disk_bench() {
-    mode=$1 nbd=$2
-    cleanup_domains
-    wait_no_domains 60 || { fail "disk benchmark ($mode): domains left before it"; return 1; }
-    modprobe xen-blkback; modprobe nbd; modprobe loop
-    rm -rf "$disk_dir" && mkdir -p "$disk_dir/backup"
-    truncate -s ${disk_mib}M "$disk_dir/primary.img" "$disk_dir/backup/xvda"
+    mode=$1 nbd=$2 disk_debug=0
+    fresh_disks "disk benchmark ($mode)" || return 1
     start_udp /tmp/udp-bench-$mode.log
     if [ "$mode" = loop ]; then
         dev=$(losetup -f --show "$disk_dir/primary.img") || { fail "disk benchmark (loop): losetup"; return 1; }
@@ -224,19 +244,12 @@ disk_bench() {
         backup=127.0.0.1:7788; [ "$mode" = served ] && backup=127.0.0.1:7799
     fi
     if [ "$mode" = remusd ]; then
-        remusd receive --listen 127.0.0.1:7788 $timing $fencing --insecure-plaintext --xen-allow-path /guest \
-            --disk-dir "$disk_dir/backup" 2>&1 | stamp > /tmp/receive-bench.log &
-        wait_for_line /tmp/receive-bench.log "listening" 30 > /dev/null || { fail "disk benchmark: remusd receive did not start"; show /tmp/receive-bench.log; return 1; }
+        start_disk_backup /tmp/receive-bench.log || { fail "disk benchmark: remusd receive did not start"; show /tmp/receive-bench.log; return 1; }
     fi
     if [ "$mode" != loop ]; then
-        remusd protect guest $backup --backend xen $timing --connect-timeout 20000 --insecure-plaintext \
-            --xen-disk "xvda=$disk_dir/primary.img,$nbd" --wait-for-domain 120 2>&1 | stamp > /tmp/protect-bench.log &
-        wait_for_line /tmp/protect-bench.log "serving disk 'xvda'" 30 > /dev/null || { fail "disk benchmark: remusd protect does not serve the disk"; show /tmp/protect-bench.log; return 1; }
+        start_disk_primary /tmp/protect-bench.log "$backup" "$nbd" || { fail "disk benchmark: remusd protect does not serve the disk"; show /tmp/protect-bench.log; return 1; }
     fi
-    write_guest_config
-    sed -i 's/^extra = "\(.*\)"/extra = "\1 testbed_diskbench=1"/' /etc/xen/guest.cfg
-    echo "disk = [ 'phy:$dev,xvda,w' ]" >> /etc/xen/guest.cfg
-    xl create /etc/xen/guest.cfg > /tmp/xl-create-bench.log 2>&1 || { fail "disk benchmark ($mode): xl create on $dev"; show /tmp/xl-create-bench.log; diagnose; return 1; }
+    create_guest_on "$dev" testbed_diskbench=1 /tmp/xl-create-bench.log || { fail "disk benchmark ($mode): xl create on $dev"; show /tmp/xl-create-bench.log; diagnose; return 1; }
     if [ "$mode" = remusd ] && ! wait_for_line /tmp/protect-bench.log "protecting: first checkpoint" 300 > /dev/null; then
         fail "disk benchmark: no checkpoint within 300 s"; show /tmp/protect-bench.log /tmp/receive-bench.log; diagnose; return 1
     fi
