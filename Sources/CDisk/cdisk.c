@@ -2,7 +2,9 @@
 #include <fcntl.h>
 #include <errno.h>
 #include <linux/falloc.h>
+#include <linux/fs.h>
 #include <linux/loop.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -18,6 +20,19 @@
 int remus_punch_hole(int fd, off_t offset, off_t length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
 }
+
+int remus_zero_range(int fd, off_t offset, off_t length) {
+    return fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
+}
+
+int remus_block_device_size(int fd, unsigned long long *size_bytes) {
+    uint64_t size = 0;
+    if (ioctl(fd, BLKGETSIZE64, &size) < 0) return -1;
+    *size_bytes = size;
+    return 0;
+}
+
+int remus_block_device_drop_cache(int fd) { return ioctl(fd, BLKFLSBUF, 0); }
 
 int remus_nbd_configure(int nbd_fd, int sock_fd, unsigned long block_size, unsigned long long size_bytes,
                         unsigned long flags, unsigned long timeout_s) {

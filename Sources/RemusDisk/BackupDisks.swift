@@ -223,7 +223,8 @@ public final class BackupDisks: @unchecked Sendable {
             }
             let size = try file.size()
             guard size >= d.sizeBytes else {
-                throw DiskLogError("disk '\(name)': its image \(path) holds \(size) bytes, smaller than the primary's \(d.sizeBytes); nothing was changed — grow it (truncate -s \(d.sizeBytes) \(path)) and let the primary reconnect")
+                let grow = file.isBlockDevice ? "grow the device to at least \(d.sizeBytes) bytes (lvextend)" : "grow it (truncate -s \(d.sizeBytes) \(path))"
+                throw DiskLogError("disk '\(name)': its image \(path) holds \(size) bytes, smaller than the primary's \(d.sizeBytes); nothing was changed — \(grow) and let the primary reconnect")
             }
             files.append(file)
         }

@@ -66,9 +66,10 @@ struct BackendFactory: Sendable {
 
     /// The DOMAIN_CONFIG the replica is built from, with each replicated disk (`described`)
     /// served from this backup's image of it in `directory`, and what serves them (held as long
-    /// as the replica: Xen attaches each image to a loop device, since blkback serves block
-    /// devices). The simulated guest's configuration names no disk: unchanged. Throws, with
-    /// nothing attached, naming the disk and what to do.
+    /// as the replica: Xen attaches an image file to a loop device, since blkback serves block
+    /// devices; an image that is a block device, or a symbolic link to one such as a logical
+    /// volume, is served as it is). The simulated guest's configuration names no disk: unchanged.
+    /// Throws, with nothing attached, naming the disk and what to do.
     static func placeDisks(_ config: DomainConfig, described: [DiskDescriptor], directory: String) throws -> (DomainConfig, [AnyObject]) {
         switch config.format {
         case .simulated:
@@ -79,17 +80,29 @@ struct BackendFactory: Sendable {
             for disk in described {
                 let image = try BackupDisks.imagePath(of: disk, in: directory)
                 var st = stat()
-                guard stat(image, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
-                    throw ProtocolError("disk '\(disk.name)': this backup has no image \(image); nothing was changed — create it with at least \(disk.sizeBytes) bytes (truncate -s \(disk.sizeBytes) \(image))")
+                let kind = stat(image, &st) == 0 ? st.st_mode & S_IFMT : 0
+                switch kind {
+                case S_IFBLK:
+                    devices[disk.name] = realPath(image) ?? image
+                case S_IFREG:
+                    do { loops.append(try LoopDevice(imagePath: image)) } catch {
+                        throw ProtocolError("disk '\(disk.name)': cannot serve \(image) to the Xen guest: \(error); nothing was changed")
+                    }
+                    devices[disk.name] = loops.last!.path
+                default:
+                    throw ProtocolError("disk '\(disk.name)': this backup has no image \(image); nothing was changed — create it with at least \(disk.sizeBytes) bytes (truncate -s \(disk.sizeBytes) \(image)), or make it a symbolic link to a logical volume of that size")
                 }
-                do { loops.append(try LoopDevice(imagePath: image)) } catch {
-                    throw ProtocolError("disk '\(disk.name)': cannot serve \(image) to the Xen guest: \(error); nothing was changed")
-                }
-                devices[disk.name] = loops.last!.path
             }
             let placed = try XenDomainDisks.placing(config.bytes, devices: devices)
             return (DomainConfig(format: .libxlJSON, bytes: placed), loops)
         }
+    }
+
+    /// `path` with every symbolic link resolved (realpath), or nil.
+    private static func realPath(_ path: String) -> String? {
+        guard let resolved = realpath(path, nil) else { return nil }
+        defer { free(resolved) }
+        return String(cString: resolved)
     }
 
     @Sendable

@@ -44,13 +44,13 @@ final class XenServedDisks: @unchecked Sendable {  // immutable after init
     /// The disk `served` is: its image's whole 512-byte sectors, served with 512-byte sectors.
     /// 512, not 4096: a guest's partition table counts in the sectors its image was made with,
     /// almost always 512 bytes, and the backup's loop device has 512-byte sectors too. Served
-    /// with 4 KiB sectors, an MBR or GPT image has its partitions misplaced.
+    /// with 4 KiB sectors, an MBR or GPT image has its partitions misplaced. The image is a file
+    /// or a block device (an LVM logical volume, a partition).
     static func journalDisk(_ served: XenServedDisk) throws -> DiskJournal.Disk {
-        var st = stat()
-        guard stat(served.image, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
-            throw ProtocolError("disk '\(served.vdev)': its image \(served.image) is missing or not a regular file (block devices and LVs are not served yet); nothing was served — give an existing image file")
+        guard let size = DiskFile.imageSize(atPath: served.image) else {
+            throw ProtocolError("disk '\(served.vdev)': its image \(served.image) is missing, unreadable, or neither a regular file nor a block device; nothing was served — give an existing image file or logical volume")
         }
-        return DiskJournal.Disk(name: served.vdev, path: served.image, sizeBytes: UInt64(st.st_size) / 512 * 512, blockSize: 512)
+        return DiskJournal.Disk(name: served.vdev, path: served.image, sizeBytes: size / 512 * 512, blockSize: 512)
     }
 
     /// vdev → the device it is served on.

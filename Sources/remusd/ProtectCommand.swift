@@ -55,7 +55,7 @@ struct Protect: ParsableCommand {
     @Option(name: .customLong("status-socket"), help: ArgumentHelp("Status socket (default: <run dir>/<domain>.sock).", valueName: "path"))
     var statusSocket: String?
 
-    @Option(name: .customLong("xen-disk"), help: ArgumentHelp("Serve the Xen guest's disk <vdev> from the image file <image> as the NBD device <dev> and replicate every write to it with the checkpoints (Docs/disks.md). The domain must use that device for that disk (disk = ['phy:/dev/nbd0,xvda,w']); a domain that writes to a disk remusd does not serve is refused. The backup needs --disk-dir with an image named <vdev>. Repeatable.", valueName: "vdev=image,/dev/nbdN"))
+    @Option(name: .customLong("xen-disk"), help: ArgumentHelp("Serve the Xen guest's disk <vdev> from <image> (an image file, or a block device such as a logical volume, opened exclusively) as the NBD device <dev> and replicate every write to it with the checkpoints (Docs/disks.md). The domain must use that device for that disk (disk = ['phy:/dev/nbd0,xvda,w']); a domain that writes to a disk remusd does not serve is refused. The backup needs --disk-dir with an image named <vdev>. Repeatable.", valueName: "vdev=image,/dev/nbdN"))
     var xenDisks: [String] = []
 
     @Option(name: .customLong("wait-for-domain"), help: ArgumentHelp("Wait this long for the Xen domain to appear (start remusd with --xen-disk first, then 'xl create' the domain on the NBD devices it serves); 0: it must exist already.", valueName: "s"))
@@ -176,7 +176,7 @@ struct Receive: ParsableCommand {
 
     @OptionGroup var tap: SimNICTapOptions
 
-    @Option(name: .customLong("disk-dir"), help: ArgumentHelp("Replicate the primary's disks into this directory (default: none; a primary whose guest has disks then refuses this backup). It holds one image per disk, named as the primary names the disk (e.g. xvda), at least the disk's size; remusd keeps its redo log and spill files there too.", valueName: "dir"))
+    @Option(name: .customLong("disk-dir"), help: ArgumentHelp("Replicate the primary's disks into this directory (default: none; a primary whose guest has disks then refuses this backup). It holds one image per disk, named as the primary names the disk (e.g. xvda), at least the disk's size: a file, or a symbolic link to a block device such as a logical volume; remusd keeps its redo log and spill files there too.", valueName: "dir"))
     var diskDirectory: String?
 
     @Option(name: .customLong("max-disk-checkpoint"), help: ArgumentHelp("Most disk data one checkpoint may carry, in MiB (at least 260: a primary journals up to 256 MiB of disk writes per checkpoint); a checkpoint carrying more is dropped with its connection before the excess is staged, the replica and the images keep the last committed checkpoint. Bounds the spill file and the redo log's record too.", valueName: "MiB"))

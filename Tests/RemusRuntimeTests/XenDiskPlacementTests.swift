@@ -77,3 +77,29 @@ func aXenBackupBuildsTheDomainOnLoopDevicesOverItsOwnImages() throws {
     #expect(loop.backingFile == directory + "/xvda")
     #expect(try XenDomainDisks.list(placed.bytes) == [XenDomainDisk(vdev: "xvda", pdevPath: loop.path, writable: true)])
 }
+
+// An image that is a block device (a logical volume; a loop device stands in for it) is served
+// as it is: on the primary its size is the device's, and a backup whose disk directory links to
+// one builds the domain on that device, with no loop device in between.
+@Test(.disabled(if: loopDeviceUnavailable != nil, Comment(rawValue: loopDeviceUnavailable ?? "")))
+func aXenDiskMayBeALogicalVolumeOnEitherSide() throws {
+    let directory = try makeTemporaryDirectory("remusd-volume")
+    defer { removeTemporaryDirectory(directory) }
+    let backing = try DiskFile(path: directory + "/backing", create: true)
+    try backing.truncate(to: (2 << 20) + 512)
+    let volume = try LoopDevice(imagePath: directory + "/backing")
+
+    let disk = try XenServedDisks.journalDisk(XenServedDisk(vdev: "xvda", image: volume.path, device: "/dev/nbd0"))
+    #expect(disk.sizeBytes == (2 << 20) + 512)
+    #expect(disk.blockSize == 512)
+
+    let disks = directory + "/disks"
+    #expect(mkdir(disks, 0o700) == 0)
+    #expect(symlink(volume.path, disks + "/xvda") == 0)
+    let json = #"{"c_info": {"name": "g1"}, "b_info": {"max_memkb": 4096}, "disks": [{"pdev_path": "/dev/nbd0", "vdev": "xvda", "backend": "phy", "format": "raw", "readwrite": 1}]}"#
+    let config = DomainConfig(format: .libxlJSON, bytes: Array(json.utf8))
+    let described = [DiskDescriptor(disk: 0, blockSize: 512, sizeBytes: 2 << 20, name: "xvda")]
+    let (placed, held) = try BackendFactory.placeDisks(config, described: described, directory: disks)
+    #expect(held.isEmpty, "a loop device was attached over a block device")
+    #expect(try XenDomainDisks.list(placed.bytes) == [XenDomainDisk(vdev: "xvda", pdevPath: volume.path, writable: true)])
+}

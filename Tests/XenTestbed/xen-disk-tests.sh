@@ -16,6 +16,10 @@
 # the records are its files /rec-<i>, each fsynced before "FILE i" is reported (testbed_fs=1):
 # the backup's copy, as a crash leaves it, must then pass e2fsck once its journal is replayed and
 # hold every file dom0 heard of, whole.
+# In the destroy test both sides' images are block devices, as logical volumes are: the primary
+# serves /dev/loopP (over its image file) and the backup's --disk-dir entry is a symbolic link to
+# /dev/loopB, which it gives the domain as it is (no loop device of its own in between). The
+# checks read the files behind the devices.
 # With DISK_BENCH=1, section 13 (below) measures what the replication costs the guest's disk.
 disk_dir=/var/lib/remusd-disk
 disk_mib=64
@@ -96,8 +100,13 @@ fresh_disks() {
     modprobe xen-blkback || { fail "$1: no xen-blkback module in dom0"; return 1; }
     modprobe nbd || { fail "$1: no nbd module in dom0"; return 1; }
     modprobe loop
+    # The volumes of a test before (their domains are gone, so nothing holds them).
+    for volume in $(losetup -j "$disk_dir/primary.img" -O NAME -n 2>/dev/null) $(losetup -j "$disk_dir/backup-volume.img" -O NAME -n 2>/dev/null); do
+        losetup -d "$volume"
+    done
     rm -rf "$disk_dir" && mkdir -p "$disk_dir/backup"
     truncate -s ${disk_mib}M "$disk_dir/primary.img" "$disk_dir/backup/xvda"
+    primary_image=$disk_dir/primary.img
 }
 # A backup with --disk-dir on 127.0.0.1:7788, logging to $1; returns once it listens. Each
 # remusd's end is logged with its exit status (a daemon that vanished says how); $disk_debug
@@ -111,7 +120,7 @@ start_disk_backup() {
 # once it serves the disk, before the domain exists (--wait-for-domain).
 start_disk_primary() {
     { REMUSD_XEN_DEBUG=$disk_debug remusd protect guest "$2" --backend xen $timing --connect-timeout 20000 --insecure-plaintext \
-        --xen-disk "xvda=$disk_dir/primary.img,$3" --wait-for-domain 120; echo "remusd protect exited with status $?"; } 2>&1 | stamp > "$1" &
+        --xen-disk "xvda=$primary_image,$3" --wait-for-domain 120; echo "remusd protect exited with status $?"; } 2>&1 | stamp > "$1" &
     wait_for_line "$1" "serving disk 'xvda'" 30 > /dev/null
 }
 # Creates the guest on disk device $1 with $2 on its kernel command line; xl's output in $3.
@@ -122,9 +131,10 @@ create_guest_on() {
     xl create /etc/xen/guest.cfg > "$3" 2>&1
 }
 # $1: destroy, kill or switchover (the loss), $2: the NBD device, $3: blocks (records in the raw
-# disk's blocks) or fs (records as files of an ext4 file system).
+# disk's blocks) or fs (records as files of an ext4 file system), $4: file (image files, the
+# default) or volume (block devices on both sides).
 disk_test() {
-    loss=$1 nbd=$2 layout=$3
+    loss=$1 nbd=$2 layout=$3 store=${4:-file}
     if [ "$layout" = fs ]; then unit=FILE; mode=testbed_fs=1; else unit=DISK; mode=testbed_disk=1; fi
     fresh_disks "disk ($loss)" || return 1
     # The file system is made apart and copied into the partition (mkfs picks 1 KiB blocks for
@@ -138,13 +148,23 @@ disk_test() {
         dd if=/tmp/fs-part.img of="$disk_dir/primary.img" bs=1M seek=$part_offset_mib conv=notrunc,sparse 2>/dev/null
         rm -f /tmp/fs-part.img
     fi
+    # What the backup's guest runs on, read by the checks: its image, or the file behind its volume.
+    backup_image=$disk_dir/backup/xvda
+    if [ "$store" = volume ]; then
+        primary_image=$(losetup -f --show "$disk_dir/primary.img") || { fail "disk ($loss): no loop device for the primary's volume"; return 1; }
+        mv "$disk_dir/backup/xvda" "$disk_dir/backup-volume.img"
+        backup_volume=$(losetup -f --show "$disk_dir/backup-volume.img") || { fail "disk ($loss): no loop device for the backup's volume"; return 1; }
+        ln -s "$backup_volume" "$disk_dir/backup/xvda"
+        backup_image=$disk_dir/backup-volume.img
+        pass "disk ($loss): the images are block devices: the primary serves $primary_image, the backup's xvda links to $backup_volume"
+    fi
     start_udp /tmp/udp-disk.log
     start_disk_backup /tmp/receive-disk.log || { fail "disk ($loss): remusd receive did not start"; show /tmp/receive-disk.log; return 1; }
     t0=$(now)
     if ! start_disk_primary /tmp/protect-disk.log 127.0.0.1:7788 "$nbd"; then
         fail "disk ($loss): remusd protect does not serve the disk as $nbd"; show /tmp/protect-disk.log; return 1
     fi
-    pass "disk ($loss): remusd protect serves $disk_dir/primary.img as $nbd before the domain exists"
+    pass "disk ($loss): remusd protect serves $primary_image as $nbd before the domain exists"
     if ! create_guest_on "$nbd" "$mode" /tmp/xl-create-disk.log; then
         fail "disk ($loss): xl create with disk phy:$nbd"; show /tmp/xl-create-disk.log /var/log/xen/xen-hotplug.log /tmp/protect-disk.log; diagnose; return 1
     fi
@@ -188,21 +208,21 @@ disk_test() {
     while [ "$(xl list 2>/dev/null | awk 'NR > 2' | wc -l)" -ne 1 ] && [ "$(now | cut -d. -f1)" -lt $deadline ]; do sleep 1; done
     xl pause guest
     if [ "$layout" = fs ]; then
-        check_fs "$disk_dir/backup/xvda" "$heard"
+        check_fs "$backup_image" "$heard"
         if [ -z "$fs_problem" ]; then
             pass "disk ($loss): the backup's ext4 file system is clean after its journal replay (e2fsck) and holds every file dom0 heard of, whole (rec-0..rec-$heard; $fs_files files)"
         else
             fail "disk ($loss): the backup's file system: $fs_problem"; show /tmp/e2fsck-p.log /tmp/e2fsck-n.log
         fi
     else
-        check_blocks "$disk_dir/backup/xvda" "$heard"
+        check_blocks "$backup_image" "$heard"
     fi
     xl unpause guest
     # The guest writes on, on the backup's copy.
     deadline=$(( $(now | cut -d. -f1) + 60 ))
     until [ "$(last_record $unit /tmp/udp-disk.log)" -gt $((heard + 5)) ] || [ "$(now | cut -d. -f1)" -ge $deadline ]; do sleep 1; done
     after=$(last_record $unit /tmp/udp-disk.log)
-    if [ "$after" -gt $((heard + 5)) ] && { [ "$layout" = fs ] || block_is "$after" "$disk_dir/backup/xvda"; }; then
+    if [ "$after" -gt $((heard + 5)) ] && { [ "$layout" = fs ] || block_is "$after" "$backup_image"; }; then
         pass "disk ($loss): the guest writes on to the backup's copy (record $after reported$([ "$layout" = fs ] || echo " and on it"))"
     else
         fail "disk ($loss): the guest did not write on after the failover (last record $heard before, ${after:-none} after)"
@@ -213,7 +233,7 @@ disk_test() {
     fi
 }
 if [ "${DISK_TESTS:-0}" = 1 ]; then
-    disk_test destroy /dev/nbd0 blocks
+    disk_test destroy /dev/nbd0 blocks volume
     end_test
     disk_test kill /dev/nbd1 fs
     end_test

@@ -7,6 +7,18 @@
 /// Punches a hole of `length` bytes at `offset` (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
 /// the range reads as zeros and the file keeps its size. Returns 0, or -1 with errno set.
 int remus_punch_hole(int fd, off_t offset, off_t length);
+/// Zeroes `length` bytes at `offset` without writing them where the storage can
+/// (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE; on a block device, WRITE_ZEROES).
+/// Returns 0, or -1 with errno set.
+int remus_zero_range(int fd, off_t offset, off_t length);
+
+/// A block device's size in bytes (BLKGETSIZE64): its `st_size` is 0. Returns 0, or -1 with
+/// errno set.
+int remus_block_device_size(int fd, unsigned long long *size_bytes);
+/// Writes back and drops the block device's page cache (BLKFLSBUF), so reads through `fd` see
+/// what others wrote to the device directly (blkback writes around the page cache).
+/// Returns 0, or -1 with errno set.
+int remus_block_device_drop_cache(int fd);
 
 /// The kernel's NBD client (linux/nbd.h), driven by ioctls on an open /dev/nbdN: `_IO` is a
 /// function-like macro Swift cannot import. Each returns the ioctl's result (-1 with errno).
