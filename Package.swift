@@ -72,7 +72,7 @@ let package = Package(
         // and the verifier of each failover.
         .target(name: "RemusDrill", dependencies: ["RemusRuntime", "RemusCore", "RemusSim", "RemusNetbuf", "RemusSystem", "RemusTLS"]),
         // `remusd bench`: the replication loop beside memcpy and raw loopback TCP.
-        .target(name: "RemusBench", dependencies: ["RemusRuntime", "RemusCore", "RemusSim", "RemusTLS"]),
+        .target(name: "RemusBench", dependencies: ["RemusRuntime", "RemusCore", "RemusSim", "RemusTLS", "RemusDisk"]),
         // `remusd netbuf probe-…`: raw frames and TCP round trips for the testbed.
         .target(name: "RemusNetbufProbe", dependencies: ["RemusSystem", "CNetlink"]),
         .executableTarget(

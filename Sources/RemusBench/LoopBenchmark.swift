@@ -367,7 +367,7 @@ package enum LoopBenchmark {
         return rates
     }
 
-    private static func row(_ name: String, _ samples: [Double], _ unit: String, _ note: String) -> Row {
+    static func row(_ name: String, _ samples: [Double], _ unit: String, _ note: String) -> Row {
         let s = samples.sorted()
         return Row(name: name, median: s[s.count / 2], low: s.first ?? 0, high: s.last ?? 0, unit: unit, note: note)
     }
@@ -379,7 +379,7 @@ package enum LoopBenchmark {
     }
 
     /// The median over rounds of `a[i] / b[i]` (samples taken side by side), as "N %".
-    private static func roundRatio(_ a: [Double], _ b: [Double]) -> String {
+    static func roundRatio(_ a: [Double], _ b: [Double]) -> String {
         let ratios = zip(a, b).map { $0 / $1 }.sorted()
         return "\(Int((ratios[ratios.count / 2] * 100).rounded())) %"
     }

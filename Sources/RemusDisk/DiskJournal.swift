@@ -155,16 +155,15 @@ public final class DiskJournal: GuestDisks, @unchecked Sendable {
     /// Journals an operation the caller already applied to the local image, in the order it
     /// applied them (an `NBDServer`'s `record`: called before its reply leaves). Throws for an
     /// operation outside its disk (the server then answers EIO).
-    public func record(_ mutation: DiskMutation) throws {
-        switch mutation {
-        case .write(let w):
-            try check(w.disk, w.offset, UInt64(w.data.count))
-            guard w.data.count <= StreamLimits.maxDiskWriteBytes else {
-                throw DiskLogError("a recorded write of \(w.data.count) bytes is over a DISK_WRITE's \(StreamLimits.maxDiskWriteBytes); record it in pieces")
+    public func record(_ operation: CompletedDiskOperation) throws {
+        switch operation {
+        case .write(let disk, let offset, let data):
+            try check(disk, offset, UInt64(data.count))
+            guard data.count <= StreamLimits.maxDiskWriteBytes else {
+                throw DiskLogError("a recorded write of \(data.count) bytes is over a DISK_WRITE's \(StreamLimits.maxDiskWriteBytes); record it in pieces")
             }
-            lock.withLock {
-                w.data.withUnsafeBytes { journal(DiskEntry(kind: .write, disk: w.disk, offset: w.offset, length: UInt64($0.count)), $0) }
-            }
+            // Copied once, from the server's buffer into the journal.
+            lock.withLock { journal(DiskEntry(kind: .write, disk: disk, offset: offset, length: UInt64(data.count)), data) }
         case .command(let c):
             try check(c.disk, c.kind == .flush ? 0 : c.offset, c.kind == .flush ? 0 : c.length)
             lock.withLock { journal(DiskEntry(c), nil) }

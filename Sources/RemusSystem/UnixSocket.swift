@@ -205,6 +205,32 @@ public final class UnixConnection: Sendable {
         }
     }
 
+    /// Writes every byte of `parts`, in order, before the deadline: one sendmsg for all of them
+    /// where the socket takes them (no copy into one buffer first).
+    public func write(_ parts: [UnsafeRawBufferPointer], until deadline: Deadline) throws(SystemError) {
+        let fd = descriptor.raw
+        let segments = UnsafeMutableBufferPointer<iovec>.allocate(capacity: max(parts.count, 1))
+        defer { segments.deallocate() }
+        for (i, part) in parts.enumerated() {
+            segments[i] = iovec(iov_base: UnsafeMutableRawPointer(mutating: part.baseAddress), iov_len: part.count)
+        }
+        var index = 0
+        while index < parts.count && segments[index].iov_len == 0 { index += 1 }
+        while index < parts.count {
+            var message = msghdr()
+            message.msg_iov = segments.baseAddress! + index
+            message.msg_iovlen = parts.count - index
+            let result = try syscallOrWouldBlock("sendmsg(unix socket)") { sendmsg(fd, &message, Int32(MSG_NOSIGNAL)) }
+            if case .done(let n) = result {
+                skipWritten(n, in: UnsafeMutableBufferPointer(rebasing: segments[0..<parts.count]), from: &index)
+                continue
+            }
+            guard try waitReady(fd, events: Int16(POLLOUT), until: deadline, call: "sendmsg(unix socket)") else {
+                throw SystemError(call: "sendmsg(unix socket)", errno: .timedOut, detail: "not taken within \(deadline.budgetMs) ms")
+            }
+        }
+    }
+
     /// Ends our direction (the peer reads end of input) and keeps reading.
     public func shutdownWrite() { _ = Glibc.shutdown(descriptor.raw, Int32(SHUT_WR)) }
 

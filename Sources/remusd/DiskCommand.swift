@@ -71,7 +71,8 @@ private final class Recorder: @unchecked Sendable {  // guarded by monitor
     let staging: DiskEpochStaging
     private let monitor = MonitorLock()
     init(staging: DiskEpochStaging) { self.staging = staging }
-    func record(_ mutation: DiskMutation) throws {
+    func record(_ operation: CompletedDiskOperation) throws {
+        let mutation = operation.mutation
         try monitor.withLock { try staging.append(mutation) }
     }
 }

@@ -139,7 +139,14 @@ struct Bench: ParsableCommand {
         "Instead: ship a hypervisor library's stream as a Xen guest's first synchronisation does — --megabytes of live phase in pre-copy pieces and a first checkpoint — from the primary's writer over loopback TCP through the backup's reader, committer and feeder into the pipe libxl's restore reads, and report its rate beside raw loopback TCP and each thread's CPU per GiB."))
     var libraryStream = false
 
-    @Option(help: ArgumentHelp("Bytes per sample with --channels or --library-stream, in MiB.", valueName: "n"))
+    @Flag(name: .customLong("disk-server"), help: ArgumentHelp(
+        "Instead: a protected Xen guest's disk path without the kernel — remusd's NBD server on a socket pair, a client writing (each write applied to a scratch image and journaled) and reading --megabytes in 1 MiB requests — beside the socket pair alone and pwrite alone."))
+    var diskServer = false
+
+    @Option(name: .customLong("scratch-dir"), help: ArgumentHelp("Where --disk-server makes its scratch image (removed after).", valueName: "dir"))
+    var scratchDir = "/var/tmp"
+
+    @Option(help: ArgumentHelp("Bytes per sample with --channels, --library-stream or --disk-server, in MiB.", valueName: "n"))
     var megabytes: Int = 64
 
     func validate() throws {
@@ -150,8 +157,8 @@ struct Bench: ParsableCommand {
         if repetitions < 3 { throw ValidationError("--repetitions must be at least 3") }
         if checkpoints < 10 || checkpoints > 100_000 { throw ValidationError("--checkpoints must be between 10 and 100000") }
         if megabytes < 1 || megabytes > 4096 { throw ValidationError("--megabytes must be between 1 and 4096, got \(megabytes)") }
-        if [epochRate, channels, libraryStream].filter({ $0 }).count > 1 {
-            throw ValidationError("--epoch-rate, --channels and --library-stream are different benchmarks: pick one")
+        if [epochRate, channels, libraryStream, diskServer].filter({ $0 }).count > 1 {
+            throw ValidationError("--epoch-rate, --channels, --library-stream and --disk-server are different benchmarks: pick one")
         }
     }
 
@@ -162,6 +169,8 @@ struct Bench: ParsableCommand {
             ? try LoopBenchmark.channels(megabytes: megabytes, repetitions: repetitions)
             : libraryStream
             ? try LoopBenchmark.libraryStream(megabytes: megabytes, repetitions: repetitions)
+            : diskServer
+            ? try LoopBenchmark.diskServer(megabytes: megabytes, repetitions: repetitions, directory: scratchDir)
             : try LoopBenchmark.run(dirtyPages: dirtyPages, repetitions: repetitions)
         print(LoopBenchmark.render(rows), terminator: "")
     }

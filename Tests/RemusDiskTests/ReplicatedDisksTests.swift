@@ -137,11 +137,11 @@ struct DiskJournalTests {
         ]
         for op in ops {
             switch op {
-            case .write(let d, let o, let data): try disks.record(.write(DiskWrite(disk: d, offset: o, data: data)))
-            case .command(let c): try disks.record(.command(c))
+            case .write(let d, let o, let data): try data.withUnsafeBytes { try disks.record(.write(disk: d, offset: o, data: $0)) }
+            case .command(let c): try disks.record(CompletedDiskOperation.command(c))
             }
         }
-        #expect(throws: DiskLogError.self) { try disks.record(.write(DiskWrite(disk: 0, offset: Self.size, data: [UInt8](repeating: 1, count: 4096)))) }
+        #expect(throws: DiskLogError.self) { try [UInt8](repeating: 1, count: 4096).withUnsafeBytes { try disks.record(.write(disk: 0, offset: Self.size, data: $0)) } }
         #expect(operations(try disks.sealEpoch()) == ops)
         #expect(try scratch.read("a.img").allSatisfy { $0 == 0 }, "recording applies nothing: the server did")
     }

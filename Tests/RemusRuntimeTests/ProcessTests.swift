@@ -268,4 +268,22 @@ struct ProcessTests {
         #expect(status3 != 0)
         #expect(output3.contains("--dirty-pages must be between 1 and 13107"), "\(output3)")
     }
+
+    // The disk-server benchmark runs its three paths, reads back what it wrote (it fails
+    // otherwise), reports each with a rate, and leaves no scratch image behind.
+    @Test func theDiskServerBenchmarkReportsEveryPathAndCleansUp() throws {
+        let scratch = try makeTemporaryDirectory("remusd-bench-disk")
+        defer { removeTemporaryDirectory(scratch) }
+        let (status, output) = try runRemusd(["bench", "--disk-server", "--megabytes", "8", "--repetitions", "3", "--scratch-dir", scratch])
+        #expect(status == 0, "\(output)")
+        for name in ["socket pair alone", "pwrite alone", "NBD writes, applied and journaled", "NBD reads", "the server thread's CPU per GiB"] {
+            let line = output.split(separator: "\n").first { $0.hasPrefix("| \(name) |") }
+            let median = line.flatMap { Double($0.split(separator: "|")[1].split(separator: " ")[0]) }
+            #expect((median ?? 0) > 0, "no positive median for '\(name)' in: \(output)")
+        }
+        #expect((try? FileManager.default.contentsOfDirectory(atPath: scratch))?.isEmpty == true, "the scratch image was left behind")
+        let (refused, why) = try runRemusd(["bench", "--disk-server", "--channels"])
+        #expect(refused != 0)
+        #expect(why.contains("different benchmarks: pick one"), "\(why)")
+    }
 }

@@ -10,6 +10,22 @@ public enum DiskMutation: Equatable, Sendable {
     case command(DiskCommand)
 }
 
+/// A mutation as the server reports it: a write's data is a view of the server's own buffer,
+/// valid during the report only, so the journal copies it once, straight from there.
+public enum CompletedDiskOperation {
+    /// `data` is valid only while the report runs.
+    case write(disk: UInt32, offset: UInt64, data: UnsafeRawBufferPointer)
+    case command(DiskCommand)
+
+    /// The operation with its data copied, to keep.
+    public var mutation: DiskMutation {
+        switch self {
+        case .write(let disk, let offset, let data): .write(DiskWrite(disk: disk, offset: offset, data: Array(data)))
+        case .command(let command): .command(command)
+        }
+    }
+}
+
 /// Serves one disk image to the local kernel (or any NBD client) over a Unix socket, and reports
 /// every write, flush, discard and write-zeroes it completes, in order, before the client learns
 /// of the completion (issue #12 item 1).
@@ -46,7 +62,7 @@ public final class NBDServer: @unchecked Sendable {
 
     private let listener: UnixListener?
     private let image: DiskFile
-    private let record: @Sendable (DiskMutation) throws -> Void
+    private let record: @Sendable (CompletedDiskOperation) throws -> Void
     private let log: @Sendable (String) -> Void
     private let monitor = MonitorLock()
     private var active: UnixConnection?
@@ -69,10 +85,11 @@ public final class NBDServer: @unchecked Sendable {
     /// Serves `image`, which must hold at least `descriptor.sizeBytes` bytes: to clients that
     /// connect at `socketPath` (mode 0600) once started, and/or to the kernel (`attach`).
     /// - Parameters:
-    ///   - record: called with each completed mutation, in order, before its reply is sent.
+    ///   - record: called with each completed mutation, in order, before its reply is sent (a
+    ///     write's data is the server's buffer: valid during the call).
     ///   - log: one line per client and per protocol violation.
     public init(socketPath: String?, descriptor: DiskDescriptor, image: DiskFile,
-                record: @escaping @Sendable (DiskMutation) throws -> Void,
+                record: @escaping @Sendable (CompletedDiskOperation) throws -> Void,
                 log: @escaping @Sendable (String) -> Void = { _ in },
                 handshakeTimeoutMs: Int = 5000, requestTimeoutMs: Int = 5000) throws {
         let size = try image.size()
@@ -278,14 +295,19 @@ public final class NBDServer: @unchecked Sendable {
             }
             if request.type == NBD.cmdDisconnect { return }
             let (error, readBack) = execute(request, data: UnsafeRawBufferPointer(data), readInto: payload)
-            var reply = NBDBytes.simpleReply(handle: request.handle, error: error)
-            if error == 0, let readBack { reply += readBack }
-            try connection.write(reply, until: deadline)
+            let reply = NBDBytes.simpleReply(handle: request.handle, error: error)
+            if error == 0, let readBack {
+                // The reply's header and the data in one send, the data from where it was read.
+                try reply.withUnsafeBytes { try connection.write([$0, readBack], until: deadline) }
+            } else {
+                try connection.write(reply, until: deadline)
+            }
         }
     }
 
-    /// Performs one request; returns the NBD error (0 for success) and, for a read, the bytes.
-    private func execute(_ request: NBDRequest, data: UnsafeRawBufferPointer, readInto payload: UnsafeMutableRawBufferPointer) -> (UInt32, [UInt8]?) {
+    /// Performs one request; returns the NBD error (0 for success) and, for a read, the bytes
+    /// (a view of `payload`).
+    private func execute(_ request: NBDRequest, data: UnsafeRawBufferPointer, readInto payload: UnsafeMutableRawBufferPointer) -> (UInt32, UnsafeRawBufferPointer?) {
         let disk = descriptor.disk
         if let problem = rangeProblem(request) {
             monitor.withLock { counts.errors += 1 }
@@ -298,7 +320,7 @@ public final class NBDServer: @unchecked Sendable {
                 let range = UnsafeMutableRawBufferPointer(rebasing: payload[0..<Int(length)])
                 try image.read(into: range, at: offset)
                 monitor.withLock { counts.reads += 1 }
-                return (0, Array(range))
+                return (0, UnsafeRawBufferPointer(range))
             case NBD.cmdWrite:
                 try image.write(data, at: offset)
                 if request.flags & NBD.cmdFlagFUA != 0 { try image.sync() }
@@ -333,7 +355,7 @@ public final class NBDServer: @unchecked Sendable {
         var done = 0
         while done < data.count {
             let n = min(data.count - done, StreamLimits.maxDiskWriteBytes)
-            try record(.write(DiskWrite(disk: descriptor.disk, offset: offset + UInt64(done), data: Array(data[done..<done + n]))))
+            try record(.write(disk: descriptor.disk, offset: offset + UInt64(done), data: UnsafeRawBufferPointer(rebasing: data[done..<done + n])))
             done += n
         }
     }
