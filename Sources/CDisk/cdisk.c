@@ -34,6 +34,13 @@ int remus_block_device_size(int fd, unsigned long long *size_bytes) {
 
 int remus_block_device_drop_cache(int fd) { return ioctl(fd, BLKFLSBUF, 0); }
 
+int remus_block_device_sector_size(int fd, unsigned int *bytes) {
+    int size = 0;
+    if (ioctl(fd, BLKSSZGET, &size) < 0) return -1;
+    *bytes = (unsigned int)size;
+    return 0;
+}
+
 int remus_nbd_configure(int nbd_fd, int sock_fd, unsigned long block_size, unsigned long long size_bytes,
                         unsigned long flags, unsigned long timeout_s) {
     if (ioctl(nbd_fd, NBD_SET_BLKSIZE, block_size) < 0) return -1;

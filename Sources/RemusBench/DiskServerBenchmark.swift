@@ -27,14 +27,17 @@ extension LoopBenchmark {
         let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: diskRequestBytes, alignment: 4096)
         defer { chunk.deallocate() }
         for i in 0..<diskRequestBytes { chunk[i] = UInt8(truncatingIfNeeded: i &* 31 &+ 7) }
+        func writeWholeImage() throws {
+            for offset in stride(from: 0, to: bytes, by: diskRequestBytes) { try image.write(UnsafeRawBufferPointer(chunk), at: UInt64(offset)) }
+        }
         // Every byte of the image written once first: the samples then overwrite cached pages.
-        for offset in stride(from: 0, to: bytes, by: diskRequestBytes) { try image.write(UnsafeRawBufferPointer(chunk), at: UInt64(offset)) }
+        try writeWholeImage()
 
         var pair: [Double] = [], pwrites: [Double] = [], writes: [Double] = [], reads: [Double] = [], serverCPU: [Double] = []
         for _ in 0..<repetitions {
             pair.append(try socketPairRate(bytes: bytes, chunk: UnsafeRawBufferPointer(chunk)))
             let t0 = SystemClock().monotonicNs()
-            for offset in stride(from: 0, to: bytes, by: diskRequestBytes) { try image.write(UnsafeRawBufferPointer(chunk), at: UInt64(offset)) }
+            try writeWholeImage()
             pwrites.append(Double(bytes) / Double(SystemClock().monotonicNs() - t0))
             let (w, r, cpuNs) = try nbdRates(image: image, descriptor: descriptor, chunk: UnsafeRawBufferPointer(chunk))
             writes.append(w)
@@ -96,10 +99,8 @@ extension LoopBenchmark {
         var reply = [UInt8](repeating: 0, count: 16)
         let readBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk.count, alignment: 4096)
         defer { readBuffer.deallocate() }
-        func request(_ type: UInt16, _ offset: Int, _ handle: UInt64) throws {
-            var header = NBDBytes()
-            header.u32(NBD.requestMagic); header.u16(0); header.u16(type); header.u64(handle); header.u64(UInt64(offset)); header.u32(UInt32(chunk.count))
-            try header.bytes.withUnsafeBytes { try writeAll(client, $0) }
+        func request(_ type: UInt16, _ offset: Int, _ handle: UInt64, length: Int = chunk.count) throws {
+            try NBDBytes.request(type: type, handle: handle, offset: UInt64(offset), length: UInt32(length)).withUnsafeBytes { try writeAll(client, $0) }
         }
         func answered(_ handle: UInt64) throws {
             try reply.withUnsafeMutableBytes { try readAll(client, $0) }
@@ -129,9 +130,7 @@ extension LoopBenchmark {
             throw SystemError(call: "NBD read back", errno: .ioError, detail: "the last read differs from what was written")
         }
         handle += 1
-        var disconnect = NBDBytes()
-        disconnect.u32(NBD.requestMagic); disconnect.u16(0); disconnect.u16(NBD.cmdDisconnect); disconnect.u64(handle); disconnect.u64(0); disconnect.u32(0)
-        try disconnect.bytes.withUnsafeBytes { try writeAll(client, $0) }
+        try request(NBD.cmdDisconnect, 0, handle, length: 0)
         let cpuNs = served.wait()
         return (Double(bytes) / Double(t1 - t0), Double(bytes) / Double(t2 - t1), cpuNs)
     }

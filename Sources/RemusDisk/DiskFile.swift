@@ -65,6 +65,18 @@ public final class DiskFile: @unchecked Sendable {
         }
     }
 
+    /// The logical sector size of the block device at `path` (BLKSSZGET), or nil when it is not
+    /// a block device or cannot be asked. Opens it read-only, not exclusively.
+    public static func logicalSectorSize(atPath path: String) -> UInt32? {
+        var st = stat()
+        guard stat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFBLK else { return nil }
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var bytes: UInt32 = 0
+        return remus_block_device_sector_size(fd, &bytes) == 0 ? bytes : nil
+    }
+
     /// The file's size in bytes (a block device's: BLKGETSIZE64).
     public func size() throws(SystemError) -> UInt64 {
         if isBlockDevice {

@@ -83,6 +83,12 @@ struct BackendFactory: Sendable {
                 let kind = stat(image, &st) == 0 ? st.st_mode & S_IFMT : 0
                 switch kind {
                 case S_IFBLK:
+                    // blkback gives the guest the device's own sectors: other than those its
+                    // primary served, its partition table would be misplaced after a failover.
+                    let sector = DiskFile.logicalSectorSize(atPath: image)
+                    guard sector == disk.blockSize else {
+                        throw ProtocolError("disk '\(disk.name)': \(image) has \(sector.map { "\($0)-byte" } ?? "unknown") logical sectors, and the primary serves the disk with \(disk.blockSize)-byte ones; the guest would find its partitions misplaced after a failover — nothing was changed; give it a volume with \(disk.blockSize)-byte sectors (or an image file)")
+                    }
                     devices[disk.name] = realPath(image) ?? image
                 case S_IFREG:
                     do { loops.append(try LoopDevice(imagePath: image)) } catch {

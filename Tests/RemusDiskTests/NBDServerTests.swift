@@ -183,9 +183,7 @@ struct NBDServerTests {
     }
 
     private func request(_ type: UInt16, offset: UInt64, length: UInt32, handle: UInt64 = 7, flags: UInt16 = 0) -> [UInt8] {
-        var r = NBDBytes()
-        r.u32(NBD.requestMagic); r.u16(flags); r.u16(type); r.u64(handle); r.u64(offset); r.u32(length)
-        return r.bytes
+        NBDBytes.request(type: type, handle: handle, offset: offset, length: length, flags: flags)
     }
 
     /// The error of the simple reply to `handle`.

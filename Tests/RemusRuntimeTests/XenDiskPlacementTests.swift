@@ -102,4 +102,18 @@ func aXenDiskMayBeALogicalVolumeOnEitherSide() throws {
     let (placed, held) = try BackendFactory.placeDisks(config, described: described, directory: disks)
     #expect(held.isEmpty, "a loop device was attached over a block device")
     #expect(try XenDomainDisks.list(placed.bytes) == [XenDomainDisk(vdev: "xvda", pdevPath: volume.path, writable: true)])
+
+    // A volume with 4 KiB logical sectors (a 4Kn disk's) for a disk served with 512-byte ones:
+    // refused, as the guest would see other sectors after a failover.
+    let (status, output) = try runTestShell("losetup -b 4096 -f --show \(directory)/backing", timeoutMs: 30_000)
+    try #require(status == 0, "losetup -b 4096: \(output)")
+    let large = String(output.split(separator: "\n").first ?? "")
+    defer { _ = try? runTestShell("losetup -d \(large)", timeoutMs: 30_000) }
+    #expect(unlink(disks + "/xvda") == 0 && symlink(large, disks + "/xvda") == 0)
+    do {
+        _ = try BackendFactory.placeDisks(config, described: described, directory: disks)
+        Issue.record("a volume with 4096-byte sectors was placed for a disk of 512-byte ones")
+    } catch {
+        #expect("\(error)".contains("4096-byte logical sectors"), "\(error)")
+    }
 }

@@ -19,6 +19,8 @@ int remus_block_device_size(int fd, unsigned long long *size_bytes);
 /// what others wrote to the device directly (blkback writes around the page cache).
 /// Returns 0, or -1 with errno set.
 int remus_block_device_drop_cache(int fd);
+/// A block device's logical sector size in bytes (BLKSSZGET). Returns 0, or -1 with errno set.
+int remus_block_device_sector_size(int fd, unsigned int *bytes);
 
 /// The kernel's NBD client (linux/nbd.h), driven by ioctls on an open /dev/nbdN: `_IO` is a
 /// function-like macro Swift cannot import. Each returns the ioctl's result (-1 with errno).
