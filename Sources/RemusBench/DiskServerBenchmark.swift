@@ -59,6 +59,7 @@ extension LoopBenchmark {
         var fds: [Int32] = [-1, -1]
         _ = try syscall("socketpair(AF_UNIX)") { socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) }
         defer { close(fds[0]); close(fds[1]) }
+        fds.forEach(boundIO)
         let reader = fds[1], size = chunk.count
         let done = Gate<Int>()
         startThread(name: "bench-pair-drain") {
@@ -87,6 +88,7 @@ extension LoopBenchmark {
         let server = try NBDServer(socketPath: nil, descriptor: descriptor, image: image, record: { try journal.record($0) })
         let (ours, client) = try UnixConnection.socketPair()
         defer { close(client) }
+        boundIO(client)
         let served = Gate<UInt64>()
         startThread(name: "bench-nbd-serve") {
             let cpu0 = threadCPUNanoseconds()
@@ -133,6 +135,15 @@ extension LoopBenchmark {
         try request(NBD.cmdDisconnect, 0, handle, length: 0)
         let cpuNs = served.wait()
         return (Double(bytes) / Double(t1 - t0), Double(bytes) / Double(t2 - t1), cpuNs)
+    }
+
+    /// Each blocking read and write on `fd` gives up after 30 s (EAGAIN, an error here), so a
+    /// side that stopped ends the benchmark instead of hanging it; the other side's thread then
+    /// sees its peer close, and the gate it opens ends the wait for it.
+    private static func boundIO(_ fd: Int32) {
+        var limit = timeval(tv_sec: 30, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(Swift.MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(Swift.MemoryLayout<timeval>.size))
     }
 
     private static func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) throws {
